@@ -1,0 +1,1 @@
+"""Secure aggregation engine (filled in below)."""

@@ -1,0 +1,55 @@
+"""Typed errors of the secure-aggregation engine.
+
+Every error raised on bad input or a protocol violation is a subclass of :class:`SecAggError`,
+so a transport can catch one type, log it and keep serving the honest parties.
+"""
+
+from __future__ import annotations
+
+
+class SecAggError(Exception):
+    """Base class of every error raised by :mod:`secagg`."""
+
+
+class ConfigError(SecAggError, ValueError):
+    """A parameter choice is unusable or unsafe (the message names the knob to change)."""
+
+
+class MalformedMessage(SecAggError, ValueError):
+    """Bytes that do not decode to a valid message, or a message with out-of-range fields."""
+
+
+class ProtocolError(SecAggError):
+    """A well-formed message that violates the protocol (wrong round, stage, sender, ...)."""
+
+
+class WrongRound(ProtocolError):
+    """A message that belongs to another round (a replay, or a confused peer)."""
+
+
+class WrongStage(ProtocolError):
+    """A message that arrives at a stage where it is not expected."""
+
+
+class DuplicateMessage(ProtocolError):
+    """A second message from the same sender for the same stage."""
+
+
+class UnknownParty(ProtocolError):
+    """A sender or recipient id that is not part of this round."""
+
+
+class BadSignature(ProtocolError):
+    """A signature that does not verify under the party's registered identity key."""
+
+
+class RefusedRequest(ProtocolError):
+    """A client refuses a request that would let the server learn an individual input."""
+
+
+class DecryptionError(ProtocolError):
+    """An encrypted share that fails authentication (tampered or misaddressed)."""
+
+
+class TooFewSurvivors(SecAggError):
+    """Fewer clients than the threshold remain, so no sum can be released."""
