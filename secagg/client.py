@@ -1,0 +1,328 @@
+"""The client side of a SecAgg+ round as a pure state machine (message in, message out).
+
+A client masks its encoded input with a self mask (seed b_u, Shamir-shared) and one pairwise
+mask per neighbour (seed from X25519 agreement; the mask key is Shamir-shared too), so the
+server can remove exactly the masks of the clients that dropped while learning nothing else.
+The client refuses every request that would let the server strip both masks from one input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg import kex, shamir
+from secagg.errors import (
+    DuplicateMessage,
+    MalformedMessage,
+    RefusedRequest,
+    TooFewSurvivors,
+    UnknownParty,
+    WrongRound,
+    WrongStage,
+)
+from secagg.graph import neighbour_graph
+from secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    RelayedShares,
+    RoundParams,
+    ShareKeys,
+    Stage,
+    SurvivorSetRequest,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from secagg.prg import add_keystream, random_seed
+
+_SHARE_HEADER = struct.Struct(">II")
+
+
+def pairwise_mask_sign(owner: int, peer: int) -> int:
+    """+1 if ``owner`` adds the mask it shares with ``peer``, -1 if it subtracts it."""
+    return 1 if owner < peer else -1
+
+
+def share_xs(ids: list[int]) -> list[int]:
+    """Shamir evaluation points for client ids (0 is the secret's point, so shift by one)."""
+    return [i + 1 for i in ids]
+
+
+class SecAggClient:
+    """One client's part in one round. Call :meth:`advertise`, then :meth:`handle` each reply.
+
+    ``identities`` maps every client id of the round to its registered Ed25519 public key.
+    Any violation raises a :class:`~secagg.errors.SecAggError` and leaves the client aborted.
+    """
+
+    def __init__(
+        self,
+        params: RoundParams,
+        client_id: int,
+        values: np.ndarray,
+        identity_key: Ed25519PrivateKey,
+        identities: Mapping[int, Ed25519PublicKey],
+    ) -> None:
+        if client_id not in params.client_ids:
+            raise UnknownParty(f"client {client_id} is not part of round {params.round_id}")
+        missing = set(params.client_ids) - set(identities)
+        if missing:
+            raise UnknownParty(f"no identity key registered for clients {sorted(missing)}")
+        values = np.asarray(values)
+        if values.size != params.vector_length:
+            raise MalformedMessage(
+                f"input has {values.size} values but the round expects {params.vector_length}"
+            )
+        self.params = params
+        self.client_id = client_id
+        self._identity_key = identity_key
+        self._identities = dict(identities)
+        self._encoded = params.codec.encode(values)
+        self._neighbours = neighbour_graph(params.client_ids, params.neighbours, params.graph_seed)[
+            client_id
+        ]
+        self._enc_key = X25519PrivateKey.generate()
+        self._mask_key = X25519PrivateKey.generate()
+        self._self_seed = random_seed()
+        self._roster: dict[int, AdvertiseKeys] = {}
+        self._shares_from: dict[int, tuple[bytes, bytes]] = {}
+        self._signed_survivors: list[int] | None = None
+        self.stage: Stage | None = None
+        self.aborted = False
+
+    # ------------------------------------------------------------------------------ stages
+
+    def advertise(self) -> AdvertiseKeys:
+        """Stage 0: fresh public keys, signed with the identity key."""
+        self._expect(None, Stage.ADVERTISE)
+        enc_pk, mask_pk = kex.raw_public(self._enc_key), kex.raw_public(self._mask_key)
+        payload = kex.advertisement_payload(self.params.round_id, self.client_id, enc_pk, mask_pk)
+        return AdvertiseKeys(
+            round_id=self.params.round_id,
+            client_id=self.client_id,
+            enc_pk=enc_pk,
+            mask_pk=mask_pk,
+            signature=self._identity_key.sign(payload),
+        )
+
+    def handle(self, message: Message) -> Message:
+        """Answer one server message; raises (and aborts) on anything unacceptable."""
+        if self.aborted:
+            raise WrongStage(f"client {self.client_id} has aborted this round")
+        if message.round_id != self.params.round_id:
+            raise WrongRound(
+                f"message for round {message.round_id} reached client {self.client_id} "
+                f"in round {self.params.round_id} (replay?)"
+            )
+        handlers = {
+            KeyRoster: self._on_roster,
+            RelayedShares: self._on_shares,
+            SurvivorSetRequest: self._on_survivor_set,
+            UnmaskRequest: self._on_unmask,
+        }
+        handler = handlers.get(type(message))
+        if handler is None:
+            raise MalformedMessage(f"a client does not accept {type(message).__name__}")
+        try:
+            return handler(message)
+        except Exception:
+            self.aborted = True
+            raise
+
+    def _on_roster(self, msg: KeyRoster) -> ShareKeys:
+        self._expect(Stage.ADVERTISE, Stage.SHARE)
+        allowed = self._neighbours | {self.client_id}
+        roster: dict[int, AdvertiseKeys] = {}
+        for adv in msg.keys:
+            if adv.client_id not in allowed:
+                raise UnknownParty(f"roster lists client {adv.client_id}, not a neighbour")
+            if adv.client_id in roster:
+                raise DuplicateMessage(f"roster lists client {adv.client_id} twice")
+            if adv.round_id != self.params.round_id:
+                raise WrongRound(f"advertisement of client {adv.client_id} is from another round")
+            payload = kex.advertisement_payload(
+                adv.round_id, adv.client_id, adv.enc_pk, adv.mask_pk
+            )
+            kex.verify(
+                self._identities[adv.client_id], adv.signature, payload,
+                who=adv.client_id, what="public keys",
+            )  # fmt: skip
+            roster[adv.client_id] = adv
+        mine = roster.get(self.client_id)
+        if mine is None or mine.mask_pk != kex.raw_public(self._mask_key):
+            raise RefusedRequest("the roster does not carry this client's own advertised keys")
+        keys = [k for a in roster.values() for k in (a.enc_pk, a.mask_pk)]
+        if len(set(keys)) != len(keys):
+            raise RefusedRequest("the roster repeats a public key")
+        self._require(len(roster), "neighbours advertised keys")
+        self._roster = roster
+
+        holders = sorted(roster)
+        xs = share_xs(holders)
+        t = self.params.threshold
+        self_mask_shares = shamir.split(self._self_seed, t, xs)
+        mask_key_shares = shamir.split(_private_bytes(self._mask_key), t, xs)
+        shares = []
+        for holder, b_share, s_share in zip(
+            holders, self_mask_shares, mask_key_shares, strict=True
+        ):
+            b_bytes, s_bytes = shamir.encode_share(b_share), shamir.encode_share(s_share)
+            if holder == self.client_id:
+                self._shares_from[holder] = (b_bytes, s_bytes)
+                continue
+            plain = _SHARE_HEADER.pack(self.client_id, holder) + b_bytes + s_bytes
+            key = self._share_key(holder)
+            blob = kex.encrypt_share(
+                key, plain, round_id=self.params.round_id, sender=self.client_id, recipient=holder
+            )
+            shares.append(EncryptedShare(peer=holder, ciphertext=blob))
+        return ShareKeys(round_id=self.params.round_id, client_id=self.client_id, shares=shares)
+
+    def _on_shares(self, msg: RelayedShares) -> MaskedInput:
+        self._expect(Stage.SHARE, Stage.MASKED_INPUT)
+        for item in msg.shares:
+            sender = item.peer
+            if sender not in self._roster or sender == self.client_id:
+                raise UnknownParty(f"relayed share from {sender}, who is not a roster neighbour")
+            if sender in self._shares_from:
+                raise DuplicateMessage(f"two relayed shares from client {sender}")
+            plain = kex.decrypt_share(
+                self._share_key(sender), item.ciphertext,
+                round_id=self.params.round_id, sender=sender, recipient=self.client_id,
+            )  # fmt: skip
+            if len(plain) != _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES:
+                raise MalformedMessage(f"share from {sender} has the wrong length")
+            if _SHARE_HEADER.unpack_from(plain) != (sender, self.client_id):
+                raise RefusedRequest(f"share from {sender} names other parties inside")
+            body = plain[_SHARE_HEADER.size :]
+            self._shares_from[sender] = (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :])
+        self._require(len(self._shares_from), "neighbours shared keys")
+
+        masked, self._encoded = self._encoded, None  # the input is masked in place, once
+        add_keystream(masked, self._self_seed)
+        for peer in self._shares_from:
+            if peer == self.client_id:
+                continue
+            seed = kex.agree(
+                self._mask_key, self._roster[peer].mask_pk, purpose=kex.MASK_PURPOSE,
+                round_id=self.params.round_id, me=self.client_id, peer=peer,
+            )  # fmt: skip
+            add_keystream(masked, seed, pairwise_mask_sign(self.client_id, peer))
+        return MaskedInput(
+            round_id=self.params.round_id, client_id=self.client_id, vector=memoryview(masked)
+        )
+
+    def _on_survivor_set(self, msg: SurvivorSetRequest) -> SurvivorSignature:
+        self._expect(Stage.MASKED_INPUT, Stage.CONSISTENCY)
+        if not self.params.check_survivors:
+            raise RefusedRequest("this round has no consistency check")
+        survivors = self._check_survivor_list(msg.survivors)
+        self._signed_survivors = survivors
+        payload = kex.survivors_payload(self.params.round_id, survivors)
+        return SurvivorSignature(
+            round_id=self.params.round_id,
+            client_id=self.client_id,
+            signature=self._identity_key.sign(payload),
+        )
+
+    def _on_unmask(self, msg: UnmaskRequest) -> UnmaskShares:
+        previous = Stage.CONSISTENCY if self.params.check_survivors else Stage.MASKED_INPUT
+        self._expect(previous, Stage.UNMASK)
+        survivors = self._check_survivor_list(msg.survivors)
+        dropped = set(msg.dropped)
+        both = dropped & set(survivors)
+        if both:
+            raise RefusedRequest(
+                f"unmask request asks for both the self-mask and the mask-key share of "
+                f"clients {sorted(both)}; revealing both would expose their inputs"
+            )
+        unknown = dropped - set(self.params.client_ids)
+        if unknown or len(dropped) != len(msg.dropped):
+            raise UnknownParty(
+                f"unmask request lists unknown or repeated dropped ids {msg.dropped}"
+            )
+        if self.params.check_survivors:
+            self._check_attestations(survivors, msg.signatures)
+        self_mask_shares = {
+            owner: pair[0] for owner, pair in self._shares_from.items() if owner in survivors
+        }
+        mask_key_shares = {
+            owner: pair[1] for owner, pair in self._shares_from.items() if owner in dropped
+        }
+        return UnmaskShares(
+            round_id=self.params.round_id,
+            client_id=self.client_id,
+            self_mask_shares=self_mask_shares,
+            mask_key_shares=mask_key_shares,
+        )
+
+    # ------------------------------------------------------------------------------ checks
+
+    def _check_survivor_list(self, survivors: list[int]) -> list[int]:
+        ids = sorted(survivors)
+        if len(set(ids)) != len(ids):
+            raise RefusedRequest("survivor set repeats a client")
+        if not set(ids) <= set(self.params.client_ids):
+            raise UnknownParty(f"survivor set names clients outside the round: {ids}")
+        if self.client_id not in ids:
+            raise RefusedRequest(f"survivor set omits client {self.client_id} itself")
+        if self._signed_survivors is not None and ids != self._signed_survivors:
+            raise RefusedRequest("unmask request's survivor set differs from the one signed")
+        self._require(len(ids), "clients survived masking")
+        return ids
+
+    def _check_attestations(
+        self, survivors: list[int], signatures: list[SurvivorSignature]
+    ) -> None:
+        """At least t survivors must have signed this exact set; checking t signatures suffices."""
+        payload = kex.survivors_payload(self.params.round_id, survivors)
+        signers: set[int] = set()
+        for sig in signatures:
+            if sig.client_id not in survivors or sig.client_id in signers:
+                raise RefusedRequest(f"survivor signature from unexpected client {sig.client_id}")
+            if sig.round_id != self.params.round_id:
+                raise WrongRound(f"survivor signature of {sig.client_id} is from another round")
+            kex.verify(
+                self._identities[sig.client_id], sig.signature, payload,
+                who=sig.client_id, what="survivor set",
+            )  # fmt: skip
+            signers.add(sig.client_id)
+            if len(signers) == self.params.threshold:
+                return
+        self._require(len(signers), "clients attested the survivor set")
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise TooFewSurvivors(
+                f"client {self.client_id}: only {count} {what}; threshold is "
+                f"{self.params.threshold}, so the round cannot continue safely"
+            )
+
+    def _expect(self, current: Stage | None, following: Stage) -> None:
+        if self.stage != current:
+            raise WrongStage(
+                f"client {self.client_id} is at stage {self.stage and self.stage.value} "
+                f"and cannot move to {following.value}"
+            )
+        self.stage = following
+
+    def _share_key(self, peer: int) -> bytes:
+        return kex.agree(
+            self._enc_key, self._roster[peer].enc_pk, purpose=kex.SHARE_PURPOSE,
+            round_id=self.params.round_id, me=self.client_id, peer=peer,
+        )  # fmt: skip
+
+
+def _private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )

@@ -1,0 +1,285 @@
+"""The server side of a SecAgg+ round as a pure state machine.
+
+The server collects each stage's messages (:meth:`SecAggServer.receive`), and when every
+expected client has answered or the transport's timeout expires, :meth:`SecAggServer.advance`
+closes the stage and returns the messages to send. Masked inputs are summed as they arrive, so
+memory stays O(vector length). What it learns is the sum over the clients whose masked input
+it accepted, and nothing about any single input.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg import kex, shamir
+from secagg.client import pairwise_mask_sign
+from secagg.errors import (
+    DuplicateMessage,
+    MalformedMessage,
+    ProtocolError,
+    TooFewSurvivors,
+    UnknownParty,
+    WrongRound,
+    WrongStage,
+)
+from secagg.graph import neighbour_graph
+from secagg.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    RelayedShares,
+    RoundParams,
+    ShareKeys,
+    Stage,
+    SurvivorSetRequest,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from secagg.prg import add_keystream
+
+log = logging.getLogger(__name__)
+
+_EXPECTED = {
+    Stage.ADVERTISE: AdvertiseKeys,
+    Stage.SHARE: ShareKeys,
+    Stage.MASKED_INPUT: MaskedInput,
+    Stage.CONSISTENCY: SurvivorSignature,
+    Stage.UNMASK: UnmaskShares,
+}
+
+
+class SecAggServer:
+    """The server's part in one round.
+
+    ``stage`` is the stage whose messages are being collected; ``None`` once the round ended
+    (see :attr:`result`) or aborted (see :attr:`error`).
+    """
+
+    def __init__(self, params: RoundParams, identities: Mapping[int, Ed25519PublicKey]) -> None:
+        missing = set(params.client_ids) - set(identities)
+        if missing:
+            raise UnknownParty(f"no identity key registered for clients {sorted(missing)}")
+        self.params = params
+        self._identities = dict(identities)
+        self._graph = neighbour_graph(params.client_ids, params.neighbours, params.graph_seed)
+        self.stage: Stage | None = Stage.ADVERTISE
+        self._inbox: dict[int, Message] = {}
+        self.advertised: dict[int, AdvertiseKeys] = {}
+        self.shared: dict[int, ShareKeys] = {}
+        self.masked: list[int] = []
+        self.attested: dict[int, SurvivorSignature] = {}
+        self.unmasking: dict[int, UnmaskShares] = {}
+        self._masked_sum = np.zeros(params.vector_length, dtype=params.codec.dtype)
+        self.result: np.ndarray | None = None
+        self.error: TooFewSurvivors | None = None
+
+    # ------------------------------------------------------------------------------ intake
+
+    @property
+    def expected(self) -> set[int]:
+        """Clients whose message for the current stage is still awaited."""
+        alive = {
+            Stage.ADVERTISE: set(self.params.client_ids),
+            Stage.SHARE: set(self.advertised),
+            Stage.MASKED_INPUT: set(self.shared),
+            Stage.CONSISTENCY: set(self.masked),
+            Stage.UNMASK: set(self.attested) if self.params.check_survivors else set(self.masked),
+        }.get(self.stage, set())
+        return alive - set(self._inbox)
+
+    def receive(self, sender: int, message: Message) -> None:
+        """Validate and accept one client message; raise a typed error and change nothing if bad."""
+        if message.round_id != self.params.round_id:
+            raise WrongRound(
+                f"message from {sender} for round {message.round_id}, "
+                f"current round is {self.params.round_id} (replay?)"
+            )
+        if sender not in self.params.client_ids:
+            raise UnknownParty(f"sender {sender} is not part of round {self.params.round_id}")
+        if getattr(message, "client_id", None) != sender:
+            raise ProtocolError(f"sender {sender} sent a message that claims another client id")
+        expected_type = _EXPECTED.get(self.stage)
+        if type(message) is not expected_type:
+            raise WrongStage(
+                f"{type(message).__name__} from {sender} while the server is collecting "
+                f"{expected_type.__name__ if expected_type else 'nothing (round over)'}"
+            )
+        if sender in self._inbox:
+            raise DuplicateMessage(f"client {sender} already sent its {self.stage.value} message")
+        if sender not in self.expected:
+            raise UnknownParty(f"client {sender} dropped out earlier and cannot rejoin this round")
+        {
+            Stage.ADVERTISE: self._check_advertisement,
+            Stage.SHARE: self._check_shares,
+            Stage.MASKED_INPUT: self._add_masked_input,
+            Stage.CONSISTENCY: self._check_attestation,
+            Stage.UNMASK: self._check_unmask,
+        }[self.stage](sender, message)
+        self._inbox[sender] = message
+
+    def _check_advertisement(self, sender: int, msg: AdvertiseKeys) -> None:
+        payload = kex.advertisement_payload(msg.round_id, sender, msg.enc_pk, msg.mask_pk)
+        kex.verify(self._identities[sender], msg.signature, payload, who=sender, what="public keys")
+
+    def _check_shares(self, sender: int, msg: ShareKeys) -> None:
+        recipients = [s.peer for s in msg.shares]
+        wanted = self._graph[sender] & set(self.advertised)
+        if len(set(recipients)) != len(recipients) or set(recipients) != wanted:
+            raise MalformedMessage(
+                f"client {sender} sent shares for {sorted(recipients)}; expected exactly one for "
+                f"each advertised neighbour {sorted(wanted)}"
+            )
+
+    def _add_masked_input(self, sender: int, msg: MaskedInput) -> None:
+        dtype = self._masked_sum.dtype
+        if msg.vector.nbytes != self.params.vector_length * dtype.itemsize:
+            raise MalformedMessage(
+                f"masked input from {sender} has {msg.vector.nbytes} bytes; expected "
+                f"{self.params.vector_length} elements of {dtype.itemsize} bytes"
+            )
+        self._masked_sum += np.frombuffer(msg.vector, dtype=dtype)
+
+    def _check_attestation(self, sender: int, msg: SurvivorSignature) -> None:
+        payload = kex.survivors_payload(self.params.round_id, self.masked)
+        kex.verify(self._identities[sender], msg.signature, payload, who=sender, what="survivors")
+
+    def _check_unmask(self, sender: int, msg: UnmaskShares) -> None:
+        holds = {owner for owner in self.shared if sender in self._graph[owner]}
+        holds.add(sender)
+        survivors, dropped = set(self.masked), set(self.shared) - set(self.masked)
+        if not set(msg.self_mask_shares) <= survivors & holds:
+            raise MalformedMessage(f"client {sender} sent self-mask shares it was not asked for")
+        if not set(msg.mask_key_shares) <= dropped & holds:
+            raise MalformedMessage(f"client {sender} sent mask-key shares it was not asked for")
+        for blob in (*msg.self_mask_shares.values(), *msg.mask_key_shares.values()):
+            share = shamir.decode_share(blob)
+            if share.x != sender + 1:
+                raise MalformedMessage(f"client {sender} sent a share of another holder")
+
+    # ------------------------------------------------------------------------------ stages
+
+    def advance(self) -> dict[int, Message]:
+        """Close the current stage; return the message for each client that goes on.
+
+        Raises :class:`TooFewSurvivors` (and ends the round) when fewer than the threshold
+        remain, at any stage.
+        """
+        if self.stage is None:
+            raise WrongStage("the round is over")
+        inbox, self._inbox = self._inbox, {}
+        step = {
+            Stage.ADVERTISE: self._close_advertise,
+            Stage.SHARE: self._close_share,
+            Stage.MASKED_INPUT: self._close_masked_input,
+            Stage.CONSISTENCY: self._close_consistency,
+            Stage.UNMASK: self._close_unmask,
+        }[self.stage]
+        try:
+            self._require(len(inbox), f"{self.stage.value} messages")
+            return step(inbox)
+        except TooFewSurvivors as exc:
+            self.stage, self.error = None, exc
+            log.warning("round %d aborted: %s", self.params.round_id, exc)
+            raise
+
+    def _close_advertise(self, inbox: dict[int, AdvertiseKeys]) -> dict[int, Message]:
+        self.advertised = dict(sorted(inbox.items()))
+        out: dict[int, Message] = {}
+        for u in self.advertised:
+            keys = [self.advertised[v] for v in sorted(self._graph[u] | {u}) if v in inbox]
+            if len(keys) >= self.params.threshold:
+                out[u] = KeyRoster(round_id=self.params.round_id, keys=keys)
+        self.stage = Stage.SHARE
+        return out
+
+    def _close_share(self, inbox: dict[int, ShareKeys]) -> dict[int, Message]:
+        self.shared = dict(sorted(inbox.items()))
+        relayed: dict[int, list] = {u: [] for u in self.shared}
+        for sender, msg in self.shared.items():
+            for item in msg.shares:
+                if item.peer in relayed:
+                    relayed[item.peer].append(type(item)(peer=sender, ciphertext=item.ciphertext))
+        self.stage = Stage.MASKED_INPUT
+        return {
+            u: RelayedShares(round_id=self.params.round_id, shares=items)
+            for u, items in relayed.items()
+        }
+
+    def _close_masked_input(self, inbox: dict[int, MaskedInput]) -> dict[int, Message]:
+        self.masked = sorted(inbox)
+        if self.params.check_survivors:
+            self.stage = Stage.CONSISTENCY
+            request = SurvivorSetRequest(round_id=self.params.round_id, survivors=self.masked)
+            return dict.fromkeys(self.masked, request)
+        return self._unmask_requests(self.masked, [])
+
+    def _close_consistency(self, inbox: dict[int, SurvivorSignature]) -> dict[int, Message]:
+        self.attested = dict(sorted(inbox.items()))
+        return self._unmask_requests(list(self.attested), list(self.attested.values()))
+
+    def _unmask_requests(self, recipients: list[int], signatures: list) -> dict[int, Message]:
+        self.stage = Stage.UNMASK
+        dropped = sorted(set(self.shared) - set(self.masked))
+        request = UnmaskRequest(
+            round_id=self.params.round_id,
+            survivors=self.masked,
+            dropped=dropped,
+            signatures=signatures,
+        )
+        return dict.fromkeys(recipients, request)
+
+    def _close_unmask(self, inbox: dict[int, UnmaskShares]) -> dict[int, Message]:
+        self.unmasking = inbox
+        t = self.params.threshold
+        # Rebuild every secret before touching the sum, so a failure leaves nothing half-done.
+        self_seeds = [self._reconstruct(u, "self_mask_shares", t) for u in self.masked]
+        dropped = sorted(set(self.shared) - set(self.masked))
+        mask_keys = {
+            v: X25519PrivateKey.from_private_bytes(self._reconstruct(v, "mask_key_shares", t))
+            for v in dropped
+        }
+        total = self._masked_sum
+        for seed in self_seeds:
+            add_keystream(total, seed, -1)
+        for v, mask_key in mask_keys.items():
+            for u in sorted(self._graph[v] & set(self.masked)):
+                seed = kex.agree(
+                    mask_key, self.advertised[u].mask_pk, purpose=kex.MASK_PURPOSE,
+                    round_id=self.params.round_id, me=v, peer=u,
+                )  # fmt: skip
+                add_keystream(total, seed, -pairwise_mask_sign(u, v))
+        self.result = total
+        self.stage = None
+        return {}
+
+    def _reconstruct(self, owner: int, field: str, threshold: int) -> bytes:
+        shares = [
+            shamir.decode_share(getattr(msg, field)[owner])
+            for msg in self.unmasking.values()
+            if owner in getattr(msg, field)
+        ]
+        if len(shares) < threshold:
+            raise TooFewSurvivors(
+                f"only {len(shares)} of the {threshold} shares needed to unmask client {owner} "
+                f"arrived; no sum is released"
+            )
+        return shamir.combine(shares, threshold)
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise TooFewSurvivors(
+                f"round {self.params.round_id}: only {count} {what}, below the threshold "
+                f"{self.params.threshold}; no sum is released"
+            )
+
+    @property
+    def included(self) -> list[int]:
+        """Clients whose input is in the sum (those whose masked input was accepted)."""
+        return list(self.masked)
