@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 SEED_BYTES = 32
 _BLOCK = 16
 _ZERO_NONCE = bytes(_BLOCK)
-_CHUNK = 1 << 18  # bytes per step: small enough to stay in cache, large enough to amortise calls
+_CHUNK = 1 << 20  # bytes per step: fast in cache, few calls (measured best of 64 KiB..4 MiB)
 _ZEROS = bytes(_CHUNK)
 _scratch = threading.local()
 

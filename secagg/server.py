@@ -70,6 +70,8 @@ class SecAggServer:
         self._identities = dict(identities)
         self._graph = neighbour_graph(params.client_ids, params.neighbours, params.graph_seed)
         self.stage: Stage | None = Stage.ADVERTISE
+        self._ids = frozenset(params.client_ids)
+        self._awaiting: set[int] = set(self._ids)  # who was asked for the current stage
         self._inbox: dict[int, Message] = {}
         self.advertised: dict[int, AdvertiseKeys] = {}
         self.shared: dict[int, ShareKeys] = {}
@@ -85,14 +87,7 @@ class SecAggServer:
     @property
     def expected(self) -> set[int]:
         """Clients whose message for the current stage is still awaited."""
-        alive = {
-            Stage.ADVERTISE: set(self.params.client_ids),
-            Stage.SHARE: set(self.advertised),
-            Stage.MASKED_INPUT: set(self.shared),
-            Stage.CONSISTENCY: set(self.masked),
-            Stage.UNMASK: set(self.attested) if self.params.check_survivors else set(self.masked),
-        }.get(self.stage, set())
-        return alive - set(self._inbox)
+        return self._awaiting - self._inbox.keys()
 
     def receive(self, sender: int, message: Message) -> None:
         """Validate and accept one client message; raise a typed error and change nothing if bad."""
@@ -101,7 +96,7 @@ class SecAggServer:
                 f"message from {sender} for round {message.round_id}, "
                 f"current round is {self.params.round_id} (replay?)"
             )
-        if sender not in self.params.client_ids:
+        if sender not in self._ids:
             raise UnknownParty(f"sender {sender} is not part of round {self.params.round_id}")
         if getattr(message, "client_id", None) != sender:
             raise ProtocolError(f"sender {sender} sent a message that claims another client id")
@@ -113,7 +108,7 @@ class SecAggServer:
             )
         if sender in self._inbox:
             raise DuplicateMessage(f"client {sender} already sent its {self.stage.value} message")
-        if sender not in self.expected:
+        if sender not in self._awaiting:
             raise UnknownParty(f"client {sender} dropped out earlier and cannot rejoin this round")
         {
             Stage.ADVERTISE: self._check_advertisement,
@@ -183,11 +178,13 @@ class SecAggServer:
         }[self.stage]
         try:
             self._require(len(inbox), f"{self.stage.value} messages")
-            return step(inbox)
+            outgoing = step(inbox)
         except TooFewSurvivors as exc:
             self.stage, self.error = None, exc
             log.warning("round %d aborted: %s", self.params.round_id, exc)
             raise
+        self._awaiting = set(outgoing)
+        return outgoing
 
     def _close_advertise(self, inbox: dict[int, AdvertiseKeys]) -> dict[int, Message]:
         self.advertised = dict(sorted(inbox.items()))
