@@ -1,1 +1,42 @@
-"""privacy package."""
+"""Differential privacy for sealmoe: DP-SGD on adapters, accounting, per-sample gradient checks.
+
+A leaf package: imports nothing from clients/secagg/coordinator/audit and does no I/O.
+"""
+
+from privacy.accountant import calibrate_noise, dp_sgd_event, epsilon, make_accountant
+from privacy.config import DPConfig
+from privacy.dpsgd import LOSS_REDUCTION, PrivateTraining, make_private, reduce_per_sample_loss
+from privacy.errors import (
+    CalibrationError,
+    PerSampleGradientError,
+    PrivacyConfigError,
+    PrivacyError,
+)
+from privacy.events import DPTrainingFacts
+from privacy.gradcheck import (
+    GradCheckReport,
+    ParameterCheck,
+    assert_per_sample_gradients,
+    check_per_sample_gradients,
+)
+
+__all__ = [
+    "LOSS_REDUCTION",
+    "CalibrationError",
+    "DPConfig",
+    "DPTrainingFacts",
+    "GradCheckReport",
+    "ParameterCheck",
+    "PerSampleGradientError",
+    "PrivacyConfigError",
+    "PrivacyError",
+    "PrivateTraining",
+    "assert_per_sample_gradients",
+    "calibrate_noise",
+    "check_per_sample_gradients",
+    "dp_sgd_event",
+    "epsilon",
+    "make_accountant",
+    "make_private",
+    "reduce_per_sample_loss",
+]
