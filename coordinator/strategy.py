@@ -1,0 +1,131 @@
+"""Aggregation strategies, coordinator side: from decoded secure sums to the next global state.
+
+The coordinator sees one summed vector per channel (see ``clients.strategy``) and computes only
+ratios of sums. :func:`aggregate_locally` runs the secure sums of one round in one process
+(SecAgg+ via :func:`secagg.run_local`, CKKS via :mod:`secagg.ckks`) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from clients.moe_lora import RoutingStats
+from clients.strategy import (
+    CHANNEL_BOUND,
+    DELTA_PREFIX,
+    ROUTING,
+    WEIGHT,
+    Channel,
+    FedAvgConfig,
+    GlobalState,
+    NoContribution,
+    StrategyError,
+    SubmissionLayout,
+)
+from secagg import TooFewSurvivors, run_local
+from secagg.ckks import CkksAggregator, CkksKeyHolder
+
+
+class CoordinatorStrategy(Protocol):
+    """Coordinator side of an aggregation strategy."""
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        """The round's layout: the same one the clients derive from the broadcast ``state``."""
+        ...
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        """The next global state from the decoded per-channel sums over the included clients."""
+        ...
+
+
+@dataclass(frozen=True)
+class FedAvgCoordinator:
+    """Coordinator side of FedAvg: ``global += sum(w * delta) / sum(w)``; routing summed.
+
+    Raises :class:`~clients.strategy.NoContribution` when ``sum(w)`` is below half of one
+    example's weight (``0.5 / max_examples``): nobody contributed (every honest non-zero
+    weight is at least ``1 / max_examples``) and the ratio would be quantisation noise.
+    """
+
+    config: FedAvgConfig
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        values = self.layout(state).unpack(sums)
+        total = float(values[WEIGHT][0])
+        if total < 0.5 / self.config.max_examples:
+            raise NoContribution(
+                f"summed weight {total:.3g} is below half an example's weight "
+                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
+            )
+        adapters: dict[str, torch.Tensor] = {}
+        for name, current in state.adapters.items():
+            delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
+            new = current.detach().cpu().double() + torch.from_numpy(delta)
+            adapters[name] = new.to(current.dtype)
+        old = state.routing
+        # True sums are non-negative; quantisation can push a zero slightly below.
+        summed = np.maximum(values[ROUTING], 0.0)
+        routing = RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)
+        return GlobalState(adapters=adapters, routing=routing)
+
+
+@dataclass(frozen=True)
+class LocalAggregate:
+    """Decoded per-channel sums over ``included`` (the clients the mask channel accepted)."""
+
+    sums: dict[Channel, np.ndarray]
+    included: list[int]
+
+
+def aggregate_locally(
+    layout: SubmissionLayout,
+    packed: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threshold: int,
+    bits: int = 16,
+    modulus_bits: int = 32,
+    dropouts: dict[int, str] | None = None,
+    ckks: CkksKeyHolder | None = None,
+) -> LocalAggregate:
+    """Securely sum packed submissions (``layout.pack`` outputs, one per client) in-process.
+
+    The mask channel runs a whole SecAgg+ round (``dropouts`` as in :func:`secagg.run_local`,
+    codec ``clip=CHANNEL_BOUND``); the CKKS channel then sums, under ``ckks``'s key, only the
+    clients the mask round included, so both sums cover the same clients. Without a mask
+    channel, every client not in ``dropouts`` is included. Raises
+    :class:`~secagg.errors.TooFewSurvivors` below ``threshold`` clients.
+    """
+    dropouts = dict(dropouts or {})
+    sums: dict[Channel, np.ndarray] = {}
+    if "mask" in layout.channels:
+        result = run_local(
+            [np.asarray(p["mask"]) for p in packed],
+            threshold=threshold,
+            dropouts=dropouts,
+            clip=CHANNEL_BOUND,
+            bits=bits,
+            modulus_bits=modulus_bits,
+        )
+        sums["mask"], included = result.sum, list(result.included)
+    else:
+        included = [i for i in range(len(packed)) if i not in dropouts]
+        if len(included) < threshold:
+            raise TooFewSurvivors(f"{len(included)} clients left, threshold is {threshold}")
+    if "ckks" in layout.channels:
+        if ckks is None:
+            raise StrategyError("the layout uses the ckks channel but no CkksKeyHolder was given")
+        if not included:
+            raise NoContribution("no client is left to sum on the ckks channel")
+        aggregator = CkksAggregator(ckks.public_context())
+        for i in included:
+            aggregator.add(ckks.encrypt([np.asarray(packed[i]["ckks"])]))
+        sums["ckks"] = ckks.decrypt(aggregator.sum())[0]
+    return LocalAggregate(sums=sums, included=included)
