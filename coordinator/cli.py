@@ -1,0 +1,172 @@
+"""The ``sealmoe`` command line: one subcommand per job, each with ``--help``.
+
+User errors (a bad config, existing keys, a missing file) print one line that says what to do
+and exit with status 2; no traceback. Subcommands register a handler with
+``set_defaults(handler=...)`` that returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from coordinator.config import ConfigFileError, FederationConfig, load_config
+from coordinator.keys import ROSTER_FILE, KeyMaterialError, generate_keys
+
+USER_ERROR = 2
+
+_DESCRIPTION = """\
+sealmoe: federated fine-tuning of Mixture-of-LoRA-Experts adapters with DP-SGD and secure
+aggregation. Every command reads the federation config (a TOML file, see examples/)."""
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    roster = generate_keys(config.keys_dir, config.institution_names, force=args.force)
+    console = Console()
+    console.print(
+        f"Wrote keys for the coordinator and {len(roster.institutions)} institutions under "
+        f"{config.keys_dir}"
+    )
+    console.print(
+        f"Roster: {config.keys_dir / ROSTER_FILE} (public; give it to every party). Give each "
+        "institution only its own folder under institutions/."
+    )
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    console = Console()
+    console.print(summary_table(config))
+    console.print(Text(f"OK: {args.config} is a valid federation config.", style="green"))
+    return 0
+
+
+def summary_table(config: FederationConfig) -> Table:
+    """A human-readable summary of a federation config (what ``check-config`` prints)."""
+    fed, moe, sec = config.federation, config.model.moe, config.secagg
+    n = len(config.institutions)
+    threshold, neighbours = sec.resolved(n)
+    table = Table(title=f"federation {fed.name!r}", show_header=True)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    rows = [
+        ("rounds / seed", f"{fed.rounds} / {fed.seed}"),
+        ("run directory", str(config.run_dir)),
+        (
+            "coordinator",
+            f"{config.coordinator.bind} (stage timeout {config.coordinator.stage_timeout_s:g} s)",
+        ),
+        ("keys directory", str(config.keys_dir)),
+        ("model", config.model.name),
+        (
+            "MoE-LoRA",
+            f"{moe.num_experts} experts, top-{moe.top_k}, rank {moe.rank}, alpha {moe.alpha:g}, "
+            f"mode {moe.mode}, targets {', '.join(moe.target_modules)}"
+            + (", shared expert" if moe.shared_expert else ""),
+        ),
+        (
+            "data",
+            f"{config.data.source}, blocks of {config.data.block_len} tokens, "
+            f"caps {config.data.max_blocks.as_dict() or 'none'}",
+        ),
+        (
+            "local training",
+            f"{config.training.local_steps} steps x batch {config.training.batch_size}, "
+            f"lr {config.training.lr:g}, device {config.training.device}",
+        ),
+        (
+            "DP-SGD",
+            f"(eps={config.privacy.target_epsilon:g}, delta={config.privacy.target_delta:g}) "
+            f"per institution, clip C={config.privacy.max_grad_norm:g}, "
+            f"{config.privacy.accountant.upper()} accountant",
+        ),
+        (
+            "secure aggregation",
+            f"t={threshold} of {neighbours + 1} share holders, k={neighbours} neighbours, "
+            f"clip {sec.clip:g}, {sec.bits}-bit values in Z_2^{sec.modulus_bits}"
+            + (", signed survivor sets" if sec.check_survivors else ""),
+        ),
+        (
+            "aggregation",
+            f"{config.aggregation.strategy}; expert updates: {config.aggregation.expert_updates}; "
+            f"routing statistics: {config.aggregation.routing_statistics}",
+        ),
+    ]
+    for setting, value in rows:
+        table.add_row(setting, Text(value))
+    for inst in config.institutions:
+        budget = config.budget(inst.name)
+        own = " (own budget)" if inst.privacy is not None else ""
+        table.add_row(
+            f"institution {inst.name}",
+            Text(
+                f"dials {config.connect_address(inst.name)}; "
+                f"eps={budget.target_epsilon:g}, delta={budget.target_delta:g}{own}"
+            ),
+        )
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sealmoe",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keys = commands.add_parser(
+        "keys",
+        help="create the coordinator's and every institution's keys and the roster",
+        description=(
+            "Create a CurveZMQ key pair (transport encryption and admission) and an Ed25519 "
+            "identity key (signs secure-aggregation messages) for the coordinator and for each "
+            "institution in the config, and the roster of their public keys, under the config's "
+            "coordinator.keys_dir. Secret files get mode 0600. Existing keys are never replaced "
+            "unless --force is given."
+        ),
+    )
+    keys.add_argument("--config", required=True, metavar="F", help="federation config (TOML)")
+    keys.add_argument(
+        "--force", action="store_true", help="replace existing keys (old keys stop working)"
+    )
+    keys.set_defaults(handler=_cmd_keys)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a federation config and print a summary",
+        description=(
+            "Validate a federation config: every field's type and range, unknown fields, and "
+            "the rules between fields (threshold vs institutions, unique names, ...). Prints a "
+            "summary table, or one line naming the bad field."
+        ),
+    )
+    check.add_argument("config", metavar="F", help="federation config (TOML)")
+    check.set_defaults(handler=_cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sealmoe`` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else USER_ERROR
+    try:
+        return args.handler(args)
+    except (ConfigFileError, KeyMaterialError) as exc:
+        print(f"sealmoe {args.command}: error: {exc}", file=sys.stderr)
+        return USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

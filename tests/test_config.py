@@ -1,0 +1,224 @@
+"""Federation config: the examples load, and every kind of bad field is named in the error."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigFileError, FederationConfig, load_config, parse_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def raw() -> dict:
+    """A valid config document (the tiny example) to break one field at a time."""
+    return tomllib.loads((EXAMPLES / "tiny.toml").read_text())
+
+
+def error_of(doc: dict) -> ConfigFileError:
+    with pytest.raises(ConfigFileError) as info:
+        parse_config(doc, "/somewhere/fed.toml")
+    return info.value
+
+
+def test_tiny_example_loads():
+    config = load_config(EXAMPLES / "tiny.toml")
+    assert isinstance(config, FederationConfig)
+    assert config.federation.rounds == 2
+    assert config.model.name == "tiny-dense"
+    assert config.institution_names == ["comedies", "tragedies", "histories"]
+    assert config.secagg.resolved(3) == (2, 2)
+    # paths are anchored at the config file, not the working directory
+    assert config.run_dir == (EXAMPLES / "runs" / "tiny").resolve()
+    assert config.keys_dir == (EXAMPLES / "keys" / "tiny").resolve()
+    assert config.connect_address("comedies") == config.coordinator.bind
+    assert config.budget("histories").target_epsilon == 4.0
+    assert config.budget("comedies").target_epsilon == config.privacy.target_epsilon
+
+
+def test_shakespeare_example_loads():
+    config = load_config(EXAMPLES / "shakespeare.toml")
+    assert config.model.name == "smollm2"
+    assert len(config.institutions) == 4
+    assert (config.model.moe.num_experts, config.model.moe.top_k) == (4, 2)
+    assert config.federation.rounds == 3
+    assert config.aggregation.expert_updates == "mask"
+    assert config.aggregation.routing_statistics == "ckks"
+    assert config.data.max_blocks.as_dict() == {"train": 128, "validation": 16, "test": 16}
+    assert config.aggregation.ckks.params().slot_count == 4096
+
+
+def test_config_is_immutable():
+    config = load_config(EXAMPLES / "tiny.toml")
+    with pytest.raises(AttributeError):
+        config.federation.rounds = 5  # type: ignore[misc]
+
+
+def test_defaults_fill_omitted_sections():
+    doc = {"federation": {"name": "x"}, "institutions": [{"name": "a"}, {"name": "b"}]}
+    config = parse_config(doc, "/tmp/fed.toml")
+    assert config.aggregation.expert_updates == "mask"
+    assert config.aggregation.routing_statistics == "ckks"
+    assert config.secagg.resolved(2) == (2, 1)
+    assert config.run_dir == Path("/tmp/runs/x")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "field", "words"),
+    [
+        ("privacy", "target_epsilon", -1.0, "$.privacy.target_epsilon", "> 0.0"),
+        ("privacy", "target_epsilon", "eight", "$.privacy.target_epsilon", "got `str`"),
+        ("privacy", "target_delta", 1.5, "$.privacy.target_delta", "< 1.0"),
+        ("privacy", "accountant", "moments", "$.privacy.accountant", "'rdp', 'pld'"),
+        ("federation", "rounds", 0, "$.federation.rounds", ">= 1"),
+        ("training", "device", "tpu", "$.training.device", "'auto', 'cpu', 'cuda'"),
+        ("training", "batch_size", 2.5, "$.training.batch_size", "Expected `int`"),
+        ("coordinator", "bind", "localhost:5555", "$.coordinator.bind", "match"),
+        ("aggregation", "expert_updates", "plain", "$.aggregation.expert_updates", "'mask'"),
+        ("secagg", "modulus_bits", 48, "$.secagg.modulus_bits", "32, 64"),
+    ],
+)
+def test_bad_value_names_the_field(raw, section, key, value, field, words):
+    raw[section][key] = value
+    err = error_of(raw)
+    assert err.field == field
+    assert field in str(err) and words in str(err)
+    assert "/somewhere/fed.toml" in str(err)
+
+
+def test_unknown_field_is_refused(raw):
+    raw["privacy"]["target_epsilom"] = 3.0
+    err = error_of(raw)
+    assert err.field == "$.privacy"
+    assert "target_epsilom" in str(err)
+
+
+def test_unknown_section_is_refused(raw):
+    raw["privacyy"] = {}
+    assert "privacyy" in str(error_of(raw))
+
+
+def test_missing_required_field(raw):
+    del raw["federation"]["name"]
+    err = error_of(raw)
+    assert err.field == "$.federation" and "name" in str(err)
+
+
+def test_bad_institution_entry_names_its_index(raw):
+    raw["institutions"][1]["name"] = "bad name/with slash"
+    assert error_of(raw).field == "$.institutions[1].name"
+    raw = copy.deepcopy(raw)
+    raw["institutions"][1] = {
+        "name": "ok",
+        "privacy": {"target_epsilon": 0.0, "target_delta": 1e-5},
+    }
+    assert error_of(raw).field == "$.institutions[1].privacy.target_epsilon"
+
+
+def test_duplicate_institution(raw):
+    raw["institutions"][2]["name"] = "comedies"
+    err = error_of(raw)
+    assert err.field == "$.institutions[2].name"
+    assert "duplicate" in str(err) and "$.institutions[0]" in str(err)
+
+
+def test_too_few_institutions(raw):
+    raw["institutions"] = raw["institutions"][:1]
+    assert error_of(raw).field == "$.institutions"
+
+
+@pytest.mark.parametrize("threshold", [1, 4])
+def test_threshold_outside_majority_of_holders(raw, threshold):
+    raw["secagg"]["threshold"] = threshold  # 3 institutions, complete graph: holders = 3
+    err = error_of(raw)
+    assert err.field == "$.secagg.threshold"
+    assert "[2, 3]" in str(err)
+
+
+def test_too_many_neighbours(raw):
+    raw["secagg"]["neighbours"] = 3
+    err = error_of(raw)
+    assert err.field == "$.secagg.neighbours" and "at most 2" in str(err)
+
+
+def test_sparse_graph_threshold_follows_neighbours(raw):
+    raw["institutions"] = [{"name": f"i{j}"} for j in range(10)]
+    raw["secagg"] = {"neighbours": 4}
+    config = parse_config(raw, "/x/fed.toml")
+    assert config.secagg.resolved(10) == (3, 4)
+    params = config.secagg.round_params(7, list(range(10)), bytes(32), 5)
+    assert (params.threshold, params.neighbours, params.round_id) == (3, 4, 7)
+
+
+def test_overflowing_quantisation_is_refused(raw):
+    raw["secagg"]["bits"] = 31  # 3 clients * 2^31 >= 2^32
+    err = error_of(raw)
+    assert err.field == "$.secagg.bits" and "overflow" in str(err)
+    raw["secagg"]["modulus_bits"] = 64
+    assert parse_config(raw, "/x/fed.toml").secagg.bits == 31
+
+
+def test_top_k_above_experts(raw):
+    raw["model"]["moe"]["top_k"] = 5
+    assert error_of(raw).field == "$.model.moe.top_k"
+
+
+def test_bad_split(raw):
+    raw["data"]["split"] = [0.5, 0.3, 0.3]
+    assert error_of(raw).field == "$.data.split"
+
+
+def test_insecure_ckks_params(raw):
+    raw["aggregation"]["ckks"] = {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 60]}
+    err = error_of(raw)
+    assert err.field == "$.aggregation.ckks" and "security" in str(err)
+
+
+def test_wildcard_bind_needs_connect(raw):
+    raw["coordinator"]["bind"] = "tcp://0.0.0.0:5555"
+    err = error_of(raw)
+    assert err.field == "$.institutions[0].connect"
+    for inst in raw["institutions"]:
+        inst["connect"] = "tcp://coordinator.example:5555"
+    config = parse_config(raw, "/x/fed.toml")
+    assert config.connect_address("tragedies") == "tcp://coordinator.example:5555"
+
+
+def test_port_out_of_range(raw):
+    raw["coordinator"]["bind"] = "tcp://127.0.0.1:70000"
+    assert error_of(raw).field == "$.coordinator.bind"
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigFileError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[federation\nname = 1\n")
+    with pytest.raises(ConfigFileError, match="not valid TOML") as info:
+        load_config(broken)
+    assert str(broken) in str(info.value)
+
+
+def test_unknown_institution_lookup():
+    config = load_config(EXAMPLES / "tiny.toml")
+    with pytest.raises(KeyError, match="comedies"):
+        config.budget("nobody")
+
+
+def test_conversions_to_runtime_configs():
+    config = load_config(EXAMPLES / "shakespeare.toml")
+    lora = config.model.moe.lora_config()
+    assert (lora.num_experts, lora.top_k, lora.rank) == (4, 2, 8)
+    assert lora.target_modules == ("q_proj", "v_proj", "up_proj", "down_proj")
+    dp = config.dp_config("romances")
+    assert (dp.target_epsilon, dp.target_delta, dp.accountant) == (8.0, 1e-5, "rdp")
+    assert dp.noise_multiplier is None
