@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from coordinator.config import ConfigFileError, FederationConfig, load_config
-from coordinator.keys import ROSTER_FILE, KeyMaterialError, generate_keys
+from clients.config import ConfigFileError, FederationConfig, load_config
+from clients.keys import ROSTER_FILE, KeyMaterialError, generate_keys
 
 USER_ERROR = 2
 

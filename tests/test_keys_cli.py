@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from coordinator.cli import main
-from coordinator.keys import (
+from clients.keys import (
     CURVE_SECRET_FILE,
     IDENTITY_FILE,
     ROSTER_FILE,
@@ -26,6 +25,7 @@ from coordinator.keys import (
     load_institution_keys,
     load_roster,
 )
+from coordinator.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["alpha", "beta", "gamma"]
@@ -119,7 +119,7 @@ def test_roster_errors_name_the_entry(keys_dir):
 def load_roster_text(text: str):
     import msgspec
 
-    from coordinator.keys import Roster
+    from clients.keys import Roster
 
     return msgspec.convert(tomllib_loads(text), Roster)
 

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from zmq.utils import z85
 
-from coordinator.config import NAME_PATTERN
+from clients.config import NAME_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib
