@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from zmq.utils import z85
 
 from clients.config import NAME_PATTERN
+from secagg.ckks import CkksKeyHolder, CkksParams
+from secagg.errors import SecAggError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +47,8 @@ CURVE_PUBLIC_FILE = "curve.key"
 CURVE_SECRET_FILE = "curve.key_secret"  # noqa: S105 - a file name, not a secret
 IDENTITY_FILE = "identity.pem"
 IDENTITY_PUBLIC_FILE = "identity.pub.pem"
+CKKS_SECRET_FILE = "ckks.secret"  # noqa: S105 - a file name, not a secret
+CKKS_PUBLIC_FILE = "ckks.public"
 ROSTER_VERSION = 1
 
 Z85Key = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")]
@@ -141,9 +145,17 @@ def institution_dir(keys_dir: str | Path, name: str) -> Path:
     return Path(keys_dir) / "institutions" / name
 
 
-def generate_keys(keys_dir: str | Path, institutions: list[str], *, force: bool = False) -> Roster:
+def generate_keys(
+    keys_dir: str | Path,
+    institutions: list[str],
+    *,
+    force: bool = False,
+    ckks: CkksParams | None = None,
+) -> Roster:
     """Create fresh keys for the coordinator and each institution, and write the roster.
 
+    Also one CKKS key shared by the institutions (shared-key model): each institution folder
+    gets the secret context, the coordinator's folder only the key-free evaluation context.
     Refuses (KeysExistError, nothing written) when any target file exists, unless ``force``.
     """
     keys_dir = Path(keys_dir)
@@ -156,6 +168,8 @@ def generate_keys(keys_dir: str | Path, institutions: list[str], *, force: bool 
         for folder in folders.values()
         for f in (CURVE_PUBLIC_FILE, CURVE_SECRET_FILE, IDENTITY_FILE, IDENTITY_PUBLIC_FILE)
     ]
+    targets += [coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE]
+    targets += [institution_dir(keys_dir, name) / CKKS_SECRET_FILE for name in names]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise KeysExistError(
@@ -165,6 +179,13 @@ def generate_keys(keys_dir: str | Path, institutions: list[str], *, force: bool 
     parties = {party: _new_party(party) for party in folders}
     for party, keys in parties.items():
         _write_party(folders[party], keys)
+    holder = CkksKeyHolder.generate(ckks)
+    _atomic_write(coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE, holder.public_context(), mode=0o644)
+    secret_context = holder.to_bytes()
+    for name in names:
+        _atomic_write(
+            institution_dir(keys_dir, name) / CKKS_SECRET_FILE, secret_context, mode=0o600
+        )
     roster = Roster(
         version=ROSTER_VERSION,
         coordinator=parties["coordinator"].public_entry(),
@@ -225,6 +246,27 @@ def load_coordinator_keys(keys_dir: str | Path) -> PartyKeys:
 def load_institution_keys(keys_dir: str | Path, name: str) -> PartyKeys:
     """Institution ``name``'s own keys from ``keys_dir``."""
     return load_party_keys(institution_dir(keys_dir, name), name)
+
+
+def load_ckks_key_holder(keys_dir: str | Path, name: str) -> CkksKeyHolder:
+    """Institution ``name``'s copy of the shared CKKS secret key."""
+    path = institution_dir(keys_dir, name) / CKKS_SECRET_FILE
+    _check_private(path)
+    try:
+        return CkksKeyHolder.from_bytes(path.read_bytes())
+    except (OSError, SecAggError) as exc:
+        raise KeyFileError(f"{path}: not a CKKS secret context ({exc})") from None
+
+
+def load_ckks_public_context(keys_dir: str | Path) -> bytes:
+    """The coordinator's CKKS evaluation context (no key material)."""
+    path = coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(
+            f"{path}: cannot read the CKKS context ({exc}); run `sealmoe keys`"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

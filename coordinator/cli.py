@@ -27,7 +27,12 @@ aggregation. Every command reads the federation config (a TOML file, see example
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    roster = generate_keys(config.keys_dir, config.institution_names, force=args.force)
+    roster = generate_keys(
+        config.keys_dir,
+        config.institution_names,
+        force=args.force,
+        ckks=config.aggregation.ckks.params(),
+    )
     console = Console()
     console.print(
         f"Wrote keys for the coordinator and {len(roster.institutions)} institutions under "

@@ -240,3 +240,20 @@ def test_cli_error_via_subprocess(tmp_path):
     )
     assert proc.returncode == 2
     assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_institutions_share_a_ckks_key_the_coordinator_lacks(tmp_path):
+    import numpy as np
+
+    from clients.keys import load_ckks_key_holder, load_ckks_public_context
+    from secagg.ckks import CkksAggregator
+
+    keys_dir = tmp_path / "keys"
+    generate_keys(keys_dir, ["a", "b"])
+    a, b = load_ckks_key_holder(keys_dir, "a"), load_ckks_key_holder(keys_dir, "b")
+    aggregator = CkksAggregator(load_ckks_public_context(keys_dir))
+    aggregator.add(a.encrypt([np.full(3, 0.25)]))
+    aggregator.add(b.encrypt([np.full(3, 0.5)]))
+    np.testing.assert_allclose(b.decrypt(aggregator.sum())[0], np.full(3, 0.75), atol=1e-6)
+    secret = institution_dir(keys_dir, "a") / "ckks.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
