@@ -1,0 +1,272 @@
+"""The coordinator's authenticated ZeroMQ endpoint (a CurveZMQ ROUTER) and a round driver.
+
+Only institutions whose CurveZMQ public key is in the roster get through the handshake: a ZAP
+authenticator checks each key and names the connection after the institution that owns it
+(ZAP User-Id). :meth:`CoordinatorEndpoint.recv` hands the application ``(name, message)``
+where ``name`` comes from that authentication, never from the payload. Bad frames (too big,
+several parts, undecodable, a type the coordinator does not accept) are logged with the
+sender's name and dropped; ``recv`` keeps serving.
+
+The coordinator can send to an institution once it has received one message (e.g.
+:class:`~secagg.control.Hello`) on that institution's current connection: a ROUTER routes by
+connection, and the connection is learnt from authenticated traffic only.
+
+:func:`run_secagg_round` drives one :class:`~secagg.server.SecAggServer` round over the endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+
+import msgspec
+import numpy as np
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from clients.transport import (
+    Decoder,
+    FrameRejected,
+    PeerUnreachable,
+    TransportError,
+    configure_socket,
+    decode_frame,
+    poll_frames,
+    send_frames,
+)
+from secagg.control import FromClient, Hello, RoundEnd, RoundStart, decode_from_client
+from secagg.errors import ConfigError, SecAggError, TooFewSurvivors
+from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
+from secagg.server import SecAggServer
+
+log = logging.getLogger(__name__)
+
+ZAP_DOMAIN = "sealmoe"
+
+
+def key_fingerprint(public_key: bytes | str) -> str:
+    """A short, log-friendly name for a CurveZMQ public key (Z85): SHA-256 of the raw key."""
+    raw = z85.decode(public_key)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _raw_roster(roster: Mapping[str, bytes | str]) -> dict[bytes, str]:
+    by_key: dict[bytes, str] = {}
+    for name, key in roster.items():
+        if not name:
+            raise ConfigError("roster has an institution with an empty name")
+        try:
+            raw = z85.decode(key)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"roster key of {name!r} is not Z85: {exc}") from exc
+        if len(raw) != 32:
+            raise ConfigError(f"roster key of {name!r} is {len(raw)} bytes; a CURVE key is 32")
+        if raw in by_key:
+            raise ConfigError(f"roster gives {by_key[raw]!r} and {name!r} the same key")
+        by_key[raw] = name
+    return by_key
+
+
+class _RosterAuthenticator(ThreadAuthenticator):
+    """ZAP handler: admit roster keys only, and make the institution's name the User-Id."""
+
+    def __init__(self, context: zmq.Context, roster: dict[bytes, str]) -> None:
+        super().__init__(context=context, log=log.getChild("zap"))
+        self._roster = roster
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        """Credentials provider hook: is this key in the roster?"""
+        if z85.decode(z85_key) in self._roster:
+            return True
+        log.warning(
+            "refused a CurveZMQ client with key %s (%s): not in the roster",
+            key_fingerprint(z85_key),
+            z85_key.decode("ascii"),
+        )
+        return False
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        """The institution's name becomes the connection's User-Id (only called if admitted)."""
+        return self._roster[client_public_key]
+
+
+class CoordinatorEndpoint:
+    """The coordinator's socket: roster-only admission, names from authentication.
+
+    ``bind`` may use a wildcard port (``tcp://127.0.0.1:*``); :attr:`address` is the real one.
+    Keys are CurveZMQ keys in Z85 (``zmq.curve_keypair()``); ``roster`` maps each institution's
+    name to its public key. Like any ZeroMQ socket, use one endpoint from one thread.
+    """
+
+    def __init__(
+        self,
+        bind: str,
+        secret_key: bytes,
+        public_key: bytes,
+        roster: Mapping[str, bytes | str],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        decode: Decoder = decode_from_client,
+    ) -> None:
+        by_key = _raw_roster(roster)
+        self.max_message_bytes = max_message_bytes
+        self._decode = decode
+        self._names = frozenset(roster)
+        self._routes: dict[str, bytes] = {}
+        self._context = zmq.Context()
+        self._auth = _RosterAuthenticator(self._context, by_key)
+        self._socket = self._context.socket(zmq.ROUTER)
+        try:
+            self._auth.start()
+            self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._auth)
+            configure_socket(self._socket, max_message_bytes)
+            self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+            self._socket.zap_domain = ZAP_DOMAIN.encode()
+            self._socket.curve_server = True
+            self._socket.curve_secretkey = secret_key
+            self._socket.curve_publickey = public_key
+            self._socket.bind(bind)
+        except Exception:
+            self.close()
+            raise
+        self.address: str = self._socket.last_endpoint.decode()
+
+    @property
+    def connected(self) -> frozenset[str]:
+        """Institutions the endpoint can send to (it has heard from their current connection)."""
+        return frozenset(self._routes)
+
+    def send(self, name: str, message: msgspec.Struct) -> None:
+        """Queue ``message`` for ``name``; :class:`PeerUnreachable` if it is not connected."""
+        route = self._routes.get(name)
+        if route is None:
+            raise PeerUnreachable(f"no message from {name!r} yet on a live connection")
+        try:
+            send_frames(self._socket, [route, encode(message)], repr(name))
+        except PeerUnreachable:
+            del self._routes[name]
+            raise
+
+    def recv(self, timeout_s: float) -> tuple[str, FromClient | msgspec.Struct] | None:
+        """The next valid ``(institution, message)``, or ``None`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (frames := poll_frames(self._socket, deadline)) is not None:
+            name = self._sender(frames)
+            try:
+                if name is None:
+                    raise FrameRejected("no authenticated institution name on the connection")
+                if len(frames) != 2:
+                    raise FrameRejected(f"{len(frames) - 1} frames; a message is exactly one")
+                return name, decode_frame(frames[1], self._decode, self.max_message_bytes)
+            except FrameRejected as exc:
+                log.warning("dropped a frame from %s: %s", name or "an unnamed peer", exc)
+            if time.monotonic() >= deadline:
+                break
+        return None
+
+    def _sender(self, frames: list[zmq.Frame]) -> str | None:
+        """The authenticated name of a message's sender; remember its route."""
+        if len(frames) < 2:
+            return None
+        user_id = frames[1].get("User-Id")
+        if user_id not in self._names:
+            return None
+        route = frames[0].bytes
+        if self._routes.get(user_id) != route:
+            log.info("%s connected", user_id)
+            self._routes[user_id] = route
+        return user_id
+
+    def close(self) -> None:
+        """Close the socket (linger 0), stop the authenticator. Safe to call twice."""
+        self._socket.close(linger=0)
+        self._auth.stop()
+        self._context.term()
+
+    def __enter__(self) -> CoordinatorEndpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def run_secagg_round(
+    endpoint: CoordinatorEndpoint,
+    server: SecAggServer,
+    names: Mapping[int, str],
+    stage_timeout_s: float,
+) -> np.ndarray:
+    """Drive ``server``'s round over ``endpoint``; return the decoded float sum.
+
+    ``names`` maps each client id of the round to its institution. Each institution gets a
+    :class:`~secagg.control.RoundStart`; a stage closes when every awaited client answered or
+    ``stage_timeout_s`` passed, so silent institutions are dropped. Bad or stale messages are
+    logged and ignored. Every institution gets a :class:`~secagg.control.RoundEnd` at the end;
+    raises :class:`~secagg.errors.TooFewSurvivors` (after telling them) if the round aborts.
+    """
+    params = server.params
+    missing = set(params.client_ids) - set(names)
+    if missing:
+        raise ConfigError(f"no institution name for client ids {sorted(missing)}")
+    ids = {names[i]: i for i in params.client_ids}
+    for name, client_id in ids.items():
+        _try_send(endpoint, name, RoundStart(params=params, client_id=client_id))
+    try:
+        while server.stage is not None:
+            _collect(endpoint, server, ids, time.monotonic() + stage_timeout_s)
+            for client_id, message in server.advance().items():
+                _try_send(endpoint, names[client_id], message)
+    except TooFewSurvivors as exc:
+        end = RoundEnd(round_id=params.round_id, included=[], error=str(exc))
+        for name in ids:
+            _try_send(endpoint, name, end)
+        raise
+    end = RoundEnd(round_id=params.round_id, included=server.included)
+    for name in ids:
+        _try_send(endpoint, name, end)
+    assert server.result is not None
+    return params.codec.decode(server.result)
+
+
+def _collect(
+    endpoint: CoordinatorEndpoint,
+    server: SecAggServer,
+    ids: Mapping[str, int],
+    deadline: float,
+) -> None:
+    """Feed the server this stage's messages until none is awaited or the deadline passes."""
+    while server.expected:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.info(
+                "round %d: stage %s timed out without clients %s",
+                server.params.round_id,
+                server.stage.value,
+                sorted(server.expected),
+            )
+            return
+        received = endpoint.recv(remaining)
+        if received is None:
+            continue
+        name, message = received
+        if isinstance(message, Hello):
+            continue
+        client_id = ids.get(name)
+        if client_id is None:
+            log.warning("ignored %s from %s: not in this round", type(message).__name__, name)
+            continue
+        try:
+            server.receive(client_id, message)
+        except SecAggError as exc:
+            log.warning("rejected %s from %s: %s", type(message).__name__, name, exc)
+
+
+def _try_send(endpoint: CoordinatorEndpoint, name: str, message: msgspec.Struct) -> None:
+    try:
+        endpoint.send(name, message)
+    except TransportError as exc:
+        log.warning("could not send %s to %s: %s", type(message).__name__, name, exc)
