@@ -12,6 +12,7 @@ from typing import Annotated
 
 import msgspec
 
+from secagg.ckks import EncryptedBatch
 from secagg.errors import MalformedMessage
 from secagg.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -38,10 +39,43 @@ class Hello(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
 
 
 class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """The coordinator invites an institution into a round under ``client_id``."""
+    """The coordinator invites an institution into a round under ``client_id``.
+
+    ``global_state`` is the global adapter state as safetensors bytes (empty when the round only
+    aggregates); the previous round's summed routing statistics come as little-endian float64
+    bytes (``routing_plain``, masked channel) or as the CKKS sum the institutions decrypt
+    themselves (``routing_encrypted``); both are ``None`` in the first round.
+    ``params.round_id`` is unique per attempt (see :func:`round_id`).
+    """
 
     params: RoundParams
     client_id: ClientId
+    federation_round: Annotated[int, msgspec.Meta(ge=0)] = 0
+    global_state: bytes = b""
+    routing_plain: bytes | None = None
+    routing_encrypted: EncryptedBatch | None = None
+
+
+class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """An institution's CKKS-encrypted segments, sent just before its masked input."""
+
+    round_id: RoundId
+    client_id: ClientId
+    batch: EncryptedBatch
+
+
+class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """An institution will release nothing in this round (e.g. its privacy budget is spent)."""
+
+    round_id: RoundId
+    client_id: ClientId
+    reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The federation is over; the institution may exit."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
 
 
 class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -52,8 +86,39 @@ class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True
     error: Annotated[str, msgspec.Meta(max_length=1 << 12)] | None = None
 
 
-FromClient = Hello | AdvertiseKeys | ShareKeys | MaskedInput | SurvivorSignature | UnmaskShares
-FromServer = RoundStart | RoundEnd | KeyRoster | RelayedShares | SurvivorSetRequest | UnmaskRequest
+FromClient = (
+    Hello
+    | Decline
+    | CkksInput
+    | AdvertiseKeys
+    | ShareKeys
+    | MaskedInput
+    | SurvivorSignature
+    | UnmaskShares
+)
+FromServer = (
+    RoundStart
+    | RoundEnd
+    | Shutdown
+    | KeyRoster
+    | RelayedShares
+    | SurvivorSetRequest
+    | UnmaskRequest
+)
+
+ATTEMPT_BITS = 16
+
+
+def round_id(federation_round: int, attempt: int) -> int:
+    """The secure-aggregation round id of one attempt at a federation round.
+
+    A restarted coordinator retries a round under a new attempt number, so every message of an
+    earlier attempt is refused as a replay.
+    """
+    if not 0 <= attempt < 1 << ATTEMPT_BITS:
+        raise ValueError(f"attempt must be in [0, {1 << ATTEMPT_BITS}), got {attempt}")
+    return federation_round << ATTEMPT_BITS | attempt
+
 
 _from_client = msgspec.msgpack.Decoder(FromClient)
 _from_server = msgspec.msgpack.Decoder(FromServer)
