@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 import numpy as np
@@ -37,7 +37,7 @@ from clients.transport import (
     poll_frames,
     send_frames,
 )
-from secagg.control import FromClient, Hello, RoundEnd, RoundStart, decode_from_client
+from secagg.control import Decline, FromClient, Hello, RoundEnd, RoundStart, decode_from_client
 from secagg.errors import ConfigError, SecAggError, TooFewSurvivors
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
 from secagg.server import SecAggServer
@@ -45,6 +45,8 @@ from secagg.server import SecAggServer
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "sealmoe"
+
+OtherMessage = Callable[[str, int, msgspec.Struct], bool]
 
 
 def key_fingerprint(public_key: bytes | str) -> str:
@@ -199,14 +201,20 @@ def run_secagg_round(
     server: SecAggServer,
     names: Mapping[int, str],
     stage_timeout_s: float,
+    *,
+    start: Mapping[str, RoundStart] | None = None,
+    on_message: OtherMessage | None = None,
 ) -> np.ndarray:
     """Drive ``server``'s round over ``endpoint``; return the decoded float sum.
 
     ``names`` maps each client id of the round to its institution. Each institution gets a
-    :class:`~secagg.control.RoundStart`; a stage closes when every awaited client answered or
-    ``stage_timeout_s`` passed, so silent institutions are dropped. Bad or stale messages are
-    logged and ignored. Every institution gets a :class:`~secagg.control.RoundEnd` at the end;
-    raises :class:`~secagg.errors.TooFewSurvivors` (after telling them) if the round aborts.
+    :class:`~secagg.control.RoundStart` (``start[name]`` if given); a stage closes when every
+    awaited client answered or ``stage_timeout_s`` passed, so silent institutions are dropped.
+    ``on_message(name, client_id, message)`` sees every message of the round first and returns
+    True when it consumed it (e.g. a CKKS input). A :class:`~secagg.control.Decline` drops its
+    sender at once. Bad or stale messages are logged and ignored. Every institution gets a
+    :class:`~secagg.control.RoundEnd` at the end; raises
+    :class:`~secagg.errors.TooFewSurvivors` (after telling them) if the round aborts.
     """
     params = server.params
     missing = set(params.client_ids) - set(names)
@@ -214,10 +222,11 @@ def run_secagg_round(
         raise ConfigError(f"no institution name for client ids {sorted(missing)}")
     ids = {names[i]: i for i in params.client_ids}
     for name, client_id in ids.items():
-        _try_send(endpoint, name, RoundStart(params=params, client_id=client_id))
+        first = RoundStart(params=params, client_id=client_id) if start is None else start[name]
+        _try_send(endpoint, name, first)
     try:
         while server.stage is not None:
-            _collect(endpoint, server, ids, time.monotonic() + stage_timeout_s)
+            _collect(endpoint, server, ids, time.monotonic() + stage_timeout_s, on_message)
             for client_id, message in server.advance().items():
                 _try_send(endpoint, names[client_id], message)
     except TooFewSurvivors as exc:
@@ -237,6 +246,7 @@ def _collect(
     server: SecAggServer,
     ids: Mapping[str, int],
     deadline: float,
+    on_message: OtherMessage | None,
 ) -> None:
     """Feed the server this stage's messages until none is awaited or the deadline passes."""
     while server.expected:
@@ -258,6 +268,13 @@ def _collect(
         client_id = ids.get(name)
         if client_id is None:
             log.warning("ignored %s from %s: not in this round", type(message).__name__, name)
+            continue
+        if on_message is not None and on_message(name, client_id, message):
+            continue
+        if isinstance(message, Decline):
+            if message.round_id == server.params.round_id and message.client_id == client_id:
+                log.info("%s declined round %d: %s", name, message.round_id, message.reason)
+                server.give_up_on(client_id)
             continue
         try:
             server.receive(client_id, message)

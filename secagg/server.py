@@ -89,6 +89,10 @@ class SecAggServer:
         """Clients whose message for the current stage is still awaited."""
         return self._awaiting - self._inbox.keys()
 
+    def give_up_on(self, client_id: int) -> None:
+        """Stop waiting for ``client_id`` at the current stage (it declined, or is known gone)."""
+        self._awaiting.discard(client_id)
+
     def receive(self, sender: int, message: Message) -> None:
         """Validate and accept one client message; raise a typed error and change nothing if bad."""
         if message.round_id != self.params.round_id:
