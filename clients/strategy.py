@@ -166,13 +166,20 @@ class SubmissionLayout:
             parts[seg.channel].append(np.clip(flat, -seg.bound, seg.bound) / seg.bound)
         return {c: np.concatenate(p) * CHANNEL_BOUND for c, p in parts.items()}
 
-    def unpack(self, channels: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inverse of :meth:`pack` (for one submission or a sum of them): flat arrays by name."""
+    def unpack(
+        self, channels: Mapping[str, np.ndarray], *, partial: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Inverse of :meth:`pack` (for one submission or a sum of them): flat arrays by name.
+
+        With ``partial``, only the given channels are unpacked (a coordinator cannot read a CKKS
+        sum, so it unpacks the masked channel alone).
+        """
         expected = set(self.channels)
-        if set(channels) != expected:
+        given = set(channels)
+        if not (given <= expected if partial else given == expected):
             raise LayoutError(f"expected channels {sorted(expected)}, got {sorted(channels)}")
         out: dict[str, np.ndarray] = {}
-        for channel in self.channels:
+        for channel in (c for c in self.channels if c in given):
             vector = np.asarray(channels[channel])
             if vector.dtype.kind not in "biuf" or vector.shape != (self.length(channel),):
                 raise LayoutError(
@@ -184,7 +191,7 @@ class SubmissionLayout:
             for seg in (s for s in self.segments if s.channel == channel):
                 out[seg.name] = vector[offset : offset + seg.length] * seg.bound
                 offset += seg.length
-        return {s.name: out[s.name] for s in self.segments}
+        return {s.name: out[s.name] for s in self.segments if s.name in out}
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,13 @@ class FedAvgCoordinator:
         return self.config.layout(state)
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
-        values = self.layout(state).unpack(sums)
+        """The next state; without the routing channel's sum (a CKKS sum the coordinator cannot
+        read), the routing statistics are left as they were."""
+        values = self.layout(state).unpack(sums, partial=True)
+        if WEIGHT not in values or any(
+            DELTA_PREFIX + name not in values for name in state.adapters
+        ):
+            raise StrategyError("FedAvg needs the sum of the channel that carries w*delta and w")
         total = float(values[WEIGHT][0])
         if total < 0.5 / self.config.max_examples:
             raise NoContribution(
@@ -71,6 +77,8 @@ class FedAvgCoordinator:
             new = current.detach().cpu().double() + torch.from_numpy(delta)
             adapters[name] = new.to(current.dtype)
         old = state.routing
+        if ROUTING not in values:
+            return GlobalState(adapters=adapters, routing=old)
         # True sums are non-negative; quantisation can push a zero slightly below.
         summed = np.maximum(values[ROUTING], 0.0)
         routing = RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)

@@ -183,9 +183,12 @@ class CoordinatorEndpoint:
             self._routes[user_id] = route
         return user_id
 
-    def close(self) -> None:
-        """Close the socket (linger 0), stop the authenticator. Safe to call twice."""
-        self._socket.close(linger=0)
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket, stop the authenticator. Safe to call twice.
+
+        ``linger_s`` is how long queued messages may still take to leave (0: drop them).
+        """
+        self._socket.close(linger=int(linger_s * 1000))
         self._auth.stop()
         self._context.term()
 

@@ -73,9 +73,14 @@ class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True)
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """The federation is over; the institution may exit."""
+    """The federation is over; the institution may exit.
+
+    ``global_state`` is the final global adapter state (safetensors bytes), so each institution
+    can evaluate the model the federation produced.
+    """
 
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
+    global_state: bytes = b""
 
 
 class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -1,0 +1,423 @@
+"""The institution process: connect, train each round, release only through secure aggregation.
+
+:class:`Institution` follows the federation round protocol (``secagg.control``): on
+:class:`~secagg.control.RoundStart` it loads the broadcast global state, checks its privacy
+budget (declining the round when the release would exceed it), trains its adapters with DP-SGD,
+packs its FedAvg submission and runs the client side of SecAgg+ on the "mask" channel (plus the
+CKKS channel, if any, sent just before the masked input). Every release is charged to the local
+:class:`~clients.budget.BudgetLedger` before it leaves. Metrics are computed on private data and
+stay local: one JSON line per event in ``run_dir/institutions/<name>/metrics.jsonl``.
+
+Client ids are indices into ``[[institutions]]`` (:func:`clients.setup.client_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import safetensors.torch
+
+from clients.budget import BudgetError, BudgetExceeded, BudgetLedger
+from clients.config import FederationConfig
+from clients.keys import ROSTER_FILE, load_ckks_key_holder, load_institution_keys, load_roster
+from clients.moe_lora import RoutingStats, adapter_state, load_adapter_state, routing_statistics
+from clients.setup import build_model, fedavg_config, identity_keys, institution_data
+from clients.strategy import CHANNEL_BOUND, ROUTING, FedAvgClient, GlobalState, SubmissionLayout
+from clients.trainer import LocalTrainingResult, Metrics, evaluate, train_local
+from clients.transport import InstitutionEndpoint, TransportError
+from privacy import DPTrainingFacts
+from secagg.client import SecAggClient
+from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown
+from secagg.errors import SecAggError
+from secagg.messages import KeyRoster, MaskedInput, RelayedShares, SurvivorSetRequest, UnmaskRequest
+
+log = logging.getLogger(__name__)
+
+HELLO_INTERVAL_S = 2.0
+"""An institution that heard nothing for this long says Hello again, so a restarted coordinator
+(which lost its routes, maybe mid-round) can reach it."""
+POLL_S = 0.25
+SECAGG_MESSAGES = (KeyRoster, RelayedShares, SurvivorSetRequest, UnmaskRequest)
+LEDGER_FILE = "budget.jsonl"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class _Round:
+    """What an institution keeps about the round it is in."""
+
+    start: RoundStart
+    started: float = field(default_factory=time.monotonic)
+    client: SecAggClient | None = None
+    ckks: np.ndarray | None = None
+    facts: DPTrainingFacts | None = None
+    result: LocalTrainingResult | None = None
+    declined: str | None = None
+    bytes_sent: int = 0
+    seconds_training: float = 0.0
+    seconds_crypto: float = 0.0
+
+    @property
+    def round_id(self) -> int:
+        return self.start.params.round_id
+
+
+class Institution:
+    """One institution of the federation ``config``, called ``name``.
+
+    Construction loads keys, the roster, the shared CKKS key, the model and the data, and
+    calibrates the DP-SGD noise once for every planned step (rounds x local_steps).
+    """
+
+    def __init__(self, config: FederationConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.keys = load_institution_keys(config.keys_dir, name)
+        self.roster = load_roster(config.keys_dir / ROSTER_FILE)
+        self.identities = identity_keys(config, self.roster)
+        self.ckks = load_ckks_key_holder(config.keys_dir, name)
+        self.model, self.tokenizer = build_model(config)
+        self.data = institution_data(config, name, self.tokenizer)
+        self.strategy = FedAvgClient(fedavg_config(config))
+        train = config.training
+        n_train = int(self.data["train"].shape[0])
+        self.sample_rate = min(1.0, train.batch_size / n_train)
+        self.dp = config.dp_config(name).calibrated(
+            sample_rate=self.sample_rate, total_steps=config.federation.rounds * train.local_steps
+        )
+        budget = config.budget(name)
+        self.dir = Path(config.run_dir) / "institutions" / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = BudgetLedger(
+            self.dir / LEDGER_FILE,
+            budget.target_epsilon,
+            budget.target_delta,
+            config.privacy.accountant,
+        )
+        self.metrics_path = self.dir / METRICS_FILE
+        self._round: _Round | None = None
+        self._endpoint: InstitutionEndpoint | None = None
+        log.info(
+            "%s: %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, q=%.4f, "
+            "budget epsilon=%g (spent %.3f)",
+            name, n_train, len(self.data["validation"]), len(self.data["test"]),
+            self.dp.noise_multiplier, self.sample_rate, budget.target_epsilon,
+            self.ledger.spent(),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------ main loop
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Serve the federation until :class:`~secagg.control.Shutdown` (or ``stop``); return 0."""
+        cfg = self.config
+        endpoint = InstitutionEndpoint(
+            cfg.connect_address(self.name),
+            self.keys.curve_secret,
+            self.keys.curve_public,
+            self.roster.coordinator.curve_public.encode(),
+            cfg.coordinator.max_message_bytes,
+        )
+        self._endpoint = endpoint
+        try:
+            self._send(Hello())
+            self._record("initial", None, validation=True, test=True)
+            last_heard = time.monotonic()
+            while stop is None or not stop.is_set():
+                message = endpoint.recv(POLL_S)
+                if message is None:
+                    if time.monotonic() - last_heard >= HELLO_INTERVAL_S:
+                        self._send(Hello())
+                        last_heard = time.monotonic()
+                    continue
+                last_heard = time.monotonic()
+                if isinstance(message, Shutdown):
+                    log.info(
+                        "%s: coordinator shut the federation down: %s", self.name, message.reason
+                    )
+                    if message.global_state:  # evaluate the model the federation produced
+                        load_adapter_state(self.model, safetensors.torch.load(message.global_state))
+                    self._record("final", None, validation=False, test=True)
+                    return 0
+                self._dispatch(message)
+            log.info("%s: stopped", self.name)
+            return 0
+        finally:
+            self._endpoint = None
+            endpoint.close()
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, RoundStart):
+            self._on_round_start(message)
+        elif isinstance(message, RoundEnd):
+            self._on_round_end(message)
+        elif isinstance(message, SECAGG_MESSAGES):
+            self._on_secagg(message)
+        else:
+            log.warning("%s: ignored an unexpected %s", self.name, type(message).__name__)
+
+    def _send(self, message: msgspec.Struct) -> None:
+        """Send, counting bytes for this round's metrics; transport errors are logged."""
+        assert self._endpoint is not None
+        try:
+            self._endpoint.send(message)
+        except TransportError as exc:
+            log.warning("%s: could not send %s: %s", self.name, type(message).__name__, exc)
+            return
+        if self._round is not None:
+            self._round.bytes_sent += len(msgspec.msgpack.encode(message))
+
+    # ------------------------------------------------------------------------------ a round
+
+    def _on_round_start(self, start: RoundStart) -> None:
+        if self._round is not None:
+            log.warning(
+                "%s: abandoning unfinished round %d for round %d",
+                self.name, self._round.round_id, start.params.round_id,
+            )  # fmt: skip
+        self._round = current = _Round(start)
+        fed_round = start.federation_round
+        log.info("%s: round %d (id %d) started", self.name, fed_round, current.round_id)
+        try:
+            state = self._global_state(start)
+        except Exception as exc:
+            log.exception("%s: cannot use the broadcast state", self.name)
+            self._decline(f"cannot use the broadcast global state: {exc}")
+            return
+        planned = DPTrainingFacts(
+            noise_multiplier=self.dp.require_noise_multiplier(),
+            sample_rate=self.sample_rate,
+            steps=self.config.training.local_steps,
+            max_grad_norm=self.dp.max_grad_norm,
+            delta=self.ledger.delta,
+        )
+        if self.ledger.has(current.round_id):
+            self._decline(f"already released once in round id {current.round_id}")
+            return
+        projected = self.ledger.projected_epsilon(planned)
+        if projected > self.ledger.budget_epsilon:
+            exc = BudgetExceeded(
+                self.ledger.spent(), projected, self.ledger.budget_epsilon, self.ledger.delta
+            )
+            log.warning("%s: declines round %d: %s", self.name, fed_round, exc)
+            self._decline(str(exc))
+            return
+        try:
+            self._train_and_advertise(current, state)
+        except Exception as exc:  # any local failure: decline rather than stall the round
+            log.exception("%s: local failure in round %d", self.name, fed_round)
+            self._decline(f"local failure: {type(exc).__name__}: {exc}")
+
+    def _train_and_advertise(self, current: _Round, state: GlobalState) -> None:
+        train = self.config.training
+        t0 = time.monotonic()
+        result = train_local(
+            self.model,
+            self.data["train"],
+            dp=self.dp,
+            steps=train.local_steps,
+            batch_size=train.batch_size,
+            lr=train.lr,
+            device=train.device if train.device != "auto" else None,
+        )
+        current.seconds_training += time.monotonic() - t0
+        current.result, current.facts = result, result.facts
+        m = result.metrics
+        log.info(
+            "%s: trained %d steps: loss %.3f, perplexity %.2f",
+            self.name, result.steps, m.loss, m.perplexity,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        submission = self.strategy.submit(state, result, num_examples=len(self.data["train"]))
+        clipped = {k: v for k, v in submission.clipped.items() if v > 0}
+        if clipped:
+            log.info("%s: clipped fractions %s", self.name, clipped)
+        layout = self.strategy.layout(state)
+        packed = layout.pack(submission.values)
+        params, client_id = current.start.params, current.start.client_id
+        mask = packed.get("mask")
+        if mask is None or mask.size != params.vector_length:
+            got = 0 if mask is None else mask.size
+            raise ValueError(
+                f"the round masks {params.vector_length} values, this layout packs {got}"
+            )
+        current.ckks = packed.get("ckks")
+        current.client = SecAggClient(params, client_id, mask, self.keys.identity, self.identities)
+        advertisement = current.client.advertise()
+        current.seconds_crypto += time.monotonic() - t0
+        self._send(advertisement)
+
+    def _global_state(self, start: RoundStart) -> GlobalState:
+        """Load the broadcast adapters into the model; the routing statistics it carries."""
+        if start.global_state:
+            load_adapter_state(self.model, safetensors.torch.load(start.global_state))
+        adapters = adapter_state(self.model)
+        local = routing_statistics(self.model)
+        state = GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)
+        layout = self.strategy.layout(state)
+        if start.routing_plain is not None:
+            vector = np.frombuffer(start.routing_plain, dtype="<f8")
+        elif start.routing_encrypted is not None:
+            t0 = time.monotonic()
+            decrypted = np.concatenate(
+                [a.ravel() for a in self.ckks.decrypt(start.routing_encrypted)]
+            )
+            assert self._round is not None
+            self._round.seconds_crypto += time.monotonic() - t0
+            vector = routing_from_channel(layout, decrypted)
+        else:
+            return state
+        routing = RoutingStats.from_vector(
+            np.maximum(vector, 0.0), local.layer_names, local.num_experts, local.top_k
+        )
+        return GlobalState(adapters=adapters, routing=routing)
+
+    def _decline(self, reason: str) -> None:
+        current = self._round
+        assert current is not None
+        current.declined = reason
+        current.client = None
+        self._send(
+            Decline(round_id=current.round_id, client_id=current.start.client_id, reason=reason)
+        )
+
+    def _on_secagg(self, message: Any) -> None:
+        current = self._round
+        if current is None or current.client is None or message.round_id != current.round_id:
+            log.info(
+                "%s: ignored %s for round %d (not in it)",
+                self.name, type(message).__name__, message.round_id,
+            )  # fmt: skip
+            return
+        t0 = time.monotonic()
+        try:
+            reply = current.client.handle(message)
+        except SecAggError as exc:
+            log.warning("%s: round %d abandoned: %s", self.name, current.round_id, exc)
+            current.client = None
+            return
+        finally:
+            current.seconds_crypto += time.monotonic() - t0
+        if isinstance(reply, MaskedInput) and not self._release(current):
+            return
+        self._send(reply)
+
+    def _release(self, current: _Round) -> bool:
+        """Charge the round's release (write-ahead), then send its CKKS part; False if refused."""
+        if current.facts is None:  # never releases what it cannot account for
+            self._decline("local training reported no DP accounting facts")
+            return False
+        try:
+            entry = self.ledger.charge(
+                current.start.federation_round, current.round_id, current.facts
+            )
+        except BudgetError as exc:
+            log.warning("%s: declines round %d at release: %s", self.name, current.round_id, exc)
+            self._decline(str(exc))
+            return False
+        log.info("%s: charged the release: epsilon spent %.3f", self.name, entry.epsilon_after)
+        if current.ckks is not None:
+            t0 = time.monotonic()
+            batch = self.ckks.encrypt([current.ckks])
+            current.seconds_crypto += time.monotonic() - t0
+            self._send(
+                CkksInput(round_id=current.round_id, client_id=current.start.client_id, batch=batch)
+            )
+        return True
+
+    def _on_round_end(self, end: RoundEnd) -> None:
+        current = self._round
+        if current is None or end.round_id != current.round_id:
+            log.info("%s: ignored RoundEnd of round %d (not in it)", self.name, end.round_id)
+            return
+        included = current.start.client_id in end.included
+        fed_round = current.start.federation_round
+        if end.error:
+            log.warning("%s: round %d aborted: %s", self.name, fed_round, end.error)
+        else:
+            log.info(
+                "%s: round %d ended; clients included: %s (this one: %s)",
+                self.name, fed_round, end.included, "yes" if included else "no",
+            )  # fmt: skip
+        self._record("round", current, validation=True, test=False, included=included)
+        self._round = None
+
+    # ------------------------------------------------------------------------------ metrics
+
+    def _record(
+        self,
+        event: str,
+        current: _Round | None,
+        *,
+        validation: bool,
+        test: bool,
+        included: bool | None = None,
+    ) -> None:
+        """Evaluate and append one metrics line (local only: it is computed on private data)."""
+        device = self.config.training.device
+        device = None if device == "auto" else device
+        line: dict[str, Any] = {"event": event, "institution": self.name, "time": time.time()}
+        if current is not None:
+            train = current.result.metrics if current.result is not None else None
+            wall = time.monotonic() - current.started
+            line.update(
+                round=current.start.federation_round,
+                round_id=current.round_id,
+                included=included,
+                declined=current.declined,
+                train=_metrics(train),
+                bytes_sent=current.bytes_sent,
+                seconds_training=current.seconds_training,
+                seconds_crypto=current.seconds_crypto,
+                seconds_network=max(0.0, wall - current.seconds_training - current.seconds_crypto),
+            )
+        if validation:
+            line["validation"] = _metrics(
+                evaluate(self.model, self.data["validation"], device=device)
+            )
+        if test:
+            line["test"] = _metrics(evaluate(self.model, self.data["test"], device=device))
+        line["epsilon_spent"] = self.ledger.spent()
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+        shown = line.get("validation") or line.get("test")
+        log.info(
+            "%s: %s%s: %s perplexity %.2f, epsilon spent %.3f",
+            self.name, event, f" {line['round']}" if "round" in line else "",
+            "validation" if "validation" in line else "test",
+            shown["perplexity"], line["epsilon_spent"],
+        )  # fmt: skip
+
+
+def _metrics(metrics: Metrics | None) -> dict[str, float] | None:
+    return None if metrics is None else asdict(metrics)
+
+
+def routing_from_channel(layout: SubmissionLayout, values: np.ndarray) -> np.ndarray:
+    """The routing sum from a decrypted CKKS sum in packed form (``layout.pack`` scaling).
+
+    Accepts the routing segment alone or the whole channel that carries it.
+    """
+    routing = layout[ROUTING]
+    channel = routing.channel
+    if values.size == routing.length:
+        return values / CHANNEL_BOUND * routing.bound
+    if values.size != layout.length(channel):
+        raise ValueError(
+            f"decrypted routing has {values.size} values; expected {routing.length} or the "
+            f"{layout.length(channel)} of the {channel!r} channel"
+        )
+    offset = 0
+    for seg in layout.segments:
+        if seg is routing:
+            break
+        if seg.channel == channel:
+            offset += seg.length
+    return values[offset : offset + routing.length] / CHANNEL_BOUND * routing.bound

@@ -1,0 +1,120 @@
+"""What the coordinator and every institution must build identically from the shared config.
+
+The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
+same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
+``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
+sides import these functions, so a change here cannot make them disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from clients.config import FederationConfig
+from clients.keys import Roster
+from clients.models import load_model, load_smollm2, tiny_dense_model, tiny_moe_model
+from clients.moe_lora import attach
+from clients.shakespeare import institution_datasets, load_corpus, partition
+from clients.strategy import FedAvgConfig
+
+TINY_MOE_KINDS = {
+    "tiny-moe-mixtral": "mixtral",
+    "tiny-moe-qwen2_moe": "qwen2_moe",
+    "tiny-moe-olmoe": "olmoe",
+}
+BYTE_VOCAB = 256
+
+DEFAULT_MAX_EXAMPLES = 4096
+"""Public FedAvg weight cap when ``[data.max_blocks].train`` is unset: an institution with more
+training blocks gets the same weight as one with exactly this many. Small enough that the weight
+of one block (1 / cap) stays well above the 16-bit mask quantisation step."""
+
+
+class ByteTokenizer:
+    """Bytes of UTF-8 text as token ids (vocabulary 256), for the tiny random models."""
+
+    vocab_size = BYTE_VOCAB
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        """``{"input_ids": [byte, ...]}``, the shape HF tokenizers return."""
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: list[int]) -> str:
+        """Inverse of ``__call__`` (invalid UTF-8 sequences become U+FFFD)."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def build_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model of ``[model].name`` with adapters attached, and its tokenizer.
+
+    Base weights of the tiny models and the adapter initialisation both come from
+    ``federation.seed`` (on a private torch RNG stream), so every party gets the same state.
+    """
+    name = config.model.name
+    seed = config.federation.seed
+    if name == "smollm2":
+        model, tokenizer = load_smollm2()
+    elif name == "tiny-dense":
+        model, tokenizer = tiny_dense_model(vocab_size=BYTE_VOCAB, seed=seed), ByteTokenizer()
+    elif name in TINY_MOE_KINDS:
+        model = tiny_moe_model(TINY_MOE_KINDS[name], vocab_size=BYTE_VOCAB, seed=seed)
+        tokenizer = ByteTokenizer()
+    else:
+        model, tokenizer = load_model(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attach(model, config.model.moe.lora_config())
+    return model, tokenizer
+
+
+def institution_data(
+    config: FederationConfig, name: str, tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """Institution ``name``'s token blocks per split ("train", "validation", "test").
+
+    Part i of the Shakespeare partition for the i-th institution of ``[[institutions]]``.
+    """
+    names = config.institution_names
+    if name not in names:
+        raise KeyError(f"no institution {name!r} in the config; known: {names}")
+    if config.data.source != "shakespeare":
+        raise ValueError(f"data.source {config.data.source!r} is not supported")
+    data = config.data
+    parts = partition(
+        load_corpus(),
+        n_institutions=len(names),
+        seed=data.seed,
+        split=data.split,
+        max_chars_per_institution=data.max_chars_per_institution,
+    )
+    part = parts[names.index(name)]
+    caps = data.max_blocks.as_dict() or None
+    return institution_datasets([part], tokenizer, data.block_len, caps)[part.name]
+
+
+def fedavg_config(config: FederationConfig) -> FedAvgConfig:
+    """The FedAvg parameters both sides use (they must be identical to agree on the layout)."""
+    return FedAvgConfig(
+        max_examples=config.data.max_blocks.train or DEFAULT_MAX_EXAMPLES,
+        delta_channel=config.aggregation.expert_updates,
+        routing_channel=config.aggregation.routing_statistics,
+    )
+
+
+def client_id(config: FederationConfig, name: str) -> int:
+    """Institution ``name``'s SecAgg client id: its index in ``[[institutions]]``."""
+    names = config.institution_names
+    if name not in names:
+        raise KeyError(f"no institution {name!r} in the config; known: {names}")
+    return names.index(name)
+
+
+def identity_keys(config: FederationConfig, roster: Roster) -> dict[int, Ed25519PublicKey]:
+    """Client id -> registered Ed25519 identity key of every institution of the config."""
+    return {
+        client_id(config, name): roster.institution(name).identity_key
+        for name in config.institution_names
+    }

@@ -1,0 +1,240 @@
+"""The coordinator process: runs the federation's rounds over the authenticated transport.
+
+Each round: wait for the institutions, broadcast the global adapter state (and the previous
+round's summed routing statistics) in a :class:`~secagg.control.RoundStart`, drive the SecAgg+
+stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums into
+the next global state with the aggregation strategy. The coordinator sees sums only: the masked
+channel decoded, the CKKS channel never (it relays the encrypted sum for the institutions to
+decrypt). A round that falls below the threshold is recorded as aborted and the next one starts.
+Progress survives ``kill -9``: see :mod:`coordinator.store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+from safetensors.torch import save
+
+from clients.config import FederationConfig
+from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
+from clients.moe_lora import adapter_state, routing_statistics
+from clients.setup import build_model, client_id, fedavg_config, identity_keys
+from clients.strategy import GlobalState, StrategyError, SubmissionLayout
+from clients.transport import TransportError
+from coordinator.store import RoutingRelay, RunStore
+from coordinator.strategy import FedAvgCoordinator
+from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from secagg.ckks import CkksAggregator, EncryptedBatch
+from secagg.control import CkksInput, Hello, RoundStart, Shutdown, round_id
+from secagg.errors import SecAggError
+from secagg.messages import MaskedInput
+from secagg.server import SecAggServer
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_LINGER_S = 10.0
+
+
+class CoordinatorError(RuntimeError):
+    """The federation cannot run as configured (the message says what to change)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one attempt at a round came to (``error`` is None when it completed)."""
+
+    federation_round: int
+    attempt: int
+    institutions: list[str]
+    included: list[str]
+    error: str | None
+    seconds: float
+
+
+class Coordinator:
+    """Runs every round of ``config``'s federation; resumes from its run directory."""
+
+    def __init__(self, config: FederationConfig) -> None:
+        if config.aggregation.expert_updates != "mask":
+            raise CoordinatorError(
+                "aggregation.expert_updates = 'ckks' is not supported by the coordinator yet: "
+                "it could not read the averaged update; use 'mask'"
+            )
+        self.config = config
+        self.keys = load_coordinator_keys(config.keys_dir)
+        roster = load_roster(config.keys_dir / ROSTER_FILE)
+        missing = set(config.institution_names) - {e.name for e in roster.institutions}
+        if missing:
+            raise CoordinatorError(f"institutions {sorted(missing)} are not in the roster: "
+                                   "run `sealmoe keys` again")  # fmt: skip
+        self.curve_keys = {e.name: e.curve_public for e in roster.institutions}
+        self.identities = identity_keys(config, roster)
+        self.uses_ckks = config.aggregation.routing_statistics == "ckks"
+        self.ckks_context = load_ckks_public_context(config.keys_dir) if self.uses_ckks else None
+        self.strategy = FedAvgCoordinator(fedavg_config(config))
+        self.store = RunStore(config.run_dir)
+
+    def initial_state(self) -> GlobalState:
+        """The round-0 global state: the seeded adapter initialisation, zero routing."""
+        model, _ = build_model(self.config)
+        stats = routing_statistics(model)
+        return GlobalState.initial(
+            adapter_state(model), stats.layer_names, stats.num_experts, stats.top_k
+        )
+
+    def run(self, stop: threading.Event | None = None) -> list[RoundOutcome]:
+        """Run (or resume) the federation to its last round; tell the institutions it is over."""
+        stop = stop or threading.Event()
+        resume = self.store.resume()
+        state = self.initial_state()
+        if resume.adapters is not None:
+            state = GlobalState(adapters=resume.adapters, routing=state.routing)
+            log.info("resuming after round %d (attempt %d next)", resume.last_round,
+                     resume.next_attempt)  # fmt: skip
+        relay = resume.routing
+        outcomes = []
+        with CoordinatorEndpoint(
+            self.config.coordinator.bind, self.keys.curve_secret, self.keys.curve_public,
+            self.curve_keys, self.config.coordinator.max_message_bytes,
+        ) as endpoint:  # fmt: skip
+            log.info("coordinator listening on %s", endpoint.address)
+            first = resume.last_round + 1
+            for federation_round in range(first, self.config.federation.rounds + 1):
+                if stop.is_set():
+                    break
+                attempt = resume.next_attempt if federation_round == first else 0
+                names = self._gather(endpoint, stop)
+                outcome, state, relay = self._round(
+                    endpoint, state, relay, federation_round, attempt, names
+                )
+                outcomes.append(outcome)
+            goodbye = Shutdown(
+                reason="the federation finished its rounds", global_state=_state_bytes(state)
+            )
+            for name in endpoint.connected:
+                try:
+                    endpoint.send(name, goodbye)
+                except TransportError as exc:
+                    log.info("could not say goodbye to %s: %s", name, exc)
+            endpoint.close(linger_s=SHUTDOWN_LINGER_S)  # let the goodbyes leave
+        return outcomes
+
+    def _gather(self, endpoint: CoordinatorEndpoint, stop: threading.Event) -> list[str]:
+        """Wait until every institution is connected, or the stage timeout passes."""
+        deadline = time.monotonic() + self.config.coordinator.stage_timeout_s
+        wanted = set(self.config.institution_names)
+        while not wanted <= endpoint.connected and time.monotonic() < deadline:
+            if stop.is_set():
+                break
+            received = endpoint.recv(min(0.5, max(deadline - time.monotonic(), 0.0)))
+            if received is not None and not isinstance(received[1], Hello):
+                log.info("ignored %s from %s between rounds", type(received[1]).__name__,
+                         received[0])  # fmt: skip
+        return [n for n in self.config.institution_names if n in endpoint.connected]
+
+    def _round(
+        self,
+        endpoint: CoordinatorEndpoint,
+        state: GlobalState,
+        relay: RoutingRelay,
+        federation_round: int,
+        attempt: int,
+        names: list[str],
+    ) -> tuple[RoundOutcome, GlobalState, RoutingRelay]:
+        started = time.monotonic()
+        rid = round_id(federation_round, attempt)
+        layout = self.strategy.layout(state)
+        self.store.started(federation_round, attempt, rid, names)
+        log.info("round %d (attempt %d): %d institutions", federation_round, attempt, len(names))
+
+        def fail(reason: str) -> tuple[RoundOutcome, GlobalState, RoutingRelay]:
+            log.warning("round %d aborted: %s", federation_round, reason)
+            self.store.aborted(federation_round, attempt, reason)
+            seconds = time.monotonic() - started
+            outcome = RoundOutcome(federation_round, attempt, names, [], reason, seconds)
+            return outcome, state, relay
+
+        ids = {client_id(self.config, n): n for n in names}
+        try:
+            params = self.config.secagg.round_params(
+                rid, sorted(ids), os.urandom(32), layout.length("mask")
+            )
+        except SecAggError as exc:
+            return fail(f"{len(names)} institutions cannot form a round: {exc}")
+        global_bytes = _state_bytes(state)
+        start = {
+            name: RoundStart(
+                params=params,
+                client_id=cid,
+                federation_round=federation_round,
+                global_state=global_bytes,
+                routing_plain=relay.plain,
+                routing_encrypted=relay.encrypted,
+            )
+            for cid, name in ids.items()
+        }
+        server = SecAggServer(params, {i: self.identities[i] for i in ids})
+        ckks_inputs: dict[int, EncryptedBatch] = {}
+
+        def on_message(name: str, cid: int, message: msgspec.Struct) -> bool:
+            if isinstance(message, CkksInput):
+                if message.round_id == rid and message.client_id == cid:
+                    ckks_inputs.setdefault(cid, message.batch)
+                else:
+                    log.warning("ignored a CKKS input from %s for another round or id", name)
+                return True
+            if isinstance(message, MaskedInput) and self.uses_ckks and cid not in ckks_inputs:
+                log.warning("refused the masked input of %s: its CKKS input did not come first",
+                            name)  # fmt: skip
+                return True
+            return False
+
+        try:
+            mask_sum = run_secagg_round(
+                endpoint, server, ids, self.config.coordinator.stage_timeout_s,
+                start=start, on_message=on_message,
+            )  # fmt: skip
+        except SecAggError as exc:
+            return fail(str(exc))
+        included = server.included
+        try:
+            new_state = self.strategy.aggregate(state, {"mask": mask_sum})
+            new_relay = self._routing_relay(layout, mask_sum, ckks_inputs, included)
+        except (StrategyError, SecAggError) as exc:
+            return fail(f"aggregation failed: {exc}")
+        seconds = time.monotonic() - started
+        included_names = [ids[i] for i in included]
+        self.store.completed(
+            federation_round, attempt, new_state.adapters, new_relay, included_names,
+            {"round": seconds},
+        )  # fmt: skip
+        log.info("round %d completed with %s in %.1f s", federation_round, included_names, seconds)
+        outcome = RoundOutcome(federation_round, attempt, names, included_names, None, seconds)
+        return outcome, new_state, new_relay
+
+    def _routing_relay(
+        self,
+        layout: SubmissionLayout,
+        mask_sum: np.ndarray,
+        ckks_inputs: dict[int, EncryptedBatch],
+        included: list[int],
+    ) -> RoutingRelay:
+        """What to relay as last round's routing: the CKKS sum, or the decoded masked floats."""
+        if self.uses_ckks:
+            aggregator = CkksAggregator(self.ckks_context)
+            for cid in included:
+                aggregator.add(ckks_inputs[cid])
+            return RoutingRelay(encrypted=aggregator.sum())
+        routing = layout.unpack({"mask": mask_sum}, partial=True)["routing"]
+        return RoutingRelay(plain=np.asarray(routing, dtype="<f8").tobytes())
+
+
+def _state_bytes(state: GlobalState) -> bytes:
+    """The global adapters as safetensors bytes (what institutions load; never pickle)."""
+    return save({k: v.detach().cpu().contiguous() for k, v in state.adapters.items()})

@@ -1,0 +1,152 @@
+"""Crash-safe persistence of the federation: one checkpoint per finished round and a journal.
+
+Every file is written to a temporary name, flushed to disk and renamed, so a ``kill -9`` at any
+moment leaves either the old or the new version. The journal (JSON Lines, append + fsync) records
+each attempt at a round when it starts and when it ends; a round counts as done only once its
+"completed" (or "aborted") line is on disk, which happens after its checkpoint is. On restart the
+coordinator resumes after the last done round, under a fresh attempt number, so every message of
+the interrupted attempt is refused as a replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import torch
+from safetensors.torch import load, save
+
+from secagg.ckks import EncryptedBatch
+
+JOURNAL = "journal.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+class StoreError(RuntimeError):
+    """The run directory is inconsistent (a checkpoint is missing or does not match its hash)."""
+
+
+class RoutingRelay(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The summed routing statistics the coordinator relays: plain floats or a CKKS sum."""
+
+    plain: bytes | None = None
+    encrypted: EncryptedBatch | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a (re)started coordinator stands: state after ``last_round``, next attempt number."""
+
+    last_round: int
+    adapters: dict[str, torch.Tensor] | None
+    routing: RoutingRelay
+    next_attempt: int
+
+
+class RunStore:
+    """The run directory of one federation: ``journal.jsonl`` and ``checkpoints/``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        self.journal_path = self.run_dir / JOURNAL
+
+    def entries(self) -> list[dict]:
+        """Every complete journal line (a torn last line from a crash is ignored)."""
+        if not self.journal_path.exists():
+            return []
+        out = []
+        for line in self.journal_path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # only the last line can be torn: it was never acknowledged
+        return out
+
+    def resume(self) -> Resume:
+        """The state after the last done round (``adapters`` None before any checkpoint)."""
+        entries = self.entries()
+        done = [e for e in entries if e["event"] in ("completed", "aborted")]
+        last_round = max((e["round"] for e in done), default=0)
+        started = [e for e in entries if e["event"] == "started" and e["round"] == last_round + 1]
+        completed = [e for e in done if e["event"] == "completed"]
+        if not completed:
+            return Resume(last_round, None, RoutingRelay(), len(started))
+        latest = max(completed, key=lambda e: e["round"])
+        adapters, routing = self._load_checkpoint(latest)
+        return Resume(last_round, adapters, routing, len(started))
+
+    def started(self, federation_round: int, attempt: int, round_id: int, names: list[str]) -> None:
+        self._append(
+            event="started", round=federation_round, attempt=attempt, round_id=round_id,
+            institutions=names,
+        )  # fmt: skip
+
+    def completed(
+        self,
+        federation_round: int,
+        attempt: int,
+        adapters: dict[str, torch.Tensor],
+        routing: RoutingRelay,
+        included: list[str],
+        seconds: dict[str, float],
+    ) -> None:
+        """Write the round's checkpoint, then acknowledge it in the journal."""
+        stem = f"round-{federation_round:04d}"
+        state_bytes = save({k: v.detach().cpu().contiguous() for k, v in adapters.items()})
+        routing_bytes = msgspec.msgpack.encode(routing)
+        self._write(self.run_dir / CHECKPOINTS / f"{stem}.safetensors", state_bytes)
+        self._write(self.run_dir / CHECKPOINTS / f"{stem}.routing", routing_bytes)
+        self._append(
+            event="completed", round=federation_round, attempt=attempt, included=included,
+            checkpoint=f"{CHECKPOINTS}/{stem}", sha256=_digest(state_bytes, routing_bytes),
+            seconds=seconds,
+        )  # fmt: skip
+
+    def aborted(self, federation_round: int, attempt: int, reason: str) -> None:
+        self._append(event="aborted", round=federation_round, attempt=attempt, reason=reason)
+
+    def _load_checkpoint(self, entry: dict) -> tuple[dict[str, torch.Tensor], RoutingRelay]:
+        base = self.run_dir / entry["checkpoint"]
+        try:
+            state_bytes = base.with_suffix(".safetensors").read_bytes()
+            routing_bytes = base.with_suffix(".routing").read_bytes()
+        except OSError as exc:
+            raise StoreError(f"checkpoint of round {entry['round']} is missing: {exc}") from None
+        if _digest(state_bytes, routing_bytes) != entry["sha256"]:
+            raise StoreError(f"checkpoint of round {entry['round']} does not match the journal")
+        routing = msgspec.msgpack.decode(routing_bytes, type=RoutingRelay)
+        return load(state_bytes), routing
+
+    def _append(self, **entry: object) -> None:
+        entry["time"] = time.time()
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        with self.journal_path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()

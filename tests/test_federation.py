@@ -1,0 +1,212 @@
+"""The whole federation over real loopback sockets: FedAvg equals plaintext, dropouts, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clients import strategy as client_strategy
+from clients.config import load_config
+from clients.keys import generate_keys
+from clients.runtime import LEDGER_FILE, Institution
+from clients.setup import fedavg_config
+from coordinator.service import Coordinator
+from coordinator.store import JOURNAL, RunStore
+from secagg import FixedPointCodec
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ["comedies", "tragedies", "histories"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, *, rounds: int = 2, stage_timeout_s: float = 20.0) -> Path:
+    """examples/tiny.toml with its own port, run and key folders, and shorter timeouts."""
+    text = (ROOT / "examples" / "tiny.toml").read_text()
+    text = text.replace("tcp://127.0.0.1:5561", f"tcp://127.0.0.1:{_free_port()}")
+    text = text.replace("rounds = 2", f"rounds = {rounds}")
+    text = text.replace("stage_timeout_s = 30.0", f"stage_timeout_s = {stage_timeout_s}")
+    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{tmp_path / "run"}"')
+    text = text.replace('keys_dir = "keys/tiny"', f'keys_dir = "{tmp_path / "keys"}"')
+    path = tmp_path / "federation.toml"
+    path.write_text(text)
+    config = load_config(path)
+    generate_keys(config.keys_dir, config.institution_names, ckks=config.aggregation.ckks.params())
+    return path
+
+
+def journal(run_dir: Path) -> list[dict]:
+    path = run_dir / JOURNAL
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeypatch):
+    config = load_config(write_config(tmp_path))
+    submitted: dict[tuple[int, str], tuple[float, dict[str, np.ndarray]]] = {}
+    original_submit = client_strategy.FedAvgClient.submit
+
+    def recording_submit(self, state, result, num_examples):
+        submission = original_submit(self, state, result, num_examples)
+        name = threading.current_thread().name
+        rounds = 1 + sum(1 for (_, n) in submitted if n == name)
+        submitted[(rounds, name)] = (
+            submission.values[client_strategy.WEIGHT][0],
+            {k: v.copy() for k, v in submission.values.items()},
+        )
+        return submission
+
+    monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
+    coordinator = Coordinator(config)
+    institutions = [Institution(config, name) for name in NAMES]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
+    ]
+    for t in threads:
+        t.start()
+    try:
+        outcomes = coordinator.run()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert [o.error for o in outcomes] == [None, None]
+
+    layout = fedavg_config(config).layout(coordinator.initial_state())
+    q = FixedPointCodec(
+        clip=client_strategy.CHANNEL_BOUND, bits=config.secagg.bits,
+        modulus_bits=config.secagg.modulus_bits, max_clients=len(NAMES),
+    ).max_error_per_client  # fmt: skip
+    previous = coordinator.initial_state().adapters
+    for outcome in outcomes:
+        r = outcome.federation_round
+        assert sorted(outcome.included) == sorted(NAMES)
+        weights = np.array([submitted[(r, n)][0] for n in outcome.included])
+        total = weights.sum()
+        checkpoint = load_file(config.run_dir / "checkpoints" / f"round-{r:04d}.safetensors")
+        for name, before in previous.items():
+            key = client_strategy.DELTA_PREFIX + name
+            weighted = sum(np.ravel(submitted[(r, n)][1][key]) for n in outcome.included)
+            expected = before.double().numpy().ravel() + weighted / total
+            got = checkpoint[name].double().numpy().ravel()
+            bound = layout[key].bound
+            # m clients each add < one quantisation step (of bound * q) to both sums.
+            m = len(outcome.included)
+            atol = (m * bound * q + np.abs(weighted / total) * m * q) / (total - m * q) + 1e-6
+            np.testing.assert_array_less(np.abs(got - expected), atol + 1e-12)
+            assert np.abs(weighted).max() > 0  # the test compares real updates, not zeros
+        previous = {k: v.clone() for k, v in checkpoint.items()}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", *args],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
+    path = write_config(tmp_path, rounds=3, stage_timeout_s=15.0)
+    config = load_config(path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
+    processes.append(coordinator)
+    for name in NAMES:
+        processes.append(
+            _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
+        )
+    _wait_for(
+        lambda: any(e["event"] == "started" and e["round"] == 2 for e in journal(config.run_dir)),
+        timeout=180,
+        what="round 2 to start",
+    )
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.wait(timeout=10)
+    restarted = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
+    processes.append(restarted)
+    assert restarted.wait(timeout=240) == 0, (logs / "coordinator.log").read_text()[-3000:]
+    for proc in processes[1:-1]:
+        assert proc.wait(timeout=60) == 0
+
+    entries = journal(config.run_dir)
+    done = {e["round"]: e for e in entries if e["event"] in ("completed", "aborted")}
+    assert sorted(done) == [1, 2, 3]
+    assert done[1]["event"] == "completed" and done[3]["event"] == "completed"
+    round2 = [e for e in entries if e["round"] == 2 and e["event"] == "started"]
+    assert [e["attempt"] for e in round2] == [0, 1]  # the retry runs under a new round id
+    assert len({e["round_id"] for e in round2}) == 2
+    resume = RunStore(config.run_dir).resume()  # every checkpoint matches its journal hash
+    assert resume.last_round == 3 and resume.adapters is not None
+    # No institution was charged twice for one release.
+    for name in NAMES:
+        ledger = config.run_dir / "institutions" / name / LEDGER_FILE
+        ids = [json.loads(line)["round_id"] for line in ledger.read_text().splitlines()]
+        assert len(ids) == len(set(ids))
+
+
+def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
+    path = write_config(tmp_path, rounds=1, stage_timeout_s=10.0)
+    config = load_config(path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
+    processes.append(coordinator)
+    clients = {
+        name: _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
+        for name in NAMES
+    }
+    processes.extend(clients.values())
+    _wait_for(
+        lambda: any(e["event"] == "started" for e in journal(config.run_dir)),
+        timeout=180,
+        what="round 1 to start",
+    )
+    clients["histories"].send_signal(signal.SIGKILL)
+    assert coordinator.wait(timeout=120) == 0, (logs / "coordinator.log").read_text()[-3000:]
+    done = [e for e in journal(config.run_dir) if e["event"] == "completed"]
+    assert len(done) == 1
+    assert sorted(done[0]["included"]) == ["comedies", "tragedies"]
+    assert os.path.exists(config.run_dir / "checkpoints" / "round-0001.safetensors")
+    torch.testing.assert_close(
+        load_file(config.run_dir / "checkpoints" / "round-0001.safetensors"),
+        RunStore(config.run_dir).resume().adapters,
+    )

@@ -1,0 +1,463 @@
+"""The institution runtime, its budget ledger and the shared setup, against a scripted coordinator.
+
+The coordinator side here is the real one at the transport level (CoordinatorEndpoint,
+SecAggServer, CkksAggregator, FedAvgCoordinator) driven step by step by the test, over loopback
+TCP with CurveZMQ; the institutions are real :class:`clients.runtime.Institution` processes'
+loops, run in threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from clients.budget import AlreadyReleased, BudgetExceeded, BudgetLedger, LedgerFileError
+from clients.config import FederationConfig, load_config
+from clients.keys import (
+    ROSTER_FILE,
+    generate_keys,
+    load_ckks_key_holder,
+    load_ckks_public_context,
+    load_coordinator_keys,
+    load_roster,
+)
+from clients.moe_lora import adapter_state, routing_statistics
+from clients.runtime import LEDGER_FILE, METRICS_FILE, Institution, routing_from_channel
+from clients.setup import (
+    ByteTokenizer,
+    build_model,
+    client_id,
+    fedavg_config,
+    identity_keys,
+    institution_data,
+)
+from clients.strategy import ROUTING, WEIGHT, FedAvgConfig, GlobalState
+from coordinator.strategy import FedAvgCoordinator
+from coordinator.transport import CoordinatorEndpoint
+from privacy import DPTrainingFacts
+from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
+from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown, round_id
+from secagg.errors import SecAggError, TooFewSurvivors
+from secagg.server import SecAggServer
+
+NAMES = ["comedies", "tragedies", "histories"]
+WAIT = 120.0  # generous bound for a stage; reached only if something is broken
+DELTA = 1e-5
+
+
+def facts(sigma: float = 1.0, q: float = 0.1, steps: int = 10) -> DPTrainingFacts:
+    return DPTrainingFacts(
+        noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0, delta=DELTA
+    )
+
+
+# ------------------------------------------------------------------------------ budget ledger
+
+
+def test_ledger_writes_ahead_and_reloads(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = BudgetLedger(path, 8.0, DELTA, "rdp")
+    assert ledger.spent() == 0.0
+    projected = ledger.projected_epsilon(facts())
+    entry = ledger.charge(1, round_id(1, 0), facts())
+    assert entry.epsilon_after == pytest.approx(projected)
+    lines = path.read_text().splitlines()  # on disk as soon as charge returns
+    assert len(lines) == 1
+    assert json.loads(lines[0])["round_id"] == round_id(1, 0)
+    ledger.charge(2, round_id(2, 0), facts())
+    reloaded = BudgetLedger(path, 8.0, DELTA, "rdp")
+    assert reloaded.spent() == pytest.approx(ledger.spent())
+    assert reloaded.spent() > entry.epsilon_after
+    assert [e.round_id for e in reloaded.entries] == [round_id(1, 0), round_id(2, 0)]
+
+
+def test_ledger_refuses_a_second_release_in_one_round_even_after_a_restart(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    first = BudgetLedger(path, 8.0, DELTA, "rdp").charge(1, 77, facts())
+    restarted = BudgetLedger(path, 8.0, DELTA, "rdp")
+    assert restarted.has(77)
+    with pytest.raises(AlreadyReleased, match="77"):
+        restarted.charge(1, 77, facts(sigma=0.5))  # a fresh release would go uncharged
+    assert len(path.read_text().splitlines()) == 1
+    assert restarted.spent() == pytest.approx(first.epsilon_after)
+
+
+def test_ledger_refuses_a_release_beyond_the_budget_and_records_nothing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = BudgetLedger(path, 1.0, DELTA, "rdp")
+    ledger.charge(1, 1, facts(sigma=4.0, steps=2))
+    spent = ledger.spent()
+    with pytest.raises(BudgetExceeded, match=r"spent epsilon=.*budget is epsilon=1") as info:
+        ledger.charge(2, 2, facts(sigma=0.5, q=1.0, steps=50))
+    assert info.value.projected > 1.0
+    assert ledger.spent() == spent
+    assert len(path.read_text().splitlines()) == 1
+    assert not ledger.has(2)
+
+
+def test_ledger_drops_a_torn_last_line_and_rejects_a_corrupt_one(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    BudgetLedger(path, 8.0, DELTA, "rdp").charge(1, 1, facts())
+    with path.open("a") as f:
+        f.write('{"federation_round": 2, "round_')  # crash in the middle of a write
+    ledger = BudgetLedger(path, 8.0, DELTA, "rdp")
+    assert [e.round_id for e in ledger.entries] == [1]
+    ledger.charge(2, 2, facts())
+    assert [e.round_id for e in BudgetLedger(path, 8.0, DELTA, "rdp").entries] == [1, 2]
+    path.write_text("not json\n")
+    with pytest.raises(LedgerFileError, match=r"ledger.jsonl:1"):
+        BudgetLedger(path, 8.0, DELTA, "rdp")
+
+
+# ------------------------------------------------------------------------------ shared setup
+
+TOML = """
+[federation]
+name = "rt"
+rounds = {rounds}
+seed = {seed}
+run_dir = "run"
+
+[coordinator]
+bind = "{bind}"
+stage_timeout_s = 60.0
+keys_dir = "keys"
+
+[model]
+name = "tiny-dense"
+
+[model.moe]
+num_experts = 4
+top_k = 2
+rank = 2
+alpha = 4.0
+target_modules = ["q_proj", "v_proj"]
+
+[data]
+block_len = 32
+max_chars_per_institution = 12_000
+max_blocks = {{ train = 32, validation = 4, test = 4 }}
+
+[training]
+local_steps = 2
+batch_size = 8
+lr = 5e-3
+device = "cpu"
+
+[privacy]
+target_epsilon = 8.0
+target_delta = 1e-5
+
+[secagg]
+threshold = 2
+
+[aggregation]
+expert_updates = "mask"
+routing_statistics = "ckks"
+
+[[institutions]]
+name = "comedies"
+
+[[institutions]]
+name = "tragedies"
+
+[[institutions]]
+name = "histories"
+privacy = {{ target_epsilon = 4.0, target_delta = 1e-5 }}
+"""
+
+
+def write_config(
+    folder: Path, *, rounds: int = 1, seed: int = 0, bind: str = "tcp://127.0.0.1:5599"
+) -> FederationConfig:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "federation.toml"
+    path.write_text(TOML.format(rounds=rounds, seed=seed, bind=bind))
+    return load_config(path)
+
+
+def test_build_model_is_reproducible_from_the_seed(tmp_path):
+    states = [
+        adapter_state(build_model(write_config(tmp_path / f"c{i}", seed=seed))[0])
+        for i, seed in enumerate([3, 3, 4])
+    ]
+    assert list(states[0]) == list(states[1])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer("Thou art — Æ")["input_ids"]
+    assert max(ids) < tokenizer.vocab_size
+    assert tokenizer.decode(ids) == "Thou art — Æ"
+
+
+def test_institution_data_is_deterministic_and_distinct(tmp_path):
+    config = write_config(tmp_path)
+    tokenizer = ByteTokenizer()
+    first = institution_data(config, "comedies", tokenizer)
+    again = institution_data(config, "comedies", tokenizer)
+    other = institution_data(config, "tragedies", tokenizer)
+    assert set(first) == {"train", "validation", "test"}
+    assert first["train"].shape == (32, 32)
+    assert first["validation"].shape[0] >= 1
+    assert all(torch.equal(first[s], again[s]) for s in first)
+    assert not torch.equal(first["train"], other["train"])
+    with pytest.raises(KeyError, match="nobody"):
+        institution_data(config, "nobody", tokenizer)
+
+
+def test_fedavg_config_and_client_ids_follow_the_config(tmp_path):
+    config = write_config(tmp_path)
+    fedavg = fedavg_config(config)
+    assert fedavg.max_examples == 32
+    assert (fedavg.delta_channel, fedavg.routing_channel) == ("mask", "ckks")
+    assert [client_id(config, n) for n in NAMES] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("expert_updates", ["mask", "ckks"])
+def test_routing_is_read_back_from_a_packed_ckks_sum(expert_updates):
+    adapters = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
+    state = GlobalState.initial(adapters, ("l0", "l1"), num_experts=2)
+    layout = FedAvgConfig(max_examples=10, delta_channel=expert_updates).layout(state)
+    rng = np.random.default_rng(0)
+    submissions = [
+        {seg.name: rng.uniform(0, 50, seg.length) for seg in layout.segments} for _ in range(2)
+    ]
+    ckks_sum = sum(layout.pack(s)["ckks"] for s in submissions)
+    routing_sum = submissions[0][ROUTING] + submissions[1][ROUTING]
+    np.testing.assert_allclose(routing_from_channel(layout, ckks_sum), routing_sum)
+    with pytest.raises(ValueError, match="decrypted routing has 1 values"):
+        routing_from_channel(layout, np.zeros(1))
+
+
+# ------------------------------------------------------------------------------ federation
+
+
+class ScriptedCoordinator:
+    """The coordinator's side of the protocol, one explicit step at a time, for tests."""
+
+    def __init__(self, config: FederationConfig, peek_key: CkksKeyHolder) -> None:
+        self.config = config
+        self.peek_key = peek_key
+        keys = load_coordinator_keys(config.keys_dir)
+        roster = load_roster(config.keys_dir / ROSTER_FILE)
+        self.identities = identity_keys(config, roster)
+        self.endpoint = CoordinatorEndpoint(
+            config.coordinator.bind,
+            keys.curve_secret,
+            keys.curve_public,
+            {e.name: e.curve_public for e in roster.institutions},
+        )
+        self.ckks_context = load_ckks_public_context(config.keys_dir)
+        self.strategy = FedAvgCoordinator(fedavg_config(config))
+        model, _ = build_model(config)
+        local = routing_statistics(model)
+        self.state = GlobalState.initial(
+            adapter_state(model), local.layer_names, local.num_experts, local.top_k
+        )
+        self.routing: EncryptedBatch | None = None
+        self.declines: dict[str, str] = {}
+        self.ends: list[RoundEnd] = []
+
+    def wait_for_hellos(self) -> None:
+        deadline = time.monotonic() + WAIT
+        while self.endpoint.connected != set(NAMES) and time.monotonic() < deadline:
+            self.endpoint.recv(0.2)
+        assert self.endpoint.connected == set(NAMES)
+
+    def run_round(self, federation_round: int) -> dict[str, np.ndarray]:
+        """One round with every institution; returns the decoded per-channel sums."""
+        names = dict(enumerate(self.config.institution_names))
+        ids = {name: i for i, name in names.items()}
+        layout = self.strategy.layout(self.state)
+        params = self.config.secagg.round_params(
+            round_id(federation_round, 0), sorted(names), os.urandom(32), layout.length("mask")
+        )
+        server = SecAggServer(params, self.identities)
+        blob = safetensors.torch.save(self.state.adapters)
+        for name, i in ids.items():
+            self.endpoint.send(
+                name,
+                RoundStart(
+                    params=params,
+                    client_id=i,
+                    federation_round=federation_round,
+                    global_state=blob,
+                    routing_encrypted=self.routing,
+                ),
+            )
+        declined: set[int] = set()
+        ckks: dict[int, EncryptedBatch] = {}
+        while server.stage is not None:
+            deadline = time.monotonic() + WAIT
+            while server.expected - declined and time.monotonic() < deadline:
+                received = self.endpoint.recv(0.2)
+                if received is None:
+                    continue
+                name, message = received
+                if isinstance(message, Hello):
+                    continue
+                if isinstance(message, Decline):
+                    declined.add(ids[name])
+                    self.declines[name] = message.reason
+                elif isinstance(message, CkksInput):
+                    ckks[ids[name]] = message.batch
+                else:
+                    try:
+                        server.receive(ids[name], message)
+                    except SecAggError as exc:
+                        logging.getLogger(__name__).warning("rejected from %s: %s", name, exc)
+            try:
+                outgoing = server.advance()
+            except TooFewSurvivors as exc:
+                self._end(RoundEnd(round_id=params.round_id, included=[], error=str(exc)))
+                raise
+            for i, message in outgoing.items():
+                self.endpoint.send(names[i], message)
+        self._end(RoundEnd(round_id=params.round_id, included=server.included))
+        assert server.result is not None
+        sums = {"mask": params.codec.decode(server.result)}
+        aggregator = CkksAggregator(self.ckks_context)
+        for i in server.included:
+            aggregator.add(ckks[i])
+        self.routing = aggregator.sum()
+        # the coordinator never decrypts; the test peeks with an institution's key
+        sums["ckks"] = self.peek_key.decrypt(self.routing)[0]
+        self.state = self.strategy.aggregate(self.state, sums)
+        return sums
+
+    def _end(self, end: RoundEnd) -> None:
+        self.ends.append(end)
+        for name in NAMES:
+            self.endpoint.send(name, end)
+
+    def shutdown(self) -> None:
+        for name in NAMES:
+            self.endpoint.send(name, Shutdown(reason="test over"))
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """(config, coordinator, start) where start() runs the institutions in threads."""
+    keys_dir = tmp_path / "keys"
+    generate_keys(keys_dir, NAMES)
+    probe = write_config(tmp_path, bind="tcp://127.0.0.1:5599")
+    keys = load_coordinator_keys(probe.keys_dir)
+    # find a free port by binding a throwaway endpoint, then let the config name it
+    with CoordinatorEndpoint("tcp://127.0.0.1:*", keys.curve_secret, keys.curve_public, {}) as e:
+        address = e.address
+    opened: list[ScriptedCoordinator] = []
+    threads: list[threading.Thread] = []
+    stop = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def make(rounds: int) -> tuple[FederationConfig, ScriptedCoordinator]:
+        config = write_config(tmp_path, rounds=rounds, bind=address)
+        coordinator = ScriptedCoordinator(config, load_ckks_key_holder(config.keys_dir, NAMES[0]))
+        opened.append(coordinator)
+        return config, coordinator
+
+    def start(config: FederationConfig) -> dict[str, object]:
+        institutions = [Institution(config, name) for name in NAMES]
+
+        def serve(inst: Institution) -> None:
+            try:
+                outcomes[inst.name] = inst.run(stop)
+            except Exception as exc:  # reported by the test
+                outcomes[inst.name] = exc
+
+        for inst in institutions:
+            thread = threading.Thread(target=serve, args=(inst,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        return outcomes
+
+    yield make, start, threads
+    stop.set()
+    for thread in threads:
+        thread.join(WAIT)
+    for coordinator in opened:
+        coordinator.endpoint.close()
+
+
+def metrics_lines(config: FederationConfig, name: str) -> list[dict]:
+    path = config.run_dir / "institutions" / name / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_three_institutions_run_two_rounds_and_shut_down(federation):
+    make, start, threads = federation
+    config, coordinator = make(rounds=2)
+    outcomes = start(config)
+    coordinator.wait_for_hellos()
+    initial = {k: v.clone() for k, v in coordinator.state.adapters.items()}
+
+    sums = coordinator.run_round(1)
+    layout = coordinator.strategy.layout(coordinator.state)
+    assert coordinator.ends[-1].included == [0, 1, 2]
+    assert sums["mask"].shape == (layout.length("mask"),)
+    # every institution has >= 32 training blocks = max_examples, so each weight is 1
+    values = layout.unpack(sums)
+    assert values[WEIGHT][0] == pytest.approx(3.0, abs=1e-3)
+    assert coordinator.state.routing.tokens.min() > 0
+    assert any(not torch.equal(initial[k], coordinator.state.adapters[k]) for k in initial)
+
+    coordinator.run_round(2)  # institutions decrypt round 1's CKKS routing sum
+    assert coordinator.ends[-1].included == [0, 1, 2]
+    coordinator.shutdown()
+    for thread in threads:
+        thread.join(WAIT)
+    assert outcomes == dict.fromkeys(NAMES, 0)
+
+    for name in NAMES:
+        lines = metrics_lines(config, name)
+        assert [line["event"] for line in lines] == ["initial", "round", "round", "final"]
+        first, second = lines[1], lines[2]
+        assert (first["round"], second["round"], first["included"]) == (1, 2, True)
+        assert first["train"]["perplexity"] > 1
+        assert first["validation"]["perplexity"] > 1
+        assert first["bytes_sent"] > layout.length("mask")  # the masked vector went out
+        assert 0 < first["epsilon_spent"] < second["epsilon_spent"]
+        assert second["epsilon_spent"] <= config.budget(name).target_epsilon
+        assert "test" in lines[0] and "test" in lines[-1]
+        ledger = config.run_dir / "institutions" / name / LEDGER_FILE
+        rounds = [json.loads(line)["federation_round"] for line in ledger.read_text().splitlines()]
+        assert rounds == [1, 2]
+
+
+def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation, caplog):
+    caplog.set_level(logging.WARNING, logger="clients.runtime")
+    make, start, threads = federation
+    config, coordinator = make(rounds=1)
+    spent = config.run_dir / "institutions" / "histories" / LEDGER_FILE
+    BudgetLedger(spent, 100.0, DELTA, "rdp").charge(0, 1, facts(sigma=0.6, q=1.0, steps=20))
+    assert BudgetLedger(spent, 4.0, DELTA, "rdp").spent() > 4.0
+    start(config)
+    coordinator.wait_for_hellos()
+
+    sums = coordinator.run_round(1)
+    assert coordinator.ends[-1].included == [0, 1]
+    assert "budget exhausted" in coordinator.declines["histories"]
+    layout = coordinator.strategy.layout(coordinator.state)
+    assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(2.0, abs=1e-3)
+    coordinator.shutdown()
+    for thread in threads:
+        thread.join(WAIT)
+
+    line = metrics_lines(config, "histories")[1]
+    assert line["included"] is False
+    assert "budget exhausted" in line["declined"]
+    assert line["train"] is None
+    assert len(spent.read_text().splitlines()) == 1  # nothing new charged
+    assert any("declines round 1" in r.getMessage() for r in caplog.records)
