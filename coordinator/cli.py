@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the round tables
         console = Console(width=max(console.width, 120))
-    return run_federation(Path(args.config), config, console)
+    return run_federation(Path(args.config), config, console, fresh=args.fresh)
 
 
 def _log_to_stderr(level: str) -> None:
@@ -97,6 +97,7 @@ def _log_to_stderr(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # importing dp-accounting (absl) already put a handler on the root logger
     )
     # dp-accounting warns (through absl) each time a fractional RDP order does not converge and
     # is left out of the bound: expected, harmless, and hundreds of lines per calibration.
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument("config", metavar="F", help="federation config (TOML)")
+    run.add_argument(
+        "--fresh", action="store_true",
+        help="delete the run directory first (default: resume the run it holds)",
+    )  # fmt: skip
     run.set_defaults(handler=_cmd_run)
 
     for sub in (coordinator, client):

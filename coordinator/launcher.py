@@ -9,6 +9,8 @@ would never gather in one place) and prints one table per round and a final befo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,8 +28,18 @@ POLL_S = 0.5
 METRICS_GRACE_S = 30.0
 
 
-def run_federation(config_path: Path, config: FederationConfig, console: Console) -> int:
-    """Start every party, print progress until the coordinator exits; its exit status."""
+def run_federation(
+    config_path: Path, config: FederationConfig, console: Console, *, fresh: bool = False
+) -> int:
+    """Start every party, print progress until the coordinator exits; its exit status.
+
+    An existing run directory is resumed (the coordinator picks up after its last finished
+    round) unless ``fresh``, which deletes it first.
+    """
+    if fresh and config.run_dir.exists():
+        shutil.rmtree(config.run_dir)
+    elif (config.run_dir / JOURNAL).exists():
+        console.print(f"resuming the run in {config.run_dir} (--fresh starts over)")
     if not (config.keys_dir / ROSTER_FILE).exists():
         generate_keys(
             config.keys_dir, config.institution_names, ckks=config.aggregation.ckks.params()
@@ -39,10 +51,15 @@ def run_federation(config_path: Path, config: FederationConfig, console: Console
     parties = {"coordinator": [*command, "coordinator", "--config", str(config_path)]}
     for name in config.institution_names:
         parties[name] = [*command, "client", "--config", str(config_path), "--institution", name]
+    # One machine plays every party: share its cores instead of oversubscribing them.
+    threads = max(1, (os.cpu_count() or 1) // len(config.institution_names))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     processes = {}
     for party, argv in parties.items():
         log_file = (logs / f"{party}.log").open("ab")
-        processes[party] = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)  # noqa: S603
+        processes[party] = subprocess.Popen(  # noqa: S603
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
     console.print(
         f"federation {config.federation.name!r}: coordinator and {len(parties) - 1} institutions "
         f"started; logs in {logs}"
