@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from clients.durable import append_line
 from privacy import DPTrainingFacts, epsilon
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,7 @@ class BudgetLedger:
             epsilon_after=projected,
             timestamp=time.time(),
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(entry), sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(asdict(entry), sort_keys=True))
         self._entries[round_id] = entry
         return entry
 

@@ -22,7 +22,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from zmq.utils import z85
 
 from clients.config import NAME_PATTERN
+from clients.durable import atomic_write
 from secagg.ckks import CkksKeyHolder, CkksParams
 from secagg.errors import SecAggError
 
@@ -180,18 +180,16 @@ def generate_keys(
     for party, keys in parties.items():
         _write_party(folders[party], keys)
     holder = CkksKeyHolder.generate(ckks)
-    _atomic_write(coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE, holder.public_context(), mode=0o644)
+    atomic_write(coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE, holder.public_context(), mode=0o644)
     secret_context = holder.to_bytes()
     for name in names:
-        _atomic_write(
-            institution_dir(keys_dir, name) / CKKS_SECRET_FILE, secret_context, mode=0o600
-        )
+        atomic_write(institution_dir(keys_dir, name) / CKKS_SECRET_FILE, secret_context, mode=0o600)
     roster = Roster(
         version=ROSTER_VERSION,
         coordinator=parties["coordinator"].public_entry(),
         institutions=[parties[name].public_entry() for name in names],
     )
-    _atomic_write(keys_dir / ROSTER_FILE, _roster_toml(roster).encode(), mode=0o644)
+    atomic_write(keys_dir / ROSTER_FILE, _roster_toml(roster).encode(), mode=0o644)
     return roster
 
 
@@ -320,26 +318,10 @@ def _write_party(folder: Path, keys: PartyKeys) -> None:
     identity_pub = keys.identity.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _atomic_write(folder / CURVE_SECRET_FILE, _certificate(keys, secret=True).encode(), mode=0o600)
-    _atomic_write(folder / IDENTITY_FILE, identity_pem, mode=0o600)
-    _atomic_write(folder / CURVE_PUBLIC_FILE, _certificate(keys, secret=False).encode(), mode=0o644)
-    _atomic_write(folder / IDENTITY_PUBLIC_FILE, identity_pub, mode=0o644)
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` via a same-folder temp file created with ``mode``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(folder / CURVE_SECRET_FILE, _certificate(keys, secret=True).encode(), mode=0o600)
+    atomic_write(folder / IDENTITY_FILE, identity_pem, mode=0o600)
+    atomic_write(folder / CURVE_PUBLIC_FILE, _certificate(keys, secret=False).encode(), mode=0o644)
+    atomic_write(folder / IDENTITY_PUBLIC_FILE, identity_pub, mode=0o644)
 
 
 def _check_private(path: Path) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import msgspec
 import torch
 from safetensors.torch import load, save
 
+from clients.durable import append_line, atomic_write
 from secagg.ckks import EncryptedBatch
 
 JOURNAL = "journal.jsonl"
@@ -101,8 +100,8 @@ class RunStore:
         stem = f"round-{federation_round:04d}"
         state_bytes = save({k: v.detach().cpu().contiguous() for k, v in adapters.items()})
         routing_bytes = msgspec.msgpack.encode(routing)
-        self._write(self.run_dir / CHECKPOINTS / f"{stem}.safetensors", state_bytes)
-        self._write(self.run_dir / CHECKPOINTS / f"{stem}.routing", routing_bytes)
+        atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.safetensors", state_bytes)
+        atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.routing", routing_bytes)
         self._append(
             event="completed", round=federation_round, attempt=attempt, included=included,
             checkpoint=f"{CHECKPOINTS}/{stem}", sha256=_digest(state_bytes, routing_bytes),
@@ -126,23 +125,7 @@ class RunStore:
 
     def _append(self, **entry: object) -> None:
         entry["time"] = time.time()
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        with self.journal_path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        append_line(self.journal_path, json.dumps(entry, sort_keys=True))
 
 
 def _digest(*parts: bytes) -> str:
