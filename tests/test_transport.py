@@ -17,7 +17,7 @@ from clients.transport import InstitutionEndpoint, PeerUnreachable
 from coordinator.transport import CoordinatorEndpoint, key_fingerprint, run_secagg_round
 from secagg.client import SecAggClient
 from secagg.control import Hello, RoundEnd, RoundStart
-from secagg.errors import ConfigError, TooFewSurvivors
+from secagg.errors import ConfigError, TooFewSurvivors, WrongRound
 from secagg.messages import AdvertiseKeys, MaskedInput, RoundParams, SurvivorSignature, encode
 from secagg.server import SecAggServer
 
@@ -344,3 +344,21 @@ def test_a_round_below_threshold_aborts_and_tells_the_institutions(coordinator, 
         end = outcomes[i]["end"]
         assert end.included == []
         assert "below the threshold" in end.error
+
+
+def test_a_message_replayed_from_an_earlier_round_is_rejected(coordinator, connect):
+    _, first, _, _ = run_round_over_sockets(coordinator, connect, n=3, threshold=2, dropouts={})
+    assert first.included == [0, 1, 2]
+    # Round 6 starts; alice replays the advertisement she sent in round 5.
+    alice = connect("alice")
+    alice.send(Hello())
+    receive_until(coordinator, 1)
+    params = msgspec.structs.replace(first.params, round_id=6)
+    server = SecAggServer(params, first._identities)
+    replay = first.advertised[0]
+    alice.send(replay)
+    name, message = receive_until(coordinator, 1)[0]
+    assert (name, message) == ("alice", replay)
+    with pytest.raises(WrongRound, match="replay"):
+        server.receive(0, message)
+    assert server.expected == {0, 1, 2}  # nothing was accepted
