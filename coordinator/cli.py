@@ -269,9 +269,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else USER_ERROR
     try:
         return args.handler(args)
-    except (ConfigFileError, KeyMaterialError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"sealmoe {args.command}: error: {exc}", file=sys.stderr)
         return USER_ERROR
+
+
+# Errors that mean "fix your setup", reported in one line. The heavy modules that define some of
+# them are imported lazily by the subcommands, so they are looked up only if already loaded.
+_LAZY_USER_ERRORS = (
+    ("coordinator.service", "CoordinatorError"),
+    ("coordinator.store", "StoreError"),
+    ("clients.budget", "LedgerFileError"),
+)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    lazy = [
+        getattr(sys.modules[module], name)
+        for module, name in _LAZY_USER_ERRORS
+        if module in sys.modules
+    ]
+    return (ConfigFileError, KeyMaterialError, *lazy)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,12 @@ def test_institutions_share_a_ckks_key_the_coordinator_lacks(tmp_path):
     np.testing.assert_allclose(b.decrypt(aggregator.sum())[0], np.full(3, 0.75), atol=1e-6)
     secret = institution_dir(keys_dir, "a") / "ckks.secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_coordinator_without_keys_is_a_one_line_user_error(tmp_path, capsys):
+    config = tmp_path / "federation.toml"
+    text = (ROOT / "examples" / "tiny.toml").read_text()
+    config.write_text(text.replace('keys_dir = "keys/tiny"', f'keys_dir = "{tmp_path / "none"}"'))
+    assert main(["coordinator", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "sealmoe keys" in err and "Traceback" not in err
