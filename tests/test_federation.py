@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from clients import strategy as client_strategy
+from clients.budget import BudgetLedger
 from clients.config import load_config
 from clients.keys import generate_keys
 from clients.runtime import LEDGER_FILE, Institution
 from clients.setup import fedavg_config
 from coordinator.service import Coordinator
 from coordinator.store import JOURNAL, RunStore
+from privacy import DPTrainingFacts
 from secagg import FixedPointCodec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +38,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, *, rounds: int = 2, stage_timeout_s: float = 20.0) -> Path:
+def write_config(
+    tmp_path: Path, *, rounds: int = 2, stage_timeout_s: float = 20.0, threshold: int = 2
+) -> Path:
     """examples/tiny.toml with its own port, run and key folders, and shorter timeouts."""
     text = (ROOT / "examples" / "tiny.toml").read_text()
+    text = text.replace("threshold = 2 ", f"threshold = {threshold} ")
     text = text.replace("tcp://127.0.0.1:5561", f"tcp://127.0.0.1:{_free_port()}")
     text = text.replace("rounds = 2", f"rounds = {rounds}")
     text = text.replace("stage_timeout_s = 30.0", f"stage_timeout_s = {stage_timeout_s}")
@@ -114,6 +119,38 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
             np.testing.assert_array_less(np.abs(got - expected), atol + 1e-12)
             assert np.abs(weighted).max() > 0  # the test compares real updates, not zeros
         previous = {k: v.clone() for k, v in checkpoint.items()}
+
+
+def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path):
+    """An institution out of budget declines; with threshold 3 of 3 every round aborts cleanly."""
+    config = load_config(write_config(tmp_path, threshold=3, stage_timeout_s=20.0))
+    spent = config.run_dir / "institutions" / "histories" / LEDGER_FILE
+    delta = config.budget("histories").target_delta
+    # An earlier release (recorded under a generous budget) already spent far more than 4.
+    BudgetLedger(spent, 1000.0, delta, "rdp").charge(
+        0, 1, DPTrainingFacts(0.6, 1.0, 20, 1.0, delta)
+    )
+    coordinator = Coordinator(config)
+    institutions = [Institution(config, name) for name in NAMES]
+    stop = threading.Event()
+    threads = [threading.Thread(target=inst.run, args=(stop,)) for inst in institutions]
+    for t in threads:
+        t.start()
+    try:
+        started = time.monotonic()
+        outcomes = coordinator.run()
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert [o.federation_round for o in outcomes] == [1, 2]
+    assert all(o.error and "threshold" in o.error for o in outcomes)
+    assert elapsed < 2 * 20.0  # the decline ends each stage at once, no stage timed out
+    events = [(e["round"], e["event"]) for e in journal(config.run_dir)]
+    assert events == [(1, "started"), (1, "aborted"), (2, "started"), (2, "aborted")]
+    assert not list((config.run_dir / "checkpoints").iterdir())
+    assert RunStore(config.run_dir).resume().last_round == 2
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
