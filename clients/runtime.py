@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import safetensors.torch
+from safetensors.torch import load as load_safetensors
 
 from clients.budget import BudgetError, BudgetExceeded, BudgetLedger
 from clients.config import FederationConfig
@@ -143,7 +143,7 @@ class Institution:
                         "%s: coordinator shut the federation down: %s", self.name, message.reason
                     )
                     if message.global_state:  # evaluate the model the federation produced
-                        load_adapter_state(self.model, safetensors.torch.load(message.global_state))
+                        load_adapter_state(self.model, load_safetensors(message.global_state))
                     self._record("final", None, validation=False, test=True)
                     return 0
                 self._dispatch(message)
@@ -257,7 +257,7 @@ class Institution:
     def _global_state(self, start: RoundStart) -> GlobalState:
         """Load the broadcast adapters into the model; the routing statistics it carries."""
         if start.global_state:
-            load_adapter_state(self.model, safetensors.torch.load(start.global_state))
+            load_adapter_state(self.model, load_safetensors(start.global_state))
         adapters = adapter_state(self.model)
         local = routing_statistics(self.model)
         state = GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)

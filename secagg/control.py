@@ -13,7 +13,6 @@ from typing import Annotated
 import msgspec
 
 from secagg.ckks import EncryptedBatch
-from secagg.errors import MalformedMessage
 from secagg.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     AdvertiseKeys,
@@ -28,6 +27,7 @@ from secagg.messages import (
     SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
+    decode_with,
 )
 
 
@@ -133,22 +133,11 @@ def decode_from_client(
     data: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> FromClient:
     """Parse bytes an institution sent; raise :class:`MalformedMessage` on anything else."""
-    return _decode(_from_client, data, max_bytes, "an institution")
+    return decode_with(_from_client, data, max_bytes, "message from an institution")
 
 
 def decode_from_server(
     data: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> FromServer:
     """Parse bytes the coordinator sent; raise :class:`MalformedMessage` on anything else."""
-    return _decode(_from_server, data, max_bytes, "the coordinator")
-
-
-def _decode(
-    decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, max_bytes: int, sender: str
-) -> FromClient | FromServer:
-    if len(data) > max_bytes:
-        raise MalformedMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
-    try:
-        return decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedMessage(f"not a valid message from {sender}: {exc}") from exc
+    return decode_with(_from_server, data, max_bytes, "message from the coordinator")

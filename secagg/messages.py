@@ -177,7 +177,6 @@ Message = (
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
-_params_decoder = msgspec.msgpack.Decoder(RoundParams)
 
 
 def encode(message: Message | RoundParams) -> bytes:
@@ -187,17 +186,16 @@ def encode(message: Message | RoundParams) -> bytes:
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Parse and validate bytes from the network into a message."""
+    return decode_with(_decoder, data, max_bytes, "secagg message")
+
+
+def decode_with(
+    decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, max_bytes: int, what: str
+) -> msgspec.Struct:
+    """``decoder.decode(data)`` under a size limit; :class:`MalformedMessage` on anything else."""
     if len(data) > max_bytes:
         raise MalformedMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return _decoder.decode(data)
+        return decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedMessage(f"not a valid secagg message: {exc}") from exc
-
-
-def decode_params(data: bytes) -> RoundParams:
-    """Parse and validate round parameters received from the coordinator."""
-    try:
-        return _params_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise MalformedMessage(f"not valid round parameters: {exc}") from exc
+        raise MalformedMessage(f"not a valid {what}: {exc}") from exc
