@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -121,8 +122,9 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
         previous = {k: v.clone() for k, v in checkpoint.items()}
 
 
-def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path):
+def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path, caplog):
     """An institution out of budget declines; with threshold 3 of 3 every round aborts cleanly."""
+    caplog.set_level(logging.INFO, logger="coordinator.transport")
     config = load_config(write_config(tmp_path, threshold=3, stage_timeout_s=20.0))
     spent = config.run_dir / "institutions" / "histories" / LEDGER_FILE
     delta = config.budget("histories").target_delta
@@ -137,16 +139,16 @@ def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path):
     for t in threads:
         t.start()
     try:
-        started = time.monotonic()
         outcomes = coordinator.run()
-        elapsed = time.monotonic() - started
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=30)
     assert [o.federation_round for o in outcomes] == [1, 2]
     assert all(o.error and "threshold" in o.error for o in outcomes)
-    assert elapsed < 2 * 20.0  # the decline ends each stage at once, no stage timed out
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("histories declined" in m for m in messages)
+    assert not any("timed out" in m for m in messages)  # the decline ended the stage at once
     events = [(e["round"], e["event"]) for e in journal(config.run_dir)]
     assert events == [(1, "started"), (1, "aborted"), (2, "started"), (2, "aborted")]
     assert not list((config.run_dir / "checkpoints").iterdir())
@@ -160,6 +162,17 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+
+
+def _start_parties(path: Path, logs: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
+    """The coordinator and every institution of the config, each its own process."""
+    logs.mkdir(exist_ok=True)
+    coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
+    clients = {
+        name: _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
+        for name in NAMES
+    }
+    return coordinator, clients
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -184,13 +197,8 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
     path = write_config(tmp_path, rounds=3, stage_timeout_s=15.0)
     config = load_config(path)
     logs = tmp_path / "logs"
-    logs.mkdir()
-    coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
-    processes.append(coordinator)
-    for name in NAMES:
-        processes.append(
-            _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
-        )
+    coordinator, clients = _start_parties(path, logs)
+    processes.extend([coordinator, *clients.values()])
     _wait_for(
         lambda: any(e["event"] == "started" and e["round"] == 2 for e in journal(config.run_dir)),
         timeout=180,
@@ -201,7 +209,7 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
     restarted = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
     processes.append(restarted)
     assert restarted.wait(timeout=240) == 0, (logs / "coordinator.log").read_text()[-3000:]
-    for proc in processes[1:-1]:
+    for proc in clients.values():
         assert proc.wait(timeout=60) == 0
 
     entries = journal(config.run_dir)
@@ -224,14 +232,8 @@ def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
     path = write_config(tmp_path, rounds=1, stage_timeout_s=10.0)
     config = load_config(path)
     logs = tmp_path / "logs"
-    logs.mkdir()
-    coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
-    processes.append(coordinator)
-    clients = {
-        name: _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
-        for name in NAMES
-    }
-    processes.extend(clients.values())
+    coordinator, clients = _start_parties(path, logs)
+    processes.extend([coordinator, *clients.values()])
     _wait_for(
         lambda: any(e["event"] == "started" for e in journal(config.run_dir)),
         timeout=180,
