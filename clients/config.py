@@ -292,7 +292,9 @@ class AggregationSection(_Section):
       the secure sum).
     - ``expert_updates``, ``routing_statistics``: "mask" (SecAgg+, exact, default for updates)
       or "ckks" (homomorphic encryption under a key the institutions share; the coordinator only
-      adds ciphertexts).
+      adds ciphertexts). With expert updates under CKKS the coordinator never sees the global
+      adapters either: it keeps them encrypted and scales each encrypted sum by the public
+      ``1 / sum(w)``, which needs one spare level (three or more coefficient primes).
     - ``ckks``: CKKS parameters, used by whichever payload picks "ckks".
     """
 
@@ -466,9 +468,17 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
         )
     _check_secagg(config, path)
     try:
-        config.aggregation.ckks.params()
+        ckks = config.aggregation.ckks.params()
     except ConfigError as exc:
         raise ConfigFileError(path, str(exc), "$.aggregation.ckks") from None
+    if config.aggregation.expert_updates == "ckks" and len(ckks.coeff_mod_bit_sizes) < 3:
+        raise ConfigFileError(
+            path,
+            f"expert_updates = 'ckks' needs a level for the coordinator's plaintext scaling, "
+            f"but coeff_mod_bit_sizes {list(ckks.coeff_mod_bit_sizes)} has none to spare; use "
+            "three or more primes, e.g. the default [60, 40, 40, 60]",
+            "$.aggregation.ckks.coeff_mod_bit_sizes",
+        )
 
 
 def _check_secagg(config: FederationConfig, path: str | Path) -> None:

@@ -17,12 +17,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
+import torch
 from safetensors.torch import load as load_safetensors
 
 from clients.budget import BudgetError, BudgetExceeded, BudgetLedger
@@ -34,6 +36,7 @@ from clients.strategy import CHANNEL_BOUND, ROUTING, FedAvgClient, GlobalState, 
 from clients.trainer import LocalTrainingResult, Metrics, evaluate, train_local
 from clients.transport import InstitutionEndpoint, TransportError
 from privacy import DPTrainingFacts
+from secagg.ckks import EncryptedBatch
 from secagg.client import SecAggClient
 from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown
 from secagg.errors import SecAggError
@@ -142,8 +145,8 @@ class Institution:
                     log.info(
                         "%s: coordinator shut the federation down: %s", self.name, message.reason
                     )
-                    if message.global_state:  # evaluate the model the federation produced
-                        load_adapter_state(self.model, load_safetensors(message.global_state))
+                    # evaluate the model the federation produced
+                    self._load_global(message.global_state, message.global_encrypted)
                     self._record("final", None, validation=False, test=True)
                     return 0
                 self._dispatch(message)
@@ -254,10 +257,20 @@ class Institution:
         current.seconds_crypto += time.monotonic() - t0
         self._send(advertisement)
 
+    def _load_global(self, plain: bytes, encrypted: EncryptedBatch | None) -> None:
+        """Load broadcast adapters (safetensors bytes, or the CKKS-encrypted state) if any."""
+        if encrypted is not None:
+            t0 = time.monotonic()
+            arrays = self.ckks.decrypt(encrypted)
+            if self._round is not None:
+                self._round.seconds_crypto += time.monotonic() - t0
+            load_adapter_state(self.model, adapters_from_arrays(adapter_state(self.model), arrays))
+        elif plain:
+            load_adapter_state(self.model, load_safetensors(plain))
+
     def _global_state(self, start: RoundStart) -> GlobalState:
         """Load the broadcast adapters into the model; the routing statistics it carries."""
-        if start.global_state:
-            load_adapter_state(self.model, load_safetensors(start.global_state))
+        self._load_global(start.global_state, start.global_encrypted)
         adapters = adapter_state(self.model)
         local = routing_statistics(self.model)
         state = GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)
@@ -266,9 +279,7 @@ class Institution:
             vector = np.frombuffer(start.routing_plain, dtype="<f8")
         elif start.routing_encrypted is not None:
             t0 = time.monotonic()
-            decrypted = np.concatenate(
-                [a.ravel() for a in self.ckks.decrypt(start.routing_encrypted)]
-            )
+            decrypted = self.ckks.decrypt(start.routing_encrypted)
             assert self._round is not None
             self._round.seconds_crypto += time.monotonic() - t0
             vector = routing_from_channel(layout, decrypted)
@@ -400,19 +411,42 @@ def _metrics(metrics: Metrics | None) -> dict[str, float] | None:
     return None if metrics is None else asdict(metrics)
 
 
-def routing_from_channel(layout: SubmissionLayout, values: np.ndarray) -> np.ndarray:
-    """The routing sum from a decrypted CKKS sum in packed form (``layout.pack`` scaling).
+def adapters_from_arrays(
+    template: Mapping[str, torch.Tensor], arrays: Sequence[np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """Decrypted global state (one array per adapter tensor, state order) as named tensors."""
+    if len(arrays) != len(template):
+        raise ValueError(
+            f"the encrypted global state holds {len(arrays)} arrays, the model has "
+            f"{len(template)} adapter tensors"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for (name, current), array in zip(template.items(), arrays, strict=True):
+        if tuple(array.shape) != tuple(current.shape):
+            raise ValueError(
+                f"encrypted global state: {name} has shape {tuple(array.shape)}, the model's "
+                f"is {tuple(current.shape)}"
+            )
+        out[name] = torch.from_numpy(np.ascontiguousarray(array)).to(current.dtype)
+    return out
 
-    Accepts the routing segment alone or the whole channel that carries it.
+
+def routing_from_channel(layout: SubmissionLayout, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The routing sum from a decrypted CKKS relay (``layout.pack`` scaling).
+
+    The relay is a window of the channel's sum, ``((k,), (routing,))`` (see
+    :meth:`secagg.ckks.EncryptedBatch.window`), or the whole channel as one array.
     """
     routing = layout[ROUTING]
+    if len(arrays) == 2 and arrays[1].size == routing.length:
+        return np.ravel(arrays[1]) / CHANNEL_BOUND * routing.bound
+    values = np.concatenate([np.ravel(a) for a in arrays])
     channel = routing.channel
-    if values.size == routing.length:
-        return values / CHANNEL_BOUND * routing.bound
     if values.size != layout.length(channel):
         raise ValueError(
-            f"decrypted routing has {values.size} values; expected {routing.length} or the "
-            f"{layout.length(channel)} of the {channel!r} channel"
+            f"decrypted routing has {values.size} values; expected a window of the "
+            f"{routing.length} routing values or the {layout.length(channel)} of the "
+            f"{channel!r} channel"
         )
     offset = 0
     for seg in layout.segments:

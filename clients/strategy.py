@@ -257,8 +257,9 @@ class FedAvgConfig:
     A client with n examples submits weight ``w = min(n, max_examples) / max_examples`` and
     ``w * delta``; the coordinator sets ``delta = sum(w * delta) / sum(w)``. Delta entries beyond
     ``±delta_bound`` and routing values beyond ``±routing_bound`` (per client: a count can
-    reach tokens * top_k) are clipped. The weight travels on ``delta_channel`` so that both sums
-    cover the same clients.
+    reach tokens * top_k) are clipped. The weight always travels on the mask channel: the
+    coordinator must read ``sum(w)`` to form the ratio, also when the deltas go under CKKS (it
+    then scales their encrypted sum by ``delta_bound / sum(w)`` without reading it).
     """
 
     max_examples: int
@@ -291,7 +292,7 @@ class FedAvgConfig:
         return SubmissionLayout(
             (
                 *deltas,
-                Segment(WEIGHT, 1, self.delta_channel, 1.0),
+                Segment(WEIGHT, 1, "mask", 1.0),
                 Segment(ROUTING, routing_len, self.routing_channel, self.routing_bound),
             )
         )

@@ -25,12 +25,12 @@ from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
 from clients.moe_lora import adapter_state, routing_statistics
 from clients.setup import build_model, client_id, fedavg_config, identity_keys
-from clients.strategy import GlobalState, StrategyError, SubmissionLayout
+from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayout
 from clients.transport import TransportError
 from coordinator.store import RoutingRelay, RunStore
 from coordinator.strategy import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
-from secagg.ckks import CkksAggregator, EncryptedBatch
+from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
 from secagg.control import CkksInput, Hello, RoundStart, Shutdown, round_id
 from secagg.errors import SecAggError
 from secagg.messages import MaskedInput
@@ -61,11 +61,6 @@ class Coordinator:
     """Runs every round of ``config``'s federation; resumes from its run directory."""
 
     def __init__(self, config: FederationConfig) -> None:
-        if config.aggregation.expert_updates != "mask":
-            raise CoordinatorError(
-                "aggregation.expert_updates = 'ckks' is not supported by the coordinator yet: "
-                "it could not read the averaged update; use 'mask'"
-            )
         self.config = config
         self.keys = load_coordinator_keys(config.keys_dir)
         roster = load_roster(config.keys_dir / ROSTER_FILE)
@@ -75,8 +70,17 @@ class Coordinator:
                                    "run `sealmoe keys` again")  # fmt: skip
         self.curve_keys = {e.name: e.curve_public for e in roster.institutions}
         self.identities = identity_keys(config, roster)
-        self.uses_ckks = config.aggregation.routing_statistics == "ckks"
+        aggregation = config.aggregation
+        self.encrypts_updates = aggregation.expert_updates == "ckks"
+        self.uses_ckks = self.encrypts_updates or aggregation.routing_statistics == "ckks"
         self.ckks_context = load_ckks_public_context(config.keys_dir) if self.uses_ckks else None
+        self.evaluator = None
+        if self.encrypts_updates:
+            assert self.ckks_context is not None
+            try:
+                self.evaluator = CkksEvaluator(self.ckks_context)
+            except SecAggError as exc:
+                raise CoordinatorError(f"aggregation.ckks: {exc}") from None
         self.strategy = FedAvgCoordinator(fedavg_config(config))
         self.store = RunStore(config.run_dir)
 
@@ -93,8 +97,12 @@ class Coordinator:
         stop = stop or threading.Event()
         resume = self.store.resume()
         state = self.initial_state()
-        if resume.adapters is not None:
+        encrypted: EncryptedBatch | None = None
+        if isinstance(resume.adapters, EncryptedBatch):
+            encrypted = resume.adapters
+        elif resume.adapters is not None:
             state = GlobalState(adapters=resume.adapters, routing=state.routing)
+        if resume.adapters is not None:
             log.info("resuming after round %d (attempt %d next)", resume.last_round,
                      resume.next_attempt)  # fmt: skip
         relay = resume.routing
@@ -110,12 +118,14 @@ class Coordinator:
                     break
                 attempt = resume.next_attempt if federation_round == first else 0
                 names = self._gather(endpoint, stop)
-                outcome, state, relay = self._round(
-                    endpoint, state, relay, federation_round, attempt, names
+                outcome, state, encrypted, relay = self._round(
+                    endpoint, state, encrypted, relay, federation_round, attempt, names
                 )
                 outcomes.append(outcome)
             goodbye = Shutdown(
-                reason="the federation finished its rounds", global_state=_state_bytes(state)
+                reason="the federation finished its rounds",
+                global_state=_state_bytes(state) if encrypted is None else b"",
+                global_encrypted=encrypted,
             )
             for name in endpoint.connected:
                 try:
@@ -142,23 +152,28 @@ class Coordinator:
         self,
         endpoint: CoordinatorEndpoint,
         state: GlobalState,
+        encrypted: EncryptedBatch | None,
         relay: RoutingRelay,
         federation_round: int,
         attempt: int,
         names: list[str],
-    ) -> tuple[RoundOutcome, GlobalState, RoutingRelay]:
+    ) -> tuple[RoundOutcome, GlobalState, EncryptedBatch | None, RoutingRelay]:
+        """One attempt at a round. ``state`` holds the plaintext adapters, or, once
+        ``encrypted`` (CKKS expert updates) is set, only their public shapes."""
         started = time.monotonic()
         rid = round_id(federation_round, attempt)
         layout = self.strategy.layout(state)
         self.store.started(federation_round, attempt, rid, names)
         log.info("round %d (attempt %d): %d institutions", federation_round, attempt, len(names))
 
-        def fail(reason: str) -> tuple[RoundOutcome, GlobalState, RoutingRelay]:
+        def fail(
+            reason: str,
+        ) -> tuple[RoundOutcome, GlobalState, EncryptedBatch | None, RoutingRelay]:
             log.warning("round %d aborted: %s", federation_round, reason)
             self.store.aborted(federation_round, attempt, reason)
             seconds = time.monotonic() - started
             outcome = RoundOutcome(federation_round, attempt, names, [], reason, seconds)
-            return outcome, state, relay
+            return outcome, state, encrypted, relay
 
         ids = {client_id(self.config, n): n for n in names}
         try:
@@ -167,7 +182,7 @@ class Coordinator:
             )
         except SecAggError as exc:
             return fail(f"{len(names)} institutions cannot form a round: {exc}")
-        global_bytes = _state_bytes(state)
+        global_bytes = _state_bytes(state) if encrypted is None else b""
         start = {
             name: RoundStart(
                 params=params,
@@ -176,6 +191,7 @@ class Coordinator:
                 global_state=global_bytes,
                 routing_plain=relay.plain,
                 routing_encrypted=relay.encrypted,
+                global_encrypted=encrypted,
             )
             for cid, name in ids.items()
         }
@@ -204,33 +220,70 @@ class Coordinator:
             return fail(str(exc))
         included = server.included
         try:
-            new_state = self.strategy.aggregate(state, {"mask": mask_sum})
-            new_relay = self._routing_relay(layout, mask_sum, ckks_inputs, included)
+            ckks_sum = self._ckks_sum(ckks_inputs, included) if self.uses_ckks else None
+            new_state, new_encrypted = state, encrypted
+            if self.encrypts_updates:
+                new_encrypted = self._encrypted_update(state, encrypted, mask_sum, ckks_sum)
+            else:
+                new_state = self.strategy.aggregate(state, {"mask": mask_sum})
+            new_relay = self._routing_relay(layout, mask_sum, ckks_sum)
         except (StrategyError, SecAggError) as exc:
             return fail(f"aggregation failed: {exc}")
         seconds = time.monotonic() - started
         included_names = [ids[i] for i in included]
         self.store.completed(
-            federation_round, attempt, new_state.adapters, new_relay, included_names,
-            {"round": seconds},
+            federation_round, attempt,
+            new_state.adapters if new_encrypted is None else new_encrypted,
+            new_relay, included_names, {"round": seconds},
         )  # fmt: skip
         log.info("round %d completed with %s in %.1f s", federation_round, included_names, seconds)
         outcome = RoundOutcome(federation_round, attempt, names, included_names, None, seconds)
-        return outcome, new_state, new_relay
+        return outcome, new_state, new_encrypted, new_relay
+
+    def _ckks_sum(self, inputs: dict[int, EncryptedBatch], included: list[int]) -> EncryptedBatch:
+        """The CKKS channel summed over exactly the clients the masked sum included."""
+        assert self.ckks_context is not None
+        aggregator = CkksAggregator(self.ckks_context)
+        for cid in included:
+            aggregator.add(inputs[cid])
+        return aggregator.sum()
+
+    def _encrypted_update(
+        self,
+        state: GlobalState,
+        encrypted: EncryptedBatch | None,
+        mask_sum: np.ndarray,
+        ckks_sum: EncryptedBatch | None,
+    ) -> EncryptedBatch:
+        """The next encrypted global state: ``bound / sum(w) * sum(w * delta) + state``.
+
+        Before any round completed the state is the public initial adapters in plaintext.
+        """
+        assert self.evaluator is not None and ckks_sum is not None
+        factors = self.strategy.encrypted_update_factors(state, {"mask": mask_sum})
+        base = encrypted
+        if base is None:
+            base = [t.detach().cpu().double().numpy() for t in state.adapters.values()]
+        return self.evaluator.scale_and_add(ckks_sum, factors, base)
 
     def _routing_relay(
         self,
         layout: SubmissionLayout,
         mask_sum: np.ndarray,
-        ckks_inputs: dict[int, EncryptedBatch],
-        included: list[int],
+        ckks_sum: EncryptedBatch | None,
     ) -> RoutingRelay:
-        """What to relay as last round's routing: the CKKS sum, or the decoded masked floats."""
-        if self.uses_ckks:
-            aggregator = CkksAggregator(self.ckks_context)
-            for cid in included:
-                aggregator.add(ckks_inputs[cid])
-            return RoutingRelay(encrypted=aggregator.sum())
+        """What to relay as last round's routing: the ciphertexts of the CKKS sum that hold
+        it (a window, not the whole channel), or the decoded masked floats."""
+        routing = layout[ROUTING]
+        if routing.channel == "ckks":
+            assert ckks_sum is not None and self.ckks_context is not None
+            offset = 0
+            for seg in layout.segments:
+                if seg is routing:
+                    break
+                offset += seg.length if seg.channel == "ckks" else 0
+            slots = context_params(self.ckks_context).slot_count
+            return RoutingRelay(encrypted=ckks_sum.window(offset, offset + routing.length, slots))
         routing = layout.unpack({"mask": mask_sum}, partial=True)["routing"]
         return RoutingRelay(plain=np.asarray(routing, dtype="<f8").tobytes())
 

@@ -6,6 +6,10 @@ each attempt at a round when it starts and when it ends; a round counts as done 
 "completed" (or "aborted") line is on disk, which happens after its checkpoint is. On restart the
 coordinator resumes after the last done round, under a fresh attempt number, so every message of
 the interrupted attempt is refused as a replay.
+
+A checkpoint holds the global adapters as safetensors, or, with expert updates under CKKS, the
+encrypted global state the coordinator cannot read (``.ckks``: a msgpack
+:class:`~secagg.ckks.EncryptedBatch`); the plaintext never touches the coordinator's disk then.
 """
 
 from __future__ import annotations
@@ -40,10 +44,13 @@ class RoutingRelay(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 @dataclass(frozen=True)
 class Resume:
-    """Where a (re)started coordinator stands: state after ``last_round``, next attempt number."""
+    """Where a (re)started coordinator stands: state after ``last_round``, next attempt number.
+
+    ``adapters`` is None before any checkpoint, an :class:`EncryptedBatch` for CKKS checkpoints.
+    """
 
     last_round: int
-    adapters: dict[str, torch.Tensor] | None
+    adapters: dict[str, torch.Tensor] | EncryptedBatch | None
     routing: RoutingRelay
     next_attempt: int
 
@@ -91,36 +98,45 @@ class RunStore:
         self,
         federation_round: int,
         attempt: int,
-        adapters: dict[str, torch.Tensor],
+        adapters: dict[str, torch.Tensor] | EncryptedBatch,
         routing: RoutingRelay,
         included: list[str],
         seconds: dict[str, float],
     ) -> None:
         """Write the round's checkpoint, then acknowledge it in the journal."""
         stem = f"round-{federation_round:04d}"
-        state_bytes = save({k: v.detach().cpu().contiguous() for k, v in adapters.items()})
+        if isinstance(adapters, EncryptedBatch):
+            suffix, state_bytes = ".ckks", msgspec.msgpack.encode(adapters)
+        else:
+            suffix = ".safetensors"
+            state_bytes = save({k: v.detach().cpu().contiguous() for k, v in adapters.items()})
         routing_bytes = msgspec.msgpack.encode(routing)
-        atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.safetensors", state_bytes)
+        atomic_write(self.run_dir / CHECKPOINTS / f"{stem}{suffix}", state_bytes)
         atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.routing", routing_bytes)
         self._append(
             event="completed", round=federation_round, attempt=attempt, included=included,
-            checkpoint=f"{CHECKPOINTS}/{stem}", sha256=_digest(state_bytes, routing_bytes),
-            seconds=seconds,
+            checkpoint=f"{CHECKPOINTS}/{stem}", state=suffix[1:],
+            sha256=_digest(state_bytes, routing_bytes), seconds=seconds,
         )  # fmt: skip
 
     def aborted(self, federation_round: int, attempt: int, reason: str) -> None:
         self._append(event="aborted", round=federation_round, attempt=attempt, reason=reason)
 
-    def _load_checkpoint(self, entry: dict) -> tuple[dict[str, torch.Tensor], RoutingRelay]:
+    def _load_checkpoint(
+        self, entry: dict
+    ) -> tuple[dict[str, torch.Tensor] | EncryptedBatch, RoutingRelay]:
         base = self.run_dir / entry["checkpoint"]
+        kind = entry.get("state", "safetensors")
         try:
-            state_bytes = base.with_suffix(".safetensors").read_bytes()
+            state_bytes = base.with_suffix(f".{kind}").read_bytes()
             routing_bytes = base.with_suffix(".routing").read_bytes()
         except OSError as exc:
             raise StoreError(f"checkpoint of round {entry['round']} is missing: {exc}") from None
         if _digest(state_bytes, routing_bytes) != entry["sha256"]:
             raise StoreError(f"checkpoint of round {entry['round']} does not match the journal")
         routing = msgspec.msgpack.decode(routing_bytes, type=RoutingRelay)
+        if kind == "ckks":
+            return msgspec.msgpack.decode(state_bytes, type=EncryptedBatch), routing
         return load(state_bytes), routing
 
     def _append(self, **entry: object) -> None:

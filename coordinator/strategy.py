@@ -61,16 +61,9 @@ class FedAvgCoordinator:
         """The next state; without the routing channel's sum (a CKKS sum the coordinator cannot
         read), the routing statistics are left as they were."""
         values = self.layout(state).unpack(sums, partial=True)
-        if WEIGHT not in values or any(
-            DELTA_PREFIX + name not in values for name in state.adapters
-        ):
-            raise StrategyError("FedAvg needs the sum of the channel that carries w*delta and w")
-        total = float(values[WEIGHT][0])
-        if total < 0.5 / self.config.max_examples:
-            raise NoContribution(
-                f"summed weight {total:.3g} is below half an example's weight "
-                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
-            )
+        if any(DELTA_PREFIX + name not in values for name in state.adapters):
+            raise StrategyError("FedAvg needs the sum of the channel that carries w*delta")
+        total = self._total_weight(values)
         adapters: dict[str, torch.Tensor] = {}
         for name, current in state.adapters.items():
             delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
@@ -83,6 +76,36 @@ class FedAvgCoordinator:
         summed = np.maximum(values[ROUTING], 0.0)
         routing = RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)
         return GlobalState(adapters=adapters, routing=routing)
+
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """Under CKKS deltas: per value of the delta segments, ``bound / sum(w)``.
+
+        The delta segments lead the ckks channel (state order), so the coordinator computes
+        ``state += factors * ckks_sum[:len(factors)]`` homomorphically
+        (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`) from the masked ``sum(w)`` alone.
+        """
+        layout = self.layout(state)
+        deltas = [layout[DELTA_PREFIX + name] for name in state.adapters]
+        leading = [s for s in layout.segments if s.channel == "ckks"][: len(deltas)]
+        if leading != deltas:
+            raise StrategyError("the ckks channel must start with the delta segments")
+        total = self._total_weight(layout.unpack(sums, partial=True))
+        return np.concatenate(
+            [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
+        )
+
+    def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
+        if WEIGHT not in values:
+            raise StrategyError("FedAvg needs the sum of the mask channel, which carries w")
+        total = float(values[WEIGHT][0])
+        if total < 0.5 / self.config.max_examples:
+            raise NoContribution(
+                f"summed weight {total:.3g} is below half an example's weight "
+                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
+            )
+        return total
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ from secagg.errors import ConfigError, MalformedMessage, ProtocolError
 
 DEFAULT_ABS_ERROR_PER_SUMMAND = 1e-8
 """Documented absolute error per summand of the default parameters, values in [-1, 1]."""
+SCALING_ERROR_PER_FACTOR_AND_SUMMAND = 3e-7
+SCALING_ERROR_FLOOR = 2e-8
+"""With the default parameters, :meth:`CkksEvaluator.scale_and_add` of a sum of n batches of
+values in [-1, 1] is off by at most ``n * |factor| * SCALING_ERROR_PER_FACTOR_AND_SUMMAND +
+SCALING_ERROR_FLOOR`` per value and round (measured worst case 1.4e-7 * n * |factor| + 1e-8,
+``benchmarks/ckks_scaling.py``): the plaintext multiplication, not the sum, dominates."""
 
 # Largest total coefficient-modulus size (bits) with 128-bit classical security for each ring
 # degree, from the HomomorphicEncryption.org security standard (as enforced by Microsoft SEAL).
@@ -151,16 +157,21 @@ class EncryptedBatch(msgspec.Struct, frozen=True):
 
     ``ciphertexts`` are TenSEAL-serialized CKKS vectors of ``slot_count`` values each;
     ``shapes`` is the layout; ``n_summed`` counts the batches summed into this one (as claimed
-    by whoever built it: a coordinator can lie about it, see docs/ckks.md).
+    by whoever built it: a coordinator can lie about it, see docs/ckks.md); ``depth`` counts
+    the plaintext multiplications the ciphertexts went through (0 for fresh encryptions and
+    their sums, 1 after :meth:`CkksEvaluator.scale_and_add`), each of which drops one level.
     """
 
     ciphertexts: tuple[bytes, ...]
     shapes: tuple[tuple[int, ...], ...]
     n_summed: int = 1
+    depth: int = 0
 
     def __post_init__(self) -> None:
         if self.n_summed < 1:
             raise MalformedMessage(f"n_summed must be >= 1, got {self.n_summed}")
+        if self.depth < 0:
+            raise MalformedMessage(f"depth must be >= 0, got {self.depth}")
         if not self.ciphertexts:
             raise MalformedMessage("an encrypted batch needs at least one ciphertext")
         for shape in self.shapes:
@@ -179,6 +190,26 @@ class EncryptedBatch(msgspec.Struct, frozen=True):
                 f"layout of {self.n_values} values needs {expected} ciphertexts of "
                 f"{params.slot_count} slots, batch has {len(self.ciphertexts)}"
             )
+
+    def window(self, start: int, stop: int, slot_count: int) -> EncryptedBatch:
+        """The ciphertexts that hold values ``[start, stop)`` of the flattened layout.
+
+        Nothing is decrypted or re-encrypted: the window starts at the ciphertext boundary
+        before ``start``, so its layout is ``((k,), (stop - start,))`` with ``k = start %
+        slot_count`` leading values that belong to someone else; the second array is the
+        requested range. Lets a coordinator relay one segment of a sum without the rest.
+        """
+        if not 0 <= start <= stop <= self.n_values or start == stop:
+            raise MalformedMessage(
+                f"window [{start}, {stop}) is empty or outside the {self.n_values} values"
+            )
+        first, last = start // slot_count, -(-stop // slot_count)
+        return EncryptedBatch(
+            ciphertexts=self.ciphertexts[first:last],
+            shapes=((start - first * slot_count,), (stop - start,)),
+            n_summed=self.n_summed,
+            depth=self.depth,
+        )
 
 
 class CkksKeyHolder:
@@ -263,7 +294,7 @@ class CkksKeyHolder:
         batch._check_layout(self.params)
         values = np.concatenate(
             [
-                np.asarray(_load_vector(self._ctx, self.params, ct).decrypt())
+                np.asarray(_load_vector(self._ctx, self.params, ct, batch.depth).decrypt())
                 for ct in batch.ciphertexts
             ]
         )
@@ -304,6 +335,8 @@ class CkksAggregator:
             raise MalformedMessage(
                 f"batch layout {batch.shapes} differs from this aggregate's {self._shapes}"
             )
+        if batch.depth != 0:
+            raise MalformedMessage(f"only fresh batches (depth 0) are summed, got {batch.depth}")
         vectors = [_load_vector(self._ctx, self.params, ct) for ct in batch.ciphertexts]
         if self._shapes is None:
             self._sums, self._shapes = vectors, batch.shapes
@@ -321,6 +354,91 @@ class CkksAggregator:
             shapes=self._shapes,
             n_summed=self._count,
         )
+
+
+class CkksEvaluator:
+    """Coordinator side: keyless affine maps of encrypted sums, for a state it cannot read.
+
+    With expert updates under CKKS the coordinator never sees the global adapters: it keeps
+    them encrypted and folds each round's encrypted sum in with public factors (FedAvg's
+    ``bound / sum(w)``), ``state = factors * sum + state``. One plaintext multiplication per
+    round drops the sum one level; the state stays at that level, so rounds do not use up the
+    modulus chain. Needs a second data prime (the default parameters have two).
+    """
+
+    def __init__(self, public_context: bytes) -> None:
+        ctx = _load_context(public_context)
+        if ctx.has_secret_key():
+            raise ConfigError(
+                "public_context holds a secret key: the coordinator must get "
+                "CkksKeyHolder.public_context(), never the institutions' secret context"
+            )
+        self.params = CkksParams._of_context(ctx)
+        if len(self.params.coeff_mod_bit_sizes) < 3:
+            raise ConfigError(
+                f"coeff_mod_bit_sizes {self.params.coeff_mod_bit_sizes} leave no level for a "
+                "plaintext multiplication: add a data prime (e.g. the default (60, 40, 40, 60))"
+            )
+        self._ctx = ctx
+
+    def scale_and_add(
+        self,
+        total: EncryptedBatch,
+        factors: np.ndarray,
+        base: EncryptedBatch | Sequence[np.ndarray],
+    ) -> EncryptedBatch:
+        """``Enc(factors * total[:d] + base)`` with ``d = len(factors)``, at depth 1.
+
+        ``total`` is a fresh sum (depth 0) holding at least ``d`` values; ``base`` is either a
+        previous result (depth 1, ``d`` values) or public plaintext arrays of ``d`` values in
+        all, whose shapes the result takes.
+        """
+        total._check_layout(self.params)
+        if total.depth != 0:
+            raise MalformedMessage(f"total must be a fresh sum (depth 0), got {total.depth}")
+        factors = np.asarray(factors, dtype=np.float64).ravel()
+        d = factors.size
+        if d == 0 or d > total.n_values or not np.all(np.isfinite(factors)):
+            raise MalformedMessage(
+                f"need 1..{total.n_values} finite factors for this sum, got {d} values"
+            )
+        if isinstance(base, EncryptedBatch):
+            base._check_layout(self.params)
+            if base.depth != 1 or base.n_values != d:
+                raise MalformedMessage(
+                    f"base must be a depth-1 state of {d} values, got depth {base.depth} with "
+                    f"{base.n_values} values"
+                )
+            shapes, plain = base.shapes, None
+        else:
+            arrays = [np.asarray(a, dtype=np.float64) for a in base]
+            shapes = tuple(tuple(int(n) for n in a.shape) for a in arrays)
+            plain = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
+            if plain.size != d or not np.all(np.isfinite(plain)):
+                raise MalformedMessage(f"base must hold {d} finite values, got {plain.size}")
+        slots = self.params.slot_count
+        out: list[bytes] = []
+        for i in range(-(-d // slots)):
+            chunk = np.zeros(slots)
+            part = factors[i * slots : (i + 1) * slots]
+            chunk[: part.size] = part
+            vec = _load_vector(self._ctx, self.params, total.ciphertexts[i]) * chunk.tolist()
+            if plain is None:
+                vec.add_(_load_vector(self._ctx, self.params, base.ciphertexts[i], 1))
+            else:
+                offset = np.zeros(slots)
+                part = plain[i * slots : (i + 1) * slots]
+                offset[: part.size] = part
+                vec.add_(offset.tolist())
+            out.append(vec.serialize())
+        return EncryptedBatch(
+            ciphertexts=tuple(out), shapes=shapes, n_summed=total.n_summed, depth=1
+        )
+
+
+def context_params(context: bytes) -> CkksParams:
+    """The validated parameters of serialized context bytes (public or secret)."""
+    return CkksParams._of_context(_load_context(context))
 
 
 def _is_int(x: object) -> bool:
@@ -345,8 +463,8 @@ def _load_context(data: bytes) -> ts.Context:
         raise MalformedMessage(f"bytes do not decode to a TenSEAL context: {exc}") from exc
 
 
-def _load_vector(ctx: ts.Context, params: CkksParams, data: bytes) -> ts.CKKSVector:
-    """Deserialize one ciphertext and check it is a fresh-level ciphertext of this context."""
+def _load_vector(ctx: ts.Context, params: CkksParams, data: bytes, depth: int = 0) -> ts.CKKSVector:
+    """Deserialize one ciphertext; check it belongs to this context, ``depth`` levels down."""
     if not isinstance(data, bytes) or len(data) == 0:
         raise MalformedMessage("ciphertext must be non-empty bytes")
     try:
@@ -359,12 +477,17 @@ def _load_vector(ctx: ts.Context, params: CkksParams, data: bytes) -> ts.CKKSVec
         )
     cts = vec.ciphertext()
     seal = ctx.seal_context().data
+    level = seal.first_context_data()
+    for _ in range(depth):
+        level = level.next_context_data() if level is not None else None
+    if level is None:
+        raise MalformedMessage(f"depth {depth} is below the last level of these parameters")
     if len(cts) != 1:
         raise MalformedMessage(f"CKKS vector has {len(cts)} ciphertexts, expected 1")
     ct = cts[0]
     if (
         ct.size() != 2
-        or ct.parms_id() != seal.first_parms_id()
+        or ct.parms_id() != level.parms_id()
         or ct.scale != ctx.global_scale
         or not sealapi.is_valid_for(ct, seal)
     ):

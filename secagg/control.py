@@ -44,7 +44,10 @@ class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     ``global_state`` is the global adapter state as safetensors bytes (empty when the round only
     aggregates); the previous round's summed routing statistics come as little-endian float64
     bytes (``routing_plain``, masked channel) or as the CKKS sum the institutions decrypt
-    themselves (``routing_encrypted``); both are ``None`` in the first round.
+    themselves (``routing_encrypted``: a window of the CKKS sum, see
+    :meth:`~secagg.ckks.EncryptedBatch.window`); both are ``None`` in the first round. With
+    expert updates under CKKS, the adapters come encrypted instead (``global_encrypted``, one
+    array per adapter tensor) once a round has completed; the coordinator cannot read them.
     ``params.round_id`` is unique per attempt (see :func:`round_id`).
     """
 
@@ -54,6 +57,7 @@ class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     global_state: bytes = b""
     routing_plain: bytes | None = None
     routing_encrypted: EncryptedBatch | None = None
+    global_encrypted: EncryptedBatch | None = None
 
 
 class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -75,12 +79,14 @@ class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True)
 class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """The federation is over; the institution may exit.
 
-    ``global_state`` is the final global adapter state (safetensors bytes), so each institution
-    can evaluate the model the federation produced.
+    ``global_state`` is the final global adapter state (safetensors bytes; ``global_encrypted``
+    under CKKS expert updates, as in :class:`RoundStart`), so each institution can evaluate the
+    model the federation produced.
     """
 
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
     global_state: bytes = b""
+    global_encrypted: EncryptedBatch | None = None
 
 
 class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

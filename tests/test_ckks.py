@@ -11,7 +11,10 @@ import tenseal as ts
 
 from secagg.ckks import (
     DEFAULT_ABS_ERROR_PER_SUMMAND,
+    SCALING_ERROR_FLOOR,
+    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
     CkksAggregator,
+    CkksEvaluator,
     CkksKeyHolder,
     CkksParams,
     EncryptedBatch,
@@ -209,3 +212,87 @@ def test_bad_plaintext_inputs_rejected(holder):
 def test_sum_of_nothing_is_refused(public):
     with pytest.raises(ProtocolError):
         CkksAggregator(public).sum()
+
+
+# ------------------------------------------------------------------ keyless scaling (CKKS updates)
+
+
+def _sum_of(
+    holder: CkksKeyHolder, public: bytes, batches: list[list[np.ndarray]]
+) -> EncryptedBatch:
+    agg = CkksAggregator(public)
+    for arrays in batches:
+        agg.add(holder.encrypt(arrays))
+    return agg.sum()
+
+
+def test_scale_and_add_folds_sums_into_an_encrypted_state_round_after_round(holder, public):
+    """state = f * sum + state, twice, on the keyless context: matches float64 within the bound."""
+    evaluator = CkksEvaluator(public)
+    rng = np.random.default_rng(3)
+    n, d = 4, SLOTS + 100  # the state spans two ciphertexts; the sum carries 50 more values
+    initial = [rng.uniform(-0.5, 0.5, (d - 7,)), rng.uniform(-0.5, 0.5, (7,))]
+    factors = np.concatenate([np.full(d - 7, 0.02), np.full(7, 3.0)])  # per-segment factors
+    state: EncryptedBatch | list[np.ndarray] = initial
+    expected = np.concatenate([a.ravel() for a in initial])
+    for _ in range(2):
+        batches = [[rng.uniform(-1.0, 1.0, d + 50)] for _ in range(n)]
+        total = _sum_of(holder, public, batches)
+        state = evaluator.scale_and_add(total, factors, state)
+        expected = expected + factors * np.sum([b[0][:d] for b in batches], axis=0)[:d]
+        assert state.depth == 1 and state.shapes == ((d - 7,), (7,))
+        assert len(state.ciphertexts) == 2
+    got = np.concatenate([a.ravel() for a in holder.decrypt(state)])
+    tol = 2 * (n * np.abs(factors) * SCALING_ERROR_PER_FACTOR_AND_SUMMAND + SCALING_ERROR_FLOOR)
+    assert np.all(np.abs(got - expected) <= tol)
+    # The test can fail: a missed factor or a dropped round is far outside the tolerance.
+    assert np.max(np.abs(got - np.concatenate([a.ravel() for a in initial]))) > 100 * tol.max()
+    with pytest.raises(ValueError, match="secret_key"):  # still unreadable to the coordinator
+        ts.ckks_vector_from(ts.context_from(public), state.ciphertexts[0]).decrypt()
+
+
+def test_scaled_state_must_be_read_at_its_level(holder, public):
+    evaluator = CkksEvaluator(public)
+    total = _sum_of(holder, public, [[np.ones(10)]])
+    state = evaluator.scale_and_add(total, np.full(10, 0.5), [np.zeros(10)])
+    np.testing.assert_allclose(holder.decrypt(state)[0], 0.5, atol=1e-6)
+    relabelled = msgspec.structs.replace(state, depth=0)
+    with pytest.raises(MalformedMessage, match="level"):
+        holder.decrypt(relabelled)
+    with pytest.raises(MalformedMessage, match="depth 5"):
+        holder.decrypt(msgspec.structs.replace(state, depth=5))
+    agg = CkksAggregator(public)
+    with pytest.raises(MalformedMessage, match="fresh"):
+        agg.add(state)
+    with pytest.raises(MalformedMessage, match="fresh sum"):
+        evaluator.scale_and_add(state, np.ones(10), state)
+    with pytest.raises(MalformedMessage, match="depth-1 state"):
+        evaluator.scale_and_add(total, np.ones(10), total)
+    with pytest.raises(MalformedMessage, match="factors"):
+        evaluator.scale_and_add(total, np.ones(11), [np.zeros(11)])
+    with pytest.raises(MalformedMessage, match="factors"):
+        evaluator.scale_and_add(total, np.array([np.nan] * 10), [np.zeros(10)])
+    with pytest.raises(MalformedMessage, match="base must hold 10"):
+        evaluator.scale_and_add(total, np.ones(10), [np.zeros(9)])
+
+
+def test_evaluator_needs_a_keyless_context_with_a_spare_level(holder):
+    with pytest.raises(ConfigError, match="secret key"):
+        CkksEvaluator(holder.to_bytes())
+    lean = CkksKeyHolder.generate(CkksParams(8192, (60, 60), 40))
+    with pytest.raises(ConfigError, match="no level"):
+        CkksEvaluator(lean.public_context())
+
+
+def test_window_relays_one_segment_of_a_sum(holder, public):
+    values = np.arange(2 * SLOTS + 30, dtype=np.float64) / SLOTS
+    total = _sum_of(holder, public, [[values]])
+    start, stop = SLOTS + 5, 2 * SLOTS + 10
+    window = total.window(start, stop, SLOTS)
+    assert len(window.ciphertexts) == 2 and window.n_summed == 1
+    head, segment = holder.decrypt(window)
+    assert head.shape == (5,)
+    np.testing.assert_allclose(segment, values[start:stop], atol=1e-8)
+    for bad in [(0, 0), (10, 5), (0, values.size + 1)]:
+        with pytest.raises(MalformedMessage, match="window"):
+            total.window(*bad, SLOTS)

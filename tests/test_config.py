@@ -183,6 +183,16 @@ def test_insecure_ckks_params(raw):
     assert err.field == "$.aggregation.ckks" and "security" in str(err)
 
 
+def test_ckks_expert_updates_need_a_spare_level(raw):
+    raw["aggregation"]["expert_updates"] = "ckks"
+    raw["aggregation"]["ckks"] = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 60]}
+    err = error_of(raw)
+    assert err.field == "$.aggregation.ckks.coeff_mod_bit_sizes" and "three or more" in str(err)
+    raw["aggregation"]["expert_updates"] = "mask"  # masked updates only add: two primes do
+    config = parse_config(raw, "/somewhere/fed.toml")
+    assert config.aggregation.ckks.params().coeff_mod_bit_sizes == (60, 60)
+
+
 def test_wildcard_bind_needs_connect(raw):
     raw["coordinator"]["bind"] = "tcp://0.0.0.0:5555"
     err = error_of(raw)

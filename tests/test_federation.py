@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -21,13 +22,21 @@ from safetensors.torch import load_file
 from clients import strategy as client_strategy
 from clients.budget import BudgetLedger
 from clients.config import load_config
-from clients.keys import generate_keys
+from clients.keys import generate_keys, load_ckks_key_holder
+from clients.moe_lora import adapter_state
 from clients.runtime import LEDGER_FILE, Institution
 from clients.setup import fedavg_config
 from coordinator.service import Coordinator
-from coordinator.store import JOURNAL, RunStore
+from coordinator.store import JOURNAL, RoutingRelay, RunStore, StoreError
 from privacy import DPTrainingFacts
 from secagg import FixedPointCodec
+from secagg.ckks import (
+    DEFAULT_ABS_ERROR_PER_SUMMAND,
+    SCALING_ERROR_FLOOR,
+    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
+    CkksKeyHolder,
+    EncryptedBatch,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]
@@ -40,10 +49,16 @@ def _free_port() -> int:
 
 
 def write_config(
-    tmp_path: Path, *, rounds: int = 2, stage_timeout_s: float = 20.0, threshold: int = 2
+    tmp_path: Path,
+    *,
+    rounds: int = 2,
+    stage_timeout_s: float = 20.0,
+    threshold: int = 2,
+    expert_updates: str = "mask",
 ) -> Path:
     """examples/tiny.toml with its own port, run and key folders, and shorter timeouts."""
     text = (ROOT / "examples" / "tiny.toml").read_text()
+    text = text.replace('expert_updates = "mask"', f'expert_updates = "{expert_updates}"')
     text = text.replace("threshold = 2 ", f"threshold = {threshold} ")
     text = text.replace("tcp://127.0.0.1:5561", f"tcp://127.0.0.1:{_free_port()}")
     text = text.replace("rounds = 2", f"rounds = {rounds}")
@@ -120,6 +135,108 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
             np.testing.assert_array_less(np.abs(got - expected), atol + 1e-12)
             assert np.abs(weighted).max() > 0  # the test compares real updates, not zeros
         previous = {k: v.clone() for k, v in checkpoint.items()}
+
+
+def _run_in_threads(config, names=NAMES) -> tuple[list, list[Institution]]:
+    """The coordinator in this thread, each institution's loop in its own thread."""
+    coordinator = Coordinator(config)
+    institutions = [Institution(config, name) for name in names]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
+    ]
+    for t in threads:
+        t.start()
+    try:
+        outcomes = coordinator.run()
+        for t in threads:  # each leaves on the coordinator's Shutdown
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "an institution missed the Shutdown"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    return outcomes, institutions
+
+
+def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path, monkeypatch):
+    """expert_updates = "ckks": the coordinator folds encrypted sums into an encrypted state.
+
+    Each round's decrypted checkpoint equals the previous one plus the plaintext FedAvg of the
+    same deltas; no plaintext adapters reach the coordinator's disk or its messages; every
+    institution ends with the state the federation produced.
+    """
+    config = load_config(write_config(tmp_path, expert_updates="ckks"))
+    assert fedavg_config(config).delta_channel == "ckks"
+    submitted: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    original_submit = client_strategy.FedAvgClient.submit
+
+    def recording_submit(self, state, result, num_examples):
+        submission = original_submit(self, state, result, num_examples)
+        name = threading.current_thread().name
+        rounds = 1 + sum(1 for (_, n) in submitted if n == name)
+        submitted[(rounds, name)] = {k: v.copy() for k, v in submission.values.items()}
+        return submission
+
+    monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
+    outcomes, institutions = _run_in_threads(config)
+    assert [o.error for o in outcomes] == [None, None]
+
+    checkpoints = config.run_dir / "checkpoints"
+    assert not list(checkpoints.glob("*.safetensors"))  # the coordinator holds no plaintext
+    key = load_ckks_key_holder(config.keys_dir, NAMES[0])
+    initial = Coordinator(config).initial_state().adapters
+    names = list(initial)
+    previous = {k: v.double().numpy() for k, v in initial.items()}
+    q_mask = FixedPointCodec(
+        clip=client_strategy.CHANNEL_BOUND, bits=config.secagg.bits,
+        modulus_bits=config.secagg.modulus_bits, max_clients=len(NAMES),
+    ).max_error_per_client  # fmt: skip
+    bound = fedavg_config(config).delta_bound
+    for outcome in outcomes:
+        r, m = outcome.federation_round, len(outcome.included)
+        assert sorted(outcome.included) == sorted(NAMES)
+        state = msgspec.msgpack.decode(
+            (checkpoints / f"round-{r:04d}.ckks").read_bytes(), type=EncryptedBatch
+        )
+        decrypted = dict(zip(names, key.decrypt(state), strict=True))
+        total = sum(submitted[(r, n)][client_strategy.WEIGHT][0] for n in outcome.included)
+        for name in names:
+            weighted = sum(
+                submitted[(r, n)][client_strategy.DELTA_PREFIX + name] for n in outcome.included
+            )
+            update = weighted.reshape(previous[name].shape) / total
+            # Masked weight: off by < m*q; CKKS: the packed sum and the scaling.
+            factor = bound / (total - m * q_mask)
+            tol = (
+                np.abs(update) * m * q_mask / (total - m * q_mask)
+                + m
+                * factor
+                * (DEFAULT_ABS_ERROR_PER_SUMMAND + SCALING_ERROR_PER_FACTOR_AND_SUMMAND)
+                + SCALING_ERROR_FLOOR
+            )
+            np.testing.assert_array_less(np.abs(decrypted[name] - previous[name] - update), tol)
+            assert np.abs(update).max() > 100 * tol.max()  # real updates, far above the error
+        previous = decrypted
+    for inst in institutions:  # Shutdown carried the encrypted final state; each decrypted it
+        final = adapter_state(inst.model)
+        for name in names:
+            np.testing.assert_allclose(final[name].double().numpy(), previous[name], atol=1e-6)
+
+
+def test_run_store_keeps_an_encrypted_state_without_plaintext(tmp_path):
+    key = CkksKeyHolder.generate()
+    batch = key.encrypt([np.arange(6.0).reshape(2, 3)])
+    store = RunStore(tmp_path)
+    store.started(1, 0, 65536, NAMES)
+    store.completed(1, 0, batch, RoutingRelay(), NAMES, {"round": 1.0})
+    resume = RunStore(tmp_path).resume()
+    assert resume.last_round == 1 and resume.adapters == batch
+    np.testing.assert_allclose(key.decrypt(resume.adapters)[0], np.arange(6.0).reshape(2, 3))
+    checkpoint = tmp_path / "checkpoints" / "round-0001.ckks"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(StoreError, match="does not match the journal"):
+        RunStore(tmp_path).resume()
 
 
 def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path, caplog):

@@ -236,9 +236,13 @@ def test_routing_is_read_back_from_a_packed_ckks_sum(expert_updates):
     ]
     ckks_sum = sum(layout.pack(s)["ckks"] for s in submissions)
     routing_sum = submissions[0][ROUTING] + submissions[1][ROUTING]
-    np.testing.assert_allclose(routing_from_channel(layout, ckks_sum), routing_sum)
+    np.testing.assert_allclose(routing_from_channel(layout, [ckks_sum]), routing_sum)
+    # the window a coordinator relays: some values of the channel before it, then the routing
+    offset = layout.length("ckks") - len(routing_sum)
+    window = [ckks_sum[offset - 3 : offset], ckks_sum[offset:]]
+    np.testing.assert_allclose(routing_from_channel(layout, window), routing_sum)
     with pytest.raises(ValueError, match="decrypted routing has 1 values"):
-        routing_from_channel(layout, np.zeros(1))
+        routing_from_channel(layout, [np.zeros(1)])
 
 
 # ------------------------------------------------------------------------------ federation
