@@ -310,8 +310,9 @@ def processes():
             proc.wait(timeout=10)
 
 
-def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
-    path = write_config(tmp_path, rounds=3, stage_timeout_s=15.0)
+@pytest.mark.parametrize("expert_updates", ["mask", "ckks"])
+def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes, expert_updates):
+    path = write_config(tmp_path, rounds=3, stage_timeout_s=45.0, expert_updates=expert_updates)
     config = load_config(path)
     logs = tmp_path / "logs"
     coordinator, clients = _start_parties(path, logs)
@@ -338,6 +339,10 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
     assert len({e["round_id"] for e in round2}) == 2
     resume = RunStore(config.run_dir).resume()  # every checkpoint matches its journal hash
     assert resume.last_round == 3 and resume.adapters is not None
+    if expert_updates == "ckks":  # resumed from ciphertexts: the state still decrypts
+        assert isinstance(resume.adapters, EncryptedBatch)
+        key = load_ckks_key_holder(config.keys_dir, NAMES[0])
+        assert all(np.all(np.isfinite(a)) for a in key.decrypt(resume.adapters))
     # No institution was charged twice for one release.
     for name in NAMES:
         ledger = config.run_dir / "institutions" / name / LEDGER_FILE
