@@ -12,7 +12,8 @@ sum(keys) / holder count. An expert nobody held (all its holders dropped) keeps 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,11 +23,16 @@ from clients.fedamole import (
     EXPERT_WEIGHT,
     KEY_COUNT,
     KEY_SUM,
+    FedAMoLEClient,
     FedAMoLEConfig,
     FedAMoLEState,
+    FedAMoLEUpdate,
     check_assignment_feasible,
 )
+from clients.release import Charge
 from clients.strategy import DELTA_PREFIX, WEIGHT, NoContribution, StrategyError, SubmissionLayout
+from coordinator.strategy import aggregate_locally
+from privacy import DPConfig
 
 
 def solve_assignment(
@@ -155,3 +161,86 @@ class FedAMoLECoordinator:
             assignment=state.assignment,
             round=state.round + 1,
         )
+
+
+@dataclass(frozen=True)
+class FedAMoLEInstitution:
+    """One in-process institution: its client side, data splits and ledger hook."""
+
+    client: FedAMoLEClient
+    train: torch.Tensor
+    aux: torch.Tensor
+    charge: Charge
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.train.shape[0])
+
+
+@dataclass(frozen=True)
+class FedAMoLERound:
+    """A finished round: the next state, who was summed, and each client's local outcome."""
+
+    state: FedAMoLEState
+    included: list[int]
+    updates: dict[int, FedAMoLEUpdate]
+    clipped: dict[int, dict[str, float]]
+
+
+def run_round(
+    coordinator: FedAMoLECoordinator,
+    institutions: Sequence[FedAMoLEInstitution],
+    state: FedAMoLEState,
+    *,
+    dp: DPConfig | None,
+    steps: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    threshold: int,
+    bits: int = 16,
+    dropouts: dict[int, str] | None = None,
+    seed: int | None = None,
+) -> FedAMoLERound:
+    """One whole FedAMoLE round in one process (institution i is client id i).
+
+    When the state has keys (every round after the first), each institution releases its
+    charged, noised scores and the coordinator solves this round's assignment; otherwise the
+    state's (public round-0) assignment stands. Then every institution trains and submits, the
+    submissions go through a real SecAgg+ round (``dropouts`` as in :func:`secagg.run_local`)
+    and the coordinator forms the next state.
+    """
+    if [inst.client.client for inst in institutions] != list(range(len(institutions))):
+        raise StrategyError("institution i must run the client side of client id i")
+    if np.any(state.key_counts > 0):
+        scores = {
+            i: inst.client.affinity_scores(state, inst.aux, inst.charge)
+            for i, inst in enumerate(institutions)
+        }
+        state = coordinator.assign(state, {i: s for i, s in scores.items() if s is not None})
+    updates, submissions = {}, []
+    for i, inst in enumerate(institutions):
+        updates[i] = inst.client.train(
+            state,
+            inst.train,
+            inst.aux,
+            dp=dp,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=None if seed is None else seed + i,
+        )
+        submissions.append(inst.client.submit(state, updates[i], inst.num_examples, inst.charge))
+    layout = coordinator.layout(state)
+    agg = aggregate_locally(
+        layout,
+        [layout.pack(s.values) for s in submissions],
+        threshold=threshold,
+        bits=bits,
+        dropouts=dropouts,
+    )
+    return FedAMoLERound(
+        state=coordinator.aggregate(state, agg.sums),
+        included=agg.included,
+        updates=updates,
+        clipped={i: s.clipped for i, s in enumerate(submissions)},
+    )

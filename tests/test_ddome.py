@@ -19,12 +19,13 @@ from clients.ddome_lora import (
     ddome_state,
     expert_of,
     gate_logits,
+    load_ddome_state,
     per_sample_loss,
     set_trainable,
 )
 from clients.models import tiny_dense_model
 from clients.strategy import CHANNEL_BOUND, StrategyError
-from coordinator.ddome import DDOMECoordinator
+from coordinator.ddome import DDOMECoordinator, DDOMEInstitution, run_round
 from coordinator.strategy import aggregate_locally
 from privacy import DPConfig, assert_per_sample_gradients
 from secagg import FixedPointCodec
@@ -216,16 +217,45 @@ def test_every_submission_is_the_full_vector_with_zeros_for_untrained_experts():
                 assert np.any(value)  # the gate always trains
 
 
-def test_unseen_institution_gets_a_valid_zero_shot_choice():
+def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds():
     fed = Federation(3)
-    state = fed.coordinator.aggregate(fed.state, fed.round(fed.state)[3].sums)
-    unseen = model()  # a new institution: never trained, downloads the state
-    DDOMEClient(fed.config, unseen).choose(state, torch.zeros(1, 64))  # loads the state
+    ledgers = [Ledger() for _ in fed.clients]
+    institutions = [
+        DDOMEInstitution(c, fed.blocks[i], fed.emb[i], ledgers[i])
+        for i, c in enumerate(fed.clients)
+    ]
+    state = fed.state
+    for r, dropouts in enumerate([{}, {1: "masked_input"}]):
+        done = run_round(
+            fed.coordinator,
+            institutions,
+            state,
+            dp=DP,
+            steps=2,
+            batch_size=4,
+            lr=1e-2,
+            threshold=2,
+            bits=BITS,
+            dropouts=dropouts,
+            seed=r,
+        )
+        assert done.included == [i for i in range(3) if i not in dropouts]
+        assert done.state.round == r + 1
+        assert not torch.equal(
+            done.state.adapters[f"{GATE}.0.weight"], state.adapters[f"{GATE}.0.weight"]
+        )
+        state = done.state
+    assert all(len(ledger.entries) == 2 for ledger in ledgers)
+
+    unseen = model()  # a new institution: never trained, downloads the state, has no labels
+    load_ddome_state(unseen, state.adapters)
     blocks = ids(6, seed=99)
     emb = common_embedding(unseen, blocks)
     choice = zero_shot(unseen, emb, 2)
-    assert len(choice.experts) == 2 and len(set(choice.experts)) == 2
-    assert all(0 <= e < 4 for e in choice.experts)
+    with torch.no_grad():
+        mean = torch.softmax(gate_logits(unseen, emb), -1).mean(0)
+    assert choice.experts == tuple(int(i) for i in torch.topk(mean, 2).indices)
+    assert len(set(choice.experts)) == 2 and all(0 <= e < 4 for e in choice.experts)
     assert choice.per_sample.shape == (6,)
     assert set(choice.per_sample.tolist()) <= set(choice.experts)
     assert np.isfinite(zero_shot_loss(unseen, blocks, choice))

@@ -32,7 +32,13 @@ from clients.fedamole_lora import (
 from clients.models import tiny_dense_model
 from clients.release import gaussian_release, noise_generator
 from clients.strategy import CHANNEL_BOUND, StrategyError
-from coordinator.fedamole import FedAMoLECoordinator, client_affinity, solve_assignment
+from coordinator.fedamole import (
+    FedAMoLECoordinator,
+    FedAMoLEInstitution,
+    client_affinity,
+    run_round,
+    solve_assignment,
+)
 from coordinator.strategy import aggregate_locally
 from privacy import DPConfig, assert_per_sample_gradients
 from secagg import FixedPointCodec
@@ -370,3 +376,50 @@ def test_scores_follow_the_embedding():
     state = dataclasses.replace(state, keys=keys, key_counts=np.ones(state.key_counts.shape))
     scores = client.affinity_scores(state, fed.aux[0], Ledger())
     assert np.all(scores.argmax(1) == 2) and np.all(scores.argmin(1) == 0)
+
+
+class SpyCoordinator(FedAMoLECoordinator):
+    """Records every score matrix that reached the coordinator, per client."""
+
+    def __init__(self, config: FedAMoLEConfig) -> None:
+        super().__init__(config)
+        self.received: dict[int, int] = {}
+
+    def assign(self, state, scores):
+        for i in scores:
+            self.received[i] = self.received.get(i, 0) + 1
+        return super().assign(state, scores)
+
+
+def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator():
+    fed = Federation(3)
+    coordinator = SpyCoordinator(fed.config)
+    institutions = [
+        FedAMoLEInstitution(c, fed.train[i], fed.aux[i], fed.ledgers[i])
+        for i, c in enumerate(fed.clients)
+    ]
+    state = fed.state
+    for r, dropouts in enumerate([{}, {}, {2: "masked_input"}]):
+        done = run_round(
+            coordinator,
+            institutions,
+            state,
+            dp=DP,
+            steps=2,
+            batch_size=4,
+            lr=1e-2,
+            threshold=2,
+            bits=BITS,
+            dropouts=dropouts,
+            seed=r,
+        )
+        assert done.state.round == r + 1
+        assert done.included == [i for i in range(3) if i not in dropouts]
+        a = done.state.assignment
+        assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
+        state = done.state
+    assert coordinator.received == {0: 2, 1: 2, 2: 2}  # rounds 1 and 2 used scores
+    for i, ledger in enumerate(fed.ledgers):
+        scores = [e for e, what in ledger.entries if "affinity scores" in what]
+        assert len(scores) == coordinator.received[i]
+        assert all(e == dp_accounting.GaussianDpEvent(1.0) for e in scores)
