@@ -61,8 +61,9 @@ class Ledger:
         self.entries.append((event, what))
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("anchor", [None, 1])
-def test_gate_and_expert_per_sample_gradients_match_brute_force(anchor):
+def test_gate_and_expert_per_sample_gradients_match_brute_force(anchor, mode):
     m = exercised(model())
     chosen = (1, 2)
     set_trainable(m, chosen)
@@ -71,7 +72,7 @@ def test_gate_and_expert_per_sample_gradients_match_brute_force(anchor):
     def loss(mod, b):
         return per_sample_loss(mod, b[0], b[1], chosen, anchor, 0.5)
 
-    report = assert_per_sample_gradients(m, batch, loss)
+    report = assert_per_sample_gradients(m, batch, loss, mode=mode)
     names = {p.name for p in report.parameters}
     assert names == {n for n, p in m.named_parameters() if p.requires_grad}
     assert {f"{GATE}.0.weight", f"{GATE}.2.bias"} <= names
