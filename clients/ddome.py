@@ -1,0 +1,243 @@
+"""DDOME under secure aggregation, client side: private expert choice, joint training, sums.
+
+Every client downloads the gate and ALL experts, so which ones it picks stays on the client:
+
+1. It embeds its data once with the frozen common expert (:func:`common_embedding`).
+2. Each round it scores the experts with the broadcast gate on its embeddings, averages the
+   probabilities over its samples and takes the top-K (an anchor client, if configured, always
+   takes its anchor expert first and also pulls the gate towards it).
+3. It trains the gate and those K experts jointly with DP-SGD on the MoE output.
+4. It submits, in one secure sum, the FULL vector: ``w`` and ``w * delta`` for the gate and for
+   every expert (exact zeros for experts it did not train), and per expert ``w`` and a 0/1
+   count. The coordinator learns how many clients trained each expert, never which.
+
+An institution that never trained picks its experts zero-shot (:func:`zero_shot`): top-K by
+the gate's mean probability on its embeddings, and per sample the best of those, no labels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from clients.ddome_lora import (
+    DDOMEAdapterConfig,
+    ddome_state,
+    expert_of,
+    gate_logits,
+    load_ddome_state,
+    mixture_logits,
+    per_sample_loss,
+    set_trainable,
+    top_experts,
+)
+from clients.dp_local import train_steps
+from clients.release import Charge
+from clients.strategy import (
+    DELTA_PREFIX,
+    WEIGHT,
+    LayoutError,
+    Segment,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+)
+from privacy import DPConfig, DPTrainingFacts
+
+EXPERT_WEIGHT = "expert_weight"
+EXPERT_COUNT = "expert_count"
+
+
+@dataclass(frozen=True)
+class DDOMEConfig:
+    """Public parameters: the adapter, the FedAvg weight cap ``max_examples``, the delta clip
+    ``delta_bound``, ``min_count`` (an expert moves only when at least this many clients trained
+    it in the round) and ``anchor_coef`` (weight of an anchor client's gate loss)."""
+
+    adapter: DDOMEAdapterConfig
+    max_examples: int = 4096
+    delta_bound: float = 0.1
+    min_count: int = 1
+    anchor_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "min_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StrategyError(f"ddome.{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.delta_bound, (int, float)) and 0 < self.delta_bound < math.inf):
+            raise StrategyError(f"ddome.delta_bound must be finite and > 0, got {self.delta_bound}")
+        if not (isinstance(self.anchor_coef, (int, float)) and self.anchor_coef >= 0):
+            raise StrategyError(f"ddome.anchor_coef must be >= 0, got {self.anchor_coef!r}")
+
+    def weight(self, num_examples: int) -> float:
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+            raise StrategyError(f"num_examples must be an int >= 0, got {num_examples!r}")
+        return min(num_examples, self.max_examples) / self.max_examples
+
+    def layout(self, state: DDOMEState) -> SubmissionLayout:
+        """``weight``, ``delta:<name>`` for the gate and every expert, then per expert
+        ``expert_weight`` and ``expert_count``; all masked."""
+        experts = self.adapter.num_experts
+        return SubmissionLayout(
+            (
+                Segment(WEIGHT, 1, "mask", 1.0),
+                *(
+                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.delta_bound)
+                    for n, t in state.adapters.items()
+                ),
+                Segment(EXPERT_WEIGHT, experts, "mask", 1.0),
+                Segment(EXPERT_COUNT, experts, "mask", 1.0),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class DDOMEState:
+    """The broadcast: gate and all experts, and how many clients trained each expert last round."""
+
+    adapters: dict[str, torch.Tensor]
+    expert_counts: np.ndarray
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class DDOMEUpdate:
+    """One client's round: ``delta`` (state order; zeros for untrained experts), the chosen
+    experts (stays on the client except inside the secure sum) and the DP-SGD facts."""
+
+    delta: dict[str, torch.Tensor]
+    chosen: tuple[int, ...]
+    facts: DPTrainingFacts | None
+    steps: int
+    mean_loss: float
+
+
+@dataclass
+class DDOMEClient:
+    """Client side of DDOME on ``model`` (DDOME adapters); ``anchor``: this client's anchor
+    expert, or None for an ordinary client."""
+
+    config: DDOMEConfig
+    model: nn.Module
+    anchor: int | None = None
+
+    def __post_init__(self) -> None:
+        experts = self.config.adapter.num_experts
+        if self.anchor is not None and not 0 <= self.anchor < experts:
+            raise StrategyError(f"anchor expert {self.anchor} is not in [0, {experts})")
+
+    def choose(self, state: DDOMEState, embeddings: torch.Tensor) -> tuple[int, ...]:
+        """This round's top-K experts from the broadcast gate (anchor first, if any)."""
+        load_ddome_state(self.model, state.adapters)
+        k = self.config.adapter.top_k
+        if self.anchor is None:
+            return top_experts(self.model, embeddings, k)
+        ranked = top_experts(self.model, embeddings, self.config.adapter.num_experts)
+        return (self.anchor, *[m for m in ranked if m != self.anchor][: k - 1])
+
+    def train(
+        self,
+        state: DDOMEState,
+        blocks: torch.Tensor,
+        embeddings: torch.Tensor,
+        *,
+        dp: DPConfig | None,
+        steps: int,
+        batch_size: int,
+        lr: float = 1e-3,
+        seed: int | None = None,
+    ) -> DDOMEUpdate:
+        """Choose the experts, then train the gate and them jointly (``embeddings`` from
+        :func:`common_embedding` of the same ``blocks``)."""
+        if embeddings.shape[0] != blocks.shape[0]:
+            raise StrategyError("embeddings must have one row per training block")
+        chosen = self.choose(state, embeddings)
+        set_trainable(self.model, chosen)
+        coef = self.config.anchor_coef
+        run = train_steps(
+            self.model,
+            TensorDataset(blocks, embeddings),
+            lambda b: per_sample_loss(self.model, b[0], b[1], chosen, self.anchor, coef),
+            dp=dp,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+        )
+        after = ddome_state(self.model)
+        delta = {n: (after[n] - state.adapters[n].to(after[n].device)).cpu() for n in after}
+        return DDOMEUpdate(delta, chosen, run.facts, run.steps, run.mean_loss)
+
+    def layout(self, state: DDOMEState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def submit(
+        self, state: DDOMEState, update: DDOMEUpdate, num_examples: int, charge: Charge
+    ) -> Submission:
+        """The full-vector secure-sum segments; charges the DP-SGD run before returning."""
+        cfg = self.config
+        if list(update.delta) != list(state.adapters):
+            raise LayoutError("the update's delta does not follow the state's adapter order")
+        if update.facts is not None:
+            charge(
+                update.facts.dp_event(),
+                f"ddome gate and expert updates (DP-SGD), round {state.round}",
+            )
+        w = cfg.weight(num_examples)
+        trained = np.zeros(cfg.adapter.num_experts)
+        trained[list(update.chosen)] = 1.0
+        deltas = {}
+        for name, d in update.delta.items():
+            m = expert_of(name)
+            # An untrained expert's delta is exactly zero already (frozen): make it certain.
+            keep = m is None or trained[m] == 1.0
+            deltas[DELTA_PREFIX + name] = d.double().numpy() * float(keep)
+        raw = {WEIGHT: np.array([w]), **deltas, EXPERT_WEIGHT: w * trained, EXPERT_COUNT: trained}
+        clipped = self.layout(state).clipped_fraction(raw)
+        bound = cfg.delta_bound
+        values = {**raw, **{n: w * np.clip(d, -bound, bound) for n, d in deltas.items()}}
+        return Submission(values=values, clipped=clipped)
+
+
+@dataclass(frozen=True)
+class ZeroShotChoice:
+    """An unseen institution's experts (best first) and, per sample, the one it uses."""
+
+    experts: tuple[int, ...]
+    per_sample: torch.Tensor
+
+
+@torch.no_grad()
+def zero_shot(model: nn.Module, embeddings: torch.Tensor, k: int) -> ZeroShotChoice:
+    """Top-``k`` experts by the gate's mean probability on unlabelled ``embeddings``; per sample
+    the highest-scoring of them (the paper's zero-shot rule)."""
+    experts = top_experts(model, embeddings, k)
+    logits = gate_logits(model, embeddings.to(next(model.parameters()).device)).cpu()
+    best = logits[:, list(experts)].argmax(-1)
+    return ZeroShotChoice(experts, torch.tensor(experts)[best])
+
+
+@torch.no_grad()
+def zero_shot_loss(
+    model: nn.Module, blocks: torch.Tensor, choice: ZeroShotChoice, batch_size: int = 8
+) -> float:
+    """Mean next-token cross-entropy when each block uses only its zero-shot expert."""
+    experts = model.ddome_config.num_experts
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        gates = torch.nn.functional.one_hot(choice.per_sample[i : i + batch_size], experts)
+        logits = mixture_logits(model, ids, gates.to(device=device, dtype=torch.float32))
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum"
+        )
+        total += float(ce)
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+    return total / tokens

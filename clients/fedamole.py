@@ -1,0 +1,402 @@
+"""FedAMoLE under secure aggregation, client side: held experts, reverse selection, submissions.
+
+A round (``coordinator.fedamole`` is the other half):
+
+1. Scores. The state broadcasts the averaged expert keys k̄ (from the last round's secure sum)
+   and the assignment that round used. With the broadcast adapters and the experts it held, the
+   client embeds the first ``affinity_blocks`` blocks of its auxiliary split, t = mean over
+   blocks of clip(mean_tokens W_tp x, C_t) per module, and scores every expert,
+   s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r). The scores are a release: charged to the
+   ledger (Gaussian mechanism, :meth:`FedAMoLEConfig.score_sensitivity`), then noised and sent
+   in the clear. Round 0 has no keys yet: no scores, the assignment is drawn from a public seed.
+2. The coordinator solves the expert-to-client assignment from the noised scores.
+3. Training. The client trains the shared expert, the token projections and its assigned
+   experts with DP-SGD, then computes each held expert's key (mean LoRA-A output over the same
+   auxiliary blocks, per-block clipped to C_k), DP-noises the keys (charged) and submits, in one
+   secure sum: ``w`` and ``w * delta`` for every adapter tensor (zeros for experts it does not
+   hold), per-expert ``w`` and holder count, and the keys. The coordinator forms only ratios.
+
+Client ids are the public indices 0..num_clients-1 of the federation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from clients.dp_local import train_steps
+from clients.fedamole_lora import (
+    AMoLEConfig,
+    amole_state,
+    load_amole_state,
+    per_sample_loss,
+    projections,
+    set_held,
+)
+from clients.release import Charge, gaussian_release
+from clients.strategy import (
+    DELTA_PREFIX,
+    WEIGHT,
+    LayoutError,
+    Segment,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+)
+from privacy import DPConfig, DPTrainingFacts
+
+EXPERT_WEIGHT = "expert_weight"
+KEY_SUM = "key_sum"
+KEY_COUNT = "key_count"
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StrategyError(f"fedamole.{name} must be an int >= 1, got {value!r}")
+
+
+def _positive_float(name: str, value: object) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise StrategyError(f"fedamole.{name} must be finite and > 0, got {value!r}")
+
+
+def check_assignment_feasible(
+    num_experts: int, num_clients: int, clients_per_expert: int, min_experts: int, max_experts: int
+) -> None:
+    """Refuse (naming the knob) settings no 0/1 assignment can meet: every expert exactly
+    ``clients_per_expert`` clients, every client between ``min_experts`` and ``max_experts``."""
+    slots = num_experts * clients_per_expert
+    if clients_per_expert > num_clients:
+        raise StrategyError(
+            f"fedamole.clients_per_expert={clients_per_expert} exceeds the {num_clients} "
+            "clients available to hold each expert"
+        )
+    if min_experts > max_experts or max_experts > num_experts:
+        raise StrategyError(
+            f"fedamole.min_experts={min_experts} <= max_experts={max_experts} <= num_experts="
+            f"{num_experts} must hold"
+        )
+    if slots < num_clients * min_experts:
+        raise StrategyError(
+            f"fedamole.min_experts={min_experts}: {num_experts} experts x clients_per_expert="
+            f"{clients_per_expert} = {slots} slots cannot give each of {num_clients} clients "
+            f"{min_experts} experts; lower min_experts or raise clients_per_expert"
+        )
+    if slots > num_clients * max_experts:
+        raise StrategyError(
+            f"fedamole.max_experts={max_experts}: {slots} slots ({num_experts} experts x "
+            f"clients_per_expert={clients_per_expert}) do not fit {num_clients} clients holding "
+            f"at most {max_experts}; raise max_experts or lower clients_per_expert"
+        )
+
+
+@dataclass(frozen=True)
+class FedAMoLEConfig:
+    """Public parameters every party shares.
+
+    Assignment: each expert goes to exactly ``clients_per_expert`` clients, each client holds
+    ``min_experts``..``max_experts`` per module (paper: 2, 2..8). Reverse selection: embeddings
+    over the first ``affinity_blocks`` auxiliary blocks, per-block L2 clip ``embedding_clip``
+    (C_t) for token projections and ``key_clip`` (C_k) for keys; Gaussian noise of
+    ``score_noise_multiplier`` (scores) and ``key_noise_multiplier`` (keys) times the
+    sensitivity. Updates: weight ``min(n, max_examples) / max_examples``, deltas clipped to
+    ``±delta_bound``. ``public_seed`` draws the round-0 assignment (anyone can redraw it).
+    """
+
+    adapter: AMoLEConfig
+    num_clients: int
+    clients_per_expert: int = 2
+    min_experts: int = 2
+    max_experts: int = 8
+    affinity_blocks: int = 16
+    embedding_clip: float = 1.0
+    key_clip: float = 1.0
+    score_noise_multiplier: float = 1.0
+    key_noise_multiplier: float = 1.0
+    max_examples: int = 4096
+    delta_bound: float = 0.1
+    public_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_clients",
+            "clients_per_expert",
+            "min_experts",
+            "max_experts",
+            "affinity_blocks",
+            "max_examples",
+        ):
+            _positive_int(name, getattr(self, name))
+        for name in (
+            "embedding_clip",
+            "key_clip",
+            "score_noise_multiplier",
+            "key_noise_multiplier",
+            "delta_bound",
+        ):
+            _positive_float(name, getattr(self, name))
+        if self.min_experts < self.adapter.top_k:
+            raise StrategyError(
+                f"fedamole.min_experts={self.min_experts} is below the router's top_k="
+                f"{self.adapter.top_k}: a client could not route"
+            )
+        check_assignment_feasible(
+            self.adapter.num_experts,
+            self.num_clients,
+            self.clients_per_expert,
+            self.min_experts,
+            self.max_experts,
+        )
+
+    def score_sensitivity(self, num_modules: int) -> float:
+        """L2 sensitivity of one client's score matrix [M, E] to adding or removing a record.
+
+        A record changes at most one of the ``n = affinity_blocks`` blocks behind t (it may
+        push another block out), so each t[m] moves by at most 2 C_t / n; each score row is
+        K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k.
+        """
+        a = self.adapter
+        move = 2 * self.embedding_clip / self.affinity_blocks
+        return math.sqrt(num_modules * a.num_experts) * self.key_clip * move / math.sqrt(a.rank)
+
+    def key_sensitivity(self, held_keys: int) -> float:
+        """L2 sensitivity of one client's ``held_keys`` key vectors (per-block clipped to C_k,
+        averaged over ``affinity_blocks``): 2 C_k / n each, as for the scores."""
+        return math.sqrt(held_keys) * 2 * self.key_clip / self.affinity_blocks
+
+    def weight(self, num_examples: int) -> float:
+        """The public FedAvg weight of a client with ``num_examples`` training blocks."""
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+            raise StrategyError(f"num_examples must be an int >= 0, got {num_examples!r}")
+        return min(num_examples, self.max_examples) / self.max_examples
+
+    def layout(self, state: FedAMoLEState) -> SubmissionLayout:
+        """``weight``, ``delta:<name>`` per adapter tensor (state order), then per (module,
+        expert) ``expert_weight``, ``key_count`` and the r-vector ``key_sum``; all masked."""
+        m, e, r = state.keys.shape
+        return SubmissionLayout(
+            (
+                Segment(WEIGHT, 1, "mask", 1.0),
+                *(
+                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.delta_bound)
+                    for n, t in state.adapters.items()
+                ),
+                Segment(EXPERT_WEIGHT, m * e, "mask", 1.0),
+                Segment(KEY_COUNT, m * e, "mask", 1.0),
+                Segment(KEY_SUM, m * e * r, "mask", self.key_clip),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class FedAMoLEState:
+    """What the coordinator broadcasts: adapters, averaged keys and the round's assignment.
+
+    ``keys[m, e]``: mean key of expert e of module m over the clients that held it when it was
+    last held (``key_counts[m, e]`` of them; 0 means no key yet). ``assignment[m, e, c]``: client c
+    holds expert e of module m this round (after :meth:`coordinator.fedamole.FedAMoLECoordinator
+    .assign`) or held it last round (after ``aggregate``). The assignment is DP post-processing
+    of noised scores (or a public draw), so every client may see all of it.
+    """
+
+    adapters: dict[str, torch.Tensor]
+    modules: tuple[str, ...]
+    keys: np.ndarray
+    key_counts: np.ndarray
+    assignment: np.ndarray
+    round: int = 0
+
+    @cached_property
+    def expert_of(self) -> dict[str, tuple[int, int]]:
+        """Adapter tensor name -> (module, expert) for domain-expert tensors."""
+        roles: dict[str, tuple[int, int]] = {}
+        for name in self.adapters:
+            for m, module in enumerate(self.modules):
+                for part in ("experts_A", "experts_B"):
+                    prefix = f"{module}.{part}."
+                    if name.startswith(prefix):
+                        roles[name] = (m, int(name[len(prefix) :].split(".")[0]))
+        return roles
+
+    def held(self, client: int) -> dict[str, tuple[int, ...]]:
+        """Per module, the experts ``client`` holds in the assignment (all if it holds none:
+        a client absent from the last assignment embeds with every expert)."""
+        column = self.assignment[:, :, client]
+        every = tuple(range(self.keys.shape[1]))
+        return {
+            mod: tuple(int(e) for e in np.flatnonzero(column[m])) or every
+            for m, mod in enumerate(self.modules)
+        }
+
+    def with_assignment(self, assignment: np.ndarray) -> FedAMoLEState:
+        if assignment.shape != self.assignment.shape:
+            raise StrategyError(f"assignment shape {assignment.shape} != {self.assignment.shape}")
+        return replace(self, assignment=assignment.astype(bool))
+
+
+@dataclass(frozen=True)
+class FedAMoLEUpdate:
+    """One client's local round: ``delta`` (state order; zeros for non-held experts), its DP
+    keys [M, E, r] (zeros where not held), the held mask [M, E] and the DP-SGD facts."""
+
+    delta: dict[str, torch.Tensor]
+    keys: np.ndarray
+    held: np.ndarray
+    facts: DPTrainingFacts | None
+    steps: int
+    mean_loss: float
+
+
+def _clip_rows(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """Scale each last-dimension vector to L2 norm at most ``bound``."""
+    norms = x.norm(dim=-1, keepdim=True)
+    return x * torch.clamp(bound / torch.clamp(norms, min=1e-12), max=1.0)
+
+
+@dataclass
+class FedAMoLEClient:
+    """Client side of FedAMoLE for client ``client`` training ``model`` (FedAMoLE adapters)."""
+
+    config: FedAMoLEConfig
+    client: int
+    model: nn.Module
+
+    def _aux(self, aux: torch.Tensor) -> torch.Tensor:
+        n = self.config.affinity_blocks
+        if aux.dim() != 2 or aux.shape[0] < n:
+            raise StrategyError(
+                f"the auxiliary split needs >= fedamole.affinity_blocks={n} blocks, "
+                f"got shape {tuple(aux.shape)}"
+            )
+        return aux[:n]
+
+    def _embed(
+        self, state: FedAMoLEState, aux: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        load_amole_state(self.model, state.adapters)
+        set_held(self.model, state.held(self.client))
+        return projections(self.model, self._aux(aux))
+
+    def affinity_scores(
+        self,
+        state: FedAMoLEState,
+        aux: torch.Tensor,
+        charge: Charge,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray | None:
+        """Noised scores [M, E] against the broadcast keys, charged first; None in round 0."""
+        if not np.any(state.key_counts > 0):
+            return None
+        cfg = self.config
+        embedded = self._embed(state, aux)
+        keys = _clip_rows(torch.from_numpy(state.keys), cfg.key_clip)
+        scores = np.zeros(state.key_counts.shape)
+        for m, module in enumerate(state.modules):
+            q, _ = embedded[module]
+            t = _clip_rows(q.double(), cfg.embedding_clip).mean(0)
+            scores[m] = (keys[m] @ t / math.sqrt(cfg.adapter.rank)).numpy()
+        return gaussian_release(
+            scores,
+            sensitivity=cfg.score_sensitivity(len(state.modules)),
+            noise_multiplier=cfg.score_noise_multiplier,
+            charge=charge,
+            what=f"fedamole affinity scores, round {state.round}",
+            generator=generator,
+        )
+
+    def train(
+        self,
+        state: FedAMoLEState,
+        train_blocks: torch.Tensor,
+        aux: torch.Tensor,
+        *,
+        dp: DPConfig | None,
+        steps: int,
+        batch_size: int,
+        lr: float = 1e-3,
+        seed: int | None = None,
+    ) -> FedAMoLEUpdate:
+        """Train the held experts and shared parts; return the delta and the (not yet DP) keys."""
+        held = state.held(self.client)
+        if not state.assignment[:, :, self.client].any():
+            raise StrategyError(f"client {self.client} holds no expert in this round's assignment")
+        load_amole_state(self.model, state.adapters)
+        set_held(self.model, held)
+        run = train_steps(
+            self.model,
+            TensorDataset(train_blocks),
+            lambda batch: per_sample_loss(self.model, batch[0]),
+            dp=dp,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+        )
+        after = amole_state(self.model)
+        delta = {n: (after[n] - state.adapters[n].to(after[n].device)).cpu() for n in after}
+        embedded = projections(self.model, self._aux(aux))
+        keys = np.zeros(state.keys.shape)
+        mask = np.zeros(state.key_counts.shape, dtype=bool)
+        for m, module in enumerate(state.modules):
+            _, k = embedded[module]  # [n, h, r] per-block means of the held experts' keys
+            keys[m, list(held[module])] = (
+                _clip_rows(k.double(), self.config.key_clip).mean(0).numpy()
+            )
+            mask[m, list(held[module])] = True
+        return FedAMoLEUpdate(delta, keys, mask, run.facts, run.steps, run.mean_loss)
+
+    def layout(self, state: FedAMoLEState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def submit(
+        self,
+        state: FedAMoLEState,
+        update: FedAMoLEUpdate,
+        num_examples: int,
+        charge: Charge,
+        generator: torch.Generator | None = None,
+    ) -> Submission:
+        """The round's secure-sum segments. Charges the DP-SGD run and the keys' Gaussian
+        release before anything is returned."""
+        cfg = self.config
+        if list(update.delta) != list(state.adapters):
+            raise LayoutError("the update's delta does not follow the state's adapter order")
+        if update.facts is not None:
+            charge(
+                update.facts.dp_event(), f"fedamole expert updates (DP-SGD), round {state.round}"
+            )
+        held = int(update.held.sum())
+        noised = gaussian_release(
+            update.keys[update.held],
+            sensitivity=cfg.key_sensitivity(held),
+            noise_multiplier=cfg.key_noise_multiplier,
+            charge=charge,
+            what=f"fedamole expert keys (inside the secure sum), round {state.round}",
+            generator=generator,
+        )
+        keys = np.zeros(update.keys.shape)
+        keys[update.held] = noised
+        w = cfg.weight(num_examples)
+        deltas = {DELTA_PREFIX + n: d.double().numpy() for n, d in update.delta.items()}
+        raw = {
+            WEIGHT: np.array([w]),
+            **deltas,
+            EXPERT_WEIGHT: w * update.held.ravel(),
+            KEY_COUNT: update.held.ravel().astype(float),
+            KEY_SUM: keys.ravel(),
+        }
+        layout = self.layout(state)
+        clipped = layout.clipped_fraction(raw)
+        bound = cfg.delta_bound
+        values = {
+            **raw,
+            **{n: w * np.clip(d, -bound, bound) for n, d in deltas.items()},
+            KEY_SUM: np.clip(keys, -cfg.key_clip, cfg.key_clip).ravel(),
+        }
+        return Submission(values=values, clipped=clipped)

@@ -1,0 +1,299 @@
+"""DDOME: per-sample gradients of the gate + experts, the frozen common embedding, the private
+top-K choice, a round through the real SecAgg+ sum against plaintext, and zero-shot choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.ddome import DDOMEClient, DDOMEConfig, DDOMEState, zero_shot, zero_shot_loss
+from clients.ddome_lora import (
+    GATE,
+    DDOMEAdapterConfig,
+    attach_ddome,
+    common_embedding,
+    ddome_gate,
+    ddome_layers,
+    ddome_parameters,
+    ddome_state,
+    expert_of,
+    gate_logits,
+    load_ddome_state,
+    per_sample_loss,
+    set_trainable,
+)
+from clients.models import tiny_dense_model
+from clients.strategy import CHANNEL_BOUND, StrategyError
+from coordinator.ddome import DDOMECoordinator, DDOMEInstitution, run_round
+from coordinator.strategy import aggregate_locally
+from privacy import DPConfig, assert_per_sample_gradients
+from secagg import FixedPointCodec
+
+ADAPTER = DDOMEAdapterConfig(num_experts=4, top_k=2, rank=4, gate_hidden=16)
+BITS = 16
+DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
+
+
+def ids(batch: int, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model() -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        return attach_ddome(tiny_dense_model(), ADAPTER)
+
+
+def exercised(m: torch.nn.Module) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in ddome_parameters(m):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return m
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.entries: list = []
+
+    def __call__(self, event, what: str) -> None:
+        self.entries.append((event, what))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("anchor", [None, 1])
+def test_gate_and_expert_per_sample_gradients_match_brute_force(anchor, mode):
+    m = exercised(model())
+    chosen = (1, 2)
+    set_trainable(m, chosen)
+    batch = (ids(3), common_embedding(m, ids(3)))
+
+    def loss(mod, b):
+        return per_sample_loss(mod, b[0], b[1], chosen, anchor, 0.5)
+
+    report = assert_per_sample_gradients(m, batch, loss, mode=mode)
+    names = {p.name for p in report.parameters}
+    assert names == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {f"{GATE}.0.weight", f"{GATE}.2.bias"} <= names
+    assert any(n.endswith("experts_A.2.weight") for n in names)
+    assert not any(".experts_A.0." in n or ".experts_B.3." in n for n in names)
+    assert all(p.scale > 0 for p in report.parameters)
+
+
+def test_common_embedding_is_the_frozen_base():
+    m = exercised(model())
+    blocks = ids(5)
+    with torch.no_grad():
+        plain = tiny_dense_model()(input_ids=blocks, output_hidden_states=True)
+    emb = common_embedding(m, blocks)
+    assert emb.shape == (5, 64)
+    torch.testing.assert_close(emb, plain.hidden_states[-1].mean(1))
+    with torch.no_grad():
+        ddome_layers(m)[0][1].experts_B[0].weight.add_(1.0)
+    torch.testing.assert_close(common_embedding(m, blocks), emb)  # experts play no part
+
+
+def test_choice_is_the_gates_top_k_and_anchor_comes_first():
+    m = model()
+    state = DDOMEState(adapters=ddome_state(m), expert_counts=np.zeros(4))
+    emb = common_embedding(m, ids(6))
+    with torch.no_grad():
+        mean = torch.softmax(gate_logits(m, emb), -1).mean(0)
+    best = tuple(int(i) for i in torch.argsort(mean, descending=True))
+    config = DDOMEConfig(ADAPTER)
+    assert DDOMEClient(config, m).choose(state, emb) == best[:2]
+    assert DDOMEClient(config, m, anchor=best[3]).choose(state, emb) == (best[3], best[0])
+    with pytest.raises(StrategyError, match="anchor"):
+        DDOMEClient(config, m, anchor=4)
+
+
+class Federation:
+    def __init__(self, n: int, **kwargs) -> None:
+        self.config = DDOMEConfig(ADAPTER, max_examples=32, **kwargs)
+        self.coordinator = DDOMECoordinator(self.config)
+        # Half anchors (the paper's stabiliser): clients 2 and 3 are tied to experts 2 and 3.
+        anchors = [None, None, 2, 3][:n]
+        self.clients = [DDOMEClient(self.config, model(), anchor=a) for a in anchors]
+        self.blocks = [ids(12, seed=30 + i) for i in range(n)]
+        self.emb = [common_embedding(c.model, b) for c, b in zip(self.clients, self.blocks)]
+        self.examples = [12, 40, 7, 25][:n]
+        self.state = self.coordinator.initial_state(ddome_state(self.clients[0].model))
+
+    def round(self, state, dropouts=None):
+        updates = [
+            c.train(
+                state, self.blocks[i], self.emb[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=i
+            )
+            for i, c in enumerate(self.clients)
+        ]
+        ledgers = [Ledger() for _ in self.clients]
+        subs = [
+            c.submit(state, u, self.examples[i], ledgers[i])
+            for i, (c, u) in enumerate(zip(self.clients, updates))
+        ]
+        layout = self.coordinator.layout(state)
+        agg = aggregate_locally(
+            layout,
+            [layout.pack(s.values) for s in subs],
+            threshold=len(self.clients) // 2 + 1,
+            bits=BITS,
+            dropouts=dropouts,
+        )
+        return updates, subs, ledgers, agg
+
+
+def plaintext(fed, state, updates, included):
+    cfg = fed.config
+    w = {i: cfg.weight(fed.examples[i]) for i in included}
+    out = {}
+    for name, current in state.adapters.items():
+        m = expert_of(name)
+        who = [i for i in included if m is None or m in updates[i].chosen]
+        base = current.double().numpy()
+        if len(who) < cfg.min_count:
+            out[name] = base
+            continue
+        clipped = [
+            np.clip(updates[i].delta[name].double().numpy(), -cfg.delta_bound, cfg.delta_bound)
+            for i in who
+        ]
+        out[name] = base + sum(w[i] * d for i, d in zip(who, clipped)) / sum(w[i] for i in who)
+    return out, w
+
+
+@pytest.mark.parametrize(("dropouts", "min_count"), [({}, 1), ({2: "masked_input"}, 1), ({}, 2)])
+def test_round_through_secure_sums_equals_plaintext(dropouts, min_count):
+    fed = Federation(4, min_count=min_count)
+    state = fed.state
+    updates, _, ledgers, agg = fed.round(state, dropouts)
+    included = [i for i in range(4) if i not in dropouts]
+    assert agg.included == included
+    new = fed.coordinator.aggregate(state, agg.sums)
+    want, w = plaintext(fed, state, updates, included)
+    q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=4).max_error_per_client
+    n = len(included)
+    counts = np.zeros(4)
+    for i in included:
+        counts[list(updates[i].chosen)] += 1
+    np.testing.assert_array_equal(new.expert_counts, counts)
+    assert np.any((counts > 0) & (counts < 2))  # some expert has a single trainer
+    moved = 0
+    for name, current in state.adapters.items():
+        m = expert_of(name)
+        who = [i for i in included if m is None or m in updates[i].chosen]
+        update = want[name] - current.double().numpy()
+        got = new.adapters[name].double().numpy()
+        if len(who) < min_count:
+            np.testing.assert_array_equal(got, current.double().numpy())
+            continue
+        total = sum(w[i] for i in who)
+        tol = (n * fed.config.delta_bound * q + np.abs(update) * n * q) / (total - n * q)
+        assert np.all(np.abs(got - want[name]) <= tol + 1e-6 * np.abs(want[name]) + 1e-7), name
+        moved += int(np.max(np.abs(update)) > 100 * np.max(tol))
+    assert moved > 0  # the test would see a wrong ratio: the updates dwarf the tolerance
+    for ledger, update in zip(ledgers, updates):
+        assert [what for _, what in ledger.entries] == [
+            "ddome gate and expert updates (DP-SGD), round 0"
+        ]
+        assert ledger.entries[0][0] == update.facts.dp_event()
+
+
+def test_every_submission_is_the_full_vector_with_zeros_for_untrained_experts():
+    fed = Federation(3)
+    updates, subs, _, _ = fed.round(fed.state)
+    layout = fed.coordinator.layout(fed.state)
+    for update, sub in zip(updates, subs):
+        assert set(sub.values) == {s.name for s in layout.segments}
+        assert len(update.chosen) == 2 and len(set(update.chosen)) == 2
+        np.testing.assert_array_equal(
+            sub.values["expert_count"] > 0, np.isin(range(4), update.chosen)
+        )
+        for name in fed.state.adapters:
+            m = expert_of(name)
+            value = sub.values["delta:" + name]
+            if m is not None and m not in update.chosen:
+                assert not np.any(value)
+            elif m is None:
+                assert np.any(value)  # the gate always trains
+
+
+def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds():
+    fed = Federation(3)
+    ledgers = [Ledger() for _ in fed.clients]
+    institutions = [
+        DDOMEInstitution(c, fed.blocks[i], fed.emb[i], ledgers[i])
+        for i, c in enumerate(fed.clients)
+    ]
+    state = fed.state
+    for r, dropouts in enumerate([{}, {1: "masked_input"}]):
+        done = run_round(
+            fed.coordinator,
+            institutions,
+            state,
+            dp=DP,
+            steps=2,
+            batch_size=4,
+            lr=1e-2,
+            threshold=2,
+            bits=BITS,
+            dropouts=dropouts,
+            seed=r,
+        )
+        assert done.included == [i for i in range(3) if i not in dropouts]
+        assert done.state.round == r + 1
+        assert not torch.equal(
+            done.state.adapters[f"{GATE}.0.weight"], state.adapters[f"{GATE}.0.weight"]
+        )
+        state = done.state
+    assert all(len(ledger.entries) == 2 for ledger in ledgers)
+
+    unseen = model()  # a new institution: never trained, downloads the state, has no labels
+    load_ddome_state(unseen, state.adapters)
+    blocks = ids(6, seed=99)
+    emb = common_embedding(unseen, blocks)
+    choice = zero_shot(unseen, emb, 2)
+    with torch.no_grad():
+        mean = torch.softmax(gate_logits(unseen, emb), -1).mean(0)
+    assert choice.experts == tuple(int(i) for i in torch.topk(mean, 2).indices)
+    assert len(set(choice.experts)) == 2 and all(0 <= e < 4 for e in choice.experts)
+    assert choice.per_sample.shape == (6,)
+    assert set(choice.per_sample.tolist()) <= set(choice.experts)
+    assert np.isfinite(zero_shot_loss(unseen, blocks, choice))
+
+
+def test_zero_shot_follows_the_gate_and_uses_only_the_chosen_expert_per_sample():
+    m = exercised(model())
+    blocks = ids(4, seed=7)
+    emb = common_embedding(m, blocks)
+    with torch.no_grad():
+        last = ddome_gate(m)[2]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 3.0, -3.0, 2.0]))
+    choice = zero_shot(m, emb, 2)
+    assert choice.experts == (1, 3)
+    assert choice.per_sample.tolist() == [1, 1, 1, 1]
+    before = zero_shot_loss(m, blocks, choice)
+    layer = ddome_layers(m)[0][1]
+    with torch.no_grad():
+        layer.experts_B[3].weight.add_(1.0)  # chosen, but no sample uses it
+        assert zero_shot_loss(m, blocks, choice) == before
+        layer.experts_B[1].weight.add_(1.0)
+        assert zero_shot_loss(m, blocks, choice) != before
+
+
+def test_an_anchor_client_pulls_the_gate_towards_its_expert():
+    m = model()
+    blocks = ids(16, seed=3)
+    emb = common_embedding(m, blocks)
+    state = DDOMEState(adapters=ddome_state(m), expert_counts=np.zeros(4))
+
+    def anchor_probability() -> float:
+        with torch.no_grad():
+            return float(torch.softmax(gate_logits(m, emb), -1)[:, 3].mean())
+
+    before = anchor_probability()
+    client = DDOMEClient(DDOMEConfig(ADAPTER, anchor_coef=1.0), m, anchor=3)
+    update = client.train(state, blocks, emb, dp=None, steps=10, batch_size=8, lr=1e-2, seed=0)
+    assert update.chosen[0] == 3
+    assert anchor_probability() > before + 0.2

@@ -1,0 +1,425 @@
+"""FedAMoLE: per-sample gradients of its adapter, the exact assignment, charged score releases,
+and a round through the real SecAgg+ sum against the same strategy computed in plaintext."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+
+from clients.fedamole import (
+    KEY_SUM,
+    FedAMoLEClient,
+    FedAMoLEConfig,
+    FedAMoLEState,
+    FedAMoLEUpdate,
+)
+from clients.fedamole_lora import (
+    AMoLEConfig,
+    amole_layers,
+    amole_parameters,
+    amole_state,
+    attach_amole,
+    load_amole_state,
+    per_sample_loss,
+    projections,
+    set_held,
+)
+from clients.models import tiny_dense_model
+from clients.release import gaussian_release, noise_generator
+from clients.strategy import CHANNEL_BOUND, StrategyError
+from coordinator.fedamole import (
+    FedAMoLECoordinator,
+    FedAMoLEInstitution,
+    client_affinity,
+    run_round,
+    solve_assignment,
+)
+from coordinator.strategy import aggregate_locally
+from privacy import DPConfig, assert_per_sample_gradients
+from secagg import FixedPointCodec
+
+ADAPTER = AMoLEConfig(num_experts=4, top_k=2, rank=4, load_balance_coef=0.01)
+BITS = 16
+DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
+
+
+def ids(batch: int, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model() -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return attach_amole(tiny_dense_model(), ADAPTER)
+
+
+def exercised(m: torch.nn.Module) -> torch.nn.Module:
+    """Random adapter weights (B factors start at zero), so every parameter gets a gradient."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in amole_parameters(m):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return m
+
+
+class Ledger:
+    """Records every charge, in order; refuses when ``budget`` charges have been made."""
+
+    def __init__(self, budget: int = 1000) -> None:
+        self.entries: list[tuple[dp_accounting.DpEvent, str]] = []
+        self.budget = budget
+
+    def __call__(self, event: dp_accounting.DpEvent, what: str) -> None:
+        if len(self.entries) >= self.budget:
+            raise RuntimeError("budget exhausted")
+        self.entries.append((event, what))
+
+
+def config(num_clients: int = 4, **kwargs) -> FedAMoLEConfig:
+    base = dict(
+        adapter=ADAPTER, num_clients=num_clients, max_experts=4, affinity_blocks=8, max_examples=32
+    )
+    return FedAMoLEConfig(**{**base, **kwargs})
+
+
+# --- the adapter ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_adapter_per_sample_gradients_match_brute_force(mode):
+    m = exercised(model())
+    set_held(m, {name: (0, 2, 3) for name, _ in amole_layers(m)})
+    report = assert_per_sample_gradients(m, ids(3), per_sample_loss, mode=mode)
+    names = {p.name for p in report.parameters}
+    assert names == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any(n.endswith("token_proj.weight") for n in names)
+    assert any(n.endswith("shared_B.weight") for n in names)
+    assert any(n.endswith("experts_A.2.weight") for n in names)
+    assert not any(".experts_A.1." in n or ".experts_B.1." in n for n in names)  # not held
+    assert all(p.scale > 0 for p in report.parameters)
+
+
+def test_routing_uses_only_held_experts():
+    m = exercised(model())
+    batch = ids(2)
+    set_held(m, {name: (0, 1) for name, _ in amole_layers(m)})
+    with torch.no_grad():
+        before = m(input_ids=batch).logits
+        layer = amole_layers(m)[0][1]
+        layer.experts_B[3].weight.add_(1.0)  # not held: no effect
+        assert torch.equal(m(input_ids=batch).logits, before)
+        layer.experts_B[1].weight.add_(1.0)  # held: changes the output
+        assert not torch.allclose(m(input_ids=batch).logits, before)
+
+
+def test_attached_adapter_changes_no_output():
+    batch = ids(2)
+    with torch.no_grad():
+        plain = tiny_dense_model()(input_ids=batch).logits
+        assert torch.allclose(model()(input_ids=batch).logits, plain, atol=1e-6)
+
+
+# --- the assignment -------------------------------------------------------------------------
+
+
+def brute_force_best(p: np.ndarray, k: int, low: int, high: int) -> float:
+    experts, clients = p.shape
+    best = -np.inf
+    for choice in itertools.product(itertools.combinations(range(clients), k), repeat=experts):
+        x = np.zeros_like(p)
+        for e, cs in enumerate(choice):
+            x[e, list(cs)] = 1
+        if np.all((x.sum(0) >= low) & (x.sum(0) <= high)):
+            best = max(best, float((p * x).sum()))
+    return best
+
+
+def test_assignment_meets_its_constraints_and_is_optimal():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        p = client_affinity(rng.normal(size=(5, 3)))
+        x = solve_assignment(p, clients_per_expert=2, min_experts=3, max_experts=4)
+        assert x.shape == (5, 3) and x.dtype == bool
+        assert np.all(x.sum(1) == 2)
+        assert np.all((x.sum(0) >= 3) & (x.sum(0) <= 4))
+        assert (p * x).sum() == pytest.approx(brute_force_best(p, 2, 3, 4), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "knob"),
+    [
+        ({"min_experts": 3, "max_experts": 4}, "min_experts=3"),  # 8 slots < 4 clients x 3
+        ({"clients_per_expert": 4, "max_experts": 3}, "max_experts=3"),  # 16 slots > 4 x 3
+        ({"clients_per_expert": 5}, "clients_per_expert=5"),
+        ({"min_experts": 1}, "top_k"),
+    ],
+)
+def test_infeasible_settings_are_refused_naming_the_knob(kwargs, knob):
+    with pytest.raises(StrategyError, match=knob):
+        config(**kwargs)
+
+
+def test_round_zero_assignment_is_a_public_reproducible_draw():
+    m = model()
+    modules = tuple(n for n, _ in amole_layers(m))
+    first = FedAMoLECoordinator(config()).initial_state(amole_state(m), modules)
+    again = FedAMoLECoordinator(config()).initial_state(amole_state(m), modules)
+    other = FedAMoLECoordinator(config(public_seed=1)).initial_state(amole_state(m), modules)
+    np.testing.assert_array_equal(first.assignment, again.assignment)
+    assert not np.array_equal(first.assignment, other.assignment)
+    assert first.assignment.shape == (len(modules), 4, 4)
+    assert np.all(first.assignment.sum(2) == 2)
+    assert np.all((first.assignment.sum(1) >= 2) & (first.assignment.sum(1) <= 4))
+
+
+# --- releases -------------------------------------------------------------------------------
+
+
+def test_gaussian_release_noise_has_the_charged_scale():
+    ledger = Ledger()
+    out = gaussian_release(
+        np.zeros(20_000),
+        sensitivity=0.5,
+        noise_multiplier=2.0,
+        charge=ledger,
+        what="x",
+        generator=noise_generator(0),
+    )
+    assert ledger.entries == [(dp_accounting.GaussianDpEvent(2.0), "x")]
+    assert np.std(out) == pytest.approx(1.0, rel=0.03)  # 2.0 * 0.5
+
+
+def test_refused_charge_releases_nothing():
+    with pytest.raises(RuntimeError, match="budget"):
+        gaussian_release(
+            np.ones(3), sensitivity=1.0, noise_multiplier=1.0, charge=Ledger(0), what="x"
+        )
+
+
+# --- a federation of tiny models ------------------------------------------------------------
+
+
+class Federation:
+    """``n`` clients with their own model copies and data, and the coordinator."""
+
+    def __init__(self, n: int, **kwargs) -> None:
+        self.config = config(n, **kwargs)
+        self.coordinator = FedAMoLECoordinator(self.config)
+        self.clients = [FedAMoLEClient(self.config, i, model()) for i in range(n)]
+        self.train = [ids(12, seed=10 + i) for i in range(n)]
+        self.aux = [ids(8, seed=20 + i) for i in range(n)]
+        self.examples = [12, 40, 7, 25][:n]
+        self.ledgers = [Ledger() for _ in range(n)]
+        m = self.clients[0].model
+        self.state = self.coordinator.initial_state(
+            amole_state(m), tuple(name for name, _ in amole_layers(m))
+        )
+
+    def local(self, state: FedAMoLEState) -> list[FedAMoLEUpdate]:
+        return [
+            c.train(
+                state, self.train[i], self.aux[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=i
+            )
+            for i, c in enumerate(self.clients)
+        ]
+
+
+def plaintext_round(fed, state, updates, submissions, included):
+    """The same strategy without secure aggregation, from the clients' updates."""
+    cfg = fed.config
+    w = {i: cfg.weight(fed.examples[i]) for i in included}
+    out = {}
+    for name, current in state.adapters.items():
+        role = state.expert_of.get(name)
+        who = [i for i in included if role is None or updates[i].held[role]]
+        if not who:
+            out[name] = current.double().numpy()
+            continue
+        clip = [
+            np.clip(updates[i].delta[name].double().numpy(), -cfg.delta_bound, cfg.delta_bound)
+            for i in who
+        ]
+        total = sum(w[i] for i in who)
+        out[name] = current.double().numpy() + sum(w[i] * d for i, d in zip(who, clip)) / total
+    keys = state.keys.copy()
+    for m, e in itertools.product(*map(range, state.key_counts.shape)):
+        holders = [i for i in included if updates[i].held[m, e]]
+        if holders:
+            sent = [submissions[i].values[KEY_SUM].reshape(state.keys.shape)[m, e] for i in holders]
+            keys[m, e] = np.mean(sent, axis=0)
+    return out, keys, w
+
+
+@pytest.mark.parametrize("dropouts", [{}, {1: "masked_input"}])
+def test_round_through_secure_sums_equals_plaintext(dropouts):
+    fed = Federation(4)
+    state = fed.state
+    updates = fed.local(state)
+    subs = [
+        c.submit(state, u, fed.examples[i], fed.ledgers[i], generator=noise_generator(i))
+        for i, (c, u) in enumerate(zip(fed.clients, updates))
+    ]
+    layout = fed.coordinator.layout(state)
+    assert layout == fed.clients[0].layout(state)
+    agg = aggregate_locally(
+        layout, [layout.pack(s.values) for s in subs], threshold=3, bits=BITS, dropouts=dropouts
+    )
+    included = [i for i in range(4) if i not in dropouts]
+    assert agg.included == included
+    new = fed.coordinator.aggregate(state, agg.sums)
+    want, want_keys, w = plaintext_round(fed, state, updates, subs, included)
+
+    q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=4).max_error_per_client
+    n = len(included)
+    e_w = n * q  # weight sums are packed with bound 1
+    bound = fed.config.delta_bound
+    holder_mean_differs = False
+    for name, current in state.adapters.items():
+        role = state.expert_of.get(name)
+        who = [i for i in included if role is None or updates[i].held[role]]
+        total = sum(w[i] for i in who)
+        update = want[name] - current.double().numpy()
+        tol = (n * bound * q + np.abs(update) * e_w) / (total - e_w) + 1e-6 * np.abs(want[name])
+        got = new.adapters[name].double().numpy()
+        assert np.all(np.abs(got - want[name]) <= tol + 1e-7), name
+        if role is not None and np.max(np.abs(update)) > 0:
+            everyone = np.mean([updates[i].delta[name].double().numpy() for i in included], 0)
+            holder_mean_differs |= bool(
+                np.max(np.abs(current.numpy() + everyone - want[name])) > np.max(tol) * 10
+            )
+    assert holder_mean_differs  # averaging over every client (a plausible bug) would fail
+
+    key_tol = n * fed.config.key_clip * q + 1e-12
+    np.testing.assert_allclose(new.keys, want_keys, rtol=0, atol=key_tol)
+    assert np.abs(new.keys).max() > 100 * key_tol
+    held_included = np.stack([updates[i].held for i in included]).sum(0)
+    np.testing.assert_array_equal(new.key_counts, held_included)
+    assert new.round == 1
+
+
+def test_two_rounds_every_released_score_and_update_is_charged():
+    fed = Federation(3)
+    state = fed.state
+    assert all(
+        c.affinity_scores(state, fed.aux[i], fed.ledgers[i]) is None
+        for i, c in enumerate(fed.clients)
+    )
+    assert all(not ledger.entries for ledger in fed.ledgers)  # round 0: nothing released
+
+    for _ in range(2):
+        updates = fed.local(state)
+        subs = [
+            c.submit(state, u, fed.examples[i], fed.ledgers[i])
+            for i, (c, u) in enumerate(zip(fed.clients, updates))
+        ]
+        layout = fed.coordinator.layout(state)
+        agg = aggregate_locally(
+            layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS
+        )
+        state = fed.coordinator.aggregate(state, agg.sums)
+        released = {}
+        for i, c in enumerate(fed.clients):
+            before = len(fed.ledgers[i].entries)
+            released[i] = c.affinity_scores(state, fed.aux[i], fed.ledgers[i])
+            event, what = fed.ledgers[i].entries[before]
+            assert len(fed.ledgers[i].entries) == before + 1
+            assert event == dp_accounting.GaussianDpEvent(fed.config.score_noise_multiplier)
+            assert "affinity scores" in what
+            assert released[i].shape == state.key_counts.shape
+        state = fed.coordinator.assign(state, released)
+        a = state.assignment
+        assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
+
+    for ledger in fed.ledgers:  # per round: DP-SGD, keys, scores
+        whats = [what for _, what in ledger.entries]
+        assert len(whats) == 6
+        assert sum("affinity scores" in x for x in whats) == 2
+        assert sum("DP-SGD" in x for x in whats) == 2
+        assert sum("keys" in x for x in whats) == 2
+
+
+def test_scores_without_budget_are_not_released():
+    fed = Federation(3)
+    state = fed.state
+    updates = fed.local(state)
+    subs = [
+        c.submit(state, u, fed.examples[i], Ledger())
+        for i, (c, u) in enumerate(zip(fed.clients, updates))
+    ]
+    layout = fed.coordinator.layout(state)
+    agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS)
+    state = fed.coordinator.aggregate(state, agg.sums)
+    with pytest.raises(RuntimeError, match="budget"):
+        fed.clients[0].affinity_scores(state, fed.aux[0], Ledger(0))
+
+
+def test_scores_follow_the_embedding():
+    """Without noise worth the name, a client scores highest the expert whose key points along
+    its embedding (the mechanism is not just noise)."""
+    fed = Federation(3, score_noise_multiplier=1e-6)
+    client = fed.clients[0]
+    state = fed.state
+    load_amole_state(client.model, state.adapters)
+    set_held(client.model, state.held(0))
+    emb = projections(client.model, fed.aux[0])
+    keys = np.zeros(state.keys.shape)
+    for m, module in enumerate(state.modules):
+        q, _ = emb[module]
+        t = q.mean(0).double().numpy()
+        keys[m, 2] = t / np.linalg.norm(t)  # expert 2 points along the embedding
+        keys[m, 0] = -t / np.linalg.norm(t)
+    state = dataclasses.replace(state, keys=keys, key_counts=np.ones(state.key_counts.shape))
+    scores = client.affinity_scores(state, fed.aux[0], Ledger())
+    assert np.all(scores.argmax(1) == 2) and np.all(scores.argmin(1) == 0)
+
+
+class SpyCoordinator(FedAMoLECoordinator):
+    """Records every score matrix that reached the coordinator, per client."""
+
+    def __init__(self, config: FedAMoLEConfig) -> None:
+        super().__init__(config)
+        self.received: dict[int, int] = {}
+
+    def assign(self, state, scores):
+        for i in scores:
+            self.received[i] = self.received.get(i, 0) + 1
+        return super().assign(state, scores)
+
+
+def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator():
+    fed = Federation(3)
+    coordinator = SpyCoordinator(fed.config)
+    institutions = [
+        FedAMoLEInstitution(c, fed.train[i], fed.aux[i], fed.ledgers[i])
+        for i, c in enumerate(fed.clients)
+    ]
+    state = fed.state
+    for r, dropouts in enumerate([{}, {}, {2: "masked_input"}]):
+        done = run_round(
+            coordinator,
+            institutions,
+            state,
+            dp=DP,
+            steps=2,
+            batch_size=4,
+            lr=1e-2,
+            threshold=2,
+            bits=BITS,
+            dropouts=dropouts,
+            seed=r,
+        )
+        assert done.state.round == r + 1
+        assert done.included == [i for i in range(3) if i not in dropouts]
+        a = done.state.assignment
+        assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
+        state = done.state
+    assert coordinator.received == {0: 2, 1: 2, 2: 2}  # rounds 1 and 2 used scores
+    for i, ledger in enumerate(fed.ledgers):
+        scores = [e for e, what in ledger.entries if "affinity scores" in what]
+        assert len(scores) == coordinator.received[i]
+        assert all(e == dp_accounting.GaussianDpEvent(1.0) for e in scores)
