@@ -46,8 +46,7 @@ from clients.experts import (
     expert_segments,
     weighted_deltas,
 )
-from clients.moe_lora import RoutingStats
-from clients.routing_hooks import capture_routers
+from clients.moe_lora import RoutingStats, router_probabilities
 from clients.strategy import (
     CHANNELS,
     DELTA_PREFIX,
@@ -215,18 +214,18 @@ class FedAlignClient:
             yield TrainingPlan()
             return
         target = torch.from_numpy(distribution(state.routing.counts, self.config.smoothing))
-        with capture_routers(model) as capture:
+        smoothing = self.config.smoothing
 
-            def kl_term(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-                terms = []
-                for layer, probs in enumerate(capture.probabilities()):
-                    q = target[layer].to(device=probs.device, dtype=probs.dtype)
-                    p = probs.reshape(probs.shape[0], -1, probs.shape[-1]).mean(1)
-                    p = (1.0 - self.config.smoothing) * p + self.config.smoothing / p.shape[-1]
-                    terms.append((p * (p / q).log()).sum(-1))
-                return coef * torch.stack(terms).mean(0)
+        def kl_term(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            terms = []
+            for layer, probs in enumerate(router_probabilities(model)):
+                q = target[layer].to(device=probs.device, dtype=probs.dtype)
+                p = probs.reshape(probs.shape[0], -1, probs.shape[-1]).mean(1)
+                p = (1.0 - smoothing) * p + smoothing / p.shape[-1]
+                terms.append((p * (p / q).log()).sum(-1))
+            return coef * torch.stack(terms).mean(0)
 
-            yield TrainingPlan(extra_loss=kl_term)
+        yield TrainingPlan(extra_loss=kl_term)
 
     def submit(
         self, state: GlobalState, result: LocalTrainingResult, num_examples: int

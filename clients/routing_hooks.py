@@ -1,13 +1,13 @@
-"""Observe and restrict the routers of MoE-LoRA layers from outside, through forward hooks.
+"""Restrict the routers of MoE-LoRA layers from outside, through forward hooks (FedMoE's
+sub-MoE: tokens must not reach experts a client does not hold).
 
-Strategies need two things from the routers without changing ``clients.moe_lora``: the router
-probabilities of the current batch, per sample, to put a differentiable term on them (FedAlign's
-KL regularizer), and a way to keep tokens away from experts a client does not hold (FedMoE).
-
-Both act on the trainable router module's output: ``router`` (dense layers, the whole logits) or
-``router_delta`` (native layers, added to the frozen base gate's logits). Adding a constant to
-that output leaves Opacus' per-sample gradients exact: its grad sampler sees the module's input
-and the gradient of its output, and a constant shift changes neither formula.
+The hook acts on the trainable router module's output: ``router`` (dense layers, the whole
+logits) or ``router_delta`` (native layers, added to the frozen base gate's logits). Adding a
+constant to that output leaves Opacus' per-sample gradients exact: its grad sampler sees the
+module's input and the gradient of its output (taken after forward hooks), and a constant shift
+changes neither. A forward hook must not be used to *read* that output for a loss term: the
+tensor it sees bypasses the backward hook Opacus adds afterwards, so the term's gradient would be
+missing from the per-sample gradients (use ``clients.moe_lora.router_probabilities``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.moe_lora import MoELoRALinear, NativeMoELoRA, get_config
+from clients.moe_lora import MoELoRALinear, NativeMoELoRA
 
 BLOCKED_LOGIT = -1.0e4
 """Added to the logit of an expert a client does not hold: its softmax weight is exp(-1e4) = 0."""
@@ -65,57 +65,6 @@ def restrict_routing(model: nn.Module, allowed: np.ndarray) -> Iterator[None]:
         handles.append(router.register_forward_hook(hook))
     try:
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-class RouterCapture:
-    """The router logits of the last forward, per layer; made by :func:`capture_routers`."""
-
-    def __init__(self, layers: list[tuple[str, MoELoRALinear | NativeMoELoRA]]) -> None:
-        self._trainable: list[torch.Tensor | None] = [None] * len(layers)
-        self._base: list[torch.Tensor | None] = [None] * len(layers)
-        self._native = [isinstance(layer, NativeMoELoRA) for _, layer in layers]
-
-    def probabilities(self) -> list[torch.Tensor]:
-        """Per layer, the full softmax router probabilities ``[B, T, E]`` (float32) of the last
-        forward, differentiable with respect to the trainable router."""
-        out = []
-        for i, trainable in enumerate(self._trainable):
-            if trainable is None:
-                raise RuntimeError("no forward pass ran inside capture_routers()")
-            logits = trainable
-            if self._native[i]:
-                base = self._base[i]
-                assert base is not None  # set by the base gate's hook in the same forward
-                logits = trainable + base.view(trainable.shape)
-            out.append(torch.softmax(logits.float(), dim=-1))
-        return out
-
-
-@contextmanager
-def capture_routers(model: nn.Module) -> Iterator[RouterCapture]:
-    """Inside the block, every forward records each layer's router logits (see
-    :class:`RouterCapture`)."""
-    get_config(model)
-    layers = routed_layers(model)
-    capture = RouterCapture(layers)
-    handles = []
-    for i, (_, layer) in enumerate(layers):
-
-        def keep(module: nn.Module, args: object, out: torch.Tensor, i: int = i) -> None:
-            capture._trainable[i] = out
-
-        handles.append(_trainable_router(layer).register_forward_hook(keep))
-        if isinstance(layer, NativeMoELoRA):
-
-            def keep_base(module: nn.Module, args: object, out: object, i: int = i) -> None:
-                capture._base[i] = out[0] if isinstance(out, tuple) else out  # type: ignore[assignment]
-
-            handles.append(layer.base.gate.register_forward_hook(keep_base))
-    try:
-        yield capture
     finally:
         for handle in handles:
             handle.remove()
