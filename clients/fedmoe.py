@@ -162,8 +162,7 @@ def search_sub_moe(
 
 class FedMoEClient:
     """Client side of FedMoE. Remembers its activation pattern and rounds seen between rounds;
-    its sub-MoE (``held``) is recomputed at the start of each round from them and the broadcast
-    routing. ``memory_fraction`` overrides the config's default budget for this client."""
+    its sub-MoE is a function of them and the broadcast routing (``held``: the last one used). ``memory_fraction`` overrides the config's default budget for this client."""
 
     def __init__(self, config: FedMoEConfig, memory_fraction: float | None = None) -> None:
         self.config = config
@@ -208,7 +207,7 @@ class FedMoEClient:
     ) -> Submission:
         check_routing_matches(result.routing, state.routing)
         partition = ExpertPartition.of(state)
-        held = self.select(state) if self.held is None else self.held
+        held = self.select(state)  # the session's choice: nothing it depends on changed since
         w = example_weight(num_examples, self.config.max_examples)
         weights = w * held.astype(np.float64)
         values = weighted_deltas(partition, result.delta, w, weights, self.config.delta_bound)
