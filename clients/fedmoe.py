@@ -162,7 +162,8 @@ def search_sub_moe(
 
 class FedMoEClient:
     """Client side of FedMoE. Remembers its activation pattern and rounds seen between rounds;
-    its sub-MoE is a function of them and the broadcast routing (``held``: the last one used). ``memory_fraction`` overrides the config's default budget for this client."""
+    its sub-MoE is a function of them and the broadcast routing (``held``: the last one used).
+    ``memory_fraction`` overrides the config's default budget for this client."""
 
     def __init__(self, config: FedMoEConfig, memory_fraction: float | None = None) -> None:
         self.config = config
