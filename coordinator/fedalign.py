@@ -39,14 +39,14 @@ class FedAlignCoordinator:
         values = self.layout(state).unpack(sums, partial=True)
         if any(name not in values for name in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N)):
             raise StrategyError("FedAlign needs the sum of the channel that carries the deltas")
-        update = expert_weighted_update(
+        adapters = expert_weighted_update(
             state,
             values,
             min_count=self.config.min_count,
             min_weight=0.5 / self.config.max_examples,
         )
         return GlobalState(
-            adapters=update.adapters,
+            adapters=adapters,
             routing=summed_routing(state.routing, values),
             extras=alignment_statistics(values, state.routing.counts.shape),
         )

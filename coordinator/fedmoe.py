@@ -29,10 +29,10 @@ class FedMoECoordinator:
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
-        update = expert_weighted_update(
+        adapters = expert_weighted_update(
             state,
             values,
             min_count=self.config.min_count,
             min_weight=0.5 / self.config.max_examples,
         )
-        return GlobalState(adapters=update.adapters, routing=summed_routing(state.routing, values))
+        return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))

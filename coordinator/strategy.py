@@ -90,21 +90,13 @@ def summed_routing(old: RoutingStats, values: Mapping[str, np.ndarray]) -> Routi
     return RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)
 
 
-@dataclass(frozen=True)
-class ExpertUpdate:
-    """The adapters after a per-expert weighted mean and which (layer, expert) pairs moved."""
-
-    adapters: dict[str, torch.Tensor]
-    updated: np.ndarray  # bool (L, E)
-
-
 def expert_weighted_update(
     state: GlobalState,
     values: Mapping[str, np.ndarray],
     *,
     min_count: int,
     min_weight: float,
-) -> ExpertUpdate:
+) -> dict[str, torch.Tensor]:
     """``global += sum(w * delta) / sum(w)`` entry by entry, with each entry's own weight sum.
 
     Dense entries divide by the summed ``weight``; an expert's entries by its summed
@@ -136,7 +128,7 @@ def expert_weighted_update(
         delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
         new = current.detach().cpu().double() + torch.from_numpy(delta)
         adapters[name] = new.to(current.dtype)
-    return ExpertUpdate(adapters=adapters, updated=updated)
+    return adapters
 
 
 @dataclass(frozen=True)
