@@ -4,7 +4,8 @@ From the secure sums only: each expert's ``sum(w s delta) / sum(w s)`` over the 
 it (at least ``min_count`` of them), dense entries by ``sum(w delta) / sum(w)``, and per
 (layer, expert) the mean and standard deviation of the alignment scores,
 ``M = sum(a) / n``, ``Sigma = sqrt(sum(a^2) / n - M^2)``, broadcast as extras for the clients'
-next threshold. See ``clients.fedalign`` for the client side.
+next threshold (only where n reaches ``min_scorers``). See ``clients.fedalign`` for the client
+side.
 """
 
 from __future__ import annotations
@@ -48,19 +49,27 @@ class FedAlignCoordinator:
         return GlobalState(
             adapters=adapters,
             routing=summed_routing(state.routing, values),
-            extras=alignment_statistics(values, state.routing.counts.shape),
+            extras=alignment_statistics(
+                values, state.routing.counts.shape, self.config.min_scorers
+            ),
         )
 
 
 def alignment_statistics(
-    values: Mapping[str, np.ndarray], shape: tuple[int, ...]
+    values: Mapping[str, np.ndarray], shape: tuple[int, ...], min_scorers: int
 ) -> dict[str, np.ndarray]:
-    """Mean, standard deviation and number of the scores per (layer, expert); zeros where fewer
-    than one score is in the sum (counts are rounded: they are integers plus quantisation)."""
+    """Mean, standard deviation and number of the scores per (layer, expert).
+
+    Where fewer than ``min_scorers`` scores are in the sum, all three are 0: clients apply no
+    threshold there anyway, and a mean over one client would broadcast that client's score.
+    Counts are rounded (integers plus quantisation error).
+    """
     n = np.rint(np.maximum(np.asarray(values[ALIGN_N]).reshape(shape), 0.0))
+    enough = n >= min_scorers
+    n = np.where(enough, n, 0.0)
     total = np.asarray(values[ALIGN_SCORE]).reshape(shape)
     squares = np.asarray(values[ALIGN_SQUARE]).reshape(shape)
     safe = np.maximum(n, 1.0)
-    mean = np.where(n > 0, total / safe, 0.0)
-    variance = np.where(n > 0, squares / safe - mean**2, 0.0)
+    mean = np.where(enough, total / safe, 0.0)
+    variance = np.where(enough, squares / safe - mean**2, 0.0)
     return {ALIGN_MEAN: mean, ALIGN_STD: np.sqrt(np.maximum(variance, 0.0)), ALIGN_N: n}
