@@ -267,7 +267,8 @@ def plain_session() -> Iterator[TrainingPlan]:
 class ClientStrategy(Protocol):
     """Client side of an aggregation strategy.
 
-    Per round: ``with strategy.session(model, state) as plan: train_local(..., **plan)``, then
+    Per round, after loading the broadcast adapters: ``with strategy.session(model, state) as
+    plan: train_local(..., extra_loss=plan.extra_loss, frozen=plan.frozen)``, then
     :meth:`submit`. Evaluation runs inside a session too, so a strategy that restricts the model
     (FedMoE's sub-MoE) scores the model the institution actually uses.
     """
