@@ -48,7 +48,9 @@ Delta = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
 Device = Literal["auto", "cpu", "cuda"]
 AccountantName = Literal["rdp", "pld"]
 Protection = Literal["mask", "ckks"]
-StrategyName = Literal["fedavg"]
+StrategyName = Literal["fedavg", "fedalign", "fedmoe"]
+ConsistencyName = Literal["js", "expert_kl"]
+Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MoEMode = Literal["auto", "dense", "native"]
 DataSource = Literal["shakespeare"]
 
@@ -58,6 +60,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "expert_updates": get_args(Protection),
     "routing_statistics": get_args(Protection),
     "strategy": get_args(StrategyName),
+    "consistency": get_args(ConsistencyName),
     "mode": get_args(MoEMode),
     "source": get_args(DataSource),
     "modulus_bits": (32, 64),
@@ -285,23 +288,68 @@ class CkksSection(_Section):
         )
 
 
+class FedAlignSection(_Section):
+    """[aggregation.fedalign]: FedAlign-MoE's parameters (see ``clients.fedalign``).
+
+    - ``consistency``: routing-consistency score, "js" (1 - Jensen-Shannon divergence per
+      layer) or "expert_kl" (exp(-KL / temperature) of each expert's routing share).
+    - ``temperature``: of "expert_kl".
+    - ``regularization``: weight of the KL(p_i || p_global) term on the local routers (0: off).
+    - ``beta``: alignment threshold tau = mean - beta * std of last round's scores.
+    - ``min_scorers``: scores needed before the threshold applies.
+    - ``min_count``: institutions an expert's update must come from.
+    - ``smoothing``: uniform mass mixed into routing distributions (keeps divergences finite).
+    """
+
+    consistency: ConsistencyName = "js"
+    temperature: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    regularization: Annotated[float, msgspec.Meta(ge=0.0)] = 0.01
+    beta: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+    min_scorers: PositiveInt = 2
+    min_count: PositiveInt = 2
+    smoothing: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 1e-3
+
+
+class FedMoESection(_Section):
+    """[aggregation.fedmoe]: FedMoE's parameters (see ``clients.fedmoe``).
+
+    - ``memory_fraction``: each institution's sub-MoE may hold at most this fraction of all
+      expert parameters.
+    - ``warmup_rounds``: rounds of full-MoE training before the first sub-MoE search.
+    - ``recommend_weight``: weight of the global routing distribution mixed into an
+      institution's own activation pattern when it searches its sub-MoE.
+    - ``min_count``: holders an expert needs to be updated (>= 2: never from one institution).
+    - ``search_steps``: bisection steps of the coverage search.
+    """
+
+    memory_fraction: Fraction = 0.5
+    warmup_rounds: Annotated[int, msgspec.Meta(ge=0)] = 1
+    recommend_weight: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.25
+    min_count: Annotated[int, msgspec.Meta(ge=2)] = 2
+    search_steps: PositiveInt = 30
+
+
 class AggregationSection(_Section):
     """[aggregation]: how updates are combined and protected on the way.
 
     - ``strategy``: "fedavg" (adapter deltas weighted by training-example counts, both inside
-      the secure sum).
+      the secure sum), "fedalign" (FedAlign-MoE, see ``fedalign``) or "fedmoe" (FedMoE, see
+      ``fedmoe``).
     - ``expert_updates``, ``routing_statistics``: "mask" (SecAgg+, exact, default for updates)
       or "ckks" (homomorphic encryption under a key the institutions share; the coordinator only
       adds ciphertexts). With expert updates under CKKS the coordinator never sees the global
       adapters either: it keeps them encrypted and scales each encrypted sum by the public
       ``1 / sum(w)``, which needs one spare level (three or more coefficient primes).
     - ``ckks``: CKKS parameters, used by whichever payload picks "ckks".
+    - ``fedalign``, ``fedmoe``: the parameters of those strategies (ignored by the others).
     """
 
     strategy: StrategyName = "fedavg"
     expert_updates: Protection = "mask"
     routing_statistics: Protection = "ckks"
     ckks: CkksSection = msgspec.field(default_factory=CkksSection)
+    fedalign: FedAlignSection = msgspec.field(default_factory=FedAlignSection)
+    fedmoe: FedMoESection = msgspec.field(default_factory=FedMoESection)
 
 
 class InstitutionEntry(_Section):
@@ -467,6 +515,7 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             "$.data.split",
         )
     _check_secagg(config, path)
+    _check_strategy(config, path)
     try:
         ckks = config.aggregation.ckks.params()
     except ConfigError as exc:
@@ -478,6 +527,22 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             f"but coeff_mod_bit_sizes {list(ckks.coeff_mod_bit_sizes)} has none to spare; use "
             "three or more primes, e.g. the default [60, 40, 40, 60]",
             "$.aggregation.ckks.coeff_mod_bit_sizes",
+        )
+
+
+def _check_strategy(config: FederationConfig, path: str | Path) -> None:
+    """A per-expert strategy's minimum count must be reachable by the institutions."""
+    name = config.aggregation.strategy
+    if name not in ("fedalign", "fedmoe"):
+        return
+    section = getattr(config.aggregation, name)
+    n = len(config.institutions)
+    if section.min_count > n:
+        raise ConfigFileError(
+            path,
+            f"min_count={section.min_count} exceeds the {n} institutions: no expert could ever "
+            f"be updated; choose min_count <= {n}",
+            f"$.aggregation.{name}.min_count",
         )
 
 

@@ -217,6 +217,7 @@ class _RoutedLayer(nn.Module):
             "routing_tokens", torch.zeros((), dtype=torch.float64, device=device), persistent=False
         )
         self.last_load_balance: torch.Tensor | None = None
+        self.last_router_probs: torch.Tensor | None = None
 
     def _route(self, logits: torch.Tensor, renormalize: bool) -> tuple[torch.Tensor, ...]:
         """Softmax (fp32) -> top-k; records statistics and the per-sample Switch loss.
@@ -224,6 +225,7 @@ class _RoutedLayer(nn.Module):
         Returns ``(top_values, top_indices)`` with shapes ``(..., k)``.
         """
         probs = torch.softmax(logits.float(), dim=-1)
+        self.last_router_probs = probs
         top_values, top_indices = torch.topk(probs, self.top_k, dim=-1)
         if renormalize:
             top_values = top_values / top_values.sum(dim=-1, keepdim=True)
@@ -243,7 +245,7 @@ class _RoutedLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # The last loss is part of an autograd graph, which cannot be deep-copied or pickled.
-        return {**super().__getstate__(), "last_load_balance": None}
+        return {**super().__getstate__(), "last_load_balance": None, "last_router_probs": None}
 
     def reset_routing(self) -> None:
         self.routing_counts.zero_()
@@ -558,6 +560,19 @@ def load_balance_loss(
         raise NotAttachedError("no forward pass has run since attach(); nothing to balance")
     per_sample = torch.stack(losses).mean(dim=0)
     return per_sample if reduction == "none" else per_sample.mean()
+
+
+def router_probabilities(model: nn.Module) -> list[torch.Tensor]:
+    """Per MoE layer, the full softmax router probabilities ``[B, T, E]`` (float32) of the last
+    forward, differentiable: a strategy's per-sample term on the routers (e.g. a KL regularizer)
+    builds on them, and its gradient reaches the router through the module output that Opacus'
+    per-sample hooks watch."""
+    probs = [layer.last_router_probs for _, layer in _adapter_layers(model)]
+    if not probs:
+        raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
+    if any(p is None for p in probs):
+        raise NotAttachedError("no forward pass has run since attach(); no router output yet")
+    return probs  # type: ignore[return-value]
 
 
 def routing_statistics(model: nn.Module) -> RoutingStats:

@@ -8,17 +8,21 @@ sides import these functions, so a change here cannot make them disagree.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from clients.config import FederationConfig
+from clients.fedalign import FedAlignClient, FedAlignConfig
+from clients.fedmoe import FedMoEClient, FedMoEConfig
 from clients.keys import Roster
 from clients.models import load_model, load_smollm2, tiny_dense_model, tiny_moe_model
 from clients.moe_lora import attach
 from clients.shakespeare import institution_datasets, load_corpus, partition
-from clients.strategy import FedAvgConfig
+from clients.strategy import ClientStrategy, FedAvgClient, FedAvgConfig
 
 TINY_MOE_KINDS = {
     "tiny-moe-mixtral": "mixtral",
@@ -102,6 +106,43 @@ def fedavg_config(config: FederationConfig) -> FedAvgConfig:
         delta_channel=config.aggregation.expert_updates,
         routing_channel=config.aggregation.routing_statistics,
     )
+
+
+def fedalign_config(config: FederationConfig) -> FedAlignConfig:
+    """FedAlign-MoE's parameters from ``[aggregation.fedalign]`` (identical on both sides)."""
+    base = fedavg_config(config)
+    return FedAlignConfig(
+        max_examples=base.max_examples,
+        delta_channel=base.delta_channel,
+        routing_channel=base.routing_channel,
+        **msgspec.structs.asdict(config.aggregation.fedalign),
+    )
+
+
+def fedmoe_config(config: FederationConfig) -> FedMoEConfig:
+    """FedMoE's parameters from ``[aggregation.fedmoe]`` (identical on both sides)."""
+    base = fedavg_config(config)
+    return FedMoEConfig(
+        max_examples=base.max_examples,
+        delta_channel=base.delta_channel,
+        routing_channel=base.routing_channel,
+        **msgspec.structs.asdict(config.aggregation.fedmoe),
+    )
+
+
+CLIENT_STRATEGIES: dict[str, Callable[[FederationConfig, str], ClientStrategy]] = {
+    "fedavg": lambda config, name: FedAvgClient(fedavg_config(config)),
+    "fedalign": lambda config, name: FedAlignClient(fedalign_config(config)),
+    "fedmoe": lambda config, name: FedMoEClient(fedmoe_config(config)),
+}
+"""``[aggregation].strategy`` -> the client side for institution ``name`` (a new object per
+institution: strategies keep client-side memory). New strategies register here and in
+``coordinator.registry``."""
+
+
+def client_strategy(config: FederationConfig, name: str) -> ClientStrategy:
+    """Institution ``name``'s client side of the configured strategy."""
+    return CLIENT_STRATEGIES[config.aggregation.strategy](config, name)
 
 
 def client_id(config: FederationConfig, name: str) -> int:

@@ -19,12 +19,17 @@ Every channel of one round must be summed over the SAME set of clients (those th
 channel included), or ratios of sums mix different populations.
 
 First strategy: FedAvg of adapter deltas weighted by example counts, the weights inside the
-secure sum (:class:`FedAvgClient`).
+secure sum (:class:`FedAvgClient`). Strategies that decide per expert (``clients.fedalign``,
+``clients.fedmoe``) build on :mod:`clients.experts`; a strategy may shape local training through
+:meth:`ClientStrategy.session` (an extra per-sample loss, entries held fixed, model hooks) and
+keep its own client-side memory between rounds (a client strategy object lives as long as the
+institution). Strategy-specific public aggregates travel in :attr:`GlobalState.extras`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from clients.moe_lora import RoutingStats
-from clients.trainer import LocalTrainingResult
+from clients.trainer import ExtraLoss, LocalTrainingResult
 
 Channel = Literal["mask", "ckks"]
 CHANNELS: tuple[Channel, ...] = ("mask", "ckks")
@@ -196,10 +201,15 @@ class SubmissionLayout:
 
 @dataclass(frozen=True)
 class GlobalState:
-    """What the coordinator broadcasts each round: adapters and last round's summed routing."""
+    """What the coordinator broadcasts each round: adapters, last round's summed routing, and
+    ``extras``: named public aggregates a strategy derived from last round's secure sums (e.g.
+    FedAlign-MoE's score statistics). Extras are ratios or sums over many clients, never one
+    client's value, so they may travel in plaintext; a strategy without any leaves them empty.
+    """
 
     adapters: dict[str, torch.Tensor]
     routing: RoutingStats
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def initial(
@@ -209,7 +219,7 @@ class GlobalState:
         num_experts: int,
         top_k: int = 1,
     ) -> GlobalState:
-        """Round-0 state: the given adapters and all-zero routing statistics."""
+        """Round-0 state: the given adapters, all-zero routing statistics, no extras."""
         layers = len(layer_names)
         return cls(
             adapters=dict(adapters),
@@ -236,11 +246,42 @@ class Submission:
     clipped: dict[str, float]
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a strategy shapes one round of local training (``train_local``'s matching arguments).
+
+    ``extra_loss``: a per-sample term added to the loss; ``frozen``: per adapter tensor, a bool
+    mask of entries held at their starting values. Empty by default (plain local training).
+    """
+
+    extra_loss: ExtraLoss | None = None
+    frozen: dict[str, torch.Tensor] | None = None
+
+
+@contextmanager
+def plain_session() -> Iterator[TrainingPlan]:
+    """The session of a strategy that changes nothing about local training or inference."""
+    yield TrainingPlan()
+
+
 class ClientStrategy(Protocol):
-    """Client side of an aggregation strategy."""
+    """Client side of an aggregation strategy.
+
+    Per round, after loading the broadcast adapters: ``with strategy.session(model, state) as
+    plan: train_local(..., extra_loss=plan.extra_loss, frozen=plan.frozen)``, then
+    :meth:`submit`. Evaluation runs inside a session too, so a strategy that restricts the model
+    (FedMoE's sub-MoE) scores the model the institution actually uses.
+    """
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         """The round's layout, derived from the broadcast state and public config only."""
+        ...
+
+    def session(
+        self, model: torch.nn.Module, state: GlobalState
+    ) -> AbstractContextManager[TrainingPlan]:
+        """Install what this round's training and inference need on ``model`` (after the global
+        adapters were loaded into it) and yield the training plan; undo it on exit."""
         ...
 
     def submit(
@@ -248,6 +289,24 @@ class ClientStrategy(Protocol):
     ) -> Submission:
         """The named segments this client adds to the round's secure sums."""
         ...
+
+
+def example_weight(num_examples: int, max_examples: int) -> float:
+    """The public-capped example weight ``min(n, max_examples) / max_examples`` in [0, 1]."""
+    n = num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise StrategyError(f"num_examples must be an int >= 0, got {n!r}")
+    return min(n, max_examples) / max_examples
+
+
+def check_routing_matches(ours: RoutingStats, theirs: RoutingStats) -> None:
+    """Refuse local routing statistics whose layers or expert count differ from the global."""
+    if ours.layer_names != theirs.layer_names or ours.num_experts != theirs.num_experts:
+        raise LayoutError(
+            f"local routing covers {ours.num_layers} layers x {ours.num_experts} experts "
+            f"that differ from the global {theirs.num_layers} x {theirs.num_experts} "
+            f"(or the layer names differ)"
+        )
 
 
 @dataclass(frozen=True)
@@ -311,22 +370,20 @@ class FedAvgClient:
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
 
+    def session(
+        self, model: torch.nn.Module, state: GlobalState
+    ) -> AbstractContextManager[TrainingPlan]:
+        return plain_session()
+
     def submit(
         self, state: GlobalState, result: LocalTrainingResult, num_examples: int
     ) -> Submission:
         n = num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise StrategyError(f"num_examples must be an int >= 0, got {n!r}")
-        ours, theirs = result.routing, state.routing
-        if ours.layer_names != theirs.layer_names or ours.num_experts != theirs.num_experts:
-            raise LayoutError(
-                f"local routing covers {ours.num_layers} layers x {ours.num_experts} experts "
-                f"that differ from the global {theirs.num_layers} x {theirs.num_experts} "
-                f"(or the layer names differ)"
-            )
+        check_routing_matches(result.routing, state.routing)
         layout = self.layout(state)
         cap = self.config.max_examples
-        weight = min(n, cap) / cap
+        weight = example_weight(n, cap)
+        ours = result.routing
         deltas = {
             DELTA_PREFIX + name: t.detach().cpu().double().numpy()
             for name, t in result.delta.items()

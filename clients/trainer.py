@@ -7,13 +7,14 @@ the adapter delta, the routing statistics of the training forwards, training met
 The unit of privacy is one training block (a row of ``blocks``). Each block's loss is the mean
 next-token cross-entropy over its tokens plus ``load_balance_coef`` times the load-balance loss;
 it depends on that block only, as per-sample clipping requires (checked by
-:func:`privacy.check_per_sample_gradients` with :func:`per_sample_loss`).
+:func:`privacy.check_per_sample_gradients` with :func:`per_sample_loss`). A strategy may add its
+own per-block term (``extra_loss``) and hold some adapter entries fixed (``frozen``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +35,10 @@ from clients.moe_lora import (
     routing_statistics,
 )
 from privacy import DPConfig, DPTrainingFacts, make_private
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""``(model, ids [B, T]) -> [B]``: a per-block loss term, called right after the forward pass of
+``ids`` (so forward hooks have seen it). Each entry must depend on its own block only."""
 
 
 class TrainerError(ValueError):
@@ -126,6 +131,8 @@ def train_local(
     device: str | torch.device | None = None,
     seed: int | None = None,
     progress: bool | None = None,
+    extra_loss: ExtraLoss | None = None,
+    frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalTrainingResult:
     """Train the adapters for ``steps`` steps (Adam) on ``blocks`` [N, T] and report.
 
@@ -135,6 +142,10 @@ def train_local(
     (default: CUDA if available), its routing counters are reset, and Opacus is removed from
     it afterwards so it can be trained again next round. ``progress=None`` shows a transient
     bar only on a terminal; ``False`` never.
+
+    ``extra_loss`` is added to every block's loss (see :data:`ExtraLoss`). ``frozen`` maps adapter
+    names to bool masks of their shape: True entries are put back to their starting values after
+    every step, so neither gradients nor DP noise move them and their delta is exactly zero.
     """
     _check_blocks(blocks, "blocks")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -155,6 +166,7 @@ def train_local(
     dev = select_device(device)
     model.to(dev)
     before = adapter_state(model)
+    held = _held_entries(frozen, before)
     reset_routing_statistics(model)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     loader = DataLoader(
@@ -172,11 +184,15 @@ def train_local(
                 (ids,) = next(batches)
                 if ids.shape[0] == 0:
                     training.step(None)
+                    _restore(adapters, held)
                     advance("empty batch")
                     continue
                 ids = ids.to(dev)
                 loss, ce, hits = _forward(model, ids, config.load_balance_coef)
+                if extra_loss is not None:
+                    loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
                 training.step(loss)
+                _restore(adapters, held)
                 ce_sum += float(ce.sum())
                 correct += int(hits.sum())
                 tokens += ids.shape[0] * (ids.shape[1] - 1)
@@ -194,6 +210,44 @@ def train_local(
         facts=facts,
         steps=training.steps,
     )
+
+
+def _held_entries(
+    frozen: Mapping[str, torch.Tensor] | None, before: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Name -> (bool mask, starting values) for every tensor with at least one frozen entry."""
+    if frozen is None:
+        return {}
+    unknown = sorted(set(frozen) - set(before))
+    if unknown:
+        raise TrainerError(f"frozen names unknown adapter tensors {unknown[:5]}")
+    held = {}
+    for name, mask in frozen.items():
+        start = before[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TrainerError(f"frozen[{name!r}] must be a bool tensor")
+        if tuple(mask.shape) != tuple(start.shape):
+            raise TrainerError(
+                f"frozen[{name!r}] has shape {tuple(mask.shape)}, the adapter {tuple(start.shape)}"
+            )
+        if bool(mask.any()):
+            held[name] = (mask.to(start.device), start)
+    return held
+
+
+@torch.no_grad()
+def _restore(
+    params: Mapping[str, nn.Parameter], held: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    for name, (mask, start) in held.items():
+        params[name][mask] = start[mask]
+
+
+def _checked_extra(term: torch.Tensor, batch: int) -> torch.Tensor:
+    if not isinstance(term, torch.Tensor) or tuple(term.shape) != (batch,):
+        got = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
+        raise TrainerError(f"extra_loss must return one value per block ({batch},), got {got}")
+    return term
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from clients.experts import EXPERT_COUNT, EXPERT_WEIGHT, ExpertPartition
 from clients.moe_lora import RoutingStats
 from clients.strategy import (
     CHANNEL_BOUND,
@@ -69,13 +70,58 @@ class FedAvgCoordinator:
             delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
             new = current.detach().cpu().double() + torch.from_numpy(delta)
             adapters[name] = new.to(current.dtype)
-        old = state.routing
-        if ROUTING not in values:
-            return GlobalState(adapters=adapters, routing=old)
-        # True sums are non-negative; quantisation can push a zero slightly below.
-        summed = np.maximum(values[ROUTING], 0.0)
-        routing = RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)
-        return GlobalState(adapters=adapters, routing=routing)
+        return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))
+
+
+def summed_routing(old: RoutingStats, values: Mapping[str, np.ndarray]) -> RoutingStats:
+    """The routing sum among unpacked ``values``, or ``old`` when it is absent (a CKKS sum the
+    coordinator cannot read: the institutions decrypt it themselves)."""
+    if ROUTING not in values:
+        return old
+    # True sums are non-negative; quantisation can push a zero slightly below.
+    summed = np.maximum(values[ROUTING], 0.0)
+    return RoutingStats.from_vector(summed, old.layer_names, old.num_experts, old.top_k)
+
+
+def expert_weighted_update(
+    state: GlobalState,
+    values: Mapping[str, np.ndarray],
+    *,
+    min_count: int,
+    min_weight: float,
+) -> dict[str, torch.Tensor]:
+    """``global += sum(w * delta) / sum(w)`` entry by entry, with each entry's own weight sum.
+
+    Dense entries divide by the summed ``weight``; an expert's entries by its summed
+    ``expert_weight``, and only where its summed ``expert_count`` reaches ``min_count`` and its
+    weight sum ``min_weight``; other experts keep their global values. Raises
+    :class:`NoContribution` when the dense weight sum is below ``min_weight`` (nobody took part).
+    """
+    needed = [WEIGHT, EXPERT_WEIGHT, EXPERT_COUNT] + [DELTA_PREFIX + n for n in state.adapters]
+    if any(name not in values for name in needed):
+        raise StrategyError(
+            "a per-expert mean needs the sum of the channel that carries the deltas"
+        )
+    partition = ExpertPartition.of(state)
+    shape = (partition.num_layers, partition.num_experts)
+    total = float(values[WEIGHT][0])
+    if total < min_weight:
+        raise NoContribution(
+            f"summed weight {total:.3g} is below {min_weight:.3g}: no client contributed; "
+            "keep the state"
+        )
+    weights = np.asarray(values[EXPERT_WEIGHT]).reshape(shape)
+    counts = np.asarray(values[EXPERT_COUNT]).reshape(shape)
+    # Counts are integers; half a client's count absorbs the quantisation error.
+    updated = (counts >= min_count - 0.5) & (weights >= min_weight)
+    divisor = np.where(updated, weights, np.inf)
+    adapters: dict[str, torch.Tensor] = {}
+    for name, current in state.adapters.items():
+        denominator = partition.entry_weights(name, total, divisor)
+        delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
+        new = current.detach().cpu().double() + torch.from_numpy(delta)
+        adapters[name] = new.to(current.dtype)
+    return adapters
 
     def encrypted_update_factors(
         self, state: GlobalState, sums: Mapping[str, np.ndarray]

@@ -1,0 +1,206 @@
+"""FedMoE: the sub-MoE search, modular aggregation through real SecAgg+ equal to the plaintext
+per-holder means, the minimum holder count, and what the coordinator can tell about holdings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.experts import ExpertPartition
+from clients.fedmoe import FedMoEClient, FedMoEConfig, search_sub_moe, smallest_cover
+from clients.models import tiny_dense_model
+from clients.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
+from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.trainer import LocalTrainingResult, train_local
+from coordinator.fedmoe import FedMoECoordinator
+from coordinator.strategy import aggregate_locally
+from privacy import DPConfig
+from secagg import FixedPointCodec
+from tests.expert_fixtures import (
+    EXPERTS,
+    LAYERS,
+    expert_entries,
+    layer_of,
+    make_result,
+    make_routing,
+    make_state,
+)
+
+BITS = 16
+BOUND = 0.05
+CAP = 100
+
+
+def test_search_finds_the_largest_coverage_within_budget():
+    rng = np.random.default_rng(0)
+    sizes = np.array([10.0, 30.0, 20.0])
+    for _ in range(10):
+        pattern = rng.dirichlet(np.full(6, 0.5), size=3)
+        budget = float(rng.uniform(0.3, 0.9) * sizes.sum() * 6)
+        held, theta = search_sub_moe(pattern, sizes, budget, minimum=2, steps=40)
+        memory = float((held.sum(1) * sizes).sum())
+        assert np.all(held.sum(1) >= 2)
+        # Brute force over a fine grid of coverages: the best feasible cover.
+        feasible = [
+            t
+            for t in np.linspace(0, 1, 1001)
+            if (smallest_cover(pattern, t, 2).sum(1) * sizes).sum() <= budget
+        ]
+        if not feasible:  # even the minimum exceeds the budget: the minimum is returned
+            assert theta == 0.0 and np.all(held.sum(1) == 2)
+            continue
+        assert memory <= budget
+        assert theta >= max(feasible) - 1e-3
+        best = smallest_cover(pattern, max(feasible), 2)
+        np.testing.assert_array_equal(held, best)
+        covered = (pattern * held).sum(1) / pattern.sum(1)
+        assert np.all(covered >= theta - 1e-9)
+
+
+def test_cover_takes_the_most_used_experts_first():
+    pattern = np.array([[0.1, 0.6, 0.05, 0.25]])
+    np.testing.assert_array_equal(smallest_cover(pattern, 0.8, 1), [[False, True, False, True]])
+    np.testing.assert_array_equal(smallest_cover(pattern, 0.5, 1), [[False, True, False, False]])
+    np.testing.assert_array_equal(smallest_cover(pattern, 0.5, 3), [[True, True, False, True]])
+
+
+def clients_with_patterns(config, state, rng, patterns):
+    """FedMoE clients after one warm-up round whose own routing follows ``patterns``."""
+    clients = []
+    for probs in patterns:
+        client = FedMoEClient(config)
+        sub = client.submit(state, make_result(rng, BOUND, probs), 50)
+        assert sub.values["expert_count"].all()  # warm-up: everyone holds everything
+        clients.append(client)
+    return clients
+
+
+def test_modular_aggregation_through_secagg_equals_the_plaintext_per_holder_means():
+    rng = np.random.default_rng(3)
+    config = FedMoEConfig(
+        max_examples=CAP,
+        memory_fraction=0.7,  # 2 of 3 experts per layer
+        warmup_rounds=1,
+        recommend_weight=0.0,
+        min_count=2,
+        delta_bound=BOUND,
+        routing_channel="mask",
+        routing_bound=5000.0,
+    )
+    state0 = make_state(rng)
+    patterns = [(0.5, 0.4, 0.1), (0.45, 0.45, 0.1), (0.4, 0.5, 0.1), (0.1, 0.4, 0.5)]
+    clients = clients_with_patterns(config, state0, rng, patterns)
+    state = GlobalState(state0.adapters, make_routing(rng, (0.4, 0.4, 0.2)))
+    held = [c.select(state) for c in clients]
+    for h in held[:3]:
+        np.testing.assert_array_equal(h, np.tile([True, True, False], (len(LAYERS), 1)))
+    np.testing.assert_array_equal(held[3], np.tile([False, True, True], (len(LAYERS), 1)))
+    examples = [30, 100, 60, 80]
+    results = [make_result(rng, BOUND) for _ in clients]
+    subs = [c.submit(state, r, n) for c, r, n in zip(clients, results, examples)]
+
+    coordinator = FedMoECoordinator(config)
+    layout = coordinator.layout(state)
+    agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=3, bits=BITS)
+    new = coordinator.aggregate(state, agg.sums)
+
+    w = np.array(examples) / CAP
+    m = len(clients)
+    q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=m).max_error_per_client
+    for name, current in state.adapters.items():
+        owner, layer = expert_entries(name), layer_of(name)
+        deltas = [np.clip(r.delta[name].numpy(), -BOUND, BOUND) for r in results]
+        got = new.adapters[name].double().numpy() - current.double().numpy()
+        for idx in np.ndindex(owner.shape):
+            e = owner[idx]
+            holders = [i for i in range(m) if e < 0 or held[i][layer, e]]
+            if len(holders) < 2:  # expert 2: held by one client only, never updated
+                assert got[idx] == 0.0
+                continue
+            weights = w[holders]
+            want = sum(w[i] * deltas[i][idx] for i in holders) / weights.sum()
+            tol = (m * BOUND * q + abs(want) * m * q) / (weights.sum() - m * q) + 1e-7
+            assert abs(got[idx] - want) <= tol, (name, idx)
+        # Not a plain mean over everybody: the non-holders' (non-zero) deltas are left out.
+        if (owner == 0).any():
+            everyone = np.mean([d[owner == 0] for d in deltas], axis=0)
+            assert np.max(np.abs(got[owner == 0] - everyone)) > 1e-3
+    assert any(np.any(expert_entries(n) == 2) for n in state.adapters)
+
+
+def test_the_coordinator_cannot_tell_who_holds_what():
+    rng = np.random.default_rng(8)
+    config = FedMoEConfig(
+        max_examples=CAP,
+        memory_fraction=0.7,
+        recommend_weight=0.0,
+        delta_bound=BOUND,
+        routing_channel="mask",
+        routing_bound=5000.0,
+    )
+    state0 = make_state(rng)
+    state = GlobalState(state0.adapters, make_routing(rng, (0.4, 0.4, 0.2)))
+    delta = make_result(rng, BOUND).delta
+    routing = make_routing(rng, (0.4, 0.3, 0.3))
+
+    def run(patterns: list[tuple[float, ...]]) -> tuple[list[dict], GlobalState, list]:
+        clients = clients_with_patterns(config, state0, rng, patterns)
+        held = [c.select(state) for c in clients]
+        result = LocalTrainingResult(delta, routing, make_result(rng, BOUND).metrics, None, 1)
+        subs = [c.submit(state, result, 50) for c in clients]
+        layout = FedMoECoordinator(config).layout(state)
+        packed = [layout.pack(s.values) for s in subs]
+        agg = aggregate_locally(layout, packed, threshold=2, bits=BITS)
+        return packed, FedMoECoordinator(config).aggregate(state, agg.sums), held
+
+    # Two federations whose clients swap their sub-MoEs: client 0 holds {0, 1} in one and
+    # {1, 2} in the other. Every client sends a vector of the same length and layout.
+    a_packed, a_state, a_held = run([(0.5, 0.4, 0.1), (0.1, 0.4, 0.5), (0.4, 0.5, 0.1)])
+    b_packed, b_state, b_held = run([(0.1, 0.4, 0.5), (0.5, 0.4, 0.1), (0.4, 0.5, 0.1)])
+    assert not np.array_equal(a_held[0], b_held[0])
+    assert {p["mask"].shape for p in a_packed + b_packed} == {a_packed[0]["mask"].shape}
+    assert FedMoECoordinator(config).layout(state) == config.layout(
+        GlobalState.initial(state.adapters, LAYERS, EXPERTS, top_k=2)
+    )
+    # What the coordinator learns (the sums) and broadcasts (the next state) is the same.
+    assert a_state.extras == {} and b_state.extras == {}
+    tol = 3 * 3 * BOUND * FixedPointCodec(CHANNEL_BOUND, BITS, max_clients=3).max_error_per_client
+    for name in state.adapters:
+        np.testing.assert_allclose(
+            a_state.adapters[name].numpy(), b_state.adapters[name].numpy(), atol=tol + 1e-7
+        )
+    np.testing.assert_allclose(a_state.routing.counts, b_state.routing.counts, atol=1.0)
+
+
+def test_session_trains_only_the_held_sub_moe_under_dp():
+    model = attach(tiny_dense_model(), MoELoRAConfig(rank=2, load_balance_coef=0.0))
+    stats = routing_statistics(model)
+    layers = len(stats.layer_names)
+    state = GlobalState.initial(adapter_state(model), stats.layer_names, 4, 2)
+    client = FedMoEClient(FedMoEConfig(max_examples=32, warmup_rounds=0), memory_fraction=0.5)
+    blocks = torch.randint(0, 256, (32, 16), generator=torch.Generator().manual_seed(1))
+    client.pattern = np.tile([0.1, 0.5, 0.1, 0.3], (layers, 1))
+    dp = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
+    with client.session(model, state) as plan:
+        result = train_local(
+            model, blocks, dp=dp, steps=3, batch_size=8, seed=0, progress=False, frozen=plan.frozen
+        )
+    np.testing.assert_array_equal(client.held, np.tile([False, True, False, True], (layers, 1)))
+    assert np.all(result.routing.counts[:, [0, 2]] == 0) and np.all(
+        result.routing.counts[:, [1, 3]] > 0
+    )
+    partition = ExpertPartition.of(state)
+    for name, mask in partition.expert_mask(client.held).items():
+        assert torch.all(result.delta[name][mask] == 0)
+    sub = client.submit(state, result, 32)
+    np.testing.assert_array_equal(sub.values["expert_count"], client.held.ravel())
+
+
+def test_config_refuses_a_minimum_count_of_one():
+    with pytest.raises(StrategyError, match="min_count must be an int >= 2"):
+        FedMoEConfig(max_examples=10, min_count=1)
+    with pytest.raises(StrategyError, match="memory_fraction"):
+        FedMoEConfig(max_examples=10, memory_fraction=0.0)
+    with pytest.raises(StrategyError, match="memory_fraction"):
+        FedMoEClient(FedMoEConfig(max_examples=10), memory_fraction=1.5)

@@ -1,0 +1,81 @@
+"""The ``fedalign`` and ``fedmoe`` strategies in the federation config: parameters reach both
+sides identically, and bad values are refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.config import ConfigFileError, parse_config
+from clients.fedalign import FedAlignClient
+from clients.fedmoe import FedMoEClient
+from clients.setup import client_strategy
+from coordinator.fedalign import FedAlignCoordinator
+from coordinator.fedmoe import FedMoECoordinator
+from coordinator.registry import coordinator_strategy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.toml"
+
+
+@pytest.fixture
+def raw() -> dict:
+    return tomllib.loads(TINY.read_text())
+
+
+def with_aggregation(raw: dict, **fields) -> dict:
+    doc = copy.deepcopy(raw)
+    doc["aggregation"].update(fields)
+    return doc
+
+
+def test_fedalign_parameters_reach_both_sides(raw):
+    doc = with_aggregation(
+        raw, strategy="fedalign", fedalign={"consistency": "expert_kl", "beta": 0.5}
+    )
+    config = parse_config(doc, "/x/fed.toml")
+    client, coordinator = client_strategy(config, "comedies"), coordinator_strategy(config)
+    assert isinstance(client, FedAlignClient) and isinstance(coordinator, FedAlignCoordinator)
+    assert client.config == coordinator.config
+    assert (client.config.consistency, client.config.beta) == ("expert_kl", 0.5)
+    assert client.config.max_examples == 64  # the public cap: [data.max_blocks].train
+    assert client.config.routing_channel == "ckks"
+
+
+def test_fedmoe_parameters_reach_both_sides(raw):
+    doc = with_aggregation(raw, strategy="fedmoe", fedmoe={"memory_fraction": 0.25})
+    config = parse_config(doc, "/x/fed.toml")
+    client, coordinator = client_strategy(config, "tragedies"), coordinator_strategy(config)
+    assert isinstance(client, FedMoEClient) and isinstance(coordinator, FedMoECoordinator)
+    assert client.config == coordinator.config and client.memory_fraction == 0.25
+    assert client_strategy(config, "comedies") is not client  # one object per institution
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"strategy": "fedprox"}, "$.aggregation.strategy", "'fedalign'"),
+        ({"fedalign": {"consistency": "cos"}}, "$.aggregation.fedalign.consistency", "'js'"),
+        ({"fedalign": {"beta": -1.0}}, "$.aggregation.fedalign.beta", ">= 0.0"),
+        ({"fedalign": {"typo": 1}}, "$.aggregation.fedalign", "typo"),
+        ({"fedmoe": {"min_count": 1}}, "$.aggregation.fedmoe.min_count", ">= 2"),
+        ({"fedmoe": {"memory_fraction": 1.5}}, "$.aggregation.fedmoe.memory_fraction", "<= 1.0"),
+        (
+            {"strategy": "fedmoe", "fedmoe": {"min_count": 4}},
+            "$.aggregation.fedmoe.min_count",
+            "exceeds the 3 institutions",
+        ),
+    ],
+)
+def test_bad_strategy_fields_are_named(raw, fields, field, text):
+    with pytest.raises(ConfigFileError) as info:
+        parse_config(with_aggregation(raw, **fields), "/x/fed.toml")
+    assert info.value.field == field
+    assert text in str(info.value)
