@@ -72,6 +72,36 @@ class FedAvgCoordinator:
             adapters[name] = new.to(current.dtype)
         return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))
 
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """Under CKKS deltas: per value of the delta segments, ``bound / sum(w)``.
+
+        The delta segments lead the ckks channel (state order), so the coordinator computes
+        ``state += factors * ckks_sum[:len(factors)]`` homomorphically
+        (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`) from the masked ``sum(w)`` alone.
+        """
+        layout = self.layout(state)
+        deltas = [layout[DELTA_PREFIX + name] for name in state.adapters]
+        leading = [s for s in layout.segments if s.channel == "ckks"][: len(deltas)]
+        if leading != deltas:
+            raise StrategyError("the ckks channel must start with the delta segments")
+        total = self._total_weight(layout.unpack(sums, partial=True))
+        return np.concatenate(
+            [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
+        )
+
+    def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
+        if WEIGHT not in values:
+            raise StrategyError("FedAvg needs the sum of the mask channel, which carries w")
+        total = float(values[WEIGHT][0])
+        if total < 0.5 / self.config.max_examples:
+            raise NoContribution(
+                f"summed weight {total:.3g} is below half an example's weight "
+                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
+            )
+        return total
+
 
 def summed_routing(old: RoutingStats, values: Mapping[str, np.ndarray]) -> RoutingStats:
     """The routing sum among unpacked ``values``, or ``old`` when it is absent (a CKKS sum the
@@ -122,36 +152,6 @@ def expert_weighted_update(
         new = current.detach().cpu().double() + torch.from_numpy(delta)
         adapters[name] = new.to(current.dtype)
     return adapters
-
-    def encrypted_update_factors(
-        self, state: GlobalState, sums: Mapping[str, np.ndarray]
-    ) -> np.ndarray:
-        """Under CKKS deltas: per value of the delta segments, ``bound / sum(w)``.
-
-        The delta segments lead the ckks channel (state order), so the coordinator computes
-        ``state += factors * ckks_sum[:len(factors)]`` homomorphically
-        (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`) from the masked ``sum(w)`` alone.
-        """
-        layout = self.layout(state)
-        deltas = [layout[DELTA_PREFIX + name] for name in state.adapters]
-        leading = [s for s in layout.segments if s.channel == "ckks"][: len(deltas)]
-        if leading != deltas:
-            raise StrategyError("the ckks channel must start with the delta segments")
-        total = self._total_weight(layout.unpack(sums, partial=True))
-        return np.concatenate(
-            [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
-        )
-
-    def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
-        if WEIGHT not in values:
-            raise StrategyError("FedAvg needs the sum of the mask channel, which carries w")
-        total = float(values[WEIGHT][0])
-        if total < 0.5 / self.config.max_examples:
-            raise NoContribution(
-                f"summed weight {total:.3g} is below half an example's weight "
-                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
-            )
-        return total
 
 
 @dataclass(frozen=True)
