@@ -70,7 +70,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from clients.runtime import Institution
+    from coordinator.wiring import make_institution
 
     config = load_config(args.config)
     if args.institution not in config.institution_names:
@@ -79,7 +79,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             f"choose one of {config.institution_names}"
         )
     _log_to_stderr(args.log_level)
-    return Institution(config, args.institution).run()
+    return make_institution(config, args.institution).run()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -281,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 _LAZY_USER_ERRORS = (
     ("coordinator.service", "CoordinatorError"),
     ("coordinator.store", "StoreError"),
-    ("clients.budget", "LedgerFileError"),
+    ("audit.ledger", "LedgerError"),
+    ("audit.heads", "HeadFileError"),
 )
 
 

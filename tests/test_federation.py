@@ -18,14 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from audit import Ledger, head_path, ledger_path, read_head
 from clients import strategy as client_strategy
-from clients.budget import BudgetLedger
 from clients.config import load_config
-from clients.keys import generate_keys
-from clients.runtime import LEDGER_FILE, Institution
+from clients.keys import generate_keys, load_institution_keys
 from clients.setup import fedavg_config
 from coordinator.service import Coordinator
 from coordinator.store import JOURNAL, RunStore
+from coordinator.wiring import make_institution, open_ledger
 from privacy import DPTrainingFacts
 from secagg import FixedPointCodec
 
@@ -81,7 +81,7 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
 
     monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
     coordinator = Coordinator(config)
-    institutions = [Institution(config, name) for name in NAMES]
+    institutions = [make_institution(config, name) for name in NAMES]
     stop = threading.Event()
     threads = [
         threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
@@ -126,14 +126,18 @@ def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path, caplog
     """An institution out of budget declines; with threshold 3 of 3 every round aborts cleanly."""
     caplog.set_level(logging.INFO, logger="coordinator.transport")
     config = load_config(write_config(tmp_path, threshold=3, stage_timeout_s=20.0))
-    spent = config.run_dir / "institutions" / "histories" / LEDGER_FILE
     delta = config.budget("histories").target_delta
     # An earlier release (recorded under a generous budget) already spent far more than 4.
-    BudgetLedger(spent, 1000.0, delta, "rdp").charge(
-        0, 1, DPTrainingFacts(0.6, 1.0, 20, 1.0, delta)
-    )
+    Ledger(
+        ledger_path(config.run_dir, "histories"),
+        institution="histories",
+        identity=load_institution_keys(config.keys_dir, "histories").identity,
+        budget_epsilon=1000.0,
+        delta=delta,
+        accountant="rdp",
+    ).charge([DPTrainingFacts(0.6, 1.0, 20, 1.0, delta).release(0, 1)])
     coordinator = Coordinator(config)
-    institutions = [Institution(config, name) for name in NAMES]
+    institutions = [make_institution(config, name) for name in NAMES]
     stop = threading.Event()
     threads = [threading.Thread(target=inst.run, args=(stop,)) for inst in institutions]
     for t in threads:
@@ -223,9 +227,11 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes):
     assert resume.last_round == 3 and resume.adapters is not None
     # No institution was charged twice for one release.
     for name in NAMES:
-        ledger = config.run_dir / "institutions" / name / LEDGER_FILE
-        ids = [json.loads(line)["round_id"] for line in ledger.read_text().splitlines()]
-        assert len(ids) == len(set(ids))
+        entries = open_ledger(config, name).entries  # opening verifies the chain and signatures
+        charged = [(e.round_id, e.what) for e in entries if e.kind == "release"]
+        assert len(charged) == len(set(charged))
+        # the restarted coordinator kept the head of each full ledger
+        assert read_head(head_path(config.run_dir, name)).entries == len(entries)
 
 
 def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
