@@ -37,9 +37,9 @@ from audit.entry import (
     sign_entry,
     sign_head,
 )
-from audit.events import event_from_json, event_to_json
+from audit.events import event_to_json
 from audit.pricing import ACCOUNTANTS, Epsilons, Pricer
-from audit.verify import LedgerTampered, verify_ledger
+from audit.verify import LedgerTampered, replay_ledger
 from privacy import AlreadyReleased, BudgetExceeded, Release
 from secagg.control import LedgerHead
 
@@ -105,7 +105,7 @@ class Ledger:
                 f.truncate(len(complete))
                 os.fsync(f.fileno())
         try:
-            verified = verify_ledger(self.path, self._identity.public_key())
+            verified, pricer = replay_ledger(self.path, self._identity.public_key())
         except LedgerTampered as exc:
             raise LedgerError(
                 f"{exc}; the ledger does not verify, so this institution will not add to it "
@@ -118,16 +118,12 @@ class Ledger:
                 f"{self.path} accounts at delta={verified.entries[0].delta:g}, the config says "
                 f"{self.delta:g}; keep delta fixed for a run"
             )
+        if pricer is not None:
+            self._pricer = pricer
+        self._entries = list(verified.entries)
+        self._released = {(e.round_id, e.what) for e in self._entries if e.kind == "release"}
         lines = complete.split(b"\n")[:-1]
-        for entry, raw in zip(verified.entries, lines, strict=True):
-            self._remember(entry, raw)
-
-    def _remember(self, entry: Entry, raw: bytes) -> None:
-        if entry.kind == "release":
-            self._pricer.add(event_from_json(entry.event))
-            self._released.add((entry.round_id, entry.what))
-        self._entries.append(entry)
-        self._last_hash = line_hash(raw)
+        self._last_hash = line_hash(lines[-1]) if lines else GENESIS
 
     @property
     def entries(self) -> tuple[Entry, ...]:

@@ -77,9 +77,26 @@ def _close(recorded: float | None, recomputed: float | None) -> bool:
 
 
 def verify_ledger(
-    path: str | Path, public_key: Ed25519PublicKey, *, head: LedgerHead | None = None
+    path: str | Path,
+    public_key: Ed25519PublicKey,
+    *,
+    institution: str | None = None,
+    head: LedgerHead | None = None,
 ) -> VerifiedLedger:
-    """Verify the ledger at ``path`` under ``public_key`` (and ``head``, if given)."""
+    """Verify the ledger at ``path`` of ``institution`` (any, if None) under ``public_key``,
+    and against the coordinator's ``head`` if given."""
+    return replay_ledger(path, public_key, institution=institution, head=head)[0]
+
+
+def replay_ledger(
+    path: str | Path,
+    public_key: Ed25519PublicKey,
+    *,
+    institution: str | None = None,
+    head: LedgerHead | None = None,
+) -> tuple[VerifiedLedger, Pricer | None]:
+    """:func:`verify_ledger`, also returning the accountants with every release composed
+    (``None`` for an empty ledger), so a ledger that opens a file need not price it twice."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -94,7 +111,6 @@ def verify_ledger(
     lines = data.split(b"\n")[:-1] if data else []
     entries: list[Entry] = []
     prev = GENESIS
-    institution: str | None = None
     pricer: Pricer | None = None
     released: set[tuple[int, str]] = set()
     for number, raw in enumerate(lines, start=1):
@@ -125,10 +141,10 @@ def verify_ledger(
             )
         if institution is None:
             institution = entry.institution
-            pricer = Pricer(entry.delta)
-        elif entry.institution != institution:
+        if entry.institution != institution:
             raise fail(f"entry of institution {entry.institution!r} in {institution!r}'s ledger")
-        assert pricer is not None
+        if pricer is None:
+            pricer = Pricer(entry.delta)
         if entry.delta != pricer.delta:
             raise fail(f"delta {entry.delta:g} differs from the ledger's {pricer.delta:g}")
         try:
@@ -161,7 +177,7 @@ def verify_ledger(
         prev = line_hash(raw)
     if head is not None:
         _check_head(path, head, public_key, institution, len(entries), lines)
-    return VerifiedLedger(path, institution, tuple(entries), head is not None)
+    return VerifiedLedger(path, institution, tuple(entries), head is not None), pricer
 
 
 def _check_head(

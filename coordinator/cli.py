@@ -19,6 +19,7 @@ from rich.text import Text
 
 from clients.config import ConfigFileError, FederationConfig, load_config
 from clients.keys import ROSTER_FILE, KeyMaterialError, generate_keys
+from coordinator.audit_commands import add_audit_parser
 
 USER_ERROR = 2
 
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the run directory first (default: resume the run it holds)",
     )  # fmt: skip
     run.set_defaults(handler=_cmd_run)
+
+    add_audit_parser(commands)
 
     for sub in (coordinator, client):
         sub.add_argument(

@@ -226,6 +226,7 @@ class ScriptedCoordinator:
         self.routing: EncryptedBatch | None = None
         self.declines: dict[str, str] = {}
         self.heads: dict[str, LedgerHead] = {}
+        self.received: dict[str, list[str]] = {}
         self.ends: list[RoundEnd] = []
 
     def wait_for_hellos(self) -> None:
@@ -266,6 +267,7 @@ class ScriptedCoordinator:
                 name, message = received
                 if isinstance(message, Hello):
                     continue
+                self.received.setdefault(name, []).append(type(message).__name__)
                 if isinstance(message, LedgerHead):
                     self.heads[name] = message
                 elif isinstance(message, Decline):
@@ -436,4 +438,5 @@ def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation,
     assert entries[1]["what"] == "adapter-update+routing-statistics"
     assert "budget exhausted" in entries[1]["reason"]
     assert coordinator.heads["histories"].entries == 2  # the refusal's head came before Decline
+    assert coordinator.received["histories"] == ["LedgerHead", "Decline"]  # nothing released
     assert any("declines round 1" in r.getMessage() for r in caplog.records)
