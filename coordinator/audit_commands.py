@@ -9,6 +9,7 @@ file, line and problem), 2 for a setup error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,6 +102,43 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def produce_report(run_dir: Path, roster_path: Path | None = None) -> list[Path]:
+    """Build and write the privacy report of ``run_dir``; the files written.
+
+    Ledgers are verified with the identity keys of ``roster_path`` (default: the roster the
+    run's audit context names), when it exists.
+    """
+    from audit.context import read_context
+    from audit.render import write_report
+    from audit.report import build_report
+
+    facts = read_context(run_dir)
+    path = roster_path or Path(facts.roster)
+    keys = None
+    if roster_path is not None or path.exists():
+        keys = {e.name: e.identity_key for e in load_roster(path).institutions}
+    return write_report(run_dir, build_report(run_dir, facts, keys))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    written = produce_report(run_dir, Path(args.roster) if args.roster else None)
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    console = Console()
+    table = Table(title=report["title"])
+    for column in ("institution", "budget ε", "spent ε RDP", "spent ε PLD", "remaining", "ledger"):
+        table.add_column(column)
+    for inst in report["institutions"]:
+        table.add_row(
+            inst["name"], f"{inst['budget']['epsilon']:g}", _eps(inst["spent"].get("rdp")),
+            _eps(inst["spent"].get("pld")), _eps(inst["remaining_epsilon"]),
+            inst["verification"]["status"],
+        )  # fmt: skip
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _eps(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.4g}"
 
@@ -136,3 +174,17 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
         "--institution", metavar="NAME", help="whose ledger (default: its folder's name)"
     )
     verify.set_defaults(handler=cmd_verify)
+
+    report = sub.add_parser(
+        "report",
+        help="write report.html, report.json and report.md for a run directory",
+        description=(
+            "Write the privacy report of a run: report.html (plots of epsilon over rounds per "
+            "institution against its budget, remaining budget, tables of releases; opens "
+            "offline), report.json (every number) and report.md, into RUN_DIR. Ledgers are "
+            "verified with the roster's identity keys (default: the run's roster)."
+        ),
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a federation's run directory")
+    report.add_argument("--roster", metavar="F", help="roster with the identity keys")
+    report.set_defaults(handler=cmd_report)

@@ -286,6 +286,7 @@ _LAZY_USER_ERRORS = (
     ("coordinator.store", "StoreError"),
     ("audit.ledger", "LedgerError"),
     ("audit.heads", "HeadFileError"),
+    ("audit.context", "ContextError"),
 )
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from audit.context import ContextError
 from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, generate_keys
 from clients.runtime import METRICS_FILE
+from coordinator.audit_commands import produce_report
 from coordinator.store import JOURNAL
 
 POLL_S = 0.5
@@ -84,6 +86,11 @@ def run_federation(
             if proc.poll() is None:
                 proc.terminate()
     console.print(before_after_table(config))
+    try:
+        written = produce_report(config.run_dir, config.keys_dir / ROSTER_FILE)
+        console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    except ContextError as exc:
+        console.print(f"[red]no privacy report: {exc}[/red]")
     failed = {p: proc.returncode for p, proc in processes.items() if proc.returncode}
     if failed:
         console.print(f"[red]parties that failed (exit status): {failed}; see {logs}[/red]")

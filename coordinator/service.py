@@ -23,6 +23,7 @@ import msgspec
 import numpy as np
 from safetensors.torch import save
 
+from audit.context import context_bytes
 from audit.entry import head_signature_ok
 from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
@@ -33,6 +34,7 @@ from clients.transport import TransportError
 from coordinator.store import RoutingRelay, RunStore
 from coordinator.strategy import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, EncryptedBatch
 from secagg.control import CkksInput, Hello, LedgerHead, RoundStart, Shutdown, round_id
 from secagg.errors import SecAggError
@@ -83,6 +85,7 @@ class Coordinator:
         self.ckks_context = load_ckks_public_context(config.keys_dir) if self.uses_ckks else None
         self.strategy = FedAvgCoordinator(fedavg_config(config))
         self.store = RunStore(config.run_dir)
+        self.store.write_context(context_bytes(audit_facts(config)))
 
     def initial_state(self) -> GlobalState:
         """The round-0 global state: the seeded adapter initialisation, zero routing."""

@@ -20,6 +20,7 @@ import msgspec
 import torch
 from safetensors.torch import load, save
 
+from audit.context import context_path
 from audit.heads import HeadFileError, head_path, head_to_json, read_head
 from clients.durable import append_line, atomic_write
 from secagg.ckks import EncryptedBatch
@@ -109,6 +110,10 @@ class RunStore:
             checkpoint=f"{CHECKPOINTS}/{stem}", sha256=_digest(state_bytes, routing_bytes),
             seconds=seconds,
         )  # fmt: skip
+
+    def write_context(self, data: bytes) -> None:
+        """Write the run's audit context (what its privacy report cites), atomically."""
+        atomic_write(context_path(self.run_dir), data)
 
     def save_head(self, head: LedgerHead) -> bool:
         """Keep ``head`` (already verified) if it extends the kept one; whether it was kept.
