@@ -139,6 +139,81 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_of(run_dir: Path, name: str) -> tuple[float, float, int, float]:
+    """(noise multiplier, sampling rate, total steps, delta) of ``name``'s charged DP-SGD."""
+    from audit import ledger_path
+    from audit.verify import parse_entry
+
+    path = ledger_path(run_dir, name)
+    if not path.exists():
+        raise ConfigFileError(str(path), "no ledger: did this institution take part?")
+    updates = [
+        e for e in (parse_entry(line) for line in path.read_text().splitlines())
+        if e.kind == "release" and e.what == "adapter-update"
+    ]  # fmt: skip
+    if not updates:
+        raise ConfigFileError(str(path), "no adapter update was released: nothing to audit")
+    settings = {(e.parameters["noise_multiplier"], e.parameters["sample_rate"]) for e in updates}
+    if len(settings) != 1:
+        raise ConfigFileError(str(path), f"the rounds used different DP-SGD settings {settings}")
+    (sigma, rate) = settings.pop()
+    return sigma, rate, sum(int(e.parameters["steps"]) for e in updates), updates[0].delta
+
+
+def cmd_empirical(args: argparse.Namespace) -> int:
+    from audit.context import context_path
+    from audit.empirical import canary_audit
+    from audit.report import EMPIRICAL_DIR
+
+    console = Console()
+    if args.run_dir is not None:
+        if args.institution is None:
+            raise ConfigFileError("sealmoe audit empirical", "with RUN_DIR, pass --institution")
+        run_dir = Path(args.run_dir)
+        sigma, rate, steps, delta = training_of(run_dir, args.institution)
+        label = f"DP-SGD of {args.institution}, all rounds"
+    else:
+        given = (args.noise_multiplier, args.sample_rate, args.steps)
+        if None in given:
+            raise ConfigFileError(
+                "sealmoe audit empirical",
+                "pass RUN_DIR --institution NAME, or --noise-multiplier, --sample-rate, --steps",
+            )
+        sigma, rate, steps = given
+        delta, run_dir = args.delta, None
+        label = "DP-SGD"
+    with console.status(f"training with {args.canaries} canaries ({steps} DP-SGD steps)"):
+        result = canary_audit(sigma, rate, steps, delta=delta, canaries=args.canaries,
+                              confidence=args.confidence, label=label)  # fmt: skip
+    table = Table(title=f"empirical privacy audit: {label}")
+    columns = ("noise multiplier", "q", "steps", "canaries", "guesses", "correct",
+               "ε lower bound", f"ε upper bound (RDP, δ={delta:g})")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{sigma:.4g}", f"{result.sample_rate:.4g}", str(steps), str(result.canaries),
+        str(result.guesses), str(result.correct), _eps(result.epsilon_lower_bound),
+        _eps(result.epsilon_upper_bound),
+    )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"at {result.confidence:.0%} confidence the training is not (ε, δ)-DP for any ε below "
+        f"{result.epsilon_lower_bound:.3g}; the accountant proves "
+        f"ε ≤ {result.epsilon_upper_bound:.3g}"
+    )
+    out = Path(args.out) if args.out else None
+    if run_dir is not None:
+        out = out or run_dir / EMPIRICAL_DIR / f"{args.institution}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.as_dict(), indent=1, sort_keys=True) + "\n")
+        console.print(f"wrote {out}")
+    if run_dir is not None and context_path(run_dir).exists():
+        produce_report(run_dir)
+        console.print(f"updated {run_dir / 'report.html'}")
+    return 0
+
+
 def _eps(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.4g}"
 
@@ -188,3 +263,26 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a federation's run directory")
     report.add_argument("--roster", metavar="F", help="roster with the identity keys")
     report.set_defaults(handler=cmd_report)
+
+    empirical = sub.add_parser(
+        "empirical",
+        help="lower-bound epsilon empirically with canaries in one DP-SGD training run",
+        description=(
+            "Empirical privacy audit (Steinke, Nasr and Jagielski 2023, one training run): "
+            "train with the real DP-SGD path at an institution's settings (from its ledger in "
+            "RUN_DIR) or at the given ones, with canaries each included with probability 1/2, "
+            "and turn the auditor's correct guesses into a lower bound on epsilon, printed next "
+            "to the accountant's upper bound. With RUN_DIR the result goes to "
+            "RUN_DIR/empirical/NAME.json and into the run's report."
+        ),
+    )
+    empirical.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory")
+    empirical.add_argument("--institution", metavar="NAME", help="whose training to audit")
+    empirical.add_argument("--noise-multiplier", type=float, metavar="S")
+    empirical.add_argument("--sample-rate", type=float, metavar="Q")
+    empirical.add_argument("--steps", type=int, metavar="T")
+    empirical.add_argument("--delta", type=float, default=1e-5, metavar="D")
+    empirical.add_argument("--canaries", type=int, default=1000, metavar="M")
+    empirical.add_argument("--confidence", type=float, default=0.95, metavar="C")
+    empirical.add_argument("--out", metavar="F", help="also write the result as JSON here")
+    empirical.set_defaults(handler=cmd_empirical)

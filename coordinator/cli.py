@@ -287,6 +287,7 @@ _LAZY_USER_ERRORS = (
     ("audit.ledger", "LedgerError"),
     ("audit.heads", "HeadFileError"),
     ("audit.context", "ContextError"),
+    ("audit.empirical", "AuditError"),
 )
 
 
