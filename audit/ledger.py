@@ -90,6 +90,7 @@ class Ledger:
         self._entries: list[Entry] = []
         self._last_hash = GENESIS
         self._released: set[tuple[int, str]] = set()
+        self._screened: tuple[tuple, Pricer, list[Epsilons]] | None = None
         self._load()
 
     # ------------------------------------------------------------------------------ reading
@@ -186,8 +187,14 @@ class Ledger:
         kinds = [r.what for r in releases]
         if len(set(kinds)) != len(kinds):
             raise LedgerError(f"two releases of one kind in one round: {kinds}")
-        trial = self._pricer.fork()
-        after = [trial.add(r.event) for r in releases]
+        key = (len(self._entries), tuple(r.event for r in releases))
+        if self._screened is not None and self._screened[0] == key:
+            _, trial, after = self._screened  # priced by check() before training: reuse
+            trial = trial.fork()
+        else:
+            trial = self._pricer.fork()
+            after = [trial.add(r.event) for r in releases]
+            self._screened = (key, trial.fork(), after)
         projected = after[-1]
         repeated = [r.what for r in releases if self.has(r.round_id, r.what)]
         refusal: Exception | None = None

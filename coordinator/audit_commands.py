@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from audit import VerifiedLedger
 
 TAMPERED = 1
+
+
+class AuditUsageError(ValueError):
+    """The arguments do not say what to audit (the message says what to pass)."""
+
+
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 120))
+
+
 LEDGER_FILE = "ledger.jsonl"  # audit.LEDGER_FILE; audit is imported lazily (it pulls in torch)
 
 
@@ -41,8 +52,7 @@ def find_roster(args: argparse.Namespace) -> Roster:
         return load_roster(args.roster)
     if args.config is not None:
         return load_roster(load_config(args.config).keys_dir / ROSTER_FILE)
-    raise ConfigFileError(
-        "sealmoe audit verify",
+    raise AuditUsageError(
         "no roster to take the institutions' identity keys from: pass --roster ROSTER.toml "
         "or --config FEDERATION.toml",
     )
@@ -70,7 +80,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None and args.config is not None:
         run_dir = load_config(args.config).run_dir
-    console = Console()
+    console = _console()
     table = Table(title="privacy ledgers")
     for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "head"):
         table.add_column(column, justify="left" if column in ("ledger", "institution") else "right")
@@ -124,7 +134,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     written = produce_report(run_dir, Path(args.roster) if args.roster else None)
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    console = Console()
+    console = _console()
     table = Table(title=report["title"])
     for column in ("institution", "budget ε", "spent ε RDP", "spent ε PLD", "remaining", "ledger"):
         table.add_column(column)
@@ -165,19 +175,18 @@ def cmd_empirical(args: argparse.Namespace) -> int:
     from audit.empirical import canary_audit
     from audit.report import EMPIRICAL_DIR
 
-    console = Console()
+    console = _console()
     if args.run_dir is not None:
         if args.institution is None:
-            raise ConfigFileError("sealmoe audit empirical", "with RUN_DIR, pass --institution")
+            raise AuditUsageError("with RUN_DIR, pass --institution NAME")
         run_dir = Path(args.run_dir)
         sigma, rate, steps, delta = training_of(run_dir, args.institution)
         label = f"DP-SGD of {args.institution}, all rounds"
     else:
         given = (args.noise_multiplier, args.sample_rate, args.steps)
         if None in given:
-            raise ConfigFileError(
-                "sealmoe audit empirical",
-                "pass RUN_DIR --institution NAME, or --noise-multiplier, --sample-rate, --steps",
+            raise AuditUsageError(
+                "pass RUN_DIR --institution NAME, or --noise-multiplier, --sample-rate and --steps"
             )
         sigma, rate, steps = given
         delta, run_dir = args.delta, None

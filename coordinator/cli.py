@@ -19,7 +19,7 @@ from rich.text import Text
 
 from clients.config import ConfigFileError, FederationConfig, load_config
 from clients.keys import ROSTER_FILE, KeyMaterialError, generate_keys
-from coordinator.audit_commands import add_audit_parser
+from coordinator.audit_commands import AuditUsageError, add_audit_parser
 
 USER_ERROR = 2
 
@@ -297,7 +297,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         for module, name in _LAZY_USER_ERRORS
         if module in sys.modules
     ]
-    return (ConfigFileError, KeyMaterialError, *lazy)
+    return (ConfigFileError, KeyMaterialError, AuditUsageError, *lazy)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def run_federation(
         parties[name] = [*command, "client", "--config", str(config_path), "--institution", name]
     # One machine plays every party: share its cores instead of oversubscribing them.
     threads = max(1, (os.cpu_count() or 1) // len(config.institution_names))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads)}  # fmt: skip
     processes = {}
     for party, argv in parties.items():
         log_file = (logs / f"{party}.log").open("ab")

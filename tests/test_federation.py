@@ -159,12 +159,18 @@ def test_rounds_below_threshold_abort_and_the_next_round_starts(tmp_path, caplog
     assert RunStore(config.run_dir).resume().last_round == 2
 
 
+# Four parties share the machine: one thread each for torch and numpy (as `sealmoe run` does);
+# otherwise their thread pools spin against each other and a stage can exceed its timeout.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "coordinator.cli", *args],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
+        env={**os.environ, **ONE_THREAD},
     )
 
 
