@@ -346,3 +346,9 @@ def test_sealmoe_audit_verify_exit_status_and_message(ledger_file, key, tmp_path
     assert f"FAILED: {ledger_file}:2: sequence number 2 where 1 belongs" in err
     assert main(["audit", "verify", str(ledger_file)]) == 2  # no roster: a setup error
     assert "pass --roster" in capsys.readouterr().err
+    # the coordinator's head, found in the ledger's own run directory, exposes a cut tail
+    write(ledger_file, rows)
+    RunStore(ledger_file.parents[2]).save_head(open_ledger(ledger_file, key).head())
+    write(ledger_file, rows[:5])
+    assert main(["audit", "verify", str(ledger_file), "--roster", str(roster)]) == 1
+    assert "truncated: the coordinator holds a signed head at 6 entries" in capsys.readouterr().err
