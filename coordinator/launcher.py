@@ -19,9 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from audit.context import ContextError
 from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, generate_keys
 from clients.runtime import METRICS_FILE
+from coordinator.audit_commands import produce_report
 from coordinator.store import JOURNAL
 
 POLL_S = 0.5
@@ -53,7 +55,8 @@ def run_federation(
         parties[name] = [*command, "client", "--config", str(config_path), "--institution", name]
     # One machine plays every party: share its cores instead of oversubscribing them.
     threads = max(1, (os.cpu_count() or 1) // len(config.institution_names))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads)}  # fmt: skip
     processes = {}
     for party, argv in parties.items():
         log_file = (logs / f"{party}.log").open("ab")
@@ -84,6 +87,11 @@ def run_federation(
             if proc.poll() is None:
                 proc.terminate()
     console.print(before_after_table(config))
+    try:
+        written = produce_report(config.run_dir, config.keys_dir / ROSTER_FILE)
+        console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    except ContextError as exc:
+        console.print(f"[red]no privacy report: {exc}[/red]")
     failed = {p: proc.returncode for p, proc in processes.items() if proc.returncode}
     if failed:
         console.print(f"[red]parties that failed (exit status): {failed}; see {logs}[/red]")

@@ -6,7 +6,9 @@ stages with a timeout per stage while collecting the CKKS inputs, and turn the s
 the next global state with the aggregation strategy. The coordinator sees sums only: the masked
 channel decoded, the CKKS channel never (it relays the encrypted sum for the institutions to
 decrypt). A round that falls below the threshold is recorded as aborted and the next one starts.
-Progress survives ``kill -9``: see :mod:`coordinator.store`.
+Progress survives ``kill -9``: see :mod:`coordinator.store`. Each institution's signed ledger
+head (:class:`~secagg.control.LedgerHead`) is checked against its roster identity key and the
+latest one kept in the run directory, so a ledger cut short later is detected by ``verify``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import msgspec
 import numpy as np
 from safetensors.torch import save
 
+from audit.context import context_bytes
+from audit.entry import head_signature_ok
 from clients.config import FederationConfig
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
 from clients.moe_lora import adapter_state, routing_statistics
@@ -30,8 +34,9 @@ from clients.transport import TransportError
 from coordinator.store import RoutingRelay, RunStore
 from coordinator.strategy import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
-from secagg.control import CkksInput, Hello, RoundStart, Shutdown, round_id
+from secagg.control import CkksInput, Hello, LedgerHead, RoundStart, Shutdown, round_id
 from secagg.errors import SecAggError
 from secagg.messages import MaskedInput
 from secagg.server import SecAggServer
@@ -70,6 +75,7 @@ class Coordinator:
                                    "run `sealmoe keys` again")  # fmt: skip
         self.curve_keys = {e.name: e.curve_public for e in roster.institutions}
         self.identities = identity_keys(config, roster)
+        self.identity_by_name = {e.name: e.identity_key for e in roster.institutions}
         aggregation = config.aggregation
         self.encrypts_updates = aggregation.expert_updates == "ckks"
         self.uses_ckks = self.encrypts_updates or aggregation.routing_statistics == "ckks"
@@ -83,6 +89,7 @@ class Coordinator:
                 raise CoordinatorError(f"aggregation.ckks: {exc}") from None
         self.strategy = FedAvgCoordinator(fedavg_config(config))
         self.store = RunStore(config.run_dir)
+        self.store.write_context(context_bytes(audit_facts(config)))
 
     def initial_state(self) -> GlobalState:
         """The round-0 global state: the seeded adapter initialisation, zero routing."""
@@ -143,7 +150,9 @@ class Coordinator:
             if stop.is_set():
                 break
             received = endpoint.recv(min(0.5, max(deadline - time.monotonic(), 0.0)))
-            if received is not None and not isinstance(received[1], Hello):
+            if received is not None and isinstance(received[1], LedgerHead):
+                self._accept_head(*received)
+            elif received is not None and not isinstance(received[1], Hello):
                 log.info("ignored %s from %s between rounds", type(received[1]).__name__,
                          received[0])  # fmt: skip
         return [n for n in self.config.institution_names if n in endpoint.connected]
@@ -199,6 +208,9 @@ class Coordinator:
         ckks_inputs: dict[int, EncryptedBatch] = {}
 
         def on_message(name: str, cid: int, message: msgspec.Struct) -> bool:
+            if isinstance(message, LedgerHead):
+                self._accept_head(name, message)
+                return True
             if isinstance(message, CkksInput):
                 if message.round_id == rid and message.client_id == cid:
                     ckks_inputs.setdefault(cid, message.batch)
@@ -265,6 +277,17 @@ class Coordinator:
         if base is None:
             base = [t.detach().cpu().double().numpy() for t in state.adapters.values()]
         return self.evaluator.scale_and_add(ckks_sum, factors, base)
+
+    def _accept_head(self, name: str, head: msgspec.Struct) -> None:
+        """Keep ``name``'s ledger head if it is its own, validly signed, and not older."""
+        assert isinstance(head, LedgerHead)
+        key = self.identity_by_name.get(name)
+        if head.institution != name or key is None or not head_signature_ok(head, key):
+            log.warning("refused a ledger head from %s: not validly signed by it", name)
+            return
+        if not self.store.save_head(head):
+            log.warning("refused a ledger head from %s at %d entries: it does not extend the "
+                        "one kept; was its ledger rolled back?", name, head.entries)  # fmt: skip
 
     def _routing_relay(
         self,

@@ -24,8 +24,11 @@ import msgspec
 import torch
 from safetensors.torch import load, save
 
+from audit.context import context_path
+from audit.heads import HeadFileError, head_path, head_to_json, read_head
 from clients.durable import append_line, atomic_write
 from secagg.ckks import EncryptedBatch
+from secagg.control import LedgerHead
 
 JOURNAL = "journal.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -118,6 +121,30 @@ class RunStore:
             checkpoint=f"{CHECKPOINTS}/{stem}", state=suffix[1:],
             sha256=_digest(state_bytes, routing_bytes), seconds=seconds,
         )  # fmt: skip
+
+    def write_context(self, data: bytes) -> None:
+        """Write the run's audit context (what its privacy report cites), atomically."""
+        atomic_write(context_path(self.run_dir), data)
+
+    def save_head(self, head: LedgerHead) -> bool:
+        """Keep ``head`` (already verified) if it extends the kept one; whether it was kept.
+
+        A head with fewer entries than the kept one (a rolled-back ledger), or as many with
+        another last hash (two histories signed by one institution), is refused.
+        """
+        path = head_path(self.run_dir, head.institution)
+        try:
+            kept = read_head(path) if path.exists() else None
+        except HeadFileError:
+            kept = None  # writes are atomic, so only outside tampering leaves a bad file
+        if kept is not None and (
+            kept.entries > head.entries
+            or (kept.entries == head.entries and kept.last_hash != head.last_hash)
+        ):
+            return False
+        if kept != head:
+            atomic_write(path, head_to_json(head))
+        return True
 
     def aborted(self, federation_round: int, attempt: int, reason: str) -> None:
         self._append(event="aborted", round=federation_round, attempt=attempt, reason=reason)

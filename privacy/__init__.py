@@ -7,30 +7,42 @@ from privacy.accountant import calibrate_noise, dp_sgd_event, epsilon, make_acco
 from privacy.config import DPConfig
 from privacy.dpsgd import LOSS_REDUCTION, PrivateTraining, make_private, reduce_per_sample_loss
 from privacy.errors import (
+    AlreadyReleased,
+    BudgetExceeded,
     CalibrationError,
     PerSampleGradientError,
     PrivacyConfigError,
     PrivacyError,
+    ReleaseRefused,
 )
 from privacy.events import DPTrainingFacts
+from privacy.gaussian import GaussianMechanism
 from privacy.gradcheck import (
     GradCheckReport,
     ParameterCheck,
     assert_per_sample_gradients,
     check_per_sample_gradients,
 )
+from privacy.release import ADAPTER_UPDATE, ROUTING_STATISTICS, Release
 
 __all__ = [
+    "ADAPTER_UPDATE",
     "LOSS_REDUCTION",
+    "ROUTING_STATISTICS",
+    "AlreadyReleased",
+    "BudgetExceeded",
     "CalibrationError",
     "DPConfig",
     "DPTrainingFacts",
+    "GaussianMechanism",
     "GradCheckReport",
     "ParameterCheck",
     "PerSampleGradientError",
     "PrivacyConfigError",
     "PrivacyError",
     "PrivateTraining",
+    "Release",
+    "ReleaseRefused",
     "assert_per_sample_gradients",
     "calibrate_noise",
     "check_per_sample_gradients",

@@ -57,9 +57,11 @@ def calibrate_noise(
     accountant: str = "rdp",
     *,
     rtol: float = 1e-3,
+    also: Sequence[dp_accounting.DpEvent] = (),
 ) -> float:
     """Smallest noise multiplier (within ``rtol``) whose DP-SGD run of ``total_steps`` steps
-    at ``sample_rate`` stays within (``target_epsilon``, ``target_delta``).
+    at ``sample_rate``, composed with the fixed releases ``also`` (e.g. the routing statistics
+    of every planned round), stays within (``target_epsilon``, ``target_delta``).
 
     Conservative: the returned sigma always satisfies the target under ``accountant``.
     ``total_steps`` is the plan for ALL rounds, so each round's release fits the budget.
@@ -75,14 +77,24 @@ def calibrate_noise(
     if not 0 < rtol < 1:
         raise PrivacyConfigError(f"rtol must be in (0, 1), got {rtol!r}")
 
+    also = list(also)
+    if also:
+        fixed = epsilon(also, target_delta, accountant)
+        if fixed >= target_epsilon:
+            raise CalibrationError(
+                f"the fixed releases alone spend epsilon={fixed:.4g} of the {target_epsilon} "
+                f"budget at delta={target_delta}; give them more noise or plan fewer rounds"
+            )
+
     def eps(sigma: float) -> float:
-        return epsilon([dp_sgd_event(sigma, sample_rate, total_steps)], target_delta, accountant)
+        run = dp_sgd_event(sigma, sample_rate, total_steps)
+        return epsilon([run, *also], target_delta, accountant)
 
     if accountant == "rdp":
         high = 1.0
     else:  # start from the (looser, fast) RDP answer: PLD is usually feasible there already
         high = calibrate_noise(
-            target_epsilon, target_delta, sample_rate, total_steps, "rdp", rtol=rtol
+            target_epsilon, target_delta, sample_rate, total_steps, "rdp", rtol=rtol, also=also
         )
     while eps(high) > target_epsilon:
         high *= 2

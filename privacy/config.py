@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
+
+import dp_accounting
 
 from privacy.accountant import calibrate_noise
 from privacy.errors import PrivacyConfigError
@@ -58,10 +61,18 @@ class DPConfig:
                 f"got {self.grad_sample_mode!r}"
             )
 
-    def calibrated(self, sample_rate: float, total_steps: int) -> DPConfig:
-        """A copy whose noise multiplier spends exactly the target budget over ``total_steps``."""
+    def calibrated(
+        self, sample_rate: float, total_steps: int, also: Sequence[dp_accounting.DpEvent] = ()
+    ) -> DPConfig:
+        """A copy whose noise multiplier spends exactly the target budget over ``total_steps``,
+        together with the fixed releases ``also`` (see :func:`privacy.calibrate_noise`)."""
         sigma = calibrate_noise(
-            self.target_epsilon, self.target_delta, sample_rate, total_steps, self.accountant
+            self.target_epsilon,
+            self.target_delta,
+            sample_rate,
+            total_steps,
+            self.accountant,
+            also=also,
         )
         return replace(self, noise_multiplier=sigma)
 

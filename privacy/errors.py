@@ -21,3 +21,22 @@ class CalibrationError(PrivacyError, ValueError):
 
 class PerSampleGradientError(PrivacyError):
     """The per-sample gradients the DP path clips disagree with a brute-force computation."""
+
+
+class ReleaseRefused(PrivacyError):
+    """A ledger refused a release before anything left (the refusal itself is recorded)."""
+
+
+class BudgetExceeded(ReleaseRefused):
+    """Charging the releases would take the institution past its (epsilon, delta) budget."""
+
+    def __init__(self, spent: float, projected: float, budget: float, delta: float) -> None:
+        self.spent, self.projected, self.budget, self.delta = spent, projected, budget, delta
+        super().__init__(
+            f"privacy budget exhausted: spent epsilon={spent:.4g}, this release would bring it "
+            f"to {projected:.4g}, budget is epsilon={budget:.4g} at delta={delta:g}"
+        )
+
+
+class AlreadyReleased(ReleaseRefused):
+    """This round id already has a recorded release of that kind; another would go uncharged."""

@@ -13,6 +13,7 @@ import dp_accounting
 
 from privacy.accountant import dp_sgd_event, epsilon
 from privacy.errors import PrivacyConfigError
+from privacy.release import ADAPTER_UPDATE, Release
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,19 @@ class DPTrainingFacts:
     def epsilon(self, accountant: str = "rdp") -> float:
         """Epsilon of this run alone at ``delta``."""
         return epsilon([self.dp_event()], self.delta, accountant)
+
+    def release(self, federation_round: int, round_id: int) -> Release:
+        """This run as the adapter-update :class:`~privacy.release.Release` of a round."""
+        return Release(
+            federation_round=federation_round,
+            round_id=round_id,
+            what=ADAPTER_UPDATE,
+            event=self.dp_event(),
+            parameters={
+                "mechanism": "DP-SGD: Poisson sampling, per-sample clipping, Gaussian noise",
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
+                "steps": self.steps,
+                "max_grad_norm": self.max_grad_norm,
+            },
+        )

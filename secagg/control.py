@@ -76,6 +76,21 @@ class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True)
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
 
 
+class LedgerHead(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """An institution's signed statement of its privacy ledger: ``entries`` lines, the last one
+    hashing to ``last_hash`` (all zeros when empty).
+
+    Sent after every charge or refusal, before the release it covers. The coordinator checks
+    ``signature`` (Ed25519, identity key of the roster; see ``audit.entry``) and keeps the
+    latest head of each institution, so a ledger later cut short is detected by ``verify``.
+    """
+
+    institution: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    entries: Annotated[int, msgspec.Meta(ge=0)]
+    last_hash: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+
+
 class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """The federation is over; the institution may exit.
 
@@ -99,6 +114,7 @@ class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True
 
 FromClient = (
     Hello
+    | LedgerHead
     | Decline
     | CkksInput
     | AdvertiseKeys

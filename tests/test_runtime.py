@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from clients.budget import AlreadyReleased, BudgetExceeded, BudgetLedger, LedgerFileError
+from audit import Ledger, ledger_path, verify_ledger
 from clients.config import FederationConfig, load_config
 from clients.keys import (
     ROSTER_FILE,
@@ -28,10 +28,11 @@ from clients.keys import (
     load_ckks_key_holder,
     load_ckks_public_context,
     load_coordinator_keys,
+    load_institution_keys,
     load_roster,
 )
 from clients.moe_lora import adapter_state, routing_statistics
-from clients.runtime import LEDGER_FILE, METRICS_FILE, Institution, routing_from_channel
+from clients.runtime import METRICS_FILE, Institution, routing_from_channel
 from clients.setup import (
     ByteTokenizer,
     build_model,
@@ -43,9 +44,19 @@ from clients.setup import (
 from clients.strategy import ROUTING, WEIGHT, FedAvgConfig, GlobalState
 from coordinator.strategy import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint
+from coordinator.wiring import make_institution
 from privacy import DPTrainingFacts
 from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
-from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown, round_id
+from secagg.control import (
+    CkksInput,
+    Decline,
+    Hello,
+    LedgerHead,
+    RoundEnd,
+    RoundStart,
+    Shutdown,
+    round_id,
+)
 from secagg.errors import SecAggError, TooFewSurvivors
 from secagg.server import SecAggServer
 
@@ -60,62 +71,8 @@ def facts(sigma: float = 1.0, q: float = 0.1, steps: int = 10) -> DPTrainingFact
     )
 
 
-# ------------------------------------------------------------------------------ budget ledger
-
-
-def test_ledger_writes_ahead_and_reloads(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    ledger = BudgetLedger(path, 8.0, DELTA, "rdp")
-    assert ledger.spent() == 0.0
-    projected = ledger.projected_epsilon(facts())
-    entry = ledger.charge(1, round_id(1, 0), facts())
-    assert entry.epsilon_after == pytest.approx(projected)
-    lines = path.read_text().splitlines()  # on disk as soon as charge returns
-    assert len(lines) == 1
-    assert json.loads(lines[0])["round_id"] == round_id(1, 0)
-    ledger.charge(2, round_id(2, 0), facts())
-    reloaded = BudgetLedger(path, 8.0, DELTA, "rdp")
-    assert reloaded.spent() == pytest.approx(ledger.spent())
-    assert reloaded.spent() > entry.epsilon_after
-    assert [e.round_id for e in reloaded.entries] == [round_id(1, 0), round_id(2, 0)]
-
-
-def test_ledger_refuses_a_second_release_in_one_round_even_after_a_restart(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    first = BudgetLedger(path, 8.0, DELTA, "rdp").charge(1, 77, facts())
-    restarted = BudgetLedger(path, 8.0, DELTA, "rdp")
-    assert restarted.has(77)
-    with pytest.raises(AlreadyReleased, match="77"):
-        restarted.charge(1, 77, facts(sigma=0.5))  # a fresh release would go uncharged
-    assert len(path.read_text().splitlines()) == 1
-    assert restarted.spent() == pytest.approx(first.epsilon_after)
-
-
-def test_ledger_refuses_a_release_beyond_the_budget_and_records_nothing(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    ledger = BudgetLedger(path, 1.0, DELTA, "rdp")
-    ledger.charge(1, 1, facts(sigma=4.0, steps=2))
-    spent = ledger.spent()
-    with pytest.raises(BudgetExceeded, match=r"spent epsilon=.*budget is epsilon=1") as info:
-        ledger.charge(2, 2, facts(sigma=0.5, q=1.0, steps=50))
-    assert info.value.projected > 1.0
-    assert ledger.spent() == spent
-    assert len(path.read_text().splitlines()) == 1
-    assert not ledger.has(2)
-
-
-def test_ledger_drops_a_torn_last_line_and_rejects_a_corrupt_one(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    BudgetLedger(path, 8.0, DELTA, "rdp").charge(1, 1, facts())
-    with path.open("a") as f:
-        f.write('{"federation_round": 2, "round_')  # crash in the middle of a write
-    ledger = BudgetLedger(path, 8.0, DELTA, "rdp")
-    assert [e.round_id for e in ledger.entries] == [1]
-    ledger.charge(2, 2, facts())
-    assert [e.round_id for e in BudgetLedger(path, 8.0, DELTA, "rdp").entries] == [1, 2]
-    path.write_text("not json\n")
-    with pytest.raises(LedgerFileError, match=r"ledger.jsonl:1"):
-        BudgetLedger(path, 8.0, DELTA, "rdp")
+def ledger_lines(config: FederationConfig, name: str) -> list[dict]:
+    return [json.loads(line) for line in ledger_path(config.run_dir, name).read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------ shared setup
@@ -272,6 +229,8 @@ class ScriptedCoordinator:
         )
         self.routing: EncryptedBatch | None = None
         self.declines: dict[str, str] = {}
+        self.heads: dict[str, LedgerHead] = {}
+        self.received: dict[str, list[str]] = {}
         self.ends: list[RoundEnd] = []
 
     def wait_for_hellos(self) -> None:
@@ -312,7 +271,10 @@ class ScriptedCoordinator:
                 name, message = received
                 if isinstance(message, Hello):
                     continue
-                if isinstance(message, Decline):
+                self.received.setdefault(name, []).append(type(message).__name__)
+                if isinstance(message, LedgerHead):
+                    self.heads[name] = message
+                elif isinstance(message, Decline):
                     declined.add(ids[name])
                     self.declines[name] = message.reason
                 elif isinstance(message, CkksInput):
@@ -373,7 +335,7 @@ def federation(tmp_path):
         return config, coordinator
 
     def start(config: FederationConfig) -> dict[str, object]:
-        institutions = [Institution(config, name) for name in NAMES]
+        institutions = [make_institution(config, name) for name in NAMES]
 
         def serve(inst: Institution) -> None:
             try:
@@ -435,18 +397,30 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
         assert 0 < first["epsilon_spent"] < second["epsilon_spent"]
         assert second["epsilon_spent"] <= config.budget(name).target_epsilon
         assert "test" in lines[0] and "test" in lines[-1]
-        ledger = config.run_dir / "institutions" / name / LEDGER_FILE
-        rounds = [json.loads(line)["federation_round"] for line in ledger.read_text().splitlines()]
-        assert rounds == [1, 2]
+        entries = ledger_lines(config, name)
+        assert [(e["federation_round"], e["what"]) for e in entries] == [
+            (1, "adapter-update"), (1, "routing-statistics"),
+            (2, "adapter-update"), (2, "routing-statistics"),
+        ]  # fmt: skip
+        assert {e["kind"] for e in entries} == {"release"}
+        assert entries[-1]["epsilon"]["rdp"] == pytest.approx(second["epsilon_spent"])
+        # the coordinator got the signed head of the full ledger before the release
+        public = load_roster(config.keys_dir / ROSTER_FILE).institution(name).identity_key
+        verified = verify_ledger(ledger_path(config.run_dir, name), public,
+                                 head=coordinator.heads[name])  # fmt: skip
+        assert coordinator.heads[name].entries == 4 and verified.head_checked
 
 
 def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation, caplog):
     caplog.set_level(logging.WARNING, logger="clients.runtime")
     make, start, threads = federation
     config, coordinator = make(rounds=1)
-    spent = config.run_dir / "institutions" / "histories" / LEDGER_FILE
-    BudgetLedger(spent, 100.0, DELTA, "rdp").charge(0, 1, facts(sigma=0.6, q=1.0, steps=20))
-    assert BudgetLedger(spent, 4.0, DELTA, "rdp").spent() > 4.0
+    spent = ledger_path(config.run_dir, "histories")
+    identity = load_institution_keys(config.keys_dir, "histories").identity
+    generous = Ledger(spent, institution="histories", identity=identity, budget_epsilon=100.0,
+                      delta=DELTA, accountant="rdp")  # fmt: skip
+    generous.charge([facts(sigma=0.6, q=1.0, steps=20).release(0, 1)])
+    assert generous.spent() > 4.0
     start(config)
     coordinator.wait_for_hellos()
 
@@ -463,5 +437,10 @@ def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation,
     assert line["included"] is False
     assert "budget exhausted" in line["declined"]
     assert line["train"] is None
-    assert len(spent.read_text().splitlines()) == 1  # nothing new charged
+    entries = ledger_lines(config, "histories")
+    assert [e["kind"] for e in entries] == ["release", "refusal"]  # the refusal is on record
+    assert entries[1]["what"] == "adapter-update+routing-statistics"
+    assert "budget exhausted" in entries[1]["reason"]
+    assert coordinator.heads["histories"].entries == 2  # the refusal's head came before Decline
+    assert coordinator.received["histories"] == ["LedgerHead", "Decline"]  # nothing released
     assert any("declines round 1" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,127 @@
+"""One ledger line: its fields, canonical bytes, hash chain and Ed25519 signatures.
+
+A line is the canonical JSON (sorted keys, no spaces, ASCII) of an :class:`Entry`. Its hash is
+SHA-256 of those bytes and the next entry's ``prev`` (the first entry's is :data:`GENESIS`).
+``signature`` is Ed25519 by the institution's identity key over :data:`ENTRY_DOMAIN` plus the
+canonical JSON of every other field, so editing any field, or moving an entry, breaks the
+signature or the chain. A ledger head (:class:`secagg.control.LedgerHead`) is a signed
+statement of the number of entries and the last entry's hash, which the coordinator keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from audit.pricing import Epsilons
+from secagg.control import LedgerHead
+
+FORMAT_VERSION = 1
+GENESIS = "0" * 64
+ENTRY_DOMAIN = b"sealmoe privacy ledger entry v1\n"
+HEAD_DOMAIN = b"sealmoe privacy ledger head v1\n"
+
+Hex32 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{128}$")]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One release (``kind="release"``) or one refused batch of releases (``"refusal"``).
+
+    ``epsilon`` is cumulative at ``delta`` under both accountants: after this release, or, for a
+    refusal, what the refused releases would have brought it to. ``event`` is the JSON of the
+    dp-accounting event (:mod:`audit.events`); a refusal of several releases records their
+    ``ComposedDpEvent`` and joins their ``what`` with ``+``. ``reason`` says why a refusal was
+    made (``None`` for a release). ``time`` is seconds since the epoch.
+    """
+
+    version: Literal[1]
+    seq: Count
+    prev: Hex32
+    institution: str
+    kind: Literal["release", "refusal"]
+    federation_round: Count
+    round_id: Count
+    what: str
+    event: dict[str, Any]
+    parameters: dict[str, Any]
+    delta: float
+    budget_epsilon: float
+    accountant: Literal["rdp", "pld"]
+    epsilon: Epsilons
+    reason: str | None
+    time: float
+    signature: Hex64 = "0" * 128
+
+
+def canonical(value: Any) -> bytes:
+    """Canonical JSON bytes of a JSON-able value (sorted keys, no spaces, ASCII, no NaN)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode("ascii")
+
+
+def body_bytes(entry: Entry) -> bytes:
+    """What the signature covers: every field but the signature."""
+    body = msgspec.to_builtins(entry)
+    del body["signature"]
+    return ENTRY_DOMAIN + canonical(body)
+
+
+def line_bytes(entry: Entry) -> bytes:
+    """The entry's line in the file (without the newline)."""
+    return canonical(msgspec.to_builtins(entry))
+
+
+def line_hash(line: bytes) -> str:
+    """The chain hash of one line's bytes."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def sign_entry(entry: Entry, identity: Ed25519PrivateKey) -> Entry:
+    """``entry`` with its signature filled in."""
+    signature = identity.sign(body_bytes(entry)).hex()
+    return msgspec.structs.replace(entry, signature=signature)
+
+
+def entry_signature_ok(entry: Entry, public_key: Ed25519PublicKey) -> bool:
+    """Whether ``entry``'s signature is valid under ``public_key``."""
+    try:
+        public_key.verify(bytes.fromhex(entry.signature), body_bytes(entry))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _head_message(institution: str, entries: int, last_hash: bytes) -> bytes:
+    statement = {"entries": entries, "institution": institution, "last_hash": last_hash.hex()}
+    return HEAD_DOMAIN + canonical(statement)
+
+
+def sign_head(
+    institution: str, entries: int, last_hash: str, identity: Ed25519PrivateKey
+) -> LedgerHead:
+    """A signed head: the ledger of ``institution`` has ``entries`` entries, the last hashing to
+    ``last_hash`` (:data:`GENESIS` when empty)."""
+    digest = bytes.fromhex(last_hash)
+    signature = identity.sign(_head_message(institution, entries, digest))
+    return LedgerHead(
+        institution=institution, entries=entries, last_hash=digest, signature=signature
+    )
+
+
+def head_signature_ok(head: LedgerHead, public_key: Ed25519PublicKey) -> bool:
+    """Whether ``head`` was signed by ``public_key``."""
+    try:
+        public_key.verify(
+            head.signature, _head_message(head.institution, head.entries, head.last_hash)
+        )
+    except InvalidSignature:
+        return False
+    return True

@@ -1,0 +1,251 @@
+"""The privacy report of a run as data: every number the HTML and Markdown show.
+
+:func:`build_report` reads the run's audit context, each institution's ledger (verified when
+identity keys are given, against the coordinator's head when it kept one) and any empirical
+audit results, and returns one JSON-able dict. Its fields follow NIST SP 800-226 and the OpenDP
+registry's tier-3 items: unit of privacy and neighbouring relation, what is released to whom,
+the trust model, the accountant and its settings, the DP-SGD parameters, per-round and
+cumulative (epsilon, delta) per institution, remaining budget, and software versions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from audit.context import FederationFacts
+from audit.entry import Entry
+from audit.events import event_from_json
+from audit.heads import head_path, read_head
+from audit.ledger import ledger_path
+from audit.pricing import ACCOUNTANTS, Pricer
+from audit.verify import LedgerTampered, parse_entry, verify_ledger
+from privacy.accountant import PLD_DISCRETIZATION
+
+EMPIRICAL_DIR = "empirical"
+REQUIRED_FIELDS = (
+    "unit_of_privacy",
+    "neighbouring_relation",
+    "releases",
+    "trust_model",
+    "accountant",
+    "dp_sgd",
+    "routing_statistics",
+    "institutions",
+    "software",
+)
+
+
+def _entries(path: Path) -> list[Entry]:
+    """Every entry that parses (for display even when the ledger does not verify)."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(parse_entry(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _verification(
+    path: Path, name: str, run_dir: Path, keys: Mapping[str, Ed25519PublicKey] | None
+) -> dict[str, Any]:
+    if keys is None or name not in keys:
+        return {"status": "not verified", "detail": "no identity key given (pass the roster)"}
+    head_file = head_path(run_dir, name)
+    head = read_head(head_file) if head_file.exists() else None
+    try:
+        verify_ledger(path, keys[name], institution=name, head=head)
+    except LedgerTampered as exc:
+        return {"status": "FAILED", "detail": str(exc)}
+    detail = "chain, signatures and every epsilon recomputed"
+    detail += "; matches the coordinator's signed head" if head else "; no coordinator head"
+    return {"status": "verified", "detail": detail}
+
+
+def _rounds(entries: list[Entry], delta: float) -> list[dict[str, Any]]:
+    """Per attempt at a round: the epsilon of its releases alone and cumulative after it."""
+    groups: dict[tuple[int, int], list[Entry]] = {}
+    for e in entries:
+        if e.kind == "release":
+            groups.setdefault((e.federation_round, e.round_id), []).append(e)
+    rows = []
+    for (federation_round, round_id), group in groups.items():
+        alone = Pricer(delta)
+        for e in group:
+            alone.add(event_from_json(e.event))
+        rows.append({
+            "round": federation_round,
+            "round_id": round_id,
+            "attempt": round_id & 0xFFFF,
+            "released": [e.what for e in group],
+            "epsilon_round": msgspec.to_builtins(alone.current),
+            "epsilon_cumulative": msgspec.to_builtins(group[-1].epsilon),
+        })  # fmt: skip
+    return rows
+
+
+def _parameters(entries: list[Entry], what: str) -> dict[str, Any]:
+    first = next((e for e in entries if e.kind == "release" and e.what == what), None)
+    return dict(first.parameters) if first is not None else {}
+
+
+def _empirical(run_dir: Path) -> list[dict[str, Any]]:
+    folder = run_dir / EMPIRICAL_DIR
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+
+def _institution(
+    run_dir: Path, facts: FederationFacts, index: int, keys: Mapping[str, Ed25519PublicKey] | None
+) -> dict[str, Any]:
+    inst = facts.institutions[index]
+    path = ledger_path(run_dir, inst.name)
+    budget = {"epsilon": inst.budget_epsilon, "delta": inst.budget_delta}
+    if not path.exists():
+        return {
+            "name": inst.name, "budget": budget, "ledger": str(path), "entries": [],
+            "rounds": [], "spent": {"rdp": 0.0, "pld": 0.0},
+            "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
+            "verification": {"status": "no ledger", "detail": "the institution released nothing"},
+            "dp_sgd": {}, "routing": {},
+        }  # fmt: skip
+    entries = _entries(path)
+    releases = [e for e in entries if e.kind == "release"]
+    spent = msgspec.to_builtins(releases[-1].epsilon) if releases else {"rdp": 0.0, "pld": 0.0}
+    enforced = spent.get(facts.accountant)
+    remaining = None if enforced is None else max(0.0, inst.budget_epsilon - enforced)
+    return {
+        "name": inst.name,
+        "budget": budget,
+        "ledger": str(path),
+        "verification": _verification(path, inst.name, run_dir, keys),
+        "spent": spent,
+        "remaining_epsilon": remaining,
+        "refusals": sum(1 for e in entries if e.kind == "refusal"),
+        "rounds": _rounds(entries, inst.budget_delta),
+        "dp_sgd": _parameters(entries, "adapter-update"),
+        "routing": _parameters(entries, "routing-statistics"),
+        "entries": [
+            {
+                "seq": e.seq, "kind": e.kind, "round": e.federation_round,
+                "round_id": e.round_id, "what": e.what,
+                "epsilon": msgspec.to_builtins(e.epsilon), "reason": e.reason, "time": e.time,
+            }
+            for e in entries
+        ],
+    }  # fmt: skip
+
+
+def build_report(
+    run_dir: str | Path,
+    facts: FederationFacts,
+    keys: Mapping[str, Ed25519PublicKey] | None = None,
+) -> dict[str, Any]:
+    """The report of ``run_dir`` as one JSON-able dict (see module docstring)."""
+    run_dir = Path(run_dir)
+    n = len(facts.institutions)
+    holders = facts.secagg_neighbours + 1
+    ckks_routing = facts.routing_statistics == "ckks"
+    routing_to = (
+        "encrypted (CKKS) to the coordinator, which adds ciphertexts and cannot read them; the "
+        "sum goes to every institution, which decrypts it"
+        if ckks_routing
+        else "masked (SecAgg+) to the coordinator, which learns only the sum and relays it to "
+        "every institution"
+    )
+    return {
+        "title": f"Privacy report: federation {facts.federation!r}",
+        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "run_dir": str(run_dir),
+        "federation": {
+            "name": facts.federation,
+            "rounds": facts.rounds,
+            "spare_rounds": facts.spare_rounds,
+            "institutions": n,
+        },
+        "unit_of_privacy": (
+            f"one training block: {facts.block_len} consecutive tokens of one institution's "
+            "private text (sample-level DP, per institution)"
+        ),
+        "neighbouring_relation": (
+            "add or remove one training block from one institution's training data "
+            "(add-or-remove-one; both accountants use it)"
+        ),
+        "releases": [
+            {
+                "what": "adapter update (weighted LoRA-expert deltas)",
+                "mechanism": "DP-SGD: Poisson sampling, per-block clipping, Gaussian noise",
+                "to_whom": "masked (SecAgg+) to the coordinator, which learns only the sum over "
+                "the included institutions; the averaged update goes to every institution",
+            },
+            {
+                "what": "routing statistics (per-layer expert counts, router probabilities, "
+                "tokens)",
+                "mechanism": "Gaussian mechanism on block-normalised sums",
+                "to_whom": routing_to,
+            },
+            {
+                "what": "ledger head (entry count and last hash, signed)",
+                "mechanism": "none needed: depends on no private data",
+                "to_whom": "the coordinator",
+            },
+        ],
+        "trust_model": {
+            "coordinator_sees": (
+                "the sum of the masked adapter updates of the institutions that reach "
+                "unmasking, who took part in each round, message sizes and timing; never a "
+                "single institution's update"
+                + ("; routing statistics only as ciphertexts" if ckks_routing else "")
+            ),
+            "ckks_key_custody": (
+                "shared-key model: every institution holds the CKKS secret key, the "
+                "coordinator only the evaluation context. A coordinator colluding with one "
+                "institution can decrypt what it relays; the DP noise still protects each "
+                "institution's records"
+            ),
+            "secagg_threshold": facts.secagg_threshold,
+            "secagg_share_holders": holders,
+            "secagg_neighbours": facts.secagg_neighbours,
+            "secagg_survivor_check": facts.secagg_check_survivors,
+            "collusion": (
+                f"a client's masks are rebuilt only from {facts.secagg_threshold} of its "
+                f"{holders} share holders; a coordinator colluding with fewer than "
+                f"{facts.secagg_threshold} institutions learns nothing beyond the sum (and "
+                "each update is DP by itself)"
+            ),
+            "ledger_integrity": (
+                "each institution signs its ledger entries (Ed25519) in a hash chain; the "
+                "coordinator keeps every institution's latest signed head"
+            ),
+        },
+        "accountant": {
+            "enforcing": facts.accountant,
+            "reported": list(ACCOUNTANTS),
+            "library": "dp-accounting " + facts.software.get("dp-accounting", "?"),
+            "pld_value_discretization": PLD_DISCRETIZATION,
+            "rdp_orders": "dp-accounting defaults",
+            "composition": "all releases of an institution over all rounds, composed",
+        },
+        "dp_sgd": {
+            "max_grad_norm": facts.max_grad_norm,
+            "local_steps": facts.local_steps,
+            "batch_size": facts.batch_size,
+            "calibrated_for_rounds": facts.rounds + facts.spare_rounds,
+            "per_institution": "noise multiplier and sampling rate: see each institution",
+        },
+        "routing_statistics": {
+            "noise_multiplier": facts.routing_noise_multiplier,
+            "protection": facts.routing_statistics,
+        },
+        "institutions": [_institution(run_dir, facts, i, keys) for i in range(n)],
+        "empirical_audit": _empirical(run_dir),
+        "software": dict(facts.software),
+    }

@@ -1,0 +1,133 @@
+"""The privacy report: every required field in report.json, and an HTML page whose plots a real
+headless browser (Debian's chromium) renders visibly, offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from audit import Ledger, ledger_path
+from audit.context import context_bytes
+from audit.render import COLOURS
+from audit.report import REQUIRED_FIELDS
+from clients.config import load_config
+from clients.keys import generate_keys, load_institution_keys
+from coordinator.cli import main
+from coordinator.store import RunStore
+from coordinator.wiring import audit_facts
+from privacy import ROUTING_STATISTICS, DPTrainingFacts, Release
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory as a federation leaves it: context, ledgers, heads, an empirical audit."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    folder = tmp_path_factory.mktemp("report")
+    text = (ROOT / "examples" / "tiny.toml").read_text()
+    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{folder / "run"}"')
+    text = text.replace('keys_dir = "keys/tiny"', f'keys_dir = "{folder / "keys"}"')
+    (folder / "federation.toml").write_text(text)
+    config = load_config(folder / "federation.toml")
+    generate_keys(config.keys_dir, config.institution_names, ckks=config.aggregation.ckks.params())
+    store = RunStore(config.run_dir)
+    store.write_context(context_bytes(audit_facts(config)))
+    for name in config.institution_names:
+        budget = config.budget(name)
+        ledger = Ledger(
+            ledger_path(config.run_dir, name), institution=name,
+            identity=load_institution_keys(config.keys_dir, name).identity,
+            budget_epsilon=budget.target_epsilon, delta=budget.target_delta, accountant="rdp",
+        )  # fmt: skip
+        facts = DPTrainingFacts(1.2, 0.125, 3, 1.0, budget.target_delta)
+        for r in (1, 2, 3) if name == "histories" else (1,):  # fewer: pricing takes 0.4 s each
+            rid = r << 16
+            ledger.charge([
+                facts.release(r, rid),
+                Release(r, rid, ROUTING_STATISTICS, dp_accounting.GaussianDpEvent(10.0)),
+            ])  # fmt: skip
+        store.save_head(ledger.head())
+    assert main(["audit", "report", str(config.run_dir)]) == 0
+    empirical = ["audit", "empirical", str(config.run_dir), "--institution", "histories",
+                 "--canaries", "200"]  # fmt: skip
+    assert main(empirical) == 0  # adds its result to the report
+    return config.run_dir
+
+
+def test_report_json_holds_every_required_field(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    for field in REQUIRED_FIELDS:
+        assert report[field], field
+    assert "one training block: 32 consecutive tokens" in report["unit_of_privacy"]
+    assert "add or remove one training block" in report["neighbouring_relation"]
+    trust = report["trust_model"]
+    assert trust["secagg_threshold"] == 2 and trust["secagg_share_holders"] == 3
+    assert "shared-key" in trust["ckks_key_custody"]
+    assert "sum" in trust["coordinator_sees"]
+    assert {r["what"].split(" ")[0] for r in report["releases"]} >= {"adapter", "routing"}
+    assert all(r["to_whom"] for r in report["releases"])
+    assert report["accountant"]["enforcing"] == "rdp"
+    assert report["accountant"]["reported"] == ["rdp", "pld"]
+    assert report["software"]["dp-accounting"] and report["software"]["python"]
+    assert report["dp_sgd"]["max_grad_norm"] == 1.0
+    histories = next(i for i in report["institutions"] if i["name"] == "histories")
+    assert histories["budget"] == {"epsilon": 4.0, "delta": 1e-5}
+    assert histories["verification"]["status"] == "verified"
+    assert "coordinator's signed head" in histories["verification"]["detail"]
+    assert [r["round"] for r in histories["rounds"]] == [1, 2, 3]
+    cumulative = [r["epsilon_cumulative"]["rdp"] for r in histories["rounds"]]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == histories["spent"]["rdp"]
+    assert histories["remaining_epsilon"] == pytest.approx(4.0 - cumulative[-1])
+    assert histories["rounds"][0]["epsilon_round"]["pld"] < histories["rounds"][0][
+        "epsilon_round"]["rdp"]  # fmt: skip
+    assert histories["dp_sgd"]["noise_multiplier"] == 1.2
+    (audit,) = report["empirical_audit"]  # next to the accountant's bound for the same training
+    assert (audit["noise_multiplier"], audit["steps"], audit["canaries"]) == (1.2, 9, 200)
+    assert 0 <= audit["epsilon_lower_bound"] < audit["epsilon_upper_bound"]
+    assert "Empirical privacy audit" in (run_dir / "report.html").read_text()
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Trust model" in markdown and "report-plots/epsilon-histories.png" in markdown
+
+
+def test_the_html_report_renders_offline_in_chromium_with_visible_plots(run_dir, tmp_path):
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `make install` installs it (apt-get)"
+    page = (run_dir / "report.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no network assets
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--disable-dev-shm-usage", "--window-size=1280,7000",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    url = (run_dir / "report.html").as_uri()
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    rendered = re.findall(r'id="plot-([^"]+)"[^>]*data-rendered="([^"]+)"', dom) or [
+        (m[1], m[0]) for m in re.findall(r'data-rendered="([^"]+)"[^>]*id="plot-([^"]+)"', dom)
+    ]
+    names = {name for name, _ in rendered}
+    assert names == {"remaining", "epsilon-comedies", "epsilon-tragedies", "epsilon-histories"}
+    for _, size in rendered:
+        width, height = (int(v) for v in size.split("x"))
+        assert width >= 600 and height >= 200  # laid out at their CSS size, not broken images
+    assert '<p class="warn">' not in dom  # the page's own check found no broken plot
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True
+    )
+    pixels = imread(shot)[..., :3]
+    for colour in ("rdp", "pld", "budget"):  # pld is drawn only in the per-institution plots
+        rgb = np.array([int(COLOURS[colour][i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        close = np.abs(pixels - rgb).max(axis=-1) < 0.06
+        assert close.sum() > 2000, f"the {colour} curve is not visible in the screenshot"
+    shutil.copy(shot, run_dir / "screenshot.png")

@@ -1,0 +1,74 @@
+"""Routing statistics as a DP release: the stated sensitivity holds, noise has its scale, and
+DP-SGD calibration leaves room for the routing releases of every planned round."""
+
+from __future__ import annotations
+
+import logging
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+
+from clients.models import tiny_dense_model, tiny_moe_model
+from clients.moe_lora import MoELoRAConfig, attach
+from clients.routing_release import (
+    block_normalised_statistics,
+    private_routing_statistics,
+    routing_mechanism,
+    routing_sensitivity,
+)
+from privacy import CalibrationError, calibrate_noise, dp_sgd_event, epsilon
+
+
+@pytest.fixture(autouse=True)
+def quiet_absl():
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def blocks(n: int = 12, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["dense", "mixtral"])
+def test_one_block_moves_the_statistics_by_at_most_the_sensitivity(kind):
+    torch.manual_seed(0)
+    base = tiny_dense_model() if kind == "dense" else tiny_moe_model("mixtral")
+    model = attach(base, MoELoRAConfig(rank=2, top_k=2))
+    data = blocks()
+    full = block_normalised_statistics(model, data)
+    assert np.allclose(full.tokens, len(data))  # one per block and layer
+    assert np.allclose(full.counts.sum(axis=1), len(data) * full.top_k)
+    bound = routing_sensitivity(full.num_layers, full.top_k)
+    changes = []
+    for j in range(len(data)):
+        without = block_normalised_statistics(model, torch.cat([data[:j], data[j + 1 :]]))
+        changes.append(np.linalg.norm(full.as_vector() - without.as_vector()))
+    assert max(changes) <= bound
+    assert max(changes) > 0.2 * bound  # the bound is not vacuous for this model
+
+
+def test_the_release_adds_noise_of_the_stated_scale():
+    torch.manual_seed(0)
+    model = attach(tiny_dense_model(), MoELoRAConfig(rank=2))
+    mechanism = routing_mechanism(model, noise_multiplier=3.0)
+    data = blocks()
+    exact = block_normalised_statistics(model, data).as_vector()
+    noise = np.concatenate([
+        private_routing_statistics(model, data, mechanism).as_vector() - exact for _ in range(10)
+    ])  # fmt: skip
+    assert mechanism.noise_std == pytest.approx(3.0 * routing_sensitivity(8, 2))
+    assert 0.8 * mechanism.noise_std < noise.std() < 1.2 * mechanism.noise_std
+    assert abs(noise.mean()) < 0.2 * mechanism.noise_std
+
+
+def test_calibration_leaves_room_for_the_routing_releases_of_every_planned_round():
+    rounds, steps, q, target = 3, 4, 0.125, 4.0
+    routing = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(5.0), rounds)
+    alone = calibrate_noise(target, 1e-5, q, rounds * steps)
+    with_routing = calibrate_noise(target, 1e-5, q, rounds * steps, also=[routing])
+    assert with_routing > alone
+    total = epsilon([dp_sgd_event(with_routing, q, rounds * steps), routing], 1e-5)
+    assert 0.95 * target < total <= target
+    with pytest.raises(CalibrationError, match="fixed releases alone spend"):
+        calibrate_noise(0.5, 1e-5, q, rounds * steps, also=[routing])
