@@ -236,7 +236,8 @@ def test_run_store_keeps_an_encrypted_state_without_plaintext(tmp_path):
         key.decrypt(resume.adapters)[0], np.arange(6.0).reshape(2, 3), rtol=0, atol=1e-8
     )
     checkpoint = tmp_path / "checkpoints" / "round-0001.ckks"
-    checkpoint.write_bytes(checkpoint.read_bytes()[:-1] + b"\x00")
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
     with pytest.raises(StoreError, match="does not match the journal"):
         RunStore(tmp_path).resume()
 
