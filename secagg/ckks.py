@@ -311,12 +311,7 @@ class CkksAggregator:
     """Coordinator side: adds encrypted batches of one layout without any key."""
 
     def __init__(self, public_context: bytes) -> None:
-        ctx = _load_context(public_context)
-        if ctx.has_secret_key():
-            raise ConfigError(
-                "public_context holds a secret key: the coordinator must get "
-                "CkksKeyHolder.public_context(), never the institutions' secret context"
-            )
+        ctx = _keyless_context(public_context)
         self.params = CkksParams._of_context(ctx)
         self._ctx = ctx
         self._sums: list[ts.CKKSVector] = []
@@ -367,12 +362,7 @@ class CkksEvaluator:
     """
 
     def __init__(self, public_context: bytes) -> None:
-        ctx = _load_context(public_context)
-        if ctx.has_secret_key():
-            raise ConfigError(
-                "public_context holds a secret key: the coordinator must get "
-                "CkksKeyHolder.public_context(), never the institutions' secret context"
-            )
+        ctx = _keyless_context(public_context)
         self.params = CkksParams._of_context(ctx)
         if len(self.params.coeff_mod_bit_sizes) < 3:
             raise ConfigError(
@@ -452,6 +442,17 @@ def _public_bytes(ctx: ts.Context) -> bytes:
         save_galois_keys=False,
         save_relin_keys=False,
     )
+
+
+def _keyless_context(public_context: bytes) -> ts.Context:
+    """The coordinator's context; refuses one that holds the institutions' secret key."""
+    ctx = _load_context(public_context)
+    if ctx.has_secret_key():
+        raise ConfigError(
+            "public_context holds a secret key: the coordinator must get "
+            "CkksKeyHolder.public_context(), never the institutions' secret context"
+        )
+    return ctx
 
 
 def _load_context(data: bytes) -> ts.Context:
