@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,8 @@ def run_federation(
     )
     shown: set[int] = set()
     coordinator = processes["coordinator"]
+    # A SIGTERM (kill, a CI timeout) must not orphan the parties: exit through ``finally``.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with console.status("waiting for the first round") as status:
             while coordinator.poll() is None:
@@ -83,6 +86,7 @@ def run_federation(
         for entry in _ready_rounds(config, shown, wait=False):
             console.print(round_table(config, entry))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -96,6 +100,10 @@ def run_federation(
     if failed:
         console.print(f"[red]parties that failed (exit status): {failed}; see {logs}[/red]")
     return coordinator.returncode or (1 if failed else 0)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _ready_rounds(config: FederationConfig, shown: set[int], *, wait: bool) -> list[dict]:

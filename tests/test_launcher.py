@@ -1,0 +1,93 @@
+"""``sealmoe run``, the README's main command, as a user runs it: one process per party."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clients.config import load_config
+from tests.test_federation import NAMES, ROOT, write_config
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _sealmoe(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_run_prints_every_round_and_writes_a_verified_report(tmp_path):
+    path = write_config(tmp_path, rounds=2, stage_timeout_s=60.0)
+    config = load_config(path)
+    proc = _sealmoe("run", "--fresh", str(path))
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "round 1 of 2" in output and "round 2 of 2" in output
+    assert "ABORTED" not in output
+    assert all(name in output for name in NAMES)
+    assert "privacy report:" in output
+    report = config.run_dir / "report.json"
+    for suffix in ("html", "json", "md"):
+        assert (config.run_dir / f"report.{suffix}").stat().st_size > 0
+    ledgers = [str(config.run_dir / "institutions" / n / "ledger.jsonl") for n in NAMES]
+    verify = _sealmoe("audit", "verify", "--config", str(path), *ledgers)
+    verified, _ = verify.communicate(timeout=120)
+    assert verify.returncode == 0, verified
+    institutions = json.loads(report.read_text())["institutions"]
+    assert sorted(i["name"] for i in institutions) == sorted(NAMES)
+    for inst in institutions:  # the report checked each ledger against the coordinator's head
+        assert inst["verification"]["status"] == "verified"
+        assert [r["round"] for r in inst["rounds"]] == [1, 2]
+        assert 0 < inst["spent"]["rdp"] <= inst["budget"]["epsilon"] + 1e-9
+
+
+def test_sigterm_stops_every_party(tmp_path):
+    path = write_config(tmp_path, rounds=2, stage_timeout_s=60.0)
+    proc = _sealmoe("run", "--fresh", str(path))
+    deadline = time.monotonic() + 120
+    while len(_children(proc.pid)) < 1 + len(NAMES):
+        assert time.monotonic() < deadline, "the parties did not start"
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    parties = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in parties):
+        assert time.monotonic() < deadline, "a party outlived sealmoe run"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
