@@ -161,6 +161,20 @@ def build_report(
         else "masked (SecAgg+) to the coordinator, which learns only the sum and relays it to "
         "every institution"
     )
+    ckks_updates = facts.expert_updates == "ckks"
+    update_to = (
+        "encrypted (CKKS) to the coordinator, which learns only the summed weight in the clear "
+        "and keeps the global adapters encrypted; every institution decrypts the new state"
+        if ckks_updates
+        else "masked (SecAgg+) to the coordinator, which learns only the sum over the included "
+        "institutions; the averaged update goes to every institution"
+    )
+    sees_updates = (
+        "the summed example weight of the institutions that reach unmasking (the adapter "
+        "updates and the global adapters only as ciphertexts)"
+        if ckks_updates
+        else "the sum of the masked adapter updates of the institutions that reach unmasking"
+    )
     return {
         "title": f"Privacy report: federation {facts.federation!r}",
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -183,8 +197,7 @@ def build_report(
             {
                 "what": "adapter update (weighted LoRA-expert deltas)",
                 "mechanism": "DP-SGD: Poisson sampling, per-block clipping, Gaussian noise",
-                "to_whom": "masked (SecAgg+) to the coordinator, which learns only the sum over "
-                "the included institutions; the averaged update goes to every institution",
+                "to_whom": update_to,
             },
             {
                 "what": "routing statistics (per-layer expert counts, router probabilities, "
@@ -200,9 +213,9 @@ def build_report(
         ],
         "trust_model": {
             "coordinator_sees": (
-                "the sum of the masked adapter updates of the institutions that reach "
-                "unmasking, who took part in each round, message sizes and timing; never a "
-                "single institution's update"
+                sees_updates
+                + ", who took part in each round, message sizes and timing; never a single "
+                "institution's update"
                 + ("; routing statistics only as ciphertexts" if ckks_routing else "")
             ),
             "ckks_key_custody": (

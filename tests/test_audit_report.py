@@ -131,3 +131,19 @@ def test_the_html_report_renders_offline_in_chromium_with_visible_plots(run_dir,
         close = np.abs(pixels - rgb).max(axis=-1) < 0.06
         assert close.sum() > 2000, f"the {colour} curve is not visible in the screenshot"
     shutil.copy(shot, run_dir / "screenshot.png")
+
+
+def test_report_says_what_the_coordinator_sees_under_ckks_expert_updates(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    context = json.loads((copy / "audit-context.json").read_text())
+    assert context["expert_updates"] == "mask"
+    before = json.loads((copy / "report.json").read_text())
+    context["expert_updates"] = "ckks"
+    (copy / "audit-context.json").write_text(json.dumps(context))
+    assert main(["audit", "report", str(copy)]) == 0
+    after = json.loads((copy / "report.json").read_text())
+    assert "masked adapter updates" in before["trust_model"]["coordinator_sees"]
+    assert "global adapters only as ciphertexts" in after["trust_model"]["coordinator_sees"]
+    update = next(r for r in after["releases"] if r["what"].startswith("adapter"))
+    assert update["to_whom"].startswith("encrypted (CKKS)")
