@@ -206,6 +206,11 @@ class FedAlignClient:
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
 
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        """The extras this client reads, all or none: the score statistics, (L, E) each."""
+        shape = tuple(state.routing.counts.shape)
+        return {name: shape for name in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)}
+
     @contextmanager
     def session(self, model: nn.Module, state: GlobalState) -> Iterator[TrainingPlan]:
         """Adds the KL(p_b ‖ p̄) regularizer once global routing exists and it is switched on."""

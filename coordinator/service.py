@@ -3,7 +3,10 @@
 Each round: wait for the institutions, broadcast the global adapter state (and the previous
 round's summed routing statistics) in a :class:`~secagg.control.RoundStart`, drive the SecAgg+
 stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums into
-the next global state with the aggregation strategy. The coordinator sees sums only: the masked
+the next global state with the configured strategy's coordinator side
+(:func:`coordinator.registry.coordinator_strategy`); its public aggregates
+(:attr:`~clients.strategy.GlobalState.extras`) go out with the next ``RoundStart`` and into the
+round's checkpoint. The coordinator sees sums only: the masked
 channel decoded, the CKKS channel never (it relays the encrypted sum for the institutions to
 decrypt). A round that falls below the threshold is recorded as aborted and the next one starts.
 Progress survives ``kill -9``: see :mod:`coordinator.store`. Each institution's signed ledger
@@ -26,13 +29,14 @@ from safetensors.torch import save
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
 from clients.config import FederationConfig
+from clients.extras import encode_extras
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
 from clients.moe_lora import adapter_state, routing_statistics
-from clients.setup import build_model, client_id, fedavg_config, identity_keys
+from clients.setup import build_model, client_id, identity_keys
 from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayout
 from clients.transport import TransportError
+from coordinator.registry import coordinator_strategy
 from coordinator.store import RoutingRelay, RunStore
-from coordinator.strategy import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
 from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
@@ -87,7 +91,13 @@ class Coordinator:
                 self.evaluator = CkksEvaluator(self.ckks_context)
             except SecAggError as exc:
                 raise CoordinatorError(f"aggregation.ckks: {exc}") from None
-        self.strategy = FedAvgCoordinator(fedavg_config(config))
+        self.strategy = coordinator_strategy(config)
+        if self.encrypts_updates and not hasattr(self.strategy, "encrypted_update_factors"):
+            raise CoordinatorError(
+                f"aggregation.expert_updates = 'ckks' works with aggregation.strategy = "
+                f"'fedavg' only, not {aggregation.strategy!r}: set expert_updates = 'mask' "
+                "or strategy = 'fedavg'"
+            )
         self.store = RunStore(config.run_dir)
         self.store.write_context(context_bytes(audit_facts(config)))
 
@@ -108,7 +118,8 @@ class Coordinator:
         if isinstance(resume.adapters, EncryptedBatch):
             encrypted = resume.adapters
         elif resume.adapters is not None:
-            state = GlobalState(adapters=resume.adapters, routing=state.routing)
+            state = GlobalState(adapters=resume.adapters, routing=state.routing,
+                                extras=resume.extras)  # fmt: skip
         if resume.adapters is not None:
             log.info("resuming after round %d (attempt %d next)", resume.last_round,
                      resume.next_attempt)  # fmt: skip
@@ -192,6 +203,7 @@ class Coordinator:
         except SecAggError as exc:
             return fail(f"{len(names)} institutions cannot form a round: {exc}")
         global_bytes = _state_bytes(state) if encrypted is None else b""
+        extras_bytes = encode_extras(state.extras)
         start = {
             name: RoundStart(
                 params=params,
@@ -201,6 +213,7 @@ class Coordinator:
                 routing_plain=relay.plain,
                 routing_encrypted=relay.encrypted,
                 global_encrypted=encrypted,
+                extras=extras_bytes,
             )
             for cid, name in ids.items()
         }
@@ -246,7 +259,7 @@ class Coordinator:
         self.store.completed(
             federation_round, attempt,
             new_state.adapters if new_encrypted is None else new_encrypted,
-            new_relay, included_names, {"round": seconds},
+            new_relay, included_names, {"round": seconds}, extras=new_state.extras,
         )  # fmt: skip
         log.info("round %d completed with %s in %.1f s", federation_round, included_names, seconds)
         outcome = RoundOutcome(federation_round, attempt, names, included_names, None, seconds)
