@@ -127,14 +127,13 @@ class FedAlignConfig:
                 )
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
-        """The per-expert segments, then the three alignment segments (L * E each)."""
+        """The per-expert segments, then the three alignment segments (L * E each, on the mask
+        channel: the coordinator reads their sums)."""
         size = state.routing.num_layers * state.routing.num_experts
         base = expert_segments(
             state, self.delta_bound, self.routing_bound, self.delta_channel, self.routing_channel
         )
-        align = (
-            Segment(n, size, self.delta_channel, 1.0) for n in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N)
-        )
+        align = (Segment(n, size, "mask", 1.0) for n in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N))
         return SubmissionLayout((*base, *align))
 
 

@@ -37,6 +37,7 @@ from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayo
 from clients.transport import TransportError
 from coordinator.registry import coordinator_strategy
 from coordinator.store import RoutingRelay, RunStore
+from coordinator.strategy import EncryptedUpdates
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
 from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
@@ -92,11 +93,10 @@ class Coordinator:
             except SecAggError as exc:
                 raise CoordinatorError(f"aggregation.ckks: {exc}") from None
         self.strategy = coordinator_strategy(config)
-        if self.encrypts_updates and not hasattr(self.strategy, "encrypted_update_factors"):
+        if self.encrypts_updates and not isinstance(self.strategy, EncryptedUpdates):
             raise CoordinatorError(
-                f"aggregation.expert_updates = 'ckks' works with aggregation.strategy = "
-                f"'fedavg' only, not {aggregation.strategy!r}: set expert_updates = 'mask' "
-                "or strategy = 'fedavg'"
+                f"aggregation.expert_updates = 'ckks' does not work with aggregation.strategy = "
+                f"{aggregation.strategy!r}: set expert_updates = 'mask'"
             )
         self.store = RunStore(config.run_dir)
         self.store.write_context(context_bytes(audit_facts(config)))
@@ -117,9 +117,9 @@ class Coordinator:
         encrypted: EncryptedBatch | None = None
         if isinstance(resume.adapters, EncryptedBatch):
             encrypted = resume.adapters
+            state = GlobalState(state.adapters, state.routing, resume.extras)
         elif resume.adapters is not None:
-            state = GlobalState(adapters=resume.adapters, routing=state.routing,
-                                extras=resume.extras)  # fmt: skip
+            state = GlobalState(resume.adapters, state.routing, resume.extras)
         if resume.adapters is not None:
             log.info("resuming after round %d (attempt %d next)", resume.last_round,
                      resume.next_attempt)  # fmt: skip
@@ -249,6 +249,7 @@ class Coordinator:
             new_state, new_encrypted = state, encrypted
             if self.encrypts_updates:
                 new_encrypted = self._encrypted_update(state, encrypted, mask_sum, ckks_sum)
+                new_state = self._updates.public_update(state, {"mask": mask_sum})
             else:
                 new_state = self.strategy.aggregate(state, {"mask": mask_sum})
             new_relay = self._routing_relay(layout, mask_sum, ckks_sum)
@@ -280,16 +281,24 @@ class Coordinator:
         mask_sum: np.ndarray,
         ckks_sum: EncryptedBatch | None,
     ) -> EncryptedBatch:
-        """The next encrypted global state: ``bound / sum(w) * sum(w * delta) + state``.
+        """The next encrypted global state: ``factors * sum(w * delta) + state``, the public
+        factors from the masked weight sums (FedAvg: ``bound / sum(w)``; per expert: ``bound`` over
+        the expert's weight sum, 0 for an expert that is not updated).
 
         Before any round completed the state is the public initial adapters in plaintext.
         """
         assert self.evaluator is not None and ckks_sum is not None
-        factors = self.strategy.encrypted_update_factors(state, {"mask": mask_sum})
+        factors = self._updates.encrypted_update_factors(state, {"mask": mask_sum})
         base = encrypted
         if base is None:
             base = [t.detach().cpu().double().numpy() for t in state.adapters.values()]
         return self.evaluator.scale_and_add(ckks_sum, factors, base)
+
+    @property
+    def _updates(self) -> EncryptedUpdates:
+        """The strategy as one that handles CKKS deltas (checked at construction)."""
+        assert isinstance(self.strategy, EncryptedUpdates)
+        return self.strategy
 
     def _accept_head(self, name: str, head: msgspec.Struct) -> None:
         """Keep ``name``'s ledger head if it is its own, validly signed, and not older."""

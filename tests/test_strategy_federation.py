@@ -26,6 +26,8 @@ from clients.experts import EXPERT_WEIGHT, ExpertPartition
 from clients.extras import ExtrasError, decode_extras, encode_extras
 from clients.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
 from clients.fedmoe import FedMoEClient
+from clients.keys import load_ckks_key_holder
+from clients.moe_lora import adapter_state
 from clients.setup import fedmoe_config
 from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
 from clients.transport import InstitutionEndpoint
@@ -34,6 +36,12 @@ from coordinator.service import Coordinator
 from coordinator.store import RoutingRelay, RunStore, StoreError
 from coordinator.wiring import make_institution
 from secagg import FixedPointCodec
+from secagg.ckks import (
+    DEFAULT_ABS_ERROR_PER_SUMMAND,
+    SCALING_ERROR_FLOOR,
+    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
+    EncryptedBatch,
+)
 from secagg.control import CkksInput, Decline, RoundStart
 from secagg.messages import AdvertiseKeys
 from tests.test_federation import NAMES, write_config
@@ -41,11 +49,13 @@ from tests.test_federation import NAMES, write_config
 Recorded = dict[tuple[int, str], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
-def strategy_config(tmp_path: Path, strategy: str, rounds: int = 2) -> FederationConfig:
+def strategy_config(
+    tmp_path: Path, strategy: str, rounds: int = 2, expert_updates: str = "mask"
+) -> FederationConfig:
     """The tiny federation with ``strategy`` (keys generated once per folder)."""
     path = tmp_path / "federation.toml"
     if not path.exists():
-        write_config(tmp_path, rounds=rounds)
+        write_config(tmp_path, rounds=rounds, expert_updates=expert_updates)
     text = path.read_text()
     text = re.sub(r'(?m)^strategy = "\w+"', f'strategy = "{strategy}"', text)
     text = re.sub(r"(?m)^rounds = \d+$", f"rounds = {rounds}", text)
@@ -98,16 +108,24 @@ def run_federation(config: FederationConfig, prepare=None) -> tuple[list, list]:
 
 
 def checkpoint(config: FederationConfig, r: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Round ``r``'s adapters (decrypted with an institution's key under CKKS) and extras."""
     base = config.run_dir / "checkpoints" / f"round-{r:04d}"
     extras_path = base.with_suffix(".extras")
     extras = decode_extras(extras_path.read_bytes()) if extras_path.exists() else {}
-    return load_file(base.with_suffix(".safetensors")), extras
+    if config.aggregation.expert_updates == "mask":
+        return load_file(base.with_suffix(".safetensors")), extras
+    assert not base.with_suffix(".safetensors").exists()  # no plaintext on the coordinator
+    batch = msgspec.msgpack.decode(base.with_suffix(".ckks").read_bytes(), type=EncryptedBatch)
+    arrays = load_ckks_key_holder(config.keys_dir, NAMES[0]).decrypt(batch)
+    names = list(Coordinator(config).initial_state().adapters)
+    return {n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)}, extras
 
 
 def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: Recorded) -> None:
     """Every round's checkpoint is the coordinator side applied to the plaintext sums."""
     strategy = coordinator_strategy(config)
     initial = Coordinator(config).initial_state()
+    ckks = config.aggregation.expert_updates == "ckks"
     q = FixedPointCodec(
         clip=CHANNEL_BOUND, bits=config.secagg.bits, modulus_bits=config.secagg.modulus_bits,
         max_clients=len(NAMES),
@@ -122,9 +140,9 @@ def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: 
                 np.testing.assert_array_equal(recorded[(r, name)][0][key], value)
         layout = strategy.layout(before)
         packed = [layout.pack(recorded[(r, n)][1]) for n in outcome.included]
-        plain = np.sum([p["mask"] for p in packed], axis=0)
-        expected = strategy.aggregate(before, {"mask": plain})
-        values = layout.unpack({"mask": plain}, partial=True)
+        plain = {c: np.sum([p[c] for p in packed], axis=0) for c in layout.channels}
+        expected = strategy.aggregate(before, plain)
+        values = layout.unpack({"mask": plain["mask"]}, partial=True)
         partition = ExpertPartition.of(before)
         experts = np.asarray(values[EXPERT_WEIGHT]).reshape(
             partition.num_layers, partition.num_experts
@@ -138,13 +156,23 @@ def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: 
             weight = partition.entry_weights(name, float(values[WEIGHT][0]), experts)
             bound = layout[DELTA_PREFIX + name].bound
             # each of m clients adds < one quantisation step to the delta and the weight sums
-            atol = (m * bound * q + np.abs(step) * m * q) / np.maximum(weight - m * q, 1e-9)
+            divisor = np.maximum(weight - m * q, 1e-9)
+            atol = (m * bound * q + np.abs(step) * m * q) / divisor
+            if ckks:  # the CKKS sum and the coordinator's scaling by bound / weight
+                per = DEFAULT_ABS_ERROR_PER_SUMMAND + SCALING_ERROR_PER_FACTOR_AND_SUMMAND
+                atol = np.abs(step) * m * q / divisor + m * bound / divisor * per
+                atol = atol + SCALING_ERROR_FLOOR
+            kept = want == old.double().numpy()  # not updated (or a zero mean): no error
+            atol = np.where(kept, SCALING_ERROR_FLOOR if ckks else 0.0, atol)
             np.testing.assert_array_less(np.abs(got - want), atol + 1e-6)
             moved = max(moved, float(np.abs(step).max()))
         assert moved > 1e-4  # real updates were compared, not zeros
         assert extras.keys() == expected.extras.keys()
         for key, value in expected.extras.items():
-            np.testing.assert_allclose(extras[key], value, atol=10 * m * q)
+            # each of the m scores, squares and counts is off by < q in the sums; the standard
+            # deviation is a square root, so its square (the variance) is compared
+            power = 2 if key == ALIGN_STD else 1
+            np.testing.assert_allclose(extras[key] ** power, value**power, atol=4 * m * q)
         before = GlobalState(adapters, initial.routing, extras)
 
 
@@ -190,6 +218,22 @@ def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_pa
         lengths = {name: sizes[(name, kind)] for name in NAMES}
         assert all(len(v) == 2 for v in lengths.values()), lengths
         assert len({tuple(v) for v in lengths.values()}) == 1, lengths
+
+
+@pytest.mark.parametrize("strategy", ["fedalign", "fedmoe"])
+def test_ckks_expert_updates_follow_the_per_expert_means(tmp_path, monkeypatch, strategy):
+    """expert_updates = "ckks": the coordinator scales each encrypted entry by bound over its
+    expert's masked weight sum (0 if not updated); decrypted, that is the plaintext mean."""
+    config = strategy_config(tmp_path, strategy, expert_updates="ckks")
+    cls = FedAlignClient if strategy == "fedalign" else FedMoEClient
+    recorded = record_submissions(monkeypatch, cls)
+    outcomes, institutions = run_federation(config)
+    assert [o.error for o in outcomes] == [None, None]
+    assert_rounds_match_plaintext(config, outcomes, recorded)
+    final, _ = checkpoint(config, 2)
+    for inst in institutions:  # Shutdown carried the encrypted final state; each decrypted it
+        for name, tensor in adapter_state(inst.model).items():
+            np.testing.assert_allclose(tensor.double().numpy(), final[name].numpy(), atol=1e-6)
 
 
 def test_extras_survive_a_coordinator_restart(tmp_path, monkeypatch):
