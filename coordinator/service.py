@@ -129,7 +129,10 @@ class Coordinator:
             self.config.coordinator.bind, self.keys.curve_secret, self.keys.curve_public,
             self.curve_keys, self.config.coordinator.max_message_bytes,
         ) as endpoint:  # fmt: skip
-            log.info("coordinator listening on %s", endpoint.address)
+            aggregation = self.config.aggregation
+            log.info("coordinator listening on %s; strategy %s, expert updates %s, routing "
+                     "statistics %s", endpoint.address, aggregation.strategy,
+                     aggregation.expert_updates, aggregation.routing_statistics)  # fmt: skip
             first = resume.last_round + 1
             for federation_round in range(first, self.config.federation.rounds + 1):
                 if stop.is_set():
