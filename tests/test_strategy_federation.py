@@ -31,8 +31,9 @@ from clients.moe_lora import adapter_state
 from clients.setup import fedmoe_config
 from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
 from clients.transport import InstitutionEndpoint
+from coordinator import registry
 from coordinator.registry import coordinator_strategy
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, CoordinatorError
 from coordinator.store import RoutingRelay, RunStore, StoreError
 from coordinator.wiring import make_institution
 from secagg import FixedPointCodec
@@ -326,3 +327,17 @@ def test_an_institution_declines_malformed_extras_and_serves_the_next_round(tmp_
     good = encode_extras({k: np.zeros(shape) for k in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)})
     inst._on_round_start(start(1, good))
     assert isinstance(outbox.sent[-1], AdvertiseKeys)
+
+
+def test_ckks_updates_with_a_strategy_that_cannot_scale_them_are_refused(tmp_path, monkeypatch):
+    class PlainOnly:  # aggregates plaintext sums, has no encrypted update factors
+        def layout(self, state):
+            raise AssertionError("not reached")
+
+        def aggregate(self, state, sums):
+            raise AssertionError("not reached")
+
+    config = strategy_config(tmp_path, "fedmoe", expert_updates="ckks")
+    monkeypatch.setitem(registry.COORDINATOR_STRATEGIES, "fedmoe", lambda config: PlainOnly())
+    with pytest.raises(CoordinatorError, match="expert_updates = 'ckks' does not work with"):
+        Coordinator(config)
