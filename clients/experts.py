@@ -15,7 +15,9 @@ expert is used is aggregated with that expert). Entries of no expert are "dense"
 Per-expert weighted means travel as one secure sum: a client multiplies each entry of its delta
 by the weight of the entry's expert (or its dense weight) and submits those weights too
 (``weight`` for dense entries, ``expert_weight`` and ``expert_count`` per (layer, expert)), so the
-coordinator gets each expert's weighted mean as a ratio of sums (``coordinator.strategy``).
+coordinator gets each expert's weighted mean as a ratio of sums (``coordinator.strategy``). The
+weights and counts always go on the mask channel: the coordinator must read their sums, also when
+the deltas go under CKKS (it then scales the encrypted sum entry by entry without reading it).
 """
 
 from __future__ import annotations
@@ -143,16 +145,17 @@ def expert_segments(
     delta_channel: Channel,
     routing_channel: Channel,
 ) -> tuple[Segment, ...]:
-    """The segments every per-expert strategy shares: deltas, the three weights, routing."""
+    """The segments every per-expert strategy shares: deltas (``delta_channel``), the three
+    weights (mask), routing (``routing_channel``)."""
     layers, experts = state.routing.num_layers, state.routing.num_experts
     return (
         *(
             Segment(DELTA_PREFIX + name, int(t.numel()), delta_channel, delta_bound)
             for name, t in state.adapters.items()
         ),
-        Segment(WEIGHT, 1, delta_channel, 1.0),
-        Segment(EXPERT_WEIGHT, layers * experts, delta_channel, 1.0),
-        Segment(EXPERT_COUNT, layers * experts, delta_channel, 1.0),
+        Segment(WEIGHT, 1, "mask", 1.0),
+        Segment(EXPERT_WEIGHT, layers * experts, "mask", 1.0),
+        Segment(EXPERT_COUNT, layers * experts, "mask", 1.0),
         Segment(ROUTING, len(state.routing.as_vector()), routing_channel, routing_bound),
     )
 

@@ -127,14 +127,13 @@ class FedAlignConfig:
                 )
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
-        """The per-expert segments, then the three alignment segments (L * E each)."""
+        """The per-expert segments, then the three alignment segments (L * E each, on the mask
+        channel: the coordinator reads their sums)."""
         size = state.routing.num_layers * state.routing.num_experts
         base = expert_segments(
             state, self.delta_bound, self.routing_bound, self.delta_channel, self.routing_channel
         )
-        align = (
-            Segment(n, size, self.delta_channel, 1.0) for n in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N)
-        )
+        align = (Segment(n, size, "mask", 1.0) for n in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N))
         return SubmissionLayout((*base, *align))
 
 
@@ -205,6 +204,11 @@ class FedAlignClient:
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
+
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        """The extras this client reads, all or none: the score statistics, (L, E) each."""
+        shape = tuple(state.routing.counts.shape)
+        return {name: shape for name in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)}
 
     @contextmanager
     def session(self, model: nn.Module, state: GlobalState) -> Iterator[TrainingPlan]:

@@ -2,14 +2,19 @@
 
 :class:`Institution` follows the federation round protocol (``secagg.control``): on
 :class:`~secagg.control.RoundStart` it loads the broadcast global state, checks its privacy
-budget (declining the round when the release would exceed it), trains its adapters with DP-SGD,
-packs its FedAvg submission and runs the client side of SecAgg+ on the "mask" channel (plus the
-CKKS channel, if any, sent just before the masked input). Each round releases two things, the
-adapter update (DP-SGD) and the routing statistics (Gaussian mechanism,
-:mod:`clients.routing_release`); both are charged to the injected
+budget (declining the round when the release would exceed it), trains its adapters with DP-SGD
+inside the configured strategy's session (``[aggregation].strategy``, see
+:func:`clients.setup.client_strategy`), packs the strategy's submission and runs the client side
+of SecAgg+ on the "mask" channel (plus the CKKS channel, if any, sent just before the masked
+input). Evaluations run inside the strategy's session too (FedMoE scores its sub-MoE).
+
+Each round releases two things, the adapter update (DP-SGD) and the routing statistics
+(Gaussian mechanism, :mod:`clients.routing_release`), whatever the strategy: its per-expert
+weights, counts and scores are post-processing of those two and public broadcasts, and travel
+inside the same secure sum. Both are charged to the injected
 :class:`~clients.ledger.PrivacyLedger` before either leaves, and the ledger's signed head goes
-to the coordinator first. Metrics are computed on private data and
-stay local: one JSON line per event in ``run_dir/institutions/<name>/metrics.jsonl``.
+to the coordinator first. Metrics are computed on private data and stay local: one JSON line
+per event in ``run_dir/institutions/<name>/metrics.jsonl``.
 
 Client ids are indices into ``[[institutions]]`` (:func:`clients.setup.client_id`).
 """
@@ -32,12 +37,20 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from clients.config import FederationConfig
+from clients.extras import ExtrasError, decode_extras
 from clients.keys import ROSTER_FILE, load_ckks_key_holder, load_institution_keys, load_roster
 from clients.ledger import PrivacyLedger
 from clients.moe_lora import RoutingStats, adapter_state, load_adapter_state, routing_statistics
 from clients.routing_release import SENSITIVITY_BASIS, private_routing_statistics, routing_mechanism
-from clients.setup import build_model, fedavg_config, identity_keys, institution_data
-from clients.strategy import CHANNEL_BOUND, ROUTING, FedAvgClient, GlobalState, SubmissionLayout
+from clients.setup import build_model, client_strategy, identity_keys, institution_data
+from clients.strategy import (
+    CHANNEL_BOUND,
+    ROUTING,
+    ClientStrategy,
+    GlobalState,
+    SubmissionLayout,
+    plain_session,
+)
 from clients.trainer import LocalTrainingResult, Metrics, evaluate, train_local
 from clients.transport import InstitutionEndpoint, TransportError
 from privacy import DPTrainingFacts, Release, ReleaseRefused
@@ -63,6 +76,7 @@ class _Round:
 
     start: RoundStart
     started: float = field(default_factory=time.monotonic)
+    state: GlobalState | None = None
     client: SecAggClient | None = None
     ckks: np.ndarray | None = None
     facts: DPTrainingFacts | None = None
@@ -94,7 +108,7 @@ class Institution:
         self.ckks = load_ckks_key_holder(config.keys_dir, name)
         self.model, self.tokenizer = build_model(config)
         self.data = institution_data(config, name, self.tokenizer)
-        self.strategy = FedAvgClient(fedavg_config(config))
+        self.strategy: ClientStrategy = client_strategy(config, name)
         train = config.training
         n_train = int(self.data["train"].shape[0])
         self.sample_rate = min(1.0, train.batch_size / n_train)
@@ -117,6 +131,7 @@ class Institution:
         self.metrics_path = self.dir / METRICS_FILE
         self._round: _Round | None = None
         self._endpoint: InstitutionEndpoint | None = None
+        self._last_state: GlobalState | None = None
         log.info(
             "%s: %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, q=%.4f; "
             "routing noise std %.3g; budget epsilon=%g (spent %.3f)",
@@ -140,7 +155,7 @@ class Institution:
         self._endpoint = endpoint
         try:
             self._send(Hello())
-            self._record("initial", None, validation=True, test=True)
+            self._record("initial", None, self._state(None), validation=True, test=True)
             last_heard = time.monotonic()
             while stop is None or not stop.is_set():
                 message = endpoint.recv(POLL_S)
@@ -156,7 +171,8 @@ class Institution:
                     )
                     # evaluate the model the federation produced
                     self._load_global(message.global_state, message.global_encrypted)
-                    self._record("final", None, validation=False, test=True)
+                    final = self._state(self._last_state)
+                    self._record("final", None, final, validation=False, test=True)
                     return 0
                 self._dispatch(message)
             log.info("%s: stopped", self.name)
@@ -199,10 +215,16 @@ class Institution:
         log.info("%s: round %d (id %d) started", self.name, fed_round, current.round_id)
         try:
             state = self._global_state(start)
+        except ExtrasError as exc:
+            log.warning("%s: refused the broadcast extras of round %d: %s",
+                        self.name, fed_round, exc)  # fmt: skip
+            self._decline(f"malformed extras: {exc}")
+            return
         except Exception as exc:
             log.exception("%s: cannot use the broadcast state", self.name)
             self._decline(f"cannot use the broadcast global state: {exc}")
             return
+        current.state = self._last_state = state
         planned = DPTrainingFacts(
             noise_multiplier=self.dp.require_noise_multiplier(),
             sample_rate=self.sample_rate,
@@ -226,16 +248,19 @@ class Institution:
     def _train_and_advertise(self, current: _Round, state: GlobalState) -> None:
         train = self.config.training
         t0 = time.monotonic()
-        result = train_local(
-            self.model,
-            self.data["train"],
-            dp=self.dp,
-            steps=train.local_steps,
-            batch_size=train.batch_size,
-            lr=train.lr,
-            device=train.device if train.device != "auto" else None,
-        )
-        routing = private_routing_statistics(self.model, self.data["train"], self.routing)
+        with self.strategy.session(self.model, state) as plan:
+            result = train_local(
+                self.model,
+                self.data["train"],
+                dp=self.dp,
+                steps=train.local_steps,
+                batch_size=train.batch_size,
+                lr=train.lr,
+                device=train.device if train.device != "auto" else None,
+                extra_loss=plan.extra_loss,
+                frozen=plan.frozen,
+            )
+            routing = private_routing_statistics(self.model, self.data["train"], self.routing)
         result = replace(result, routing=routing)  # only the noised statistics go further
         current.seconds_training += time.monotonic() - t0
         current.result, current.facts = result, result.facts
@@ -275,12 +300,22 @@ class Institution:
         elif plain:
             load_adapter_state(self.model, load_safetensors(plain))
 
-    def _global_state(self, start: RoundStart) -> GlobalState:
-        """Load the broadcast adapters into the model; the routing statistics it carries."""
-        self._load_global(start.global_state, start.global_encrypted)
+    def _state(self, previous: GlobalState | None) -> GlobalState:
+        """The model's adapters as a global state, with ``previous``'s routing and extras
+        (zero routing and no extras without one)."""
         adapters = adapter_state(self.model)
+        if previous is not None:
+            return GlobalState(adapters, previous.routing, previous.extras)
         local = routing_statistics(self.model)
-        state = GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)
+        return GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)
+
+    def _global_state(self, start: RoundStart) -> GlobalState:
+        """Load the broadcast adapters into the model; the routing statistics and checked
+        extras it carries (:class:`~clients.extras.ExtrasError` if they are malformed)."""
+        self._load_global(start.global_state, start.global_encrypted)
+        state = self._state(None)
+        shapes = getattr(self.strategy, "extras_shapes", None)
+        extras = decode_extras(start.extras, shapes(state) if shapes is not None else {})
         layout = self.strategy.layout(state)
         if start.routing_plain is not None:
             vector = np.frombuffer(start.routing_plain, dtype="<f8")
@@ -291,11 +326,12 @@ class Institution:
             self._round.seconds_crypto += time.monotonic() - t0
             vector = routing_from_channel(layout, decrypted)
         else:
-            return state
+            return GlobalState(state.adapters, state.routing, extras)
+        old = state.routing
         routing = RoutingStats.from_vector(
-            np.maximum(vector, 0.0), local.layer_names, local.num_experts, local.top_k
+            np.maximum(vector, 0.0), old.layer_names, old.num_experts, old.top_k
         )
-        return GlobalState(adapters=adapters, routing=routing)
+        return GlobalState(adapters=state.adapters, routing=routing, extras=extras)
 
     def _decline(self, reason: str) -> None:
         current = self._round
@@ -373,7 +409,8 @@ class Institution:
                 "%s: round %d ended; clients included: %s (this one: %s)",
                 self.name, fed_round, end.included, "yes" if included else "no",
             )  # fmt: skip
-        self._record("round", current, validation=True, test=False, included=included)
+        self._record("round", current, current.state, validation=True, test=False,
+                     included=included)  # fmt: skip
         self._round = None
 
     # ------------------------------------------------------------------------------ metrics
@@ -382,12 +419,14 @@ class Institution:
         self,
         event: str,
         current: _Round | None,
+        state: GlobalState | None,
         *,
         validation: bool,
         test: bool,
         included: bool | None = None,
     ) -> None:
-        """Evaluate and append one metrics line (local only: it is computed on private data)."""
+        """Evaluate (inside the strategy's session for ``state``) and append one metrics line
+        (local only: it is computed on private data)."""
         device = self.config.training.device
         device = None if device == "auto" else device
         line: dict[str, Any] = {"event": event, "institution": self.name, "time": time.time()}
@@ -405,12 +444,14 @@ class Institution:
                 seconds_crypto=current.seconds_crypto,
                 seconds_network=max(0.0, wall - current.seconds_training - current.seconds_crypto),
             )
-        if validation:
-            line["validation"] = _metrics(
-                evaluate(self.model, self.data["validation"], device=device)
-            )
-        if test:
-            line["test"] = _metrics(evaluate(self.model, self.data["test"], device=device))
+        session = plain_session() if state is None else self.strategy.session(self.model, state)
+        with session:
+            if validation:
+                line["validation"] = _metrics(
+                    evaluate(self.model, self.data["validation"], device=device)
+                )
+            if test:
+                line["test"] = _metrics(evaluate(self.model, self.data["test"], device=device))
         line["epsilon_spent"] = self.ledger.spent()
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")

@@ -271,6 +271,10 @@ class ClientStrategy(Protocol):
     plan: train_local(..., extra_loss=plan.extra_loss, frozen=plan.frozen)``, then
     :meth:`submit`. Evaluation runs inside a session too, so a strategy that restricts the model
     (FedMoE's sub-MoE) scores the model the institution actually uses.
+
+    A strategy that reads :attr:`GlobalState.extras` also has ``extras_shapes(state) ->
+    dict[str, tuple[int, ...]]``: the names and shapes it expects, so the runtime can refuse a
+    malformed broadcast (``clients.extras``); one without it accepts no extras.
     """
 
     def layout(self, state: GlobalState) -> SubmissionLayout:

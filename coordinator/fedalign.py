@@ -4,8 +4,10 @@ From the secure sums only: each expert's ``sum(w s delta) / sum(w s)`` over the 
 it (at least ``min_count`` of them), dense entries by ``sum(w delta) / sum(w)``, and per
 (layer, expert) the mean and standard deviation of the alignment scores,
 ``M = sum(a) / n``, ``Sigma = sqrt(sum(a^2) / n - M^2)``, broadcast as extras for the clients'
-next threshold (only where n reaches ``min_scorers``). See ``clients.fedalign`` for the client
-side.
+next threshold (only where n reaches ``min_scorers``). With the deltas under CKKS the weights and
+scores are still read from the masked sum, and each encrypted delta entry is scaled by
+``bound / (its weight sum)`` (0 for experts not updated). See ``clients.fedalign`` for the
+client side.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from clients.fedalign import (
     FedAlignConfig,
 )
 from clients.strategy import GlobalState, StrategyError, SubmissionLayout
-from coordinator.strategy import expert_weighted_update, summed_routing
+from coordinator.strategy import expert_update_factors, expert_weighted_update, summed_routing
 
 
 @dataclass(frozen=True)
@@ -38,21 +40,35 @@ class FedAlignCoordinator:
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
-        if any(name not in values for name in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N)):
-            raise StrategyError("FedAlign needs the sum of the channel that carries the deltas")
         adapters = expert_weighted_update(
-            state,
-            values,
-            min_count=self.config.min_count,
-            min_weight=0.5 / self.config.max_examples,
+            state, values, min_count=self.config.min_count, min_weight=self._min_weight
         )
+        public = self.public_update(state, sums)
+        return GlobalState(adapters=adapters, routing=public.routing, extras=public.extras)
+
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        return expert_update_factors(
+            state, self.layout(state), sums,
+            min_count=self.config.min_count, min_weight=self._min_weight,
+        )  # fmt: skip
+
+    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        values = self.layout(state).unpack(sums, partial=True)
+        if any(name not in values for name in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N)):
+            raise StrategyError("FedAlign needs the sum of the mask channel (weights, scores)")
         return GlobalState(
-            adapters=adapters,
+            adapters=state.adapters,
             routing=summed_routing(state.routing, values),
             extras=alignment_statistics(
                 values, state.routing.counts.shape, self.config.min_scorers
             ),
         )
+
+    @property
+    def _min_weight(self) -> float:
+        return 0.5 / self.config.max_examples
 
 
 def alignment_statistics(

@@ -3,7 +3,10 @@
 Each round: wait for the institutions, broadcast the global adapter state (and the previous
 round's summed routing statistics) in a :class:`~secagg.control.RoundStart`, drive the SecAgg+
 stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums into
-the next global state with the aggregation strategy. The coordinator sees sums only: the masked
+the next global state with the configured strategy's coordinator side
+(:func:`coordinator.registry.coordinator_strategy`); its public aggregates
+(:attr:`~clients.strategy.GlobalState.extras`) go out with the next ``RoundStart`` and into the
+round's checkpoint. The coordinator sees sums only: the masked
 channel decoded, the CKKS channel never (it relays the encrypted sum for the institutions to
 decrypt). A round that falls below the threshold is recorded as aborted and the next one starts.
 Progress survives ``kill -9``: see :mod:`coordinator.store`. Each institution's signed ledger
@@ -26,13 +29,15 @@ from safetensors.torch import save
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
 from clients.config import FederationConfig
+from clients.extras import encode_extras
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
 from clients.moe_lora import adapter_state, routing_statistics
-from clients.setup import build_model, client_id, fedavg_config, identity_keys
+from clients.setup import build_model, client_id, identity_keys
 from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayout
 from clients.transport import TransportError
+from coordinator.registry import coordinator_strategy
 from coordinator.store import RoutingRelay, RunStore
-from coordinator.strategy import FedAvgCoordinator
+from coordinator.strategy import EncryptedUpdates
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
 from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
@@ -87,7 +92,12 @@ class Coordinator:
                 self.evaluator = CkksEvaluator(self.ckks_context)
             except SecAggError as exc:
                 raise CoordinatorError(f"aggregation.ckks: {exc}") from None
-        self.strategy = FedAvgCoordinator(fedavg_config(config))
+        self.strategy = coordinator_strategy(config)
+        if self.encrypts_updates and not isinstance(self.strategy, EncryptedUpdates):
+            raise CoordinatorError(
+                f"aggregation.expert_updates = 'ckks' does not work with aggregation.strategy = "
+                f"{aggregation.strategy!r}: set expert_updates = 'mask'"
+            )
         self.store = RunStore(config.run_dir)
         self.store.write_context(context_bytes(audit_facts(config)))
 
@@ -107,8 +117,9 @@ class Coordinator:
         encrypted: EncryptedBatch | None = None
         if isinstance(resume.adapters, EncryptedBatch):
             encrypted = resume.adapters
+            state = GlobalState(state.adapters, state.routing, resume.extras)
         elif resume.adapters is not None:
-            state = GlobalState(adapters=resume.adapters, routing=state.routing)
+            state = GlobalState(resume.adapters, state.routing, resume.extras)
         if resume.adapters is not None:
             log.info("resuming after round %d (attempt %d next)", resume.last_round,
                      resume.next_attempt)  # fmt: skip
@@ -118,7 +129,10 @@ class Coordinator:
             self.config.coordinator.bind, self.keys.curve_secret, self.keys.curve_public,
             self.curve_keys, self.config.coordinator.max_message_bytes,
         ) as endpoint:  # fmt: skip
-            log.info("coordinator listening on %s", endpoint.address)
+            aggregation = self.config.aggregation
+            log.info("coordinator listening on %s; strategy %s, expert updates %s, routing "
+                     "statistics %s", endpoint.address, aggregation.strategy,
+                     aggregation.expert_updates, aggregation.routing_statistics)  # fmt: skip
             first = resume.last_round + 1
             for federation_round in range(first, self.config.federation.rounds + 1):
                 if stop.is_set():
@@ -192,6 +206,7 @@ class Coordinator:
         except SecAggError as exc:
             return fail(f"{len(names)} institutions cannot form a round: {exc}")
         global_bytes = _state_bytes(state) if encrypted is None else b""
+        extras_bytes = encode_extras(state.extras)
         start = {
             name: RoundStart(
                 params=params,
@@ -201,6 +216,7 @@ class Coordinator:
                 routing_plain=relay.plain,
                 routing_encrypted=relay.encrypted,
                 global_encrypted=encrypted,
+                extras=extras_bytes,
             )
             for cid, name in ids.items()
         }
@@ -236,6 +252,7 @@ class Coordinator:
             new_state, new_encrypted = state, encrypted
             if self.encrypts_updates:
                 new_encrypted = self._encrypted_update(state, encrypted, mask_sum, ckks_sum)
+                new_state = self._updates.public_update(state, {"mask": mask_sum})
             else:
                 new_state = self.strategy.aggregate(state, {"mask": mask_sum})
             new_relay = self._routing_relay(layout, mask_sum, ckks_sum)
@@ -246,7 +263,7 @@ class Coordinator:
         self.store.completed(
             federation_round, attempt,
             new_state.adapters if new_encrypted is None else new_encrypted,
-            new_relay, included_names, {"round": seconds},
+            new_relay, included_names, {"round": seconds}, extras=new_state.extras,
         )  # fmt: skip
         log.info("round %d completed with %s in %.1f s", federation_round, included_names, seconds)
         outcome = RoundOutcome(federation_round, attempt, names, included_names, None, seconds)
@@ -267,16 +284,24 @@ class Coordinator:
         mask_sum: np.ndarray,
         ckks_sum: EncryptedBatch | None,
     ) -> EncryptedBatch:
-        """The next encrypted global state: ``bound / sum(w) * sum(w * delta) + state``.
+        """The next encrypted global state: ``factors * sum(w * delta) + state``, the public
+        factors from the masked weight sums (FedAvg: ``bound / sum(w)``; per expert: ``bound`` over
+        the expert's weight sum, 0 for an expert that is not updated).
 
         Before any round completed the state is the public initial adapters in plaintext.
         """
         assert self.evaluator is not None and ckks_sum is not None
-        factors = self.strategy.encrypted_update_factors(state, {"mask": mask_sum})
+        factors = self._updates.encrypted_update_factors(state, {"mask": mask_sum})
         base = encrypted
         if base is None:
             base = [t.detach().cpu().double().numpy() for t in state.adapters.values()]
         return self.evaluator.scale_and_add(ckks_sum, factors, base)
+
+    @property
+    def _updates(self) -> EncryptedUpdates:
+        """The strategy as one that handles CKKS deltas (checked at construction)."""
+        assert isinstance(self.strategy, EncryptedUpdates)
+        return self.strategy
 
     def _accept_head(self, name: str, head: msgspec.Struct) -> None:
         """Keep ``name``'s ledger head if it is its own, validly signed, and not older."""

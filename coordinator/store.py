@@ -10,6 +10,8 @@ the interrupted attempt is refused as a replay.
 A checkpoint holds the global adapters as safetensors, or, with expert updates under CKKS, the
 encrypted global state the coordinator cannot read (``.ckks``: a msgpack
 :class:`~secagg.ckks.EncryptedBatch`); the plaintext never touches the coordinator's disk then.
+A strategy's public aggregates (:attr:`~clients.strategy.GlobalState.extras`), if any, go beside
+it as ``.extras`` (safetensors, see ``clients.extras``), hashed in the journal with the rest.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
 from audit.context import context_path
 from audit.heads import HeadFileError, head_path, head_to_json, read_head
 from clients.durable import append_line, atomic_write
+from clients.extras import ExtrasError, decode_extras, encode_extras
 from secagg.ckks import EncryptedBatch
 from secagg.control import LedgerHead
 
@@ -49,13 +53,15 @@ class RoutingRelay(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Resume:
     """Where a (re)started coordinator stands: state after ``last_round``, next attempt number.
 
-    ``adapters`` is None before any checkpoint, an :class:`EncryptedBatch` for CKKS checkpoints.
+    ``adapters`` is None before any checkpoint, an :class:`EncryptedBatch` for CKKS checkpoints;
+    ``extras`` are the strategy's public aggregates of that checkpoint (empty if none).
     """
 
     last_round: int
     adapters: dict[str, torch.Tensor] | EncryptedBatch | None
     routing: RoutingRelay
     next_attempt: int
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class RunStore:
@@ -88,8 +94,8 @@ class RunStore:
         if not completed:
             return Resume(last_round, None, RoutingRelay(), len(started))
         latest = max(completed, key=lambda e: e["round"])
-        adapters, routing = self._load_checkpoint(latest)
-        return Resume(last_round, adapters, routing, len(started))
+        adapters, routing, extras = self._load_checkpoint(latest)
+        return Resume(last_round, adapters, routing, len(started), extras)
 
     def started(self, federation_round: int, attempt: int, round_id: int, names: list[str]) -> None:
         self._append(
@@ -105,8 +111,10 @@ class RunStore:
         routing: RoutingRelay,
         included: list[str],
         seconds: dict[str, float],
+        extras: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Write the round's checkpoint, then acknowledge it in the journal."""
+        """Write the round's checkpoint (with ``extras``, if any), then acknowledge it in the
+        journal."""
         stem = f"round-{federation_round:04d}"
         if isinstance(adapters, EncryptedBatch):
             suffix, state_bytes = ".ckks", msgspec.msgpack.encode(adapters)
@@ -114,12 +122,17 @@ class RunStore:
             suffix = ".safetensors"
             state_bytes = save({k: v.detach().cpu().contiguous() for k, v in adapters.items()})
         routing_bytes = msgspec.msgpack.encode(routing)
+        extras_bytes = encode_extras(extras or {})
         atomic_write(self.run_dir / CHECKPOINTS / f"{stem}{suffix}", state_bytes)
         atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.routing", routing_bytes)
+        parts = [state_bytes, routing_bytes]
+        if extras_bytes:
+            atomic_write(self.run_dir / CHECKPOINTS / f"{stem}.extras", extras_bytes)
+            parts.append(extras_bytes)
         self._append(
             event="completed", round=federation_round, attempt=attempt, included=included,
-            checkpoint=f"{CHECKPOINTS}/{stem}", state=suffix[1:],
-            sha256=_digest(state_bytes, routing_bytes), seconds=seconds,
+            checkpoint=f"{CHECKPOINTS}/{stem}", state=suffix[1:], extras=bool(extras_bytes),
+            sha256=_digest(*parts), seconds=seconds,
         )  # fmt: skip
 
     def write_context(self, data: bytes) -> None:
@@ -151,20 +164,27 @@ class RunStore:
 
     def _load_checkpoint(
         self, entry: dict
-    ) -> tuple[dict[str, torch.Tensor] | EncryptedBatch, RoutingRelay]:
+    ) -> tuple[dict[str, torch.Tensor] | EncryptedBatch, RoutingRelay, dict[str, np.ndarray]]:
         base = self.run_dir / entry["checkpoint"]
         kind = entry.get("state", "safetensors")
         try:
-            state_bytes = base.with_suffix(f".{kind}").read_bytes()
-            routing_bytes = base.with_suffix(".routing").read_bytes()
+            parts = [base.with_suffix(f".{kind}").read_bytes()]
+            parts.append(base.with_suffix(".routing").read_bytes())
+            if entry.get("extras", False):
+                parts.append(base.with_suffix(".extras").read_bytes())
         except OSError as exc:
             raise StoreError(f"checkpoint of round {entry['round']} is missing: {exc}") from None
-        if _digest(state_bytes, routing_bytes) != entry["sha256"]:
+        if _digest(*parts) != entry["sha256"]:
             raise StoreError(f"checkpoint of round {entry['round']} does not match the journal")
+        state_bytes, routing_bytes = parts[0], parts[1]
+        try:
+            extras = decode_extras(parts[2]) if len(parts) > 2 else {}
+        except ExtrasError as exc:
+            raise StoreError(f"checkpoint of round {entry['round']}: {exc}") from None
         routing = msgspec.msgpack.decode(routing_bytes, type=RoutingRelay)
         if kind == "ckks":
-            return msgspec.msgpack.decode(state_bytes, type=EncryptedBatch), routing
-        return load(state_bytes), routing
+            return msgspec.msgpack.decode(state_bytes, type=EncryptedBatch), routing, extras
+        return load(state_bytes), routing, extras
 
     def _append(self, **entry: object) -> None:
         entry["time"] = time.time()

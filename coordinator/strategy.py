@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from clients.strategy import (
     FedAvgConfig,
     GlobalState,
     NoContribution,
+    Segment,
     StrategyError,
     SubmissionLayout,
 )
@@ -41,6 +42,27 @@ class CoordinatorStrategy(Protocol):
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         """The next global state from the decoded per-channel sums over the included clients."""
+        ...
+
+
+@runtime_checkable
+class EncryptedUpdates(CoordinatorStrategy, Protocol):
+    """A strategy that also works with its deltas under CKKS (``expert_updates = "ckks"``).
+
+    The coordinator reads only the mask channel's sum; it folds the encrypted delta sum into the
+    encrypted global state as ``state += factors * ckks_sum[:len(factors)]``
+    (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`).
+    """
+
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """Per value of the delta segments (which lead the ckks channel), its public factor."""
+        ...
+
+    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        """The next state's public parts (routing read from the mask sum, extras); the adapters
+        are left as they were (the coordinator cannot compute them)."""
         ...
 
 
@@ -82,14 +104,15 @@ class FedAvgCoordinator:
         (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`) from the masked ``sum(w)`` alone.
         """
         layout = self.layout(state)
-        deltas = [layout[DELTA_PREFIX + name] for name in state.adapters]
-        leading = [s for s in layout.segments if s.channel == "ckks"][: len(deltas)]
-        if leading != deltas:
-            raise StrategyError("the ckks channel must start with the delta segments")
+        deltas = leading_deltas(layout, state)
         total = self._total_weight(layout.unpack(sums, partial=True))
         return np.concatenate(
             [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
         )
+
+    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        values = self.layout(state).unpack(sums, partial=True)
+        return GlobalState(state.adapters, summed_routing(state.routing, values), state.extras)
 
     def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
         if WEIGHT not in values:
@@ -101,6 +124,15 @@ class FedAvgCoordinator:
                 f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
             )
         return total
+
+
+def leading_deltas(layout: SubmissionLayout, state: GlobalState) -> list[Segment]:
+    """The delta segments (state order), checked to lead the ckks channel."""
+    deltas = [layout[DELTA_PREFIX + name] for name in state.adapters]
+    leading = [s for s in layout.segments if s.channel == "ckks"][: len(deltas)]
+    if leading != deltas:
+        raise StrategyError("the ckks channel must start with the delta segments")
+    return deltas
 
 
 def summed_routing(old: RoutingStats, values: Mapping[str, np.ndarray]) -> RoutingStats:
@@ -127,12 +159,36 @@ def expert_weighted_update(
     weight sum ``min_weight``; other experts keep their global values. Raises
     :class:`NoContribution` when the dense weight sum is below ``min_weight`` (nobody took part).
     """
-    needed = [WEIGHT, EXPERT_WEIGHT, EXPERT_COUNT] + [DELTA_PREFIX + n for n in state.adapters]
-    if any(name not in values for name in needed):
+    if any(DELTA_PREFIX + n not in values for n in state.adapters):
         raise StrategyError(
             "a per-expert mean needs the sum of the channel that carries the deltas"
         )
     partition = ExpertPartition.of(state)
+    total, divisor = expert_divisors(partition, values, min_count=min_count, min_weight=min_weight)
+    adapters: dict[str, torch.Tensor] = {}
+    for name, current in state.adapters.items():
+        denominator = partition.entry_weights(name, total, divisor)
+        delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
+        new = current.detach().cpu().double() + torch.from_numpy(delta)
+        adapters[name] = new.to(current.dtype)
+    return adapters
+
+
+def expert_divisors(
+    partition: ExpertPartition,
+    values: Mapping[str, np.ndarray],
+    *,
+    min_count: int,
+    min_weight: float,
+) -> tuple[float, np.ndarray]:
+    """(dense weight sum, per (layer, expert) weight sum or inf where not updated).
+
+    An expert is updated where its summed ``expert_count`` reaches ``min_count`` and its summed
+    ``expert_weight`` reaches ``min_weight``. Raises :class:`NoContribution` when the dense
+    weight sum is below ``min_weight``.
+    """
+    if any(name not in values for name in (WEIGHT, EXPERT_WEIGHT, EXPERT_COUNT)):
+        raise StrategyError("a per-expert mean needs the sum of the mask channel (the weights)")
     shape = (partition.num_layers, partition.num_experts)
     total = float(values[WEIGHT][0])
     if total < min_weight:
@@ -144,14 +200,29 @@ def expert_weighted_update(
     counts = np.asarray(values[EXPERT_COUNT]).reshape(shape)
     # Counts are integers; half a client's count absorbs the quantisation error.
     updated = (counts >= min_count - 0.5) & (weights >= min_weight)
-    divisor = np.where(updated, weights, np.inf)
-    adapters: dict[str, torch.Tensor] = {}
-    for name, current in state.adapters.items():
-        denominator = partition.entry_weights(name, total, divisor)
-        delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
-        new = current.detach().cpu().double() + torch.from_numpy(delta)
-        adapters[name] = new.to(current.dtype)
-    return adapters
+    return total, np.where(updated, weights, np.inf)
+
+
+def expert_update_factors(
+    state: GlobalState,
+    layout: SubmissionLayout,
+    sums: Mapping[str, np.ndarray],
+    *,
+    min_count: int,
+    min_weight: float,
+) -> np.ndarray:
+    """Under CKKS deltas, per value of the delta segments: ``bound / (its weight sum)``, 0 for
+    an expert that is not updated (so its encrypted entries keep their value)."""
+    deltas = leading_deltas(layout, state)
+    partition = ExpertPartition.of(state)
+    values = layout.unpack(sums, partial=True)
+    total, divisor = expert_divisors(partition, values, min_count=min_count, min_weight=min_weight)
+    return np.concatenate(
+        [
+            np.ravel(seg.bound / (CHANNEL_BOUND * partition.entry_weights(name, total, divisor)))
+            for name, seg in zip(state.adapters, deltas, strict=True)
+        ]
+    )
 
 
 @dataclass(frozen=True)

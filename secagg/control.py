@@ -48,7 +48,9 @@ class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     :meth:`~secagg.ckks.EncryptedBatch.window`); both are ``None`` in the first round. With
     expert updates under CKKS, the adapters come encrypted instead (``global_encrypted``, one
     array per adapter tensor) once a round has completed; the coordinator cannot read them.
-    ``params.round_id`` is unique per attempt (see :func:`round_id`).
+    ``extras`` are the strategy's public aggregates from the previous round's sums (named
+    float64 arrays as safetensors bytes, empty when there are none; the institution checks them,
+    see ``clients.extras``). ``params.round_id`` is unique per attempt (see :func:`round_id`).
     """
 
     params: RoundParams
@@ -58,6 +60,7 @@ class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tr
     routing_plain: bytes | None = None
     routing_encrypted: EncryptedBatch | None = None
     global_encrypted: EncryptedBatch | None = None
+    extras: bytes = b""
 
 
 class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -1,0 +1,343 @@
+"""FedAlign-MoE and FedMoE driven by the ZeroMQ runtime over real loopback sockets.
+
+Each round's checkpoint equals the strategy's coordinator side applied to the plaintext sum of
+the institutions' recorded submissions; extras travel in RoundStart and survive a restart;
+malformed extras are refused; FedMoE's messages do not reveal which experts an institution holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save
+from safetensors.torch import load_file
+
+from clients.config import FederationConfig, load_config
+from clients.experts import EXPERT_WEIGHT, ExpertPartition
+from clients.extras import ExtrasError, decode_extras, encode_extras
+from clients.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
+from clients.fedmoe import FedMoEClient
+from clients.keys import load_ckks_key_holder
+from clients.moe_lora import adapter_state
+from clients.setup import fedmoe_config
+from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
+from clients.transport import InstitutionEndpoint
+from coordinator import registry
+from coordinator.registry import coordinator_strategy
+from coordinator.service import Coordinator, CoordinatorError
+from coordinator.store import RoutingRelay, RunStore, StoreError
+from coordinator.wiring import make_institution
+from secagg import FixedPointCodec
+from secagg.ckks import (
+    DEFAULT_ABS_ERROR_PER_SUMMAND,
+    SCALING_ERROR_FLOOR,
+    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
+    EncryptedBatch,
+)
+from secagg.control import CkksInput, Decline, RoundStart
+from secagg.messages import AdvertiseKeys
+from tests.test_federation import NAMES, write_config
+
+Recorded = dict[tuple[int, str], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+
+
+def strategy_config(
+    tmp_path: Path, strategy: str, rounds: int = 2, expert_updates: str = "mask"
+) -> FederationConfig:
+    """The tiny federation with ``strategy`` (keys generated once per folder)."""
+    path = tmp_path / "federation.toml"
+    if not path.exists():
+        write_config(tmp_path, rounds=rounds, expert_updates=expert_updates)
+    text = path.read_text()
+    text = re.sub(r'(?m)^strategy = "\w+"', f'strategy = "{strategy}"', text)
+    text = re.sub(r"(?m)^rounds = \d+$", f"rounds = {rounds}", text)
+    path.write_text(text)
+    return load_config(path)
+
+
+def record_submissions(monkeypatch, cls: type) -> Recorded:
+    """(round, institution) -> (the broadcast extras it received, the values it submitted)."""
+    recorded: Recorded = {}
+    original = cls.submit
+
+    def submit(self, state, result, num_examples):
+        submission = original(self, state, result, num_examples)
+        name = threading.current_thread().name
+        r = 1 + sum(1 for (_, n) in recorded if n == name)
+        recorded[(r, name)] = (
+            {k: v.copy() for k, v in state.extras.items()},
+            {k: np.array(v, copy=True) for k, v in submission.values.items()},
+        )
+        return submission
+
+    monkeypatch.setattr(cls, "submit", submit)
+    return recorded
+
+
+def run_federation(config: FederationConfig, prepare=None) -> tuple[list, list]:
+    """Coordinator here, each institution in a thread named after it; ``prepare(inst)`` first."""
+    coordinator = Coordinator(config)
+    institutions = [make_institution(config, name) for name in NAMES]
+    for inst in institutions:
+        if prepare is not None:
+            prepare(inst)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
+    ]
+    for t in threads:
+        t.start()
+    try:
+        outcomes = coordinator.run()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "an institution missed the Shutdown"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    return outcomes, institutions
+
+
+def checkpoint(config: FederationConfig, r: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Round ``r``'s adapters (decrypted with an institution's key under CKKS) and extras."""
+    base = config.run_dir / "checkpoints" / f"round-{r:04d}"
+    extras_path = base.with_suffix(".extras")
+    extras = decode_extras(extras_path.read_bytes()) if extras_path.exists() else {}
+    if config.aggregation.expert_updates == "mask":
+        return load_file(base.with_suffix(".safetensors")), extras
+    assert not base.with_suffix(".safetensors").exists()  # no plaintext on the coordinator
+    batch = msgspec.msgpack.decode(base.with_suffix(".ckks").read_bytes(), type=EncryptedBatch)
+    arrays = load_ckks_key_holder(config.keys_dir, NAMES[0]).decrypt(batch)
+    names = list(Coordinator(config).initial_state().adapters)
+    return {n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)}, extras
+
+
+def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: Recorded) -> None:
+    """Every round's checkpoint is the coordinator side applied to the plaintext sums."""
+    strategy = coordinator_strategy(config)
+    initial = Coordinator(config).initial_state()
+    ckks = config.aggregation.expert_updates == "ckks"
+    q = FixedPointCodec(
+        clip=CHANNEL_BOUND, bits=config.secagg.bits, modulus_bits=config.secagg.modulus_bits,
+        max_clients=len(NAMES),
+    ).max_error_per_client  # fmt: skip
+    before = initial
+    for outcome in outcomes:
+        r, m = outcome.federation_round, len(outcome.included)
+        assert sorted(outcome.included) == sorted(NAMES)
+        for name in NAMES:  # what the institutions received is what the coordinator had
+            assert recorded[(r, name)][0].keys() == before.extras.keys()
+            for key, value in before.extras.items():
+                np.testing.assert_array_equal(recorded[(r, name)][0][key], value)
+        layout = strategy.layout(before)
+        packed = [layout.pack(recorded[(r, n)][1]) for n in outcome.included]
+        plain = {c: np.sum([p[c] for p in packed], axis=0) for c in layout.channels}
+        expected = strategy.aggregate(before, plain)
+        values = layout.unpack({"mask": plain["mask"]}, partial=True)
+        partition = ExpertPartition.of(before)
+        experts = np.asarray(values[EXPERT_WEIGHT]).reshape(
+            partition.num_layers, partition.num_experts
+        )
+        adapters, extras = checkpoint(config, r)
+        moved = 0.0
+        for name, old in before.adapters.items():
+            want = expected.adapters[name].double().numpy()
+            got = adapters[name].double().numpy()
+            step = want - old.double().numpy()
+            weight = partition.entry_weights(name, float(values[WEIGHT][0]), experts)
+            bound = layout[DELTA_PREFIX + name].bound
+            # each of m clients adds < one quantisation step to the delta and the weight sums
+            divisor = np.maximum(weight - m * q, 1e-9)
+            atol = (m * bound * q + np.abs(step) * m * q) / divisor
+            if ckks:  # the CKKS sum and the coordinator's scaling by bound / weight
+                per = DEFAULT_ABS_ERROR_PER_SUMMAND + SCALING_ERROR_PER_FACTOR_AND_SUMMAND
+                atol = np.abs(step) * m * q / divisor + m * bound / divisor * per
+                atol = atol + SCALING_ERROR_FLOOR
+            kept = want == old.double().numpy()  # not updated (or a zero mean): no error
+            atol = np.where(kept, SCALING_ERROR_FLOOR if ckks else 0.0, atol)
+            np.testing.assert_array_less(np.abs(got - want), atol + 1e-6)
+            moved = max(moved, float(np.abs(step).max()))
+        assert moved > 1e-4  # real updates were compared, not zeros
+        assert extras.keys() == expected.extras.keys()
+        for key, value in expected.extras.items():
+            # each of the m scores, squares and counts is off by < q in the sums; the standard
+            # deviation is a square root, so its square (the variance) is compared
+            power = 2 if key == ALIGN_STD else 1
+            np.testing.assert_allclose(extras[key] ** power, value**power, atol=4 * m * q)
+        before = GlobalState(adapters, initial.routing, extras)
+
+
+def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path, monkeypatch):
+    config = strategy_config(tmp_path, "fedalign")
+    recorded = record_submissions(monkeypatch, FedAlignClient)
+    outcomes, _ = run_federation(config)
+    assert [o.error for o in outcomes] == [None, None]
+    assert_rounds_match_plaintext(config, outcomes, recorded)
+    _, extras = checkpoint(config, 2)
+    # round 2 scored every expert against round 1's move: the statistics are not empty
+    assert extras[ALIGN_N].max() == len(NAMES)
+    assert np.abs(extras[ALIGN_MEAN]).max() > 0
+
+
+def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_path, monkeypatch):
+    config = strategy_config(tmp_path, "fedmoe")
+    recorded = record_submissions(monkeypatch, FedMoEClient)
+    sizes: dict[tuple[str, str], list[object]] = defaultdict(list)
+    original_send = InstitutionEndpoint.send
+
+    def send(self, message):
+        name = threading.current_thread().name
+        if isinstance(message, CkksInput):  # SEAL compresses ciphertexts: compare the layout
+            size: object = (len(message.batch.ciphertexts), message.batch.shapes)
+        else:
+            size = len(msgspec.msgpack.encode(message))
+        sizes[(name, type(message).__name__)].append(size)
+        original_send(self, message)
+
+    monkeypatch.setattr(InstitutionEndpoint, "send", send)
+    fractions = dict(zip(NAMES, (0.5, 0.75, 1.0), strict=True))
+
+    def prepare(inst) -> None:
+        inst.strategy = FedMoEClient(fedmoe_config(config), memory_fraction=fractions[inst.name])
+
+    outcomes, institutions = run_federation(config, prepare)
+    assert [o.error for o in outcomes] == [None, None]
+    assert_rounds_match_plaintext(config, outcomes, recorded)
+    held = {inst.name: inst.strategy.held for inst in institutions}
+    assert len({int(h.sum()) for h in held.values()}) >= 2  # sub-MoEs of different sizes
+    for kind in ("MaskedInput", "CkksInput"):
+        lengths = {name: sizes[(name, kind)] for name in NAMES}
+        assert all(len(v) == 2 for v in lengths.values()), lengths
+        assert len({tuple(v) for v in lengths.values()}) == 1, lengths
+
+
+@pytest.mark.parametrize("strategy", ["fedalign", "fedmoe"])
+def test_ckks_expert_updates_follow_the_per_expert_means(tmp_path, monkeypatch, strategy):
+    """expert_updates = "ckks": the coordinator scales each encrypted entry by bound over its
+    expert's masked weight sum (0 if not updated); decrypted, that is the plaintext mean."""
+    config = strategy_config(tmp_path, strategy, expert_updates="ckks")
+    cls = FedAlignClient if strategy == "fedalign" else FedMoEClient
+    recorded = record_submissions(monkeypatch, cls)
+    outcomes, institutions = run_federation(config)
+    assert [o.error for o in outcomes] == [None, None]
+    assert_rounds_match_plaintext(config, outcomes, recorded)
+    final, _ = checkpoint(config, 2)
+    for inst in institutions:  # Shutdown carried the encrypted final state; each decrypted it
+        for name, tensor in adapter_state(inst.model).items():
+            np.testing.assert_allclose(tensor.double().numpy(), final[name].numpy(), atol=1e-6)
+
+
+def test_extras_survive_a_coordinator_restart(tmp_path, monkeypatch):
+    config = strategy_config(tmp_path, "fedalign", rounds=2)
+    recorded = record_submissions(monkeypatch, FedAlignClient)
+    first, _ = run_federation(config)
+    assert [o.error for o in first] == [None, None]
+    _, kept = checkpoint(config, 2)
+    assert kept[ALIGN_N].max() == len(NAMES)
+    recorded.clear()
+    resumed = strategy_config(tmp_path, "fedalign", rounds=3)
+    second, _ = run_federation(resumed)
+    assert [(o.federation_round, o.error) for o in second] == [(3, None)]
+    for name in NAMES:  # a new process: the extras came from the checkpoint, not memory
+        received = recorded[(1, name)][0]
+        assert received.keys() == kept.keys()
+        for key in (ALIGN_MEAN, ALIGN_STD, ALIGN_N):
+            np.testing.assert_array_equal(received[key], kept[key])
+
+
+def test_a_tampered_extras_checkpoint_is_refused(tmp_path):
+    store = RunStore(tmp_path / "run")
+    extras = {ALIGN_MEAN: np.full((2, 4), 0.5), ALIGN_N: np.full((2, 4), 3.0)}
+    store.completed(
+        1, 0, {"a": torch.zeros(2)}, RoutingRelay(), NAMES, {"round": 1.0}, extras=extras
+    )
+    resume = store.resume()
+    assert resume.extras.keys() == extras.keys()
+    np.testing.assert_array_equal(resume.extras[ALIGN_MEAN], extras[ALIGN_MEAN])
+    path = tmp_path / "run" / "checkpoints" / "round-0001.extras"
+    path.write_bytes(encode_extras({**extras, ALIGN_MEAN: np.full((2, 4), 0.9)}))
+    with pytest.raises(StoreError, match="does not match the journal"):
+        store.resume()
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"not safetensors", "not valid safetensors"),
+        ("float32", "dtype float32"),
+        ("nan", "NaN or infinite"),
+        ("names", "expects"),
+        ("shape", "has shape"),
+    ],
+)
+def test_malformed_extras_are_refused(payload, match):
+    expected = {ALIGN_MEAN: (2, 4), ALIGN_N: (2, 4)}
+    good = {ALIGN_MEAN: np.zeros((2, 4)), ALIGN_N: np.ones((2, 4))}
+    assert decode_extras(encode_extras(good), expected).keys() == good.keys()
+    data = {
+        "float32": lambda: save({k: v.astype(np.float32) for k, v in good.items()}),
+        "nan": lambda: encode_extras({**good, ALIGN_N: np.full((2, 4), np.nan)}),
+        "names": lambda: encode_extras({ALIGN_MEAN: good[ALIGN_MEAN]}),
+        "shape": lambda: encode_extras({**good, ALIGN_N: np.ones((4, 2))}),
+    }
+    raw = payload if isinstance(payload, bytes) else data[payload]()
+    with pytest.raises(ExtrasError, match=match):
+        decode_extras(raw, expected)
+
+
+class _Outbox:
+    """Stands in for the institution's endpoint: keeps what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+
+def test_an_institution_declines_malformed_extras_and_serves_the_next_round(tmp_path, caplog):
+    config = strategy_config(tmp_path, "fedalign")
+    inst = make_institution(config, NAMES[0])
+    outbox = _Outbox()
+    inst._endpoint = outbox  # no socket: this test is about what the institution sends
+    state = Coordinator(config).initial_state()
+    length = coordinator_strategy(config).layout(state).length("mask")
+
+    def start(attempt: int, extras: bytes) -> RoundStart:
+        params = config.secagg.round_params(attempt + 1, [0, 1, 2], os.urandom(32), length)
+        return RoundStart(params=params, client_id=0, federation_round=1, extras=extras)
+
+    bad = encode_extras({ALIGN_MEAN: np.zeros((3, 3))})
+    with caplog.at_level(logging.WARNING, logger="clients.runtime"):
+        inst._on_round_start(start(0, bad))
+    assert isinstance(outbox.sent[-1], Decline)
+    assert "malformed extras" in outbox.sent[-1].reason
+    assert any("refused the broadcast extras" in r.getMessage() for r in caplog.records)
+    shape = tuple(state.routing.counts.shape)
+    good = encode_extras({k: np.zeros(shape) for k in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)})
+    inst._on_round_start(start(1, good))
+    assert isinstance(outbox.sent[-1], AdvertiseKeys)
+
+
+def test_ckks_updates_with_a_strategy_that_cannot_scale_them_are_refused(tmp_path, monkeypatch):
+    class PlainOnly:  # aggregates plaintext sums, has no encrypted update factors
+        def layout(self, state):
+            raise AssertionError("not reached")
+
+        def aggregate(self, state, sums):
+            raise AssertionError("not reached")
+
+    config = strategy_config(tmp_path, "fedmoe", expert_updates="ckks")
+    monkeypatch.setitem(registry.COORDINATOR_STRATEGIES, "fedmoe", lambda config: PlainOnly())
+    with pytest.raises(CoordinatorError, match="expert_updates = 'ckks' does not work with"):
+        Coordinator(config)
