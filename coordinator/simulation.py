@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -204,10 +205,11 @@ def simulate(
         train = config.training
         for name in names:
             n_train = len(runner.data[name]["train"])
-            dp[name] = config.dp_config(name).calibrated(
-                sample_rate=min(1.0, train.batch_size / n_train),
-                total_steps=planned * train.local_steps,
-                also=also,
+            dp[name] = _calibrated(
+                config.dp_config(name),
+                min(1.0, train.batch_size / n_train),
+                planned * train.local_steps,
+                tuple(also),
             )
     runner.start(dp, ledgers)
     initial = {name: runner.evaluate(name) for name in names}
@@ -216,6 +218,15 @@ def simulate(
     spent = {name: ledgers[name].epsilon() if private else None for name in names}
     charged = {name: list(ledgers[name].charged) for name in names}
     return SimulationResult(strategy, private, initial, final, spent, charged, rounds, runner.state)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(
+    dp: DPConfig, sample_rate: float, total_steps: int, also: tuple[dp_accounting.DpEvent, ...]
+) -> DPConfig:
+    """``dp.calibrated(...)``, remembered: institutions and runs with one plan share it (the
+    search composes the whole plan many times)."""
+    return dp.calibrated(sample_rate=sample_rate, total_steps=total_steps, also=also)
 
 
 def _ledger(config: FederationConfig, name: str) -> HarnessLedger:
