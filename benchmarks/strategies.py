@@ -3,11 +3,13 @@
 Four institutions, one per genre (comedies, tragedies, histories, romances), the same DP budget
 each (and once without DP), several seeds (model initialisation; DP noise and sampling always
 come from the OS). Every run is :func:`coordinator.simulation.simulate`: real Opacus DP-SGD,
-real SecAgg+ for the updates and CKKS for the routing statistics, in one process. Reports each
-institution's test next-token accuracy and perplexity after the last round (mean and standard
-deviation over seeds), as a table, a plot and JSON under ``benchmarks/results/``.
+real SecAgg+ for the updates and CKKS for the routing statistics, in one process; every release
+(DP-SGD, noised routing statistics, FedAMoLE's noised scores and keys) is charged and the
+reported epsilon is their composition. Reports each institution's test next-token accuracy and
+perplexity after the last round (mean and standard deviation over seeds), as a table, a plot
+and JSON under ``benchmarks/results/``.
 
-    python benchmarks/strategies.py                       # quick: tiny model, a few minutes
+    python benchmarks/strategies.py                       # quick: tiny model, 15-20 minutes
     python benchmarks/strategies.py --setting smollm2     # SmolLM2-135M (hours on a CPU)
     python benchmarks/strategies.py --strategies fedavg,fedmoe --seeds 0 1
 """
@@ -33,7 +35,7 @@ from clients.config import FederationConfig, parse_config  # noqa: E402
 from clients.shakespeare import GENRES  # noqa: E402
 from coordinator.simulation import SimulationResult, simulate, strategy_names  # noqa: E402
 
-DEFAULT_STRATEGIES = ("local", "fedavg", "fedalign", "fedmoe")
+DEFAULT_STRATEGIES = ("local", "fedavg", "fedalign", "fedmoe", "fedamole", "ddome")
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -45,18 +47,29 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "data": {
             "block_len": 32,
             "max_chars_per_institution": 60_000,
-            "max_blocks": {"train": 512, "validation": 8, "test": 32},
+            "max_blocks": {"train": 512, "validation": 32, "test": 32},
         },
         "training": {"local_steps": 8, "batch_size": 64, "lr": 1e-2, "device": "cpu"},
+        "fedamole": {"affinity_blocks": 32},
     },
     "smollm2": {
         "federation": {"name": "strategies-smollm2", "rounds": 5},
         "model": {"name": "smollm2", "moe": {"num_experts": 4, "top_k": 2, "rank": 8}},
         "data": {"block_len": 64, "max_blocks": {"train": 256, "validation": 16, "test": 32}},
         "training": {"local_steps": 8, "batch_size": 16, "lr": 2e-3, "device": "auto"},
+        "fedamole": {"affinity_blocks": 16},
     },
 }
-PRIVACY = {"target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp"}
+PRIVACY = {
+    "target_epsilon": 8.0,
+    "target_delta": 1e-5,
+    "max_grad_norm": 1.0,
+    "accountant": "rdp",
+    "routing_noise_multiplier": 10.0,
+    "spare_rounds": 0,  # nothing is retried in one process: every strategy spends its budget
+}
+DDOME = {"anchors": 2}
+"""Two of the four institutions are anchors (institution i -> expert i): the paper's 30-50 %."""
 
 
 def federation(setting: str, seed: int) -> FederationConfig:
@@ -65,7 +78,12 @@ def federation(setting: str, seed: int) -> FederationConfig:
     doc["federation"]["seed"] = seed
     doc["institutions"] = [{"name": genre} for genre in GENRES]
     doc["privacy"] = dict(PRIVACY)
-    doc["aggregation"] = {"expert_updates": "mask", "routing_statistics": "ckks"}
+    doc["aggregation"] = {
+        "expert_updates": "mask",
+        "routing_statistics": "ckks",
+        "fedamole": doc.pop("fedamole"),
+        "ddome": dict(DDOME),
+    }
     return parse_config(doc, ROOT / "benchmarks" / "strategies.toml")
 
 
@@ -83,9 +101,11 @@ def record(result: SimulationResult, seed: int, seconds: float) -> dict[str, Any
                 "initial_accuracy": result.initial[name].accuracy,
                 "initial_perplexity": result.initial[name].perplexity,
                 "epsilon": result.epsilon[name],
+                "releases": [what for what, _ in result.charged[name]],
             }
             for name, m in result.final.items()
         },
+        "diagnostics": [r.diagnostics for r in result.rounds],
     }
 
 
@@ -209,9 +229,11 @@ def main() -> None:
                 result = simulate(config, strategy, private=private)
                 runs.append(record(result, seed, time.perf_counter() - start))
                 acc = mean(m.accuracy for m in result.final.values())
+                eps = max((e for e in result.epsilon.values() if e is not None), default=None)
                 print(
                     f"{'DP' if private else 'no DP'} seed {seed} {strategy:9s} "
-                    f"mean accuracy {100 * acc:.2f} % ({runs[-1]['seconds']} s)",
+                    f"mean accuracy {100 * acc:.2f} %, max epsilon {eps} "
+                    f"({runs[-1]['seconds']} s)",
                     flush=True,
                 )
     institutions = list(GENRES)
@@ -222,6 +244,7 @@ def main() -> None:
     settings = {
         "setting": SETTINGS[args.setting],
         "privacy": PRIVACY,
+        "ddome": DDOME,
         "institutions": institutions,
         "seeds": args.seeds,
         "strategies": strategies,

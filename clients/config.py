@@ -48,7 +48,7 @@ Delta = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
 Device = Literal["auto", "cpu", "cuda"]
 AccountantName = Literal["rdp", "pld"]
 Protection = Literal["mask", "ckks"]
-StrategyName = Literal["fedavg", "fedalign", "fedmoe"]
+StrategyName = Literal["fedavg", "fedalign", "fedmoe", "fedamole", "ddome"]
 ConsistencyName = Literal["js", "expert_kl"]
 Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MoEMode = Literal["auto", "dense", "native"]
@@ -337,19 +337,74 @@ class FedMoESection(_Section):
     search_steps: PositiveInt = 30
 
 
+class FedAMoLESection(_Section):
+    """[aggregation.fedamole]: FedAMoLE's parameters (see ``clients.fedamole``). The adapter's
+    shape (domain experts, top_k, rank, alpha, target modules, load-balance weight) is
+    ``[model.moe]``'s.
+
+    - ``clients_per_expert``: institutions each domain expert is assigned to per round.
+    - ``min_experts``, ``max_experts``: experts each institution holds per module (at most
+      ``num_experts``; the assignment must be feasible: ``num_experts * clients_per_expert``
+      slots).
+    - ``affinity_blocks``: validation blocks an institution embeds for its scores and keys.
+    - ``embedding_clip``, ``key_clip``: per-block L2 clips of the token-projection embedding
+      and of the expert keys (they bound the sensitivities).
+    - ``score_noise_multiplier``, ``key_noise_multiplier``: Gaussian noise on the released
+      affinity scores and expert keys, in units of their sensitivity. The default, 10, is
+      ``[privacy].routing_noise_multiplier``'s: at 1 (``FedAMoLEConfig``'s) two releases a
+      round spend more than a budget of 8 within a few rounds.
+    - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.
+    - ``public_seed``: draws the public round-0 assignment.
+    """
+
+    clients_per_expert: PositiveInt = 2
+    min_experts: PositiveInt = 2
+    max_experts: PositiveInt = 8
+    affinity_blocks: PositiveInt = 16
+    embedding_clip: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    key_clip: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
+    score_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    key_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    delta_bound: Annotated[float, msgspec.Meta(gt=0.0)] = 0.1
+    public_seed: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class DDOMESection(_Section):
+    """[aggregation.ddome]: DDOME's parameters (see ``clients.ddome``). The experts' shape
+    (number, top_k = experts each institution trains, rank, alpha, target modules) is
+    ``[model.moe]``'s.
+
+    - ``gate_hidden``: hidden width of the gating MLP.
+    - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.
+    - ``min_count``: institutions that must train an expert in a round for it to move.
+    - ``anchors``: the first ``anchors`` institutions are anchor clients, institution i
+      anchored to expert i (the paper needs about 30-50 % anchors for a stable gate).
+    - ``anchor_coef``: weight of an anchor's gate loss towards its expert.
+    """
+
+    gate_hidden: PositiveInt = 64
+    delta_bound: Annotated[float, msgspec.Meta(gt=0.0)] = 0.1
+    min_count: PositiveInt = 1
+    anchors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    anchor_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+
+
 class AggregationSection(_Section):
     """[aggregation]: how updates are combined and protected on the way.
 
     - ``strategy``: "fedavg" (adapter deltas weighted by training-example counts, both inside
       the secure sum), "fedalign" (FedAlign-MoE, see ``fedalign``) or "fedmoe" (FedMoE, see
-      ``fedmoe``).
+      ``fedmoe``), "fedamole" (FedAMoLE, see ``fedamole``) or "ddome" (DDOME, see ``ddome``).
+      FedAMoLE and DDOME bring their own adapters and run in the in-process harness
+      (``coordinator.simulation``).
     - ``expert_updates``, ``routing_statistics``: "mask" (SecAgg+, exact, default for updates)
       or "ckks" (homomorphic encryption under a key the institutions share; the coordinator only
       adds ciphertexts). With expert updates under CKKS the coordinator never sees the global
       adapters either: it keeps them encrypted and scales each encrypted sum by the public
       ``1 / sum(w)``, which needs one spare level (three or more coefficient primes).
     - ``ckks``: CKKS parameters, used by whichever payload picks "ckks".
-    - ``fedalign``, ``fedmoe``: the parameters of those strategies (ignored by the others).
+    - ``fedalign``, ``fedmoe``, ``fedamole``, ``ddome``: the parameters of those strategies
+      (ignored by the others).
     """
 
     strategy: StrategyName = "fedavg"
@@ -358,6 +413,8 @@ class AggregationSection(_Section):
     ckks: CkksSection = msgspec.field(default_factory=CkksSection)
     fedalign: FedAlignSection = msgspec.field(default_factory=FedAlignSection)
     fedmoe: FedMoESection = msgspec.field(default_factory=FedMoESection)
+    fedamole: FedAMoLESection = msgspec.field(default_factory=FedAMoLESection)
+    ddome: DDOMESection = msgspec.field(default_factory=DDOMESection)
 
 
 class InstitutionEntry(_Section):
@@ -539,9 +596,12 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
 
 
 def _check_strategy(config: FederationConfig, path: str | Path) -> None:
-    """A per-expert strategy's minimum count must be reachable by the institutions."""
+    """A per-expert strategy's minimum count must be reachable by the institutions; FedAMoLE's
+    assignment must be feasible; DDOME's anchors must exist."""
     name = config.aggregation.strategy
-    if name not in ("fedalign", "fedmoe"):
+    if name == "fedamole":
+        _check_fedamole(config, path)
+    if name not in ("fedalign", "fedmoe", "ddome"):
         return
     section = getattr(config.aggregation, name)
     n = len(config.institutions)
@@ -552,6 +612,56 @@ def _check_strategy(config: FederationConfig, path: str | Path) -> None:
             f"be updated; choose min_count <= {n}",
             f"$.aggregation.{name}.min_count",
         )
+    if name == "ddome":
+        anchors, experts = config.aggregation.ddome.anchors, config.model.moe.num_experts
+        if anchors > min(n, experts):
+            raise ConfigFileError(
+                path,
+                f"anchors={anchors}: institution i anchors expert i, so at most "
+                f"min({n} institutions, {experts} experts) = {min(n, experts)}",
+                "$.aggregation.ddome.anchors",
+            )
+
+
+def _check_fedamole(config: FederationConfig, path: str | Path) -> None:
+    """Every expert to exactly clients_per_expert institutions, each holding min..max experts
+    and at least top_k of them (else it could not route)."""
+    f, moe, n = config.aggregation.fedamole, config.model.moe, len(config.institutions)
+    slots, cap = moe.num_experts * f.clients_per_expert, min(f.max_experts, moe.num_experts)
+    problems = [
+        (
+            f.clients_per_expert > n,
+            "clients_per_expert",
+            f"clients_per_expert={f.clients_per_expert} exceeds the {n} institutions",
+        ),
+        (
+            f.min_experts < moe.top_k,
+            "min_experts",
+            f"min_experts={f.min_experts} is below [model.moe] top_k={moe.top_k}: an "
+            "institution could not route",
+        ),
+        (
+            f.min_experts > cap,
+            "min_experts",
+            f"min_experts={f.min_experts} exceeds max_experts={f.max_experts} or the "
+            f"{moe.num_experts} experts",
+        ),
+        (
+            slots < n * f.min_experts,
+            "min_experts",
+            f"{moe.num_experts} experts x clients_per_expert={f.clients_per_expert} = {slots} "
+            f"slots cannot give each of {n} institutions min_experts={f.min_experts}",
+        ),
+        (
+            slots > n * cap,
+            "max_experts",
+            f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
+            f"(max_experts={f.max_experts}, num_experts={moe.num_experts})",
+        ),
+    ]
+    for failed, field, message in problems:
+        if failed:
+            raise ConfigFileError(path, message, f"$.aggregation.fedamole.{field}")
 
 
 def _check_secagg(config: FederationConfig, path: str | Path) -> None:

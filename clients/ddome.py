@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from clients.ddome_lora import (
     DDOMEAdapterConfig,
+    chosen_gates,
     ddome_state,
     expert_of,
     gate_logits,
@@ -47,6 +48,7 @@ from clients.strategy import (
     Submission,
     SubmissionLayout,
 )
+from clients.trainer import Metrics
 from privacy import DPConfig, DPTrainingFacts
 
 EXPERT_WEIGHT = "expert_weight"
@@ -241,3 +243,36 @@ def zero_shot_loss(
         total += float(ce)
         tokens += ids.shape[0] * (ids.shape[1] - 1)
     return total / tokens
+
+
+@torch.no_grad()
+def evaluate_choice(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    embeddings: torch.Tensor,
+    chosen: tuple[int, ...],
+    batch_size: int = 8,
+) -> Metrics:
+    """Next-token metrics of the MoE output as trained: per block, the gate's softmax over the
+    institution's ``chosen`` experts (``embeddings``: :func:`common_embedding` of ``blocks``)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ce_sum, correct = 0.0, 0
+    try:
+        for i in range(0, blocks.shape[0], batch_size):
+            ids = blocks[i : i + batch_size].to(device)
+            gates = chosen_gates(
+                gate_logits(model, embeddings[i : i + batch_size].to(device)), chosen
+            )
+            logits = mixture_logits(model, ids, gates)[:, :-1]
+            ce = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), ids[:, 1:], reduction="sum"
+            )
+            ce_sum += float(ce)
+            correct += int((logits.argmax(-1) == ids[:, 1:]).sum())
+    finally:
+        model.train(was_training)
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    loss = ce_sum / tokens
+    return Metrics(loss, math.exp(min(loss, 700.0)), correct / tokens, tokens)

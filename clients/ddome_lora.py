@@ -207,6 +207,11 @@ def _mask(logits: torch.Tensor, chosen: Sequence[int]) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def chosen_gates(logits: torch.Tensor, chosen: Sequence[int]) -> torch.Tensor:
+    """Per-sample expert weights [B, M]: the gate's softmax over ``chosen`` (zeros elsewhere)."""
+    return torch.softmax(_mask(logits, chosen).float(), -1)
+
+
 def mixture_logits(model: nn.Module, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """LM logits with per-sample expert weights ``gates`` [B, M] (zeros: expert unused)."""
     layers = ddome_layers(model)
@@ -235,7 +240,7 @@ def per_sample_loss(
     cross-entropy (gate softmax over ``chosen``), plus, for an anchor client,
     ``anchor_coef`` times the gate's cross-entropy towards its ``anchor`` expert."""
     logits = gate_logits(model, embeddings)
-    gates = torch.softmax(_mask(logits, chosen).float(), -1)
+    gates = chosen_gates(logits, chosen)
     loss = _lm_loss(mixture_logits(model, ids, gates), ids)
     if anchor is not None and anchor_coef > 0:
         target = torch.full((ids.shape[0],), anchor, dtype=torch.long, device=ids.device)

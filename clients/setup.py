@@ -16,7 +16,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from clients.config import FederationConfig
+from clients.ddome import DDOMEConfig
+from clients.ddome_lora import DDOMEAdapterConfig
 from clients.fedalign import FedAlignClient, FedAlignConfig
+from clients.fedamole import FedAMoLEConfig
+from clients.fedamole_lora import AMoLEConfig
 from clients.fedmoe import FedMoEClient, FedMoEConfig
 from clients.keys import Roster
 from clients.models import load_model, load_smollm2, tiny_dense_model, tiny_moe_model
@@ -52,11 +56,19 @@ class ByteTokenizer:
 
 
 def build_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
-    """The base model of ``[model].name`` with adapters attached, and its tokenizer.
+    """The base model of ``[model].name`` with MoE-LoRA adapters attached, and its tokenizer.
 
     Base weights of the tiny models and the adapter initialisation both come from
     ``federation.seed`` (on a private torch RNG stream), so every party gets the same state.
     """
+    return build_model_with(config, lambda model: attach(model, config.model.moe.lora_config()))
+
+
+def build_model_with(
+    config: FederationConfig, attach_adapters: Callable[[torch.nn.Module], object]
+) -> tuple[torch.nn.Module, Any]:
+    """The base model of ``[model].name`` with ``attach_adapters`` applied under
+    ``federation.seed`` (a strategy with its own adapters, e.g. FedAMoLE's), and its tokenizer."""
     name = config.model.name
     seed = config.federation.seed
     if name == "smollm2":
@@ -70,7 +82,7 @@ def build_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
         model, tokenizer = load_model(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        attach(model, config.model.moe.lora_config())
+        attach_adapters(model)
     return model, tokenizer
 
 
@@ -130,6 +142,55 @@ def fedmoe_config(config: FederationConfig) -> FedMoEConfig:
     )
 
 
+def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
+    """FedAMoLE's parameters from ``[aggregation.fedamole]``, its adapter's shape from
+    ``[model.moe]`` (``max_experts`` capped at ``num_experts``); client ids are the indices of
+    ``[[institutions]]``."""
+    moe, section = config.model.moe, config.aggregation.fedamole
+    adapter = AMoLEConfig(
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        rank=moe.rank,
+        alpha=moe.alpha,
+        target_modules=moe.target_modules,
+        load_balance_coef=moe.load_balance_coef,
+    )
+    fields = msgspec.structs.asdict(section)
+    fields["max_experts"] = min(section.max_experts, moe.num_experts)
+    return FedAMoLEConfig(
+        adapter=adapter,
+        num_clients=len(config.institutions),
+        max_examples=fedavg_config(config).max_examples,
+        **fields,
+    )
+
+
+def ddome_config(config: FederationConfig) -> DDOMEConfig:
+    """DDOME's parameters from ``[aggregation.ddome]``, its experts' shape from ``[model.moe]``."""
+    moe, section = config.model.moe, config.aggregation.ddome
+    adapter = DDOMEAdapterConfig(
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        rank=moe.rank,
+        alpha=moe.alpha,
+        target_modules=moe.target_modules,
+        gate_hidden=section.gate_hidden,
+    )
+    return DDOMEConfig(
+        adapter=adapter,
+        max_examples=fedavg_config(config).max_examples,
+        delta_bound=section.delta_bound,
+        min_count=section.min_count,
+        anchor_coef=section.anchor_coef,
+    )
+
+
+def ddome_anchor(config: FederationConfig, name: str) -> int | None:
+    """Institution ``name``'s DDOME anchor expert: its index among the first ``anchors``."""
+    index = client_id(config, name)
+    return index if index < config.aggregation.ddome.anchors else None
+
+
 CLIENT_STRATEGIES: dict[str, Callable[[FederationConfig, str], ClientStrategy]] = {
     "fedavg": lambda config, name: FedAvgClient(fedavg_config(config)),
     "fedalign": lambda config, name: FedAlignClient(fedalign_config(config)),
@@ -137,7 +198,8 @@ CLIENT_STRATEGIES: dict[str, Callable[[FederationConfig, str], ClientStrategy]] 
 }
 """``[aggregation].strategy`` -> the client side for institution ``name`` (a new object per
 institution: strategies keep client-side memory). New strategies register here and in
-``coordinator.registry``."""
+``coordinator.registry``. FedAMoLE and DDOME bring their own adapters and round
+(``fedamole_config``, ``ddome_config``); the harness ``coordinator.simulation`` runs them."""
 
 
 def client_strategy(config: FederationConfig, name: str) -> ClientStrategy:

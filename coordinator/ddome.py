@@ -97,7 +97,7 @@ def run_round(
     institutions: Sequence[DDOMEInstitution],
     state: DDOMEState,
     *,
-    dp: DPConfig | None,
+    dp: DPConfig | Sequence[DPConfig | None] | None,
     steps: int,
     batch_size: int,
     lr: float = 1e-3,
@@ -108,14 +108,14 @@ def run_round(
 ) -> DDOMERound:
     """One whole DDOME round in one process: every institution chooses, trains and submits;
     a real SecAgg+ round sums the submissions (``dropouts`` as in :func:`secagg.run_local`);
-    the coordinator forms the next state."""
+    the coordinator forms the next state. ``dp``: one config for all, or one per institution."""
     updates, submissions = {}, []
     for i, inst in enumerate(institutions):
         updates[i] = inst.client.train(
             state,
             inst.blocks,
             inst.embeddings,
-            dp=dp,
+            dp=dp if dp is None or isinstance(dp, DPConfig) else dp[i],
             steps=steps,
             batch_size=batch_size,
             lr=lr,

@@ -192,7 +192,7 @@ def run_round(
     institutions: Sequence[FedAMoLEInstitution],
     state: FedAMoLEState,
     *,
-    dp: DPConfig | None,
+    dp: DPConfig | Sequence[DPConfig | None] | None,
     steps: int,
     batch_size: int,
     lr: float = 1e-3,
@@ -207,7 +207,8 @@ def run_round(
     charged, noised scores and the coordinator solves this round's assignment; otherwise the
     state's (public round-0) assignment stands. Then every institution trains and submits, the
     submissions go through a real SecAgg+ round (``dropouts`` as in :func:`secagg.run_local`)
-    and the coordinator forms the next state.
+    and the coordinator forms the next state. ``dp``: one config for all, or one per
+    institution.
     """
     if [inst.client.client for inst in institutions] != list(range(len(institutions))):
         raise StrategyError("institution i must run the client side of client id i")
@@ -223,7 +224,7 @@ def run_round(
             state,
             inst.train,
             inst.aux,
-            dp=dp,
+            dp=dp if dp is None or isinstance(dp, DPConfig) else dp[i],
             steps=steps,
             batch_size=batch_size,
             lr=lr,

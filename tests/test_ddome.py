@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from clients.ddome import DDOMEClient, DDOMEConfig, DDOMEState, zero_shot, zero_shot_loss
+from clients.ddome import (
+    DDOMEClient,
+    DDOMEConfig,
+    DDOMEState,
+    evaluate_choice,
+    zero_shot,
+    zero_shot_loss,
+)
 from clients.ddome_lora import (
     GATE,
     DDOMEAdapterConfig,
@@ -297,3 +304,16 @@ def test_an_anchor_client_pulls_the_gate_towards_its_expert():
     update = client.train(state, blocks, emb, dp=None, steps=10, batch_size=8, lr=1e-2, seed=0)
     assert update.chosen[0] == 3
     assert anchor_probability() > before + 0.2
+
+
+def test_evaluation_scores_the_mixture_the_institution_trains():
+    m = exercised(model())
+    blocks = ids(5)
+    emb = common_embedding(m, blocks)
+    metrics = evaluate_choice(m, blocks, emb, (1, 3), batch_size=2)
+    with torch.no_grad():
+        expected = per_sample_loss(m, blocks, emb, (1, 3)).mean()
+        other = evaluate_choice(m, blocks, emb, (0, 2))
+    assert metrics.loss == pytest.approx(float(expected), rel=1e-5)
+    assert metrics.tokens == 5 * 11 and 0.0 <= metrics.accuracy <= 1.0
+    assert other.loss != pytest.approx(metrics.loss)  # the choice matters

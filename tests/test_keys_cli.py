@@ -225,6 +225,20 @@ def test_cli_bad_config_exits_2_with_the_field(config_file, capsys):
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["coordinator", "run"])
+def test_strategies_the_processes_cannot_drive_are_refused_naming_the_field(
+    config_file, capsys, command
+):
+    config_file.write_text(
+        config_file.read_text().replace('strategy = "fedavg"', 'strategy = "fedamole"', 1)
+    )
+    args = ["--config", str(config_file)] if command == "coordinator" else [str(config_file)]
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert "$.aggregation.strategy" in err and "in-process federation" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 def test_cli_usage_error_exits_2(capsys):
     assert main([]) == 2
     assert main(["keys"]) == 2  # --config is required

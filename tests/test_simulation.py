@@ -1,5 +1,6 @@
 """The in-process federation: every strategy runs end to end with real DP-SGD, SecAgg+ and CKKS,
-spends the planned budget, and a newly registered strategy plugs in by name."""
+charges every release (DP-SGD, routing statistics, FedAMoLE's scores and keys), composes epsilon
+over exactly those charges within the budget, and a newly registered strategy plugs in by name."""
 
 from __future__ import annotations
 
@@ -7,16 +8,29 @@ import copy
 import sys
 from pathlib import Path
 
+import dp_accounting
+import numpy as np
 import pytest
 import torch
 
 from clients.config import parse_config
+from clients.ddome_lora import attach_ddome, ddome_state
+from clients.fedamole_lora import amole_state, attach_amole
 from clients.moe_lora import adapter_state
-from clients.setup import CLIENT_STRATEGIES, build_model, fedavg_config
+from clients.setup import (
+    CLIENT_STRATEGIES,
+    build_model,
+    build_model_with,
+    ddome_config,
+    fedamole_config,
+    fedavg_config,
+)
 from clients.strategy import FedAvgClient
 from coordinator.registry import COORDINATOR_STRATEGIES
-from coordinator.simulation import simulate, strategy_names
+from coordinator.simulation import HarnessLedger, simulate, strategy_names
 from coordinator.strategy import FedAvgCoordinator
+from privacy import BudgetExceeded
+from privacy import epsilon as composed_epsilon
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +46,31 @@ def config():
     raw["training"]["local_steps"] = 2
     raw["data"]["max_blocks"] = {"train": 32, "validation": 4, "test": 4}
     raw["aggregation"]["fedmoe"] = {"warmup_rounds": 1, "memory_fraction": 0.5}
+    raw["aggregation"]["fedamole"] = {"affinity_blocks": 4}
+    raw["aggregation"]["ddome"] = {"anchors": 1, "gate_hidden": 8}
     return parse_config(raw, "/x/fed.toml")
+
+
+def whats(result, name: str) -> list[str]:
+    return [what for what, _ in result.charged[name]]
+
+
+def events(result, name: str) -> list[dp_accounting.DpEvent]:
+    return [event for _, event in result.charged[name]]
+
+
+def check_epsilon_composes_the_charges(config, result, unspent) -> None:
+    """Reported epsilon = composition of the charged events, within the budget; with the
+    planned but unspent releases ``unspent(name)`` (spare rounds) it reaches the budget."""
+    for name in config.institution_names:
+        budget = config.budget(name)
+        charged = events(result, name)
+        assert result.epsilon[name] == pytest.approx(
+            composed_epsilon(charged, budget.target_delta, "rdp")
+        )
+        assert result.epsilon[name] <= budget.target_epsilon
+        planned = composed_epsilon([*charged, *unspent(name)], budget.target_delta, "rdp")
+        assert budget.target_epsilon * 0.98 <= planned <= budget.target_epsilon * 1.001
 
 
 @pytest.mark.parametrize("strategy", ["local", "fedalign", "fedmoe"])
@@ -40,10 +78,18 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
     result = simulate(config, strategy)
     names = config.institution_names
     assert set(result.final) == set(names) == set(result.epsilon)
+    rounds, spare = config.federation.rounds, config.privacy.spare_rounds
     for name in names:
-        target = config.budget(name).target_epsilon
-        assert target * 0.98 <= result.epsilon[name] <= target * 1.001
+        kinds = whats(result, name)
+        if strategy == "local":  # nothing leaves but the (DP) adapters
+            assert kinds == ["adapter update (DP-SGD)"] * rounds
+        else:  # every round's routing statistics were charged beside its update
+            assert kinds == ["adapter update (DP-SGD)", "routing statistics (Gaussian)"] * rounds
         assert result.final[name].tokens == result.initial[name].tokens > 0
+    spares = 0 if strategy == "local" else spare
+    check_epsilon_composes_the_charges(
+        config, result, lambda name: events(result, name)[-2:] * spares
+    )
     start = adapter_state(build_model(config)[0])  # the seeded initial adapters
     moved = any(not torch.equal(result.state.adapters[n], start[n]) for n in start)
     assert moved == (strategy != "local")
@@ -62,3 +108,54 @@ def test_a_registered_strategy_plugs_in_by_name(config, monkeypatch):
     assert result.strategy == "fedavg-copy" and set(result.epsilon.values()) == {None}
     with pytest.raises(KeyError, match="unknown strategy"):
         simulate(config, "fedprox")
+
+
+def test_fedamole_charges_its_scores_keys_and_updates_within_the_budget(config):
+    result = simulate(config, "fedamole")
+    for name in config.institution_names:
+        kinds = whats(result, name)
+        assert len(kinds) == 5  # round 0: update, keys; round 1: scores, update, keys
+        assert kinds[2].startswith("fedamole affinity scores, round 1")
+        assert sum("expert keys" in k for k in kinds) == 2
+        assert sum("DP-SGD" in k for k in kinds) == 2
+    # planned: scores and keys in every round, and a spare round of everything
+    score = events(result, config.institution_names[0])[2]
+    check_epsilon_composes_the_charges(
+        config, result, lambda name: [score, *events(result, name)[2:]]
+    )
+    model, _ = build_model_with(config, lambda m: attach_amole(m, fedamole_config(config).adapter))
+    start = amole_state(model)
+    assert any(not torch.equal(result.state.adapters[n], start[n]) for n in start)
+    assert result.state.round == 2 and np.all(result.state.key_counts >= 1)
+
+
+def test_ddome_charges_every_update_within_the_budget_and_trains_experts(config):
+    result = simulate(config, "ddome")
+    for name in config.institution_names:
+        expected = [f"ddome gate and expert updates (DP-SGD), round {i}" for i in range(2)]
+        assert whats(result, name) == expected
+    check_epsilon_composes_the_charges(config, result, lambda name: events(result, name)[-1:])
+    model, _ = build_model_with(config, lambda m: attach_ddome(m, ddome_config(config).adapter))
+    start = ddome_state(model)
+    moved = [n for n in start if not torch.equal(result.state.adapters[n], start[n])]
+    assert any(n.startswith("ddome_gate") for n in moved) and any("experts_" in n for n in moved)
+    # every institution trained top_k experts; the anchor (institution 0) its expert 0
+    assert result.state.expert_counts.sum() == 2 * len(config.institution_names)
+    assert result.state.expert_counts[0] >= 1
+
+
+@pytest.mark.parametrize("strategy", ["fedamole", "ddome"])
+def test_without_dp_nothing_is_charged(config, strategy):
+    result = simulate(config, strategy, private=False)
+    assert set(result.epsilon.values()) == {None}
+    assert all(not charged for charged in result.charged.values())
+    assert all(r.applied for r in result.rounds)
+
+
+def test_the_harness_ledger_refuses_a_release_beyond_the_budget():
+    ledger = HarnessLedger(budget_epsilon=1.0, delta=1e-5, accountant="rdp")
+    ledger(dp_accounting.GaussianDpEvent(50.0), "small")
+    with pytest.raises(BudgetExceeded):
+        ledger(dp_accounting.GaussianDpEvent(1.0), "too much")
+    assert [what for what, _ in ledger.charged] == ["small"]
+    assert 0 < ledger.epsilon() < 1.0

@@ -1,5 +1,5 @@
-"""The ``fedalign`` and ``fedmoe`` strategies in the federation config: parameters reach both
-sides identically, and bad values are refused naming the field."""
+"""The ``fedalign``, ``fedmoe``, ``fedamole`` and ``ddome`` strategies in the federation config:
+parameters reach both sides identically, and bad values are refused naming the field."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from clients.config import ConfigFileError, parse_config
 from clients.fedalign import FedAlignClient
 from clients.fedmoe import FedMoEClient
-from clients.setup import client_strategy
+from clients.setup import client_strategy, ddome_anchor, ddome_config, fedamole_config
 from coordinator.fedalign import FedAlignCoordinator
 from coordinator.fedmoe import FedMoECoordinator
 from coordinator.registry import coordinator_strategy
@@ -58,6 +58,27 @@ def test_fedmoe_parameters_reach_both_sides(raw):
     assert client_strategy(config, "comedies") is not client  # one object per institution
 
 
+def test_fedamole_parameters_reach_its_config(raw):
+    doc = with_aggregation(
+        raw,
+        strategy="fedamole",
+        fedamole={"affinity_blocks": 4, "score_noise_multiplier": 3.0, "max_experts": 8},
+    )
+    config = fedamole_config(parse_config(doc, "/x/fed.toml"))
+    assert (config.affinity_blocks, config.score_noise_multiplier) == (4, 3.0)
+    assert config.num_clients == 3 and config.max_examples == 64
+    assert config.max_experts == 4  # capped at [model.moe].num_experts
+    assert (config.adapter.num_experts, config.adapter.rank) == (4, 4)  # [model.moe]'s shape
+
+
+def test_ddome_parameters_and_anchors_reach_its_config(raw):
+    doc = with_aggregation(raw, strategy="ddome", ddome={"gate_hidden": 16, "anchors": 2})
+    parsed = parse_config(doc, "/x/fed.toml")
+    config = ddome_config(parsed)
+    assert config.adapter.gate_hidden == 16 and config.adapter.top_k == 2
+    assert [ddome_anchor(parsed, n) for n in parsed.institution_names] == [0, 1, None]
+
+
 @pytest.mark.parametrize(
     ("fields", "field", "text"),
     [
@@ -70,6 +91,40 @@ def test_fedmoe_parameters_reach_both_sides(raw):
         (
             {"strategy": "fedmoe", "fedmoe": {"min_count": 4}},
             "$.aggregation.fedmoe.min_count",
+            "exceeds the 3 institutions",
+        ),
+        ({"fedamole": {"key_clip": 0.0}}, "$.aggregation.fedamole.key_clip", "> 0.0"),
+        ({"fedamole": {"typo": 1}}, "$.aggregation.fedamole", "typo"),
+        (
+            {"strategy": "fedamole", "fedamole": {"clients_per_expert": 4}},
+            "$.aggregation.fedamole.clients_per_expert",
+            "exceeds the 3 institutions",
+        ),
+        (
+            {"strategy": "fedamole", "fedamole": {"min_experts": 1}},
+            "$.aggregation.fedamole.min_experts",
+            "top_k=2",
+        ),
+        (
+            {"strategy": "fedamole", "fedamole": {"min_experts": 3}},
+            "$.aggregation.fedamole.min_experts",
+            "8 slots cannot give",
+        ),
+        (
+            {"strategy": "fedamole", "fedamole": {"clients_per_expert": 3, "max_experts": 3}},
+            "$.aggregation.fedamole.max_experts",
+            "12 slots do not fit",
+        ),
+        ({"ddome": {"anchor_coef": -1.0}}, "$.aggregation.ddome.anchor_coef", ">= 0.0"),
+        ({"ddome": {"gate_hidden": 0}}, "$.aggregation.ddome.gate_hidden", ">= 1"),
+        (
+            {"strategy": "ddome", "ddome": {"anchors": 4}},
+            "$.aggregation.ddome.anchors",
+            "at most",
+        ),
+        (
+            {"strategy": "ddome", "ddome": {"min_count": 4}},
+            "$.aggregation.ddome.min_count",
             "exceeds the 3 institutions",
         ),
     ],
