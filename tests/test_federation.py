@@ -37,6 +37,7 @@ from secagg.ckks import (
     CkksKeyHolder,
     EncryptedBatch,
 )
+from tests.federation_harness import run_in_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]
@@ -95,28 +96,16 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
         return submission
 
     monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
-    coordinator = Coordinator(config)
-    institutions = [make_institution(config, name) for name in NAMES]
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
-    ]
-    for t in threads:
-        t.start()
-    try:
-        outcomes = coordinator.run()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+    outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
-    layout = fedavg_config(config).layout(coordinator.initial_state())
+    initial = Coordinator(config).initial_state()
+    layout = fedavg_config(config).layout(initial)
     q = FixedPointCodec(
         clip=client_strategy.CHANNEL_BOUND, bits=config.secagg.bits,
         modulus_bits=config.secagg.modulus_bits, max_clients=len(NAMES),
     ).max_error_per_client  # fmt: skip
-    previous = coordinator.initial_state().adapters
+    previous = initial.adapters
     for outcome in outcomes:
         r = outcome.federation_round
         assert sorted(outcome.included) == sorted(NAMES)
@@ -135,28 +124,6 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
             np.testing.assert_array_less(np.abs(got - expected), atol + 1e-12)
             assert np.abs(weighted).max() > 0  # the test compares real updates, not zeros
         previous = {k: v.clone() for k, v in checkpoint.items()}
-
-
-def _run_in_threads(config, names=NAMES) -> tuple[list, list]:
-    """The coordinator in this thread, each institution's loop in its own thread."""
-    coordinator = Coordinator(config)
-    institutions = [make_institution(config, name) for name in names]
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
-    ]
-    for t in threads:
-        t.start()
-    try:
-        outcomes = coordinator.run()
-        for t in threads:  # each leaves on the coordinator's Shutdown
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "an institution missed the Shutdown"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    return outcomes, institutions
 
 
 def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path, monkeypatch):
@@ -179,7 +146,7 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
         return submission
 
     monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
-    outcomes, institutions = _run_in_threads(config)
+    outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
     checkpoints = config.run_dir / "checkpoints"

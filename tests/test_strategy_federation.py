@@ -45,6 +45,7 @@ from secagg.ckks import (
 )
 from secagg.control import CkksInput, Decline, RoundStart
 from secagg.messages import AdvertiseKeys
+from tests.federation_harness import run_in_threads
 from tests.test_federation import NAMES, write_config
 
 Recorded = dict[tuple[int, str], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
@@ -81,31 +82,6 @@ def record_submissions(monkeypatch, cls: type) -> Recorded:
 
     monkeypatch.setattr(cls, "submit", submit)
     return recorded
-
-
-def run_federation(config: FederationConfig, prepare=None) -> tuple[list, list]:
-    """Coordinator here, each institution in a thread named after it; ``prepare(inst)`` first."""
-    coordinator = Coordinator(config)
-    institutions = [make_institution(config, name) for name in NAMES]
-    for inst in institutions:
-        if prepare is not None:
-            prepare(inst)
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=inst.run, args=(stop,), name=inst.name) for inst in institutions
-    ]
-    for t in threads:
-        t.start()
-    try:
-        outcomes = coordinator.run()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads), "an institution missed the Shutdown"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    return outcomes, institutions
 
 
 def checkpoint(config: FederationConfig, r: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -180,7 +156,7 @@ def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: 
 def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path, monkeypatch):
     config = strategy_config(tmp_path, "fedalign")
     recorded = record_submissions(monkeypatch, FedAlignClient)
-    outcomes, _ = run_federation(config)
+    outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
     assert_rounds_match_plaintext(config, outcomes, recorded)
     _, extras = checkpoint(config, 2)
@@ -210,7 +186,7 @@ def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_pa
     def prepare(inst) -> None:
         inst.strategy = FedMoEClient(fedmoe_config(config), memory_fraction=fractions[inst.name])
 
-    outcomes, institutions = run_federation(config, prepare)
+    outcomes, institutions = run_in_threads(config, prepare)
     assert [o.error for o in outcomes] == [None, None]
     assert_rounds_match_plaintext(config, outcomes, recorded)
     held = {inst.name: inst.strategy.held for inst in institutions}
@@ -228,7 +204,7 @@ def test_ckks_expert_updates_follow_the_per_expert_means(tmp_path, monkeypatch, 
     config = strategy_config(tmp_path, strategy, expert_updates="ckks")
     cls = FedAlignClient if strategy == "fedalign" else FedMoEClient
     recorded = record_submissions(monkeypatch, cls)
-    outcomes, institutions = run_federation(config)
+    outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
     assert_rounds_match_plaintext(config, outcomes, recorded)
     final, _ = checkpoint(config, 2)
@@ -240,13 +216,13 @@ def test_ckks_expert_updates_follow_the_per_expert_means(tmp_path, monkeypatch, 
 def test_extras_survive_a_coordinator_restart(tmp_path, monkeypatch):
     config = strategy_config(tmp_path, "fedalign", rounds=2)
     recorded = record_submissions(monkeypatch, FedAlignClient)
-    first, _ = run_federation(config)
+    first, _ = run_in_threads(config)
     assert [o.error for o in first] == [None, None]
     _, kept = checkpoint(config, 2)
     assert kept[ALIGN_N].max() == len(NAMES)
     recorded.clear()
     resumed = strategy_config(tmp_path, "fedalign", rounds=3)
-    second, _ = run_federation(resumed)
+    second, _ = run_in_threads(resumed)
     assert [(o.federation_round, o.error) for o in second] == [(3, None)]
     for name in NAMES:  # a new process: the extras came from the checkpoint, not memory
         received = recorded[(1, name)][0]
