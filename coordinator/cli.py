@@ -118,9 +118,6 @@ def _log_to_stderr(level: str) -> None:
         stream=sys.stderr,
         force=True,  # importing dp-accounting (absl) already put a handler on the root logger
     )
-    # dp-accounting warns (through absl) each time a fractional RDP order does not converge and
-    # is left out of the bound: expected, harmless, and hundreds of lines per calibration.
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def summary_table(config: FederationConfig) -> Table:
@@ -288,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else USER_ERROR
+    # dp-accounting warns (through absl) each time a fractional RDP order does not converge and
+    # is left out of the bound: expected, harmless, and hundreds of lines per calibration (every
+    # command that prices a ledger, e.g. the report at the end of `sealmoe run`).
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.handler(args)
     except Exception as exc:
