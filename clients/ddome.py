@@ -38,6 +38,7 @@ from clients.ddome_lora import (
     top_experts,
 )
 from clients.dp_local import train_steps
+from clients.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.release import Charge
 from clients.strategy import (
     DELTA_PREFIX,
@@ -50,9 +51,6 @@ from clients.strategy import (
 )
 from clients.trainer import Metrics
 from privacy import DPConfig, DPTrainingFacts
-
-EXPERT_WEIGHT = "expert_weight"
-EXPERT_COUNT = "expert_count"
 
 
 @dataclass(frozen=True)

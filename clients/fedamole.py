@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from clients.dp_local import train_steps
+from clients.experts import EXPERT_WEIGHT
 from clients.fedamole_lora import (
     AMoLEConfig,
     amole_state,
@@ -51,7 +52,6 @@ from clients.strategy import (
 )
 from privacy import DPConfig, DPTrainingFacts
 
-EXPERT_WEIGHT = "expert_weight"
 KEY_SUM = "key_sum"
 KEY_COUNT = "key_count"
 
