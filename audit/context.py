@@ -47,6 +47,7 @@ class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     secagg_neighbours: int
     secagg_check_survivors: bool
     roster: str
+    strategy: str = "fedavg"
     software: dict[str, str] = msgspec.field(default_factory=dict)
 
 

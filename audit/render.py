@@ -102,13 +102,15 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]] |
     trust = report["trust_model"]
     acc = report["accountant"]
     dp = report["dp_sgd"]
+    routed = any(r["what"].startswith("routing") for r in report["releases"])
     return [
         ("Unit of privacy", [("unit of privacy", report["unit_of_privacy"]),
                              ("neighbouring relation", report["neighbouring_relation"])], None),
         ("Trust model", [(k.replace("_", " "), str(v)) for k, v in trust.items()], None),
         ("Accountant", [(k.replace("_", " "), str(v)) for k, v in acc.items()], None),
         ("DP-SGD", [(k.replace("_", " "), str(v)) for k, v in dp.items()]
-         + [("routing noise multiplier", str(report["routing_statistics"]["noise_multiplier"]))],
+         + ([("routing noise multiplier",
+              str(report["routing_statistics"]["noise_multiplier"]))] if routed else []),
          None),
         ("Software", [(k, v) for k, v in report["software"].items()], None),
     ]  # fmt: skip
@@ -160,7 +162,8 @@ def _empirical_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def _params(inst: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(f"DP-SGD {k.replace('_', ' ')}", str(v)) for k, v in inst["dp_sgd"].items()]
-    rows += [(f"routing {k.replace('_', ' ')}", str(v)) for k, v in inst["routing"].items()]
+    for label, key in (("routing", "routing"), ("scores", "scores"), ("keys", "keys")):
+        rows += [(f"{label} {k.replace('_', ' ')}", str(v)) for k, v in inst.get(key, {}).items()]
     return rows
 
 

@@ -115,7 +115,7 @@ def _institution(
             "rounds": [], "spent": {"rdp": 0.0, "pld": 0.0},
             "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
             "verification": {"status": "no ledger", "detail": "the institution released nothing"},
-            "dp_sgd": {}, "routing": {},
+            "dp_sgd": {}, "routing": {}, "scores": {}, "keys": {},
         }  # fmt: skip
     entries = _entries(path)
     releases = [e for e in entries if e.kind == "release"]
@@ -133,6 +133,8 @@ def _institution(
         "rounds": _rounds(entries, inst.budget_delta),
         "dp_sgd": _parameters(entries, "adapter-update"),
         "routing": _parameters(entries, "routing-statistics"),
+        "scores": _parameters(entries, "affinity-scores"),
+        "keys": _parameters(entries, "expert-keys"),
         "entries": [
             {
                 "seq": e.seq, "kind": e.kind, "round": e.federation_round,
@@ -142,6 +144,63 @@ def _institution(
             for e in entries
         ],
     }  # fmt: skip
+
+
+OWN_ADAPTERS = ("fedamole", "ddome")
+"""Strategies with their own adapters: they release no per-token routing statistics."""
+STRATEGY_SEES = {
+    "fedmoe": "; per expert, how many institutions hold it (never which)",
+    "ddome": "; per expert, how many institutions trained it in a round (never which)",
+    "fedamole": (
+        "; each institution's noised affinity scores (in the clear) and the expert assignment "
+        "it solves from them; per expert, how many institutions held it"
+    ),
+}
+
+
+def _releases(strategy: str, update_to: str, routing_to: str) -> list[dict[str, str]]:
+    """What every institution releases under ``strategy``, by whom it is seen."""
+    releases = [
+        {
+            "what": "adapter update (weighted LoRA-expert deltas"
+            + (", and the gate's" if strategy == "ddome" else "")
+            + ")",
+            "mechanism": "DP-SGD: Poisson sampling, per-block clipping, Gaussian noise",
+            "to_whom": update_to,
+        }
+    ]
+    if strategy == "fedamole":
+        releases += [
+            {
+                "what": "expert keys (mean LoRA-A output of each held expert)",
+                "mechanism": "Gaussian mechanism on per-block clipped means",
+                "to_whom": "masked (SecAgg+) inside the update's sum; the averaged keys go "
+                "to every institution",
+            },
+            {
+                "what": "affinity scores (every expert's key against the institution's mean "
+                "token projection), from the second round on",
+                "mechanism": "Gaussian mechanism on per-block clipped means",
+                "to_whom": "the coordinator, in the clear (it solves the assignment from them)",
+            },
+        ]
+    elif strategy != "ddome":
+        releases.append(
+            {
+                "what": "routing statistics (per-layer expert counts, router probabilities, "
+                "tokens)",
+                "mechanism": "Gaussian mechanism on block-normalised sums",
+                "to_whom": routing_to,
+            }
+        )
+    releases.append(
+        {
+            "what": "ledger head (entry count and last hash, signed)",
+            "mechanism": "none needed: depends on no private data",
+            "to_whom": "the coordinator",
+        }
+    )
+    return releases
 
 
 def build_report(
@@ -193,30 +252,19 @@ def build_report(
             "add or remove one training block from one institution's training data "
             "(add-or-remove-one; both accountants use it)"
         ),
-        "releases": [
-            {
-                "what": "adapter update (weighted LoRA-expert deltas)",
-                "mechanism": "DP-SGD: Poisson sampling, per-block clipping, Gaussian noise",
-                "to_whom": update_to,
-            },
-            {
-                "what": "routing statistics (per-layer expert counts, router probabilities, "
-                "tokens)",
-                "mechanism": "Gaussian mechanism on block-normalised sums",
-                "to_whom": routing_to,
-            },
-            {
-                "what": "ledger head (entry count and last hash, signed)",
-                "mechanism": "none needed: depends on no private data",
-                "to_whom": "the coordinator",
-            },
-        ],
+        "strategy": facts.strategy,
+        "releases": _releases(facts.strategy, update_to, routing_to),
         "trust_model": {
             "coordinator_sees": (
                 sees_updates
                 + ", who took part in each round, message sizes and timing; never a single "
                 "institution's update"
-                + ("; routing statistics only as ciphertexts" if ckks_routing else "")
+                + STRATEGY_SEES.get(facts.strategy, "")
+                + (
+                    "; routing statistics only as ciphertexts"
+                    if ckks_routing and facts.strategy not in OWN_ADAPTERS
+                    else ""
+                )
             ),
             "ckks_key_custody": (
                 "shared-key model: every institution holds the CKKS secret key, the "

@@ -395,8 +395,9 @@ class AggregationSection(_Section):
     - ``strategy``: "fedavg" (adapter deltas weighted by training-example counts, both inside
       the secure sum), "fedalign" (FedAlign-MoE, see ``fedalign``) or "fedmoe" (FedMoE, see
       ``fedmoe``), "fedamole" (FedAMoLE, see ``fedamole``) or "ddome" (DDOME, see ``ddome``).
-      FedAMoLE and DDOME bring their own adapters and run in the in-process harness
-      (``coordinator.simulation``).
+      FedAMoLE and DDOME bring their own adapters (``[model.moe]`` gives their shape) and
+      release no routing statistics (``routing_statistics`` is ignored); their updates travel
+      masked.
     - ``expert_updates``, ``routing_statistics``: "mask" (SecAgg+, exact, default for updates)
       or "ckks" (homomorphic encryption under a key the institutions share; the coordinator only
       adds ciphertexts). With expert updates under CKKS the coordinator never sees the global
@@ -599,6 +600,14 @@ def _check_strategy(config: FederationConfig, path: str | Path) -> None:
     """A per-expert strategy's minimum count must be reachable by the institutions; FedAMoLE's
     assignment must be feasible; DDOME's anchors must exist."""
     name = config.aggregation.strategy
+    if name in ("fedamole", "ddome") and config.aggregation.expert_updates == "ckks":
+        raise ConfigFileError(
+            path,
+            f"expert_updates = 'ckks' does not work with strategy = {name!r}: its coordinator "
+            "moves each expert by a ratio of masked sums it must read; set expert_updates = "
+            "'mask'",
+            "$.aggregation.expert_updates",
+        )
     if name == "fedamole":
         _check_fedamole(config, path)
     if name not in ("fedalign", "fedmoe", "ddome"):
@@ -657,6 +666,14 @@ def _check_fedamole(config: FederationConfig, path: str | Path) -> None:
             "max_experts",
             f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
             f"(max_experts={f.max_experts}, num_experts={moe.num_experts})",
+        ),
+        (
+            config.data.max_blocks.validation is not None
+            and config.data.max_blocks.validation < f.affinity_blocks,
+            "affinity_blocks",
+            f"affinity_blocks={f.affinity_blocks} exceeds the "
+            f"{config.data.max_blocks.validation} validation blocks of [data.max_blocks] the "
+            "scores and keys are computed on",
         ),
     ]
     for failed, field, message in problems:

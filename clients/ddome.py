@@ -43,6 +43,7 @@ from clients.release import Charge
 from clients.strategy import (
     DELTA_PREFIX,
     WEIGHT,
+    GlobalState,
     LayoutError,
     Segment,
     StrategyError,
@@ -97,6 +98,10 @@ class DDOMEConfig:
         )
 
 
+EXPERT_COUNTS = "expert_counts"
+"""Name of the last round's per-expert counts in :attr:`clients.strategy.GlobalState.extras`."""
+
+
 @dataclass(frozen=True)
 class DDOMEState:
     """The broadcast: gate and all experts, and how many clients trained each expert last round."""
@@ -104,6 +109,25 @@ class DDOMEState:
     adapters: dict[str, torch.Tensor]
     expert_counts: np.ndarray
     round: int = 0
+
+    def to_global(self) -> GlobalState:
+        """The state as the federation processes broadcast and checkpoint it: the adapters and
+        the counts as an extra; no routing statistics."""
+        base = GlobalState.initial(self.adapters, (), len(self.expert_counts))
+        extras = {EXPERT_COUNTS: np.asarray(self.expert_counts, dtype=np.float64)}
+        return GlobalState(base.adapters, base.routing, extras)
+
+    @classmethod
+    def from_global(cls, state: GlobalState, num_experts: int, round: int = 0) -> DDOMEState:
+        """Inverse of :meth:`to_global` (no extras: no expert trained yet); raises
+        :class:`StrategyError` for counts of another shape."""
+        counts = state.extras.get(EXPERT_COUNTS, np.zeros(num_experts))
+        if set(state.extras) - {EXPERT_COUNTS} or np.shape(counts) != (num_experts,):
+            raise StrategyError(
+                f"DDOME's extras must be {{{EXPERT_COUNTS!r}: ({num_experts},)}}, got "
+                f"{ {n: np.shape(v) for n, v in state.extras.items()} }"
+            )
+        return cls(dict(state.adapters), np.asarray(counts, dtype=np.float64), round)
 
 
 @dataclass(frozen=True)
@@ -152,6 +176,7 @@ class DDOMEClient:
         batch_size: int,
         lr: float = 1e-3,
         seed: int | None = None,
+        device: str | None = None,
     ) -> DDOMEUpdate:
         """Choose the experts, then train the gate and them jointly (``embeddings`` from
         :func:`common_embedding` of the same ``blocks``)."""
@@ -168,6 +193,7 @@ class DDOMEClient:
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            device=device,
             seed=seed,
         )
         after = ddome_state(self.model)

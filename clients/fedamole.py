@@ -22,6 +22,7 @@ Client ids are the public indices 0..num_clients-1 of the federation.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -44,6 +45,7 @@ from clients.release import Charge, gaussian_release
 from clients.strategy import (
     DELTA_PREFIX,
     WEIGHT,
+    GlobalState,
     LayoutError,
     Segment,
     StrategyError,
@@ -54,6 +56,10 @@ from privacy import DPConfig, DPTrainingFacts
 
 KEY_SUM = "key_sum"
 KEY_COUNT = "key_count"
+KEYS = "keys"
+KEY_COUNTS = "key_counts"
+ASSIGNMENT = "assignment"
+"""Names of the state's public parts in :attr:`clients.strategy.GlobalState.extras`."""
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -239,6 +245,93 @@ class FedAMoLEState:
             raise StrategyError(f"assignment shape {assignment.shape} != {self.assignment.shape}")
         return replace(self, assignment=assignment.astype(bool))
 
+    @property
+    def has_keys(self) -> bool:
+        """Whether some expert has a key: from then on every round starts with the scores."""
+        return bool(np.any(self.key_counts > 0))
+
+    def to_global(self) -> GlobalState:
+        """The state as the federation processes broadcast and checkpoint it: the adapters,
+        and keys, key counts and assignment (0/1) as extras; no routing statistics."""
+        experts = self.key_counts.shape[1]
+        base = GlobalState.initial(self.adapters, (), experts)
+        extras = {
+            KEYS: self.keys.astype(np.float64),
+            KEY_COUNTS: self.key_counts.astype(np.float64),
+            ASSIGNMENT: self.assignment.astype(np.float64),
+        }
+        return GlobalState(base.adapters, base.routing, extras)
+
+
+def amole_modules(adapters: Mapping[str, object]) -> tuple[str, ...]:
+    """The FedAMoLE layers named by an adapter state, in state order."""
+    suffix = ".token_proj.weight"
+    return tuple(name[: -len(suffix)] for name in adapters if name.endswith(suffix))
+
+
+def state_shapes(config: FedAMoLEConfig, num_modules: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the extras :meth:`FedAMoLEState.to_global` writes."""
+    m, e, r = num_modules, config.adapter.num_experts, config.adapter.rank
+    return {KEYS: (m, e, r), KEY_COUNTS: (m, e), ASSIGNMENT: (m, e, config.num_clients)}
+
+
+def state_from_global(config: FedAMoLEConfig, state: GlobalState, round: int = 0) -> FedAMoLEState:
+    """Inverse of :meth:`FedAMoLEState.to_global` (no extras: no keys, nobody assigned).
+
+    Raises :class:`StrategyError` when the extras do not have the shapes of
+    :func:`state_shapes` or the assignment is not 0/1.
+    """
+    modules = amole_modules(state.adapters)
+    shapes = state_shapes(config, len(modules))
+    extras = state.extras or {name: np.zeros(shape) for name, shape in shapes.items()}
+    if set(extras) != set(shapes) or any(
+        tuple(np.shape(extras[n])) != shape for n, shape in shapes.items()
+    ):
+        raise StrategyError(
+            f"FedAMoLE's extras must be {shapes}, got "
+            f"{ {n: tuple(np.shape(v)) for n, v in extras.items()} }"
+        )
+    assignment = np.asarray(extras[ASSIGNMENT])
+    if not np.all((assignment == 0) | (assignment == 1)):
+        raise StrategyError("FedAMoLE's assignment must hold only 0 and 1")
+    return FedAMoLEState(
+        adapters=dict(state.adapters),
+        modules=modules,
+        keys=np.asarray(extras[KEYS], dtype=np.float64),
+        key_counts=np.asarray(extras[KEY_COUNTS], dtype=np.float64),
+        assignment=assignment.astype(bool),
+        round=round,
+    )
+
+
+def encode_assignment(assignment: np.ndarray) -> bytes:
+    """A 0/1 assignment [M, E, C] as bytes (one byte per entry, C order)."""
+    return np.ascontiguousarray(assignment, dtype=np.uint8).tobytes()
+
+
+def decode_assignment(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`encode_assignment`; :class:`StrategyError` unless exactly ``shape``'s
+    entries, each 0 or 1."""
+    array = np.frombuffer(bytes(data), dtype=np.uint8)
+    if array.size != math.prod(shape):
+        raise StrategyError(f"an assignment of shape {shape} needs {math.prod(shape)} bytes, "
+                            f"got {array.size}")  # fmt: skip
+    if np.any(array > 1):
+        raise StrategyError("an assignment holds only 0 and 1")
+    return array.reshape(shape).astype(bool)
+
+
+def decode_scores(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """Affinity scores from little-endian float64 bytes; :class:`StrategyError` unless exactly
+    ``shape``'s entries, all finite."""
+    if len(data) != 8 * math.prod(shape):
+        raise StrategyError(f"scores of shape {shape} need {8 * math.prod(shape)} bytes, "
+                            f"got {len(data)}")  # fmt: skip
+    scores = np.frombuffer(bytes(data), dtype="<f8").reshape(shape).astype(np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise StrategyError("scores must be finite")
+    return scores
+
 
 @dataclass(frozen=True)
 class FedAMoLEUpdate:
@@ -291,7 +384,7 @@ class FedAMoLEClient:
         generator: torch.Generator | None = None,
     ) -> np.ndarray | None:
         """Noised scores [M, E] against the broadcast keys, charged first; None in round 0."""
-        if not np.any(state.key_counts > 0):
+        if not state.has_keys:
             return None
         cfg = self.config
         embedded = self._embed(state, aux)
@@ -321,6 +414,7 @@ class FedAMoLEClient:
         batch_size: int,
         lr: float = 1e-3,
         seed: int | None = None,
+        device: str | None = None,
     ) -> FedAMoLEUpdate:
         """Train the held experts and shared parts; return the delta and the (not yet DP) keys."""
         held = state.held(self.client)
@@ -336,6 +430,7 @@ class FedAMoLEClient:
             steps=steps,
             batch_size=batch_size,
             lr=lr,
+            device=device,
             seed=seed,
         )
         after = amole_state(self.model)

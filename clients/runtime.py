@@ -25,8 +25,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +37,30 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from clients.config import FederationConfig
+from clients.ddome_learner import DDOMELearner
 from clients.extras import ExtrasError, decode_extras
+from clients.fedamole_learner import FedAMoLELearner
 from clients.keys import ROSTER_FILE, load_ckks_key_holder, load_institution_keys, load_roster
+from clients.learner import Learner, LocalRound, MoELoRALearner, SelectsExperts
 from clients.ledger import PrivacyLedger
-from clients.moe_lora import RoutingStats, adapter_state, load_adapter_state, routing_statistics
-from clients.routing_release import SENSITIVITY_BASIS, private_routing_statistics, routing_mechanism
-from clients.setup import build_model, client_strategy, identity_keys, institution_data
-from clients.strategy import (
-    CHANNEL_BOUND,
-    ROUTING,
-    ClientStrategy,
-    GlobalState,
-    SubmissionLayout,
-    plain_session,
-)
-from clients.trainer import LocalTrainingResult, Metrics, evaluate, train_local
+from clients.moe_lora import RoutingStats
+from clients.setup import identity_keys
+from clients.strategy import CHANNEL_BOUND, ROUTING, GlobalState, StrategyError, SubmissionLayout
+from clients.trainer import Metrics
 from clients.transport import InstitutionEndpoint, TransportError
 from privacy import DPTrainingFacts, Release, ReleaseRefused
 from secagg.ckks import EncryptedBatch
 from secagg.client import SecAggClient
-from secagg.control import CkksInput, Decline, Hello, RoundEnd, RoundStart, Shutdown
+from secagg.control import (
+    AffinityScores,
+    Assignment,
+    CkksInput,
+    Decline,
+    Hello,
+    RoundEnd,
+    RoundStart,
+    Shutdown,
+)
 from secagg.errors import SecAggError
 from secagg.messages import KeyRoster, MaskedInput, RelayedShares, SurvivorSetRequest, UnmaskRequest
 
@@ -69,6 +73,17 @@ POLL_S = 0.25
 SECAGG_MESSAGES = (KeyRoster, RelayedShares, SurvivorSetRequest, UnmaskRequest)
 METRICS_FILE = "metrics.jsonl"
 
+LEARNERS: dict[str, Callable[[FederationConfig, str], Learner]] = {
+    "ddome": DDOMELearner,
+    "fedamole": FedAMoLELearner,
+}
+"""Strategies with their own adapters; every other strategy runs on :class:`MoELoRALearner`."""
+
+
+def learner_for(config: FederationConfig, name: str) -> Learner:
+    """Institution ``name``'s learner for the configured strategy."""
+    return LEARNERS.get(config.aggregation.strategy, MoELoRALearner)(config, name)
+
 
 @dataclass
 class _Round:
@@ -79,8 +94,8 @@ class _Round:
     state: GlobalState | None = None
     client: SecAggClient | None = None
     ckks: np.ndarray | None = None
-    facts: DPTrainingFacts | None = None
-    result: LocalTrainingResult | None = None
+    local: LocalRound | None = None
+    awaiting_selection: bool = False
     declined: str | None = None
     bytes_sent: int = 0
     seconds_training: float = 0.0
@@ -106,18 +121,18 @@ class Institution:
         self.roster = load_roster(config.keys_dir / ROSTER_FILE)
         self.identities = identity_keys(config, self.roster)
         self.ckks = load_ckks_key_holder(config.keys_dir, name)
-        self.model, self.tokenizer = build_model(config)
-        self.data = institution_data(config, name, self.tokenizer)
-        self.strategy: ClientStrategy = client_strategy(config, name)
+        self.learner = learner_for(config, name)
         train = config.training
         n_train = int(self.data["train"].shape[0])
         self.sample_rate = min(1.0, train.batch_size / n_train)
-        self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
         planned_rounds = config.federation.rounds + config.privacy.spare_rounds
         self.dp = config.dp_config(name).calibrated(
             sample_rate=self.sample_rate,
             total_steps=planned_rounds * train.local_steps,
-            also=[dp_accounting.SelfComposedDpEvent(self.routing.dp_event(), planned_rounds)],
+            also=[
+                dp_accounting.SelfComposedDpEvent(event, planned_rounds)
+                for event in self.learner.per_round_events()
+            ],
         )
         budget = config.budget(name)
         if (ledger.budget_epsilon, ledger.delta) != (budget.target_epsilon, budget.target_delta):
@@ -133,12 +148,20 @@ class Institution:
         self._endpoint: InstitutionEndpoint | None = None
         self._last_state: GlobalState | None = None
         log.info(
-            "%s: %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, q=%.4f; "
-            "routing noise std %.3g; budget epsilon=%g (spent %.3f)",
-            name, n_train, len(self.data["validation"]), len(self.data["test"]),
-            self.dp.noise_multiplier, self.sample_rate, self.routing.noise_std,
+            "%s: strategy %s; %d train / %d validation / %d test blocks; DP-SGD sigma=%.3f, "
+            "q=%.4f; budget epsilon=%g (spent %.3f)",
+            name, config.aggregation.strategy, n_train, len(self.data["validation"]),
+            len(self.data["test"]), self.dp.noise_multiplier, self.sample_rate,
             budget.target_epsilon, self.ledger.spent(),
         )  # fmt: skip
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.learner.model
+
+    @property
+    def data(self) -> dict[str, torch.Tensor]:
+        return self.learner.data
 
     # ------------------------------------------------------------------------------ main loop
 
@@ -184,6 +207,8 @@ class Institution:
     def _dispatch(self, message: Any) -> None:
         if isinstance(message, RoundStart):
             self._on_round_start(message)
+        elif isinstance(message, Assignment):
+            self._on_assignment(message)
         elif isinstance(message, RoundEnd):
             self._on_round_end(message)
         elif isinstance(message, SECAGG_MESSAGES):
@@ -232,50 +257,109 @@ class Institution:
             max_grad_norm=self.dp.max_grad_norm,
             delta=self.ledger.delta,
         )
+        try:
+            selects = isinstance(self.learner, SelectsExperts) and self.learner.wants_scores(state)
+            releases = self._releases(current, state, planned)
+        except StrategyError as exc:
+            log.warning("%s: cannot use the state of round %d: %s", self.name, fed_round, exc)
+            self._decline(f"unusable broadcast state: {exc}")
+            return
         try:  # refuse (and record it) before training for a round that cannot be released
-            self.ledger.check(self._releases(current, planned))
+            self.ledger.check(
+                [*releases, *([self._scores_planned(current, state)] if selects else [])]
+            )
         except ReleaseRefused as exc:
             log.warning("%s: declines round %d: %s", self.name, fed_round, exc)
             self._send(self.ledger.head())
             self._decline(str(exc))
             return
+        if selects:
+            self._send_scores(current, state)
+            return
+        self._train_guarded(current, state)
+
+    def _scores_planned(self, current: _Round, state: GlobalState) -> Release:
+        assert isinstance(self.learner, SelectsExperts)
+        return self.learner.score_release(state, current.start.federation_round, current.round_id)
+
+    def _send_scores(self, current: _Round, state: GlobalState) -> None:
+        """The selection stage: charge the scores (write-ahead), send the ledger head, then
+        the noised scores; training waits for the coordinator's :class:`Assignment`."""
+        assert isinstance(self.learner, SelectsExperts)
+
+        def charge(release: Release) -> None:
+            self.ledger.charge([release])
+            self._send(self.ledger.head())
+
+        fed_round = current.start.federation_round
+        t0 = time.monotonic()
+        try:
+            scores = self.learner.scores(state, fed_round, current.round_id, charge)
+        except ReleaseRefused as exc:
+            log.warning("%s: declines round %d at its scores: %s", self.name, fed_round, exc)
+            self._send(self.ledger.head())
+            self._decline(str(exc))
+            return
+        except Exception as exc:
+            log.exception("%s: could not score the experts in round %d", self.name, fed_round)
+            self._decline(f"local failure: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            current.seconds_training += time.monotonic() - t0
+        current.awaiting_selection = True
+        self._send(
+            AffinityScores(
+                round_id=current.round_id,
+                client_id=current.start.client_id,
+                scores=np.ascontiguousarray(scores, dtype="<f8").tobytes(),
+            )
+        )
+        log.info("%s: sent its noised affinity scores for round %d", self.name, fed_round)
+
+    def _on_assignment(self, message: Assignment) -> None:
+        current = self._round
+        if (
+            current is None
+            or not current.awaiting_selection
+            or message.round_id != current.round_id
+        ):
+            log.info("%s: ignored an Assignment for round %d (not waiting for one)",
+                     self.name, message.round_id)  # fmt: skip
+            return
+        current.awaiting_selection = False
+        assert current.state is not None and isinstance(self.learner, SelectsExperts)
+        try:
+            state = self.learner.with_selection(current.state, message.selection)
+        except Exception as exc:
+            log.warning("%s: refused the assignment of round %d: %s",
+                        self.name, current.start.federation_round, exc)  # fmt: skip
+            self._decline(f"malformed assignment: {exc}")
+            return
+        current.state = self._last_state = state
+        self._train_guarded(current, state)
+
+    def _train_guarded(self, current: _Round, state: GlobalState) -> None:
         try:
             self._train_and_advertise(current, state)
         except Exception as exc:  # any local failure: decline rather than stall the round
-            log.exception("%s: local failure in round %d", self.name, fed_round)
+            log.exception(
+                "%s: local failure in round %d", self.name, current.start.federation_round
+            )
             self._decline(f"local failure: {type(exc).__name__}: {exc}")
 
     def _train_and_advertise(self, current: _Round, state: GlobalState) -> None:
-        train = self.config.training
         t0 = time.monotonic()
-        with self.strategy.session(self.model, state) as plan:
-            result = train_local(
-                self.model,
-                self.data["train"],
-                dp=self.dp,
-                steps=train.local_steps,
-                batch_size=train.batch_size,
-                lr=train.lr,
-                device=train.device if train.device != "auto" else None,
-                extra_loss=plan.extra_loss,
-                frozen=plan.frozen,
-            )
-            routing = private_routing_statistics(self.model, self.data["train"], self.routing)
-        result = replace(result, routing=routing)  # only the noised statistics go further
+        fed_round, rid = current.start.federation_round, current.round_id
+        local = self.learner.train(state, self.dp, fed_round, rid)
         current.seconds_training += time.monotonic() - t0
-        current.result, current.facts = result, result.facts
-        m = result.metrics
-        log.info(
-            "%s: trained %d steps: loss %.3f, perplexity %.2f",
-            self.name, result.steps, m.loss, m.perplexity,
-        )  # fmt: skip
+        current.local = local
+        log.info("%s: trained: loss %.3f", self.name, local.metrics["loss"])
         t0 = time.monotonic()
-        submission = self.strategy.submit(state, result, num_examples=len(self.data["train"]))
-        clipped = {k: v for k, v in submission.clipped.items() if v > 0}
+        clipped = {k: v for k, v in local.submission.clipped.items() if v > 0}
         if clipped:
             log.info("%s: clipped fractions %s", self.name, clipped)
-        layout = self.strategy.layout(state)
-        packed = layout.pack(submission.values)
+        layout = self.learner.layout(state)
+        packed = layout.pack(local.submission.values)
         params, client_id = current.start.params, current.start.client_id
         mask = packed.get("mask")
         if mask is None or mask.size != params.vector_length:
@@ -296,27 +380,24 @@ class Institution:
             arrays = self.ckks.decrypt(encrypted)
             if self._round is not None:
                 self._round.seconds_crypto += time.monotonic() - t0
-            load_adapter_state(self.model, adapters_from_arrays(adapter_state(self.model), arrays))
+            self.learner.load_adapters(adapters_from_arrays(self.learner.adapters(), arrays))
         elif plain:
-            load_adapter_state(self.model, load_safetensors(plain))
+            self.learner.load_adapters(load_safetensors(plain))
 
     def _state(self, previous: GlobalState | None) -> GlobalState:
         """The model's adapters as a global state, with ``previous``'s routing and extras
-        (zero routing and no extras without one)."""
-        adapters = adapter_state(self.model)
+        (the learner's local state, without broadcast aggregates, if there is none)."""
         if previous is not None:
-            return GlobalState(adapters, previous.routing, previous.extras)
-        local = routing_statistics(self.model)
-        return GlobalState.initial(adapters, local.layer_names, local.num_experts, local.top_k)
+            return GlobalState(self.learner.adapters(), previous.routing, previous.extras)
+        return self.learner.local_state()
 
     def _global_state(self, start: RoundStart) -> GlobalState:
         """Load the broadcast adapters into the model; the routing statistics and checked
         extras it carries (:class:`~clients.extras.ExtrasError` if they are malformed)."""
         self._load_global(start.global_state, start.global_encrypted)
         state = self._state(None)
-        shapes = getattr(self.strategy, "extras_shapes", None)
-        extras = decode_extras(start.extras, shapes(state) if shapes is not None else {})
-        layout = self.strategy.layout(state)
+        extras = decode_extras(start.extras, self.learner.extras_shapes(state))
+        layout = self.learner.layout(state)
         if start.routing_plain is not None:
             vector = np.frombuffer(start.routing_plain, dtype="<f8")
         elif start.routing_encrypted is not None:
@@ -363,22 +444,23 @@ class Institution:
             return
         self._send(reply)
 
-    def _releases(self, current: _Round, facts: DPTrainingFacts) -> list[Release]:
-        """What this round releases: the adapter update and the routing statistics."""
+    def _releases(
+        self, current: _Round, state: GlobalState, facts: DPTrainingFacts
+    ) -> list[Release]:
+        """What this round releases with the masked input (the learner says: the adapter
+        update, and e.g. the routing statistics)."""
         fed_round, rid = current.start.federation_round, current.round_id
-        return [
-            facts.release(fed_round, rid),
-            self.routing.release(fed_round, rid, SENSITIVITY_BASIS),
-        ]
+        return self.learner.releases(state, facts, fed_round, rid)
 
     def _release(self, current: _Round) -> bool:
         """Charge the round's releases (write-ahead), send the signed ledger head, then the
         CKKS part; False if refused."""
-        if current.facts is None:  # never releases what it cannot account for
+        local = current.local
+        if local is None or local.facts is None:  # never releases what it cannot account for
             self._decline("local training reported no DP accounting facts")
             return False
         try:
-            self.ledger.charge(self._releases(current, current.facts))
+            self.ledger.charge(local.releases)
         except ReleaseRefused as exc:
             log.warning("%s: declines round %d at release: %s", self.name, current.round_id, exc)
             self._send(self.ledger.head())
@@ -427,31 +509,26 @@ class Institution:
     ) -> None:
         """Evaluate (inside the strategy's session for ``state``) and append one metrics line
         (local only: it is computed on private data)."""
-        device = self.config.training.device
-        device = None if device == "auto" else device
         line: dict[str, Any] = {"event": event, "institution": self.name, "time": time.time()}
         if current is not None:
-            train = current.result.metrics if current.result is not None else None
+            train = current.local.metrics if current.local is not None else None
             wall = time.monotonic() - current.started
             line.update(
                 round=current.start.federation_round,
                 round_id=current.round_id,
                 included=included,
                 declined=current.declined,
-                train=_metrics(train),
+                train=train,
                 bytes_sent=current.bytes_sent,
                 seconds_training=current.seconds_training,
                 seconds_crypto=current.seconds_crypto,
                 seconds_network=max(0.0, wall - current.seconds_training - current.seconds_crypto),
             )
-        session = plain_session() if state is None else self.strategy.session(self.model, state)
-        with session:
-            if validation:
-                line["validation"] = _metrics(
-                    evaluate(self.model, self.data["validation"], device=device)
-                )
-            if test:
-                line["test"] = _metrics(evaluate(self.model, self.data["test"], device=device))
+        state = state if state is not None else self._state(None)
+        if validation:
+            line["validation"] = _metrics(self.learner.evaluate(state, "validation"))
+        if test:
+            line["test"] = _metrics(self.learner.evaluate(state, "test"))
         line["epsilon_spent"] = self.ledger.spent()
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")

@@ -17,16 +17,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from clients.config import FederationConfig
 from clients.ddome import DDOMEConfig
-from clients.ddome_lora import DDOMEAdapterConfig
+from clients.ddome_lora import DDOMEAdapterConfig, attach_ddome, ddome_state
 from clients.fedalign import FedAlignClient, FedAlignConfig
 from clients.fedamole import FedAMoLEConfig
-from clients.fedamole_lora import AMoLEConfig
+from clients.fedamole_lora import AMoLEConfig, amole_state, attach_amole
 from clients.fedmoe import FedMoEClient, FedMoEConfig
 from clients.keys import Roster
 from clients.models import load_model, load_smollm2, tiny_dense_model, tiny_moe_model
-from clients.moe_lora import attach
+from clients.moe_lora import adapter_state, attach, routing_statistics
 from clients.shakespeare import institution_datasets, load_corpus, partition
-from clients.strategy import ClientStrategy, FedAvgClient, FedAvgConfig
+from clients.strategy import ClientStrategy, FedAvgClient, FedAvgConfig, GlobalState
 
 TINY_MOE_KINDS = {
     "tiny-moe-mixtral": "mixtral",
@@ -84,6 +84,35 @@ def build_model_with(
         torch.manual_seed(seed)
         attach_adapters(model)
     return model, tokenizer
+
+
+def build_strategy_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model with the configured strategy's adapters (FedAMoLE's, DDOME's, or the
+    MoE-LoRA adapters of every other strategy), and its tokenizer."""
+    strategy = config.aggregation.strategy
+    if strategy == "fedamole":
+        adapter = fedamole_config(config).adapter
+        return build_model_with(config, lambda model: attach_amole(model, adapter))
+    if strategy == "ddome":
+        experts = ddome_config(config).adapter
+        return build_model_with(config, lambda model: attach_ddome(model, experts))
+    return build_model(config)
+
+
+def initial_state(config: FederationConfig) -> GlobalState:
+    """The round-0 global state every party derives from the config: the seeded adapters of
+    :func:`build_strategy_model`, zero routing statistics (none for FedAMoLE and DDOME, whose
+    models do not route per token), no extras."""
+    model, _ = build_strategy_model(config)
+    strategy, experts = config.aggregation.strategy, config.model.moe.num_experts
+    if strategy == "fedamole":
+        return GlobalState.initial(amole_state(model), (), experts)
+    if strategy == "ddome":
+        return GlobalState.initial(ddome_state(model), (), experts)
+    stats = routing_statistics(model)
+    return GlobalState.initial(
+        adapter_state(model), stats.layer_names, stats.num_experts, stats.top_k
+    )
 
 
 def institution_data(
@@ -197,9 +226,10 @@ CLIENT_STRATEGIES: dict[str, Callable[[FederationConfig, str], ClientStrategy]] 
     "fedmoe": lambda config, name: FedMoEClient(fedmoe_config(config)),
 }
 """``[aggregation].strategy`` -> the client side for institution ``name`` (a new object per
-institution: strategies keep client-side memory). New strategies register here and in
-``coordinator.registry``. FedAMoLE and DDOME bring their own adapters and round
-(``fedamole_config``, ``ddome_config``); the harness ``coordinator.simulation`` runs them."""
+institution: strategies keep client-side memory) of the strategies on the MoE-LoRA adapters.
+New strategies register here and in ``coordinator.registry``. FedAMoLE and DDOME bring their
+own adapters and round (``fedamole_config``, ``ddome_config``): the runtime drives them through
+their learners (``clients.fedamole_learner``, ``clients.ddome_learner``)."""
 
 
 def client_strategy(config: FederationConfig, name: str) -> ClientStrategy:

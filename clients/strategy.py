@@ -114,6 +114,9 @@ class SubmissionLayout:
         object.__setattr__(self, "segments", segments)
         object.__setattr__(self, "_index", index)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
     def __getitem__(self, name: str) -> Segment:
         try:
             return self._index[name]

@@ -59,7 +59,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import Coordinator
 
-    config = _load_runnable(args.config)
+    config = load_config(args.config)
     _log_to_stderr(args.log_level)
     outcomes = Coordinator(config).run()
     aborted = [o.federation_round for o in outcomes if o.error]
@@ -73,7 +73,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from coordinator.wiring import make_institution
 
-    config = _load_runnable(args.config)
+    config = load_config(args.config)
     if args.institution not in config.institution_names:
         raise ConfigFileError(
             f"{args.config}: no institution {args.institution!r}; "
@@ -86,29 +86,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from coordinator.launcher import run_federation
 
-    config = _load_runnable(args.config)
+    config = load_config(args.config)
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the round tables
         console = Console(width=max(console.width, 120))
     return run_federation(Path(args.config), config, console, fresh=args.fresh)
-
-
-def _load_runnable(path: str) -> FederationConfig:
-    """The config, refused (naming the field) if the federation processes cannot run its
-    strategy: FedAMoLE and DDOME run only in the in-process federation so far."""
-    from coordinator.registry import COORDINATOR_STRATEGIES
-
-    config = load_config(path)
-    strategy = config.aggregation.strategy
-    if strategy not in COORDINATOR_STRATEGIES:
-        raise ConfigFileError(
-            path,
-            f"{strategy!r} runs only in the in-process federation so far "
-            "(coordinator.simulation, benchmarks/strategies.py); the federation processes "
-            f"drive {sorted(COORDINATOR_STRATEGIES)}",
-            "$.aggregation.strategy",
-        )
-    return config
 
 
 def _log_to_stderr(level: str) -> None:

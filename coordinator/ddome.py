@@ -23,9 +23,29 @@ from clients.ddome import (
 )
 from clients.ddome_lora import expert_of
 from clients.release import Charge
-from clients.strategy import DELTA_PREFIX, WEIGHT, NoContribution, SubmissionLayout
+from clients.strategy import DELTA_PREFIX, WEIGHT, GlobalState, NoContribution, SubmissionLayout
 from coordinator.strategy import aggregate_locally
 from privacy import DPConfig
+
+
+@dataclass(frozen=True)
+class DDOMEStrategy:
+    """DDOME's coordinator side over the federation processes' :class:`GlobalState` (the
+    adapters, and the last round's per-expert counts as an extra)."""
+
+    config: DDOMEConfig
+
+    def _state(self, state: GlobalState) -> DDOMEState:
+        return DDOMEState.from_global(state, self.config.adapter.num_experts)
+
+    def initial_state(self, state: GlobalState) -> GlobalState:
+        return DDOMECoordinator(self.config).initial_state(state.adapters).to_global()
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(self._state(state))
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        return DDOMECoordinator(self.config).aggregate(self._state(state), sums).to_global()
 
 
 class DDOMECoordinator:

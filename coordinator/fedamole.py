@@ -27,10 +27,21 @@ from clients.fedamole import (
     FedAMoLEConfig,
     FedAMoLEState,
     FedAMoLEUpdate,
+    amole_modules,
     check_assignment_feasible,
+    decode_scores,
+    encode_assignment,
+    state_from_global,
 )
 from clients.release import Charge
-from clients.strategy import DELTA_PREFIX, WEIGHT, NoContribution, StrategyError, SubmissionLayout
+from clients.strategy import (
+    DELTA_PREFIX,
+    WEIGHT,
+    GlobalState,
+    NoContribution,
+    StrategyError,
+    SubmissionLayout,
+)
 from coordinator.strategy import aggregate_locally
 from privacy import DPConfig
 
@@ -71,6 +82,40 @@ def client_affinity(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=1, keepdims=True)
     p = np.exp(shifted)
     return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class FedAMoLEStrategy:
+    """FedAMoLE's coordinator side over the federation processes' :class:`GlobalState` (the
+    adapters; keys, key counts and assignment as extras), with the selection stage."""
+
+    config: FedAMoLEConfig
+
+    def _state(self, state: GlobalState) -> FedAMoLEState:
+        return state_from_global(self.config, state)
+
+    def initial_state(self, state: GlobalState) -> GlobalState:
+        """The seeded adapters, no keys, and the public round-0 assignment."""
+        coordinator = FedAMoLECoordinator(self.config)
+        return coordinator.initial_state(state.adapters, amole_modules(state.adapters)).to_global()
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(self._state(state))
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        return FedAMoLECoordinator(self.config).aggregate(self._state(state), sums).to_global()
+
+    def wants_scores(self, state: GlobalState) -> bool:
+        return self._state(state).has_keys
+
+    def decode_scores(self, state: GlobalState, data: bytes) -> np.ndarray:
+        return decode_scores(data, self._state(state).key_counts.shape)
+
+    def select(self, state: GlobalState, scores: Mapping[int, np.ndarray]) -> GlobalState:
+        return FedAMoLECoordinator(self.config).assign(self._state(state), scores).to_global()
+
+    def selection(self, state: GlobalState) -> bytes:
+        return encode_assignment(self._state(state).assignment)
 
 
 class FedAMoLECoordinator:

@@ -31,18 +31,27 @@ from audit.entry import head_signature_ok
 from clients.config import FederationConfig
 from clients.extras import encode_extras
 from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
-from clients.moe_lora import adapter_state, routing_statistics
-from clients.setup import build_model, client_id, identity_keys
+from clients.setup import client_id, identity_keys, initial_state
 from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayout
 from clients.transport import TransportError
 from coordinator.registry import coordinator_strategy
 from coordinator.store import RoutingRelay, RunStore
-from coordinator.strategy import EncryptedUpdates
+from coordinator.strategy import EncryptedUpdates, Initialises, SelectionStage
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
 from coordinator.wiring import audit_facts
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
-from secagg.control import CkksInput, Hello, LedgerHead, RoundStart, Shutdown, round_id
-from secagg.errors import SecAggError
+from secagg.control import (
+    AffinityScores,
+    Assignment,
+    CkksInput,
+    Decline,
+    Hello,
+    LedgerHead,
+    RoundStart,
+    Shutdown,
+    round_id,
+)
+from secagg.errors import SecAggError, TooFewSurvivors
 from secagg.messages import MaskedInput
 from secagg.server import SecAggServer
 
@@ -102,12 +111,12 @@ class Coordinator:
         self.store.write_context(context_bytes(audit_facts(config)))
 
     def initial_state(self) -> GlobalState:
-        """The round-0 global state: the seeded adapter initialisation, zero routing."""
-        model, _ = build_model(self.config)
-        stats = routing_statistics(model)
-        return GlobalState.initial(
-            adapter_state(model), stats.layer_names, stats.num_experts, stats.top_k
-        )
+        """The round-0 global state: the seeded adapter initialisation, zero routing, and the
+        strategy's own round-0 parts (FedAMoLE's public assignment)."""
+        state = initial_state(self.config)
+        if isinstance(self.strategy, Initialises):
+            state = self.strategy.initial_state(state)
+        return state
 
     def run(self, stop: threading.Event | None = None) -> list[RoundOutcome]:
         """Run (or resume) the federation to its last round; tell the institutions it is over."""
@@ -222,6 +231,13 @@ class Coordinator:
         }
         server = SecAggServer(params, {i: self.identities[i] for i in ids})
         ckks_inputs: dict[int, EncryptedBatch] = {}
+        uses_ckks = "ckks" in layout.channels
+        selected = state
+
+        def selection_stage() -> set[int]:
+            nonlocal selected
+            selected, dropped = self._selection_stage(endpoint, state, rid, ids)
+            return dropped
 
         def on_message(name: str, cid: int, message: msgspec.Struct) -> bool:
             if isinstance(message, LedgerHead):
@@ -233,7 +249,7 @@ class Coordinator:
                 else:
                     log.warning("ignored a CKKS input from %s for another round or id", name)
                 return True
-            if isinstance(message, MaskedInput) and self.uses_ckks and cid not in ckks_inputs:
+            if isinstance(message, MaskedInput) and uses_ckks and cid not in ckks_inputs:
                 log.warning("refused the masked input of %s: its CKKS input did not come first",
                             name)  # fmt: skip
                 return True
@@ -243,18 +259,19 @@ class Coordinator:
             mask_sum = run_secagg_round(
                 endpoint, server, ids, self.config.coordinator.stage_timeout_s,
                 start=start, on_message=on_message,
+                before_stages=selection_stage if self._selects(state) else None,
             )  # fmt: skip
-        except SecAggError as exc:
+        except (SecAggError, StrategyError) as exc:
             return fail(str(exc))
         included = server.included
         try:
-            ckks_sum = self._ckks_sum(ckks_inputs, included) if self.uses_ckks else None
-            new_state, new_encrypted = state, encrypted
+            ckks_sum = self._ckks_sum(ckks_inputs, included) if uses_ckks else None
+            new_state, new_encrypted = selected, encrypted
             if self.encrypts_updates:
-                new_encrypted = self._encrypted_update(state, encrypted, mask_sum, ckks_sum)
-                new_state = self._updates.public_update(state, {"mask": mask_sum})
+                new_encrypted = self._encrypted_update(selected, encrypted, mask_sum, ckks_sum)
+                new_state = self._updates.public_update(selected, {"mask": mask_sum})
             else:
-                new_state = self.strategy.aggregate(state, {"mask": mask_sum})
+                new_state = self.strategy.aggregate(selected, {"mask": mask_sum})
             new_relay = self._routing_relay(layout, mask_sum, ckks_sum)
         except (StrategyError, SecAggError) as exc:
             return fail(f"aggregation failed: {exc}")
@@ -268,6 +285,69 @@ class Coordinator:
         log.info("round %d completed with %s in %.1f s", federation_round, included_names, seconds)
         outcome = RoundOutcome(federation_round, attempt, names, included_names, None, seconds)
         return outcome, new_state, new_encrypted, new_relay
+
+    def _selects(self, state: GlobalState) -> bool:
+        return isinstance(self.strategy, SelectionStage) and self.strategy.wants_scores(state)
+
+    def _selection_stage(
+        self,
+        endpoint: CoordinatorEndpoint,
+        state: GlobalState,
+        rid: int,
+        ids: dict[int, str],
+    ) -> tuple[GlobalState, set[int]]:
+        """Collect the institutions' noised scores (until all answered or the stage timeout),
+        make the strategy's choice from them and send it to those that scored.
+
+        Returns the state with the choice and the client ids that did not score (they take no
+        part in the round). Raises :class:`TooFewSurvivors` when fewer than the threshold
+        scored; malformed scores are refused with a log line and count as none.
+        """
+        assert isinstance(self.strategy, SelectionStage)
+        by_name = {name: cid for cid, name in ids.items()}
+        waiting, scores = set(ids), {}
+        deadline = time.monotonic() + self.config.coordinator.stage_timeout_s
+        while waiting and time.monotonic() < deadline:
+            received = endpoint.recv(max(deadline - time.monotonic(), 0.0))
+            if received is None:
+                continue
+            name, message = received
+            cid = by_name.get(name)
+            if isinstance(message, LedgerHead):
+                self._accept_head(name, message)
+            elif cid is None or isinstance(message, Hello):
+                continue
+            elif isinstance(message, Decline) and (message.round_id, message.client_id) == (
+                rid, cid,
+            ):  # fmt: skip
+                log.info("%s declined round %d: %s", name, rid, message.reason)
+                waiting.discard(cid)
+            elif isinstance(message, AffinityScores) and (message.round_id, message.client_id) == (
+                rid, cid,
+            ) and cid in waiting:  # fmt: skip
+                waiting.discard(cid)
+                try:
+                    scores[cid] = self.strategy.decode_scores(state, message.scores)
+                except StrategyError as exc:
+                    log.warning("refused the scores of %s: %s", name, exc)
+            else:
+                log.warning("ignored %s from %s during the selection stage",
+                            type(message).__name__, name)  # fmt: skip
+        threshold = self.config.secagg.resolved(len(self.config.institutions))[0]
+        if len(scores) < threshold:
+            raise TooFewSurvivors(
+                f"{len(scores)} institutions sent valid scores, the threshold is {threshold}"
+            )
+        selected = self.strategy.select(state, scores)
+        choice = Assignment(round_id=rid, selection=self.strategy.selection(selected))
+        for cid in scores:
+            try:
+                endpoint.send(ids[cid], choice)
+            except TransportError as exc:
+                log.warning("could not send the assignment to %s: %s", ids[cid], exc)
+        log.info("round %d: selection made from the scores of %s", rid,
+                 [ids[c] for c in sorted(scores)])  # fmt: skip
+        return selected, set(ids) - set(scores)
 
     def _ckks_sum(self, inputs: dict[int, EncryptedBatch], included: list[int]) -> EncryptedBatch:
         """The CKKS channel summed over exactly the clients the masked sum included."""
@@ -322,6 +402,8 @@ class Coordinator:
     ) -> RoutingRelay:
         """What to relay as last round's routing: the ciphertexts of the CKKS sum that hold
         it (a window, not the whole channel), or the decoded masked floats."""
+        if ROUTING not in layout:  # the strategy releases no routing statistics
+            return RoutingRelay()
         routing = layout[ROUTING]
         if routing.channel == "ckks":
             assert ckks_sum is not None and self.ckks_context is not None

@@ -46,6 +46,39 @@ class CoordinatorStrategy(Protocol):
 
 
 @runtime_checkable
+class Initialises(CoordinatorStrategy, Protocol):
+    """A strategy whose round-0 state carries public parts of its own (FedAMoLE's public
+    assignment) on top of the seeded adapters."""
+
+    def initial_state(self, state: GlobalState) -> GlobalState:
+        """The round-0 broadcast from the seeded adapters and zero routing of ``state``."""
+        ...
+
+
+@runtime_checkable
+class SelectionStage(CoordinatorStrategy, Protocol):
+    """A strategy whose rounds may start with a selection stage (FedAMoLE's reverse
+    selection): each institution sends noised, charged scores; the coordinator's choice from
+    them goes back to every institution before it trains."""
+
+    def wants_scores(self, state: GlobalState) -> bool:
+        """Whether a round from ``state`` starts with the selection stage."""
+        ...
+
+    def decode_scores(self, state: GlobalState, data: bytes) -> np.ndarray:
+        """One institution's scores from the wire (:class:`StrategyError` if malformed)."""
+        ...
+
+    def select(self, state: GlobalState, scores: Mapping[int, np.ndarray]) -> GlobalState:
+        """``state`` with the choice made from the scores (client id -> scores)."""
+        ...
+
+    def selection(self, state: GlobalState) -> bytes:
+        """The choice in ``state`` as the institutions receive it."""
+        ...
+
+
+@runtime_checkable
 class EncryptedUpdates(CoordinatorStrategy, Protocol):
     """A strategy that also works with its deltas under CKKS (``expert_updates = "ckks"``).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -38,7 +38,7 @@ from clients.transport import (
     send_frames,
 )
 from secagg.control import Decline, FromClient, Hello, RoundEnd, RoundStart, decode_from_client
-from secagg.errors import ConfigError, SecAggError, TooFewSurvivors
+from secagg.errors import ConfigError, SecAggError
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
 from secagg.server import SecAggServer
 
@@ -207,6 +207,7 @@ def run_secagg_round(
     *,
     start: Mapping[str, RoundStart] | None = None,
     on_message: OtherMessage | None = None,
+    before_stages: Callable[[], Iterable[int]] | None = None,
 ) -> np.ndarray:
     """Drive ``server``'s round over ``endpoint``; return the decoded float sum.
 
@@ -215,9 +216,11 @@ def run_secagg_round(
     awaited client answered or ``stage_timeout_s`` passed, so silent institutions are dropped.
     ``on_message(name, client_id, message)`` sees every message of the round first and returns
     True when it consumed it (e.g. a CKKS input). A :class:`~secagg.control.Decline` drops its
-    sender at once. Bad or stale messages are logged and ignored. Every institution gets a
-    :class:`~secagg.control.RoundEnd` at the end; raises
-    :class:`~secagg.errors.TooFewSurvivors` (after telling them) if the round aborts.
+    sender at once. Bad or stale messages are logged and ignored. ``before_stages()`` runs
+    once the round starts went out (a selection stage); the client ids it returns are given up
+    on. Every institution gets a :class:`~secagg.control.RoundEnd` at the end, also when the
+    round aborts (the error, e.g. :class:`~secagg.errors.TooFewSurvivors`, is raised after
+    telling them).
     """
     params = server.params
     missing = set(params.client_ids) - set(names)
@@ -228,12 +231,14 @@ def run_secagg_round(
         first = RoundStart(params=params, client_id=client_id) if start is None else start[name]
         _try_send(endpoint, name, first)
     try:
+        for client_id in before_stages() if before_stages is not None else ():
+            server.give_up_on(client_id)
         while server.stage is not None:
             _collect(endpoint, server, ids, time.monotonic() + stage_timeout_s, on_message)
             for client_id, message in server.advance().items():
                 _try_send(endpoint, names[client_id], message)
-    except TooFewSurvivors as exc:
-        end = RoundEnd(round_id=params.round_id, included=[], error=str(exc))
+    except Exception as exc:
+        end = RoundEnd(round_id=params.round_id, included=[], error=str(exc)[:1024])
         for name in ids:
             _try_send(endpoint, name, end)
         raise

@@ -65,5 +65,6 @@ def audit_facts(config: FederationConfig) -> FederationFacts:
         secagg_neighbours=neighbours,
         secagg_check_survivors=config.secagg.check_survivors,
         roster=str(config.keys_dir / ROSTER_FILE),
+        strategy=config.aggregation.strategy,
         software=software_versions(),
     )

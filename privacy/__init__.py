@@ -23,10 +23,18 @@ from privacy.gradcheck import (
     assert_per_sample_gradients,
     check_per_sample_gradients,
 )
-from privacy.release import ADAPTER_UPDATE, ROUTING_STATISTICS, Release
+from privacy.release import (
+    ADAPTER_UPDATE,
+    AFFINITY_SCORES,
+    EXPERT_KEYS,
+    ROUTING_STATISTICS,
+    Release,
+)
 
 __all__ = [
     "ADAPTER_UPDATE",
+    "AFFINITY_SCORES",
+    "EXPERT_KEYS",
     "LOSS_REDUCTION",
     "ROUTING_STATISTICS",
     "AlreadyReleased",

@@ -19,7 +19,9 @@ from privacy.errors import PrivacyConfigError
 
 ADAPTER_UPDATE: Final = "adapter-update"
 ROUTING_STATISTICS: Final = "routing-statistics"
-WHAT: Final = (ADAPTER_UPDATE, ROUTING_STATISTICS)
+AFFINITY_SCORES: Final = "affinity-scores"
+EXPERT_KEYS: Final = "expert-keys"
+WHAT: Final = (ADAPTER_UPDATE, ROUTING_STATISTICS, AFFINITY_SCORES, EXPERT_KEYS)
 """The kinds of release an institution makes (the only values ``Release.what`` accepts)."""
 
 Parameter = int | float | str

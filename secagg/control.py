@@ -71,6 +71,23 @@ class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tru
     batch: EncryptedBatch
 
 
+class AffinityScores(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """An institution's DP-noised expert scores for a selection stage (FedAMoLE), charged to
+    its ledger before they were sent: little-endian float64 bytes of the strategy's shape."""
+
+    round_id: RoundId
+    client_id: ClientId
+    scores: bytes
+
+
+class Assignment(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The coordinator's choice from the selection stage's scores (FedAMoLE: which institution
+    holds which expert), sent to every institution of the round before it trains."""
+
+    round_id: RoundId
+    selection: bytes
+
+
 class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """An institution will release nothing in this round (e.g. its privacy budget is spent)."""
 
@@ -119,6 +136,7 @@ FromClient = (
     Hello
     | LedgerHead
     | Decline
+    | AffinityScores
     | CkksInput
     | AdvertiseKeys
     | ShareKeys
@@ -128,6 +146,7 @@ FromClient = (
 )
 FromServer = (
     RoundStart
+    | Assignment
     | RoundEnd
     | Shutdown
     | KeyRoster

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clients.ddome import (
+    EXPERT_COUNTS,
     DDOMEClient,
     DDOMEConfig,
     DDOMEState,
@@ -31,7 +32,7 @@ from clients.ddome_lora import (
     set_trainable,
 )
 from clients.models import tiny_dense_model
-from clients.strategy import CHANNEL_BOUND, StrategyError
+from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
 from coordinator.ddome import DDOMECoordinator, DDOMEInstitution, run_round
 from coordinator.strategy import aggregate_locally
 from privacy import DPConfig, assert_per_sample_gradients
@@ -317,3 +318,18 @@ def test_evaluation_scores_the_mixture_the_institution_trains():
     assert metrics.loss == pytest.approx(float(expected), rel=1e-5)
     assert metrics.tokens == 5 * 11 and 0.0 <= metrics.accuracy <= 1.0
     assert other.loss != pytest.approx(metrics.loss)  # the choice matters
+
+
+def test_the_broadcast_form_round_trips_and_refuses_other_counts():
+    state = DDOMEState({"w": torch.ones(2)}, np.array([0.0, 2.0, 1.0, 0.0]), round=3)
+    broadcast = state.to_global()
+    assert set(broadcast.extras) == {EXPERT_COUNTS}
+    back = DDOMEState.from_global(broadcast, num_experts=4, round=3)
+    np.testing.assert_array_equal(back.expert_counts, state.expert_counts)
+    empty = DDOMEState.from_global(GlobalState(broadcast.adapters, broadcast.routing), 4)
+    assert not empty.expert_counts.any()
+    with pytest.raises(StrategyError):
+        DDOMEState.from_global(broadcast, num_experts=5)
+    with pytest.raises(StrategyError):
+        extra = {**broadcast.extras, "other": np.zeros(1)}
+        DDOMEState.from_global(GlobalState(broadcast.adapters, broadcast.routing, extra), 4)

@@ -10,13 +10,23 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from clients.fedamole import (
+    ASSIGNMENT,
     KEY_SUM,
+    KEYS,
     FedAMoLEClient,
     FedAMoLEConfig,
     FedAMoLEState,
     FedAMoLEUpdate,
+    amole_modules,
+    decode_assignment,
+    decode_scores,
+    encode_assignment,
+    state_from_global,
 )
 from clients.fedamole_lora import (
     AMoLEConfig,
@@ -31,7 +41,7 @@ from clients.fedamole_lora import (
 )
 from clients.models import tiny_dense_model
 from clients.release import gaussian_release, noise_generator
-from clients.strategy import CHANNEL_BOUND, StrategyError
+from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
 from coordinator.fedamole import (
     FedAMoLECoordinator,
     FedAMoLEInstitution,
@@ -423,3 +433,62 @@ def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator(
         scores = [e for e, what in ledger.entries if "affinity scores" in what]
         assert len(scores) == coordinator.received[i]
         assert all(e == dp_accounting.GaussianDpEvent(1.0) for e in scores)
+
+
+# --- the form the federation processes broadcast ------------------------------------------
+
+
+def test_the_broadcast_form_round_trips_and_refuses_malformed_extras():
+    m = model()
+    coordinator = FedAMoLECoordinator(config(num_clients=3))
+    state = coordinator.initial_state(amole_state(m), [n for n, _ in amole_layers(m)])
+    keyed = dataclasses.replace(
+        state, keys=np.random.default_rng(0).normal(size=state.keys.shape),
+        key_counts=np.full(state.key_counts.shape, 2.0),
+    )  # fmt: skip
+    broadcast = keyed.to_global()
+    assert amole_modules(broadcast.adapters) == state.modules
+    back = state_from_global(config(num_clients=3), broadcast)
+    np.testing.assert_array_equal(back.keys, keyed.keys)
+    np.testing.assert_array_equal(back.assignment, keyed.assignment)
+    assert back.has_keys and not state.has_keys
+    no_extras = state_from_global(
+        config(num_clients=3), GlobalState(broadcast.adapters, broadcast.routing)
+    )
+    assert not no_extras.has_keys and not no_extras.assignment.any()
+    for bad in (
+        {**broadcast.extras, ASSIGNMENT: broadcast.extras[ASSIGNMENT] * 2},  # not 0/1
+        {**broadcast.extras, KEYS: broadcast.extras[KEYS][:, :, :-1]},  # wrong rank
+        {k: v for k, v in broadcast.extras.items() if k != KEYS},  # missing
+    ):
+        with pytest.raises(StrategyError):
+            state_from_global(
+                config(num_clients=3), GlobalState(broadcast.adapters, broadcast.routing, bad)
+            )
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5))))
+def test_assignment_bytes_round_trip(assignment):
+    data = encode_assignment(assignment)
+    np.testing.assert_array_equal(decode_assignment(data, assignment.shape), assignment)
+    with pytest.raises(StrategyError, match="bytes"):
+        decode_assignment(data + b"\x00", assignment.shape)
+    with pytest.raises(StrategyError, match="only 0 and 1"):
+        decode_assignment(b"\x02" + data[1:], assignment.shape)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=80))
+def test_scores_from_the_wire_are_exactly_the_shape_and_finite(data):
+    shape = (2, 4)
+    if len(data) != 64:
+        with pytest.raises(StrategyError, match="bytes"):
+            decode_scores(data, shape)
+        return
+    values = np.frombuffer(data, dtype="<f8")
+    if not np.all(np.isfinite(values)):
+        with pytest.raises(StrategyError, match="finite"):
+            decode_scores(data, shape)
+    else:
+        np.testing.assert_array_equal(decode_scores(data, shape), values.reshape(shape))

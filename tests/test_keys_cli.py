@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -225,17 +226,15 @@ def test_cli_bad_config_exits_2_with_the_field(config_file, capsys):
     assert "Traceback" not in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("command", ["coordinator", "run"])
-def test_strategies_the_processes_cannot_drive_are_refused_naming_the_field(
-    config_file, capsys, command
+@pytest.mark.parametrize("strategy", ["fedamole", "ddome"])
+def test_ckks_updates_with_fedamole_or_ddome_are_refused_naming_the_field(
+    config_file, capsys, strategy
 ):
-    config_file.write_text(
-        config_file.read_text().replace('strategy = "fedavg"', 'strategy = "fedamole"', 1)
-    )
-    args = ["--config", str(config_file)] if command == "coordinator" else [str(config_file)]
-    assert main([command, *args]) == 2
+    text = config_file.read_text().replace('strategy = "fedavg"', f'strategy = "{strategy}"', 1)
+    config_file.write_text(re.sub(r'(?m)^expert_updates = "\w+"', 'expert_updates = "ckks"', text))
+    assert main(["check-config", str(config_file)]) == 2
     err = capsys.readouterr().err
-    assert "$.aggregation.strategy" in err and "in-process federation" in err
+    assert "$.aggregation.expert_updates" in err and strategy in err
     assert "Traceback" not in err and err.count("\n") == 1
 
 

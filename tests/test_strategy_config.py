@@ -127,6 +127,16 @@ def test_ddome_parameters_and_anchors_reach_its_config(raw):
             "$.aggregation.ddome.min_count",
             "exceeds the 3 institutions",
         ),
+        (
+            {"strategy": "fedamole", "fedamole": {"affinity_blocks": 9}},
+            "$.aggregation.fedamole.affinity_blocks",
+            "exceeds the 8 validation blocks",
+        ),
+        (
+            {"strategy": "ddome", "expert_updates": "ckks"},
+            "$.aggregation.expert_updates",
+            "does not work with strategy = 'ddome'",
+        ),
     ],
 )
 def test_bad_strategy_fields_are_named(raw, fields, field, text):

@@ -184,12 +184,14 @@ def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_pa
     fractions = dict(zip(NAMES, (0.5, 0.75, 1.0), strict=True))
 
     def prepare(inst) -> None:
-        inst.strategy = FedMoEClient(fedmoe_config(config), memory_fraction=fractions[inst.name])
+        inst.learner.strategy = FedMoEClient(
+            fedmoe_config(config), memory_fraction=fractions[inst.name]
+        )
 
     outcomes, institutions = run_in_threads(config, prepare)
     assert [o.error for o in outcomes] == [None, None]
     assert_rounds_match_plaintext(config, outcomes, recorded)
-    held = {inst.name: inst.strategy.held for inst in institutions}
+    held = {inst.name: inst.learner.strategy.held for inst in institutions}
     assert len({int(h.sum()) for h in held.values()}) >= 2  # sub-MoEs of different sizes
     for kind in ("MaskedInput", "CkksInput"):
         lengths = {name: sizes[(name, kind)] for name in NAMES}
