@@ -2,19 +2,24 @@
 
 :class:`Institution` follows the federation round protocol (``secagg.control``): on
 :class:`~secagg.control.RoundStart` it loads the broadcast global state, checks its privacy
-budget (declining the round when the release would exceed it), trains its adapters with DP-SGD
-inside the configured strategy's session (``[aggregation].strategy``, see
-:func:`clients.setup.client_strategy`), packs the strategy's submission and runs the client side
-of SecAgg+ on the "mask" channel (plus the CKKS channel, if any, sent just before the masked
-input). Evaluations run inside the strategy's session too (FedMoE scores its sub-MoE).
+budget (declining the round when the release would exceed it), trains one round through the
+configured strategy's learner (:mod:`clients.learner`: the MoE-LoRA adapters under a sum
+strategy of ``clients.setup.CLIENT_STRATEGIES``, or FedAMoLE's or DDOME's own adapters), packs
+the submission and runs the client side of SecAgg+ on the "mask" channel (plus the CKKS channel,
+if any, sent just before the masked input). Evaluations run through the learner too (FedMoE
+scores its sub-MoE, DDOME its chosen experts).
 
-Each round releases two things, the adapter update (DP-SGD) and the routing statistics
-(Gaussian mechanism, :mod:`clients.routing_release`), whatever the strategy: its per-expert
-weights, counts and scores are post-processing of those two and public broadcasts, and travel
-inside the same secure sum. Both are charged to the injected
-:class:`~clients.ledger.PrivacyLedger` before either leaves, and the ledger's signed head goes
-to the coordinator first. Metrics are computed on private data and stay local: one JSON line
-per event in ``run_dir/institutions/<name>/metrics.jsonl``.
+What a round releases is the learner's to say: the adapter update (DP-SGD) always; the routing
+statistics (Gaussian mechanism, :mod:`clients.routing_release`) under the MoE-LoRA strategies;
+FedAMoLE's expert keys. All of them are charged to the injected
+:class:`~clients.ledger.PrivacyLedger` before the masked input leaves, and the ledger's signed
+head goes to the coordinator first. A learner with a selection stage
+(:class:`~clients.learner.SelectsExperts`, FedAMoLE) first charges and sends its noised scores
+(:class:`~secagg.control.AffinityScores`) and trains once the coordinator's
+:class:`~secagg.control.Assignment` arrives. Per-expert weights, counts and scores inside the
+sum are post-processing of these releases and public broadcasts, except DDOME's expert counts
+(docs/fedamole-ddome.md, "Known limits"). Metrics are computed on private data and stay local:
+one JSON line per event in ``run_dir/institutions/<name>/metrics.jsonl``.
 
 Client ids are indices into ``[[institutions]]`` (:func:`clients.setup.client_id`).
 """

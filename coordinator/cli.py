@@ -150,7 +150,11 @@ def summary_table(config: FederationConfig) -> Table:
         (
             "aggregation",
             f"{config.aggregation.strategy}; expert updates: {config.aggregation.expert_updates}; "
-            f"routing statistics: {config.aggregation.routing_statistics}",
+            + (
+                "no routing statistics (own adapters)"
+                if config.aggregation.strategy in ("fedamole", "ddome")
+                else f"routing statistics: {config.aggregation.routing_statistics}"
+            ),
         ),
     ]
     for setting, value in rows:

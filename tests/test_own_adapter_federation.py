@@ -39,6 +39,7 @@ from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, GlobalState
 from coordinator.fedamole import FedAMoLECoordinator, FedAMoLEStrategy
 from coordinator.registry import coordinator_strategy
 from coordinator.service import Coordinator
+from privacy import BudgetExceeded
 from secagg import FixedPointCodec
 from secagg.control import AffinityScores, Assignment, decode_from_client, decode_from_server
 from secagg.errors import MalformedMessage
@@ -52,8 +53,7 @@ Recorded = dict[tuple[int, str], dict[str, np.ndarray]]
 def own_config(tmp_path: Path, strategy: str, rounds: int) -> FederationConfig:
     """The tiny federation with FedAMoLE (scores on its 8 validation blocks) or DDOME."""
     path = write_config(tmp_path, rounds=rounds)
-    text = re.sub(r'(?m)^strategy = "\w+"', f'strategy = "{strategy}"', path.read_text())
-    path.write_text(text + "\n[aggregation.fedamole]\naffinity_blocks = 8\n")
+    path.write_text(re.sub(r'(?m)^strategy = "\w+"', f'strategy = "{strategy}"', path.read_text()))
     return load_config(path)
 
 
@@ -264,3 +264,32 @@ def test_selection_messages_only_travel_in_their_direction():
         decode_from_server(encode(scores))
     with pytest.raises(MalformedMessage):
         decode_from_client(encode(choice))
+
+
+def test_an_institution_that_declines_at_the_scores_is_left_out_and_the_round_goes_on(
+    tmp_path, monkeypatch
+):
+    config = own_config(tmp_path, "fedamole", rounds=2)
+    original_check = Institution._on_round_start
+
+    def refusing(self, start):  # histories' officer refuses every release from round 2 on
+        if self.name == NAMES[2] and start.federation_round == 2:
+
+            def refuse(releases):
+                raise BudgetExceeded(self.ledger.spent(), 99.0, 1.0, self.ledger.delta)
+
+            monkeypatch.setattr(self.ledger, "check", refuse)
+        original_check(self, start)
+
+    monkeypatch.setattr(Institution, "_on_round_start", refusing)
+    outcomes, _ = run_in_threads(config)
+    assert [o.error for o in outcomes] == [None, None]
+    assert outcomes[1].included == NAMES[:2]
+    kinds = [
+        (e["federation_round"], e["what"])
+        for e in ledger_entries(config, NAMES[2])
+        if e["kind"] == "release"
+    ]
+    assert kinds == [(1, "adapter-update"), (1, "expert-keys")]  # nothing left in round 2
+    final = checkpoint(config, 2, Coordinator(config).initial_state())
+    assert not state_from_global(fedamole_config(config), final).assignment[:, :, 2].any()
