@@ -105,12 +105,17 @@ class CoordinatorSection(_Section):
     - ``bind``: endpoint the coordinator's ROUTER socket binds (``tcp://HOST:PORT``).
     - ``stage_timeout_s``: seconds the coordinator waits for the institutions at each stage
       of a round before it treats the missing ones as dropped.
+    - ``training_timeout_s``: the same for the stage that includes local training (from the
+      round start, or FedAMoLE's assignment, to the first SecAgg+ message); default: the stage
+      timeout. An institution cannot answer while it trains, so a dead one is only noticed
+      when this runs out.
     - ``max_message_bytes``: larger frames are refused unread (guards against memory abuse).
     - ``keys_dir``: where ``sealmoe keys`` writes the key pairs and the roster.
     """
 
     bind: Address = "tcp://127.0.0.1:5555"
     stage_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] = 120.0
+    training_timeout_s: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1 << 16, le=1 << 31)] = (
         DEFAULT_MAX_MESSAGE_BYTES
     )

@@ -115,7 +115,12 @@ def summary_table(config: FederationConfig) -> Table:
         ("run directory", str(config.run_dir)),
         (
             "coordinator",
-            f"{config.coordinator.bind} (stage timeout {config.coordinator.stage_timeout_s:g} s)",
+            f"{config.coordinator.bind} (stage timeout {config.coordinator.stage_timeout_s:g} s"
+            + (
+                f", training {config.coordinator.training_timeout_s:g} s)"
+                if config.coordinator.training_timeout_s is not None
+                else ")"
+            ),
         ),
         ("keys directory", str(config.keys_dir)),
         ("model", config.model.name),

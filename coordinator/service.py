@@ -260,6 +260,7 @@ class Coordinator:
                 endpoint, server, ids, self.config.coordinator.stage_timeout_s,
                 start=start, on_message=on_message,
                 before_stages=selection_stage if self._selects(state) else None,
+                first_stage_timeout_s=self.config.coordinator.training_timeout_s,
             )  # fmt: skip
         except (SecAggError, StrategyError) as exc:
             return fail(str(exc))

@@ -208,12 +208,15 @@ def run_secagg_round(
     start: Mapping[str, RoundStart] | None = None,
     on_message: OtherMessage | None = None,
     before_stages: Callable[[], Iterable[int]] | None = None,
+    first_stage_timeout_s: float | None = None,
 ) -> np.ndarray:
     """Drive ``server``'s round over ``endpoint``; return the decoded float sum.
 
     ``names`` maps each client id of the round to its institution. Each institution gets a
     :class:`~secagg.control.RoundStart` (``start[name]`` if given); a stage closes when every
-    awaited client answered or ``stage_timeout_s`` passed, so silent institutions are dropped.
+    awaited client answered or ``stage_timeout_s`` passed (``first_stage_timeout_s``, if given,
+    for the first stage, which includes the institutions' local training), so silent
+    institutions are dropped.
     ``on_message(name, client_id, message)`` sees every message of the round first and returns
     True when it consumed it (e.g. a CKKS input). A :class:`~secagg.control.Decline` drops its
     sender at once. Bad or stale messages are logged and ignored. ``before_stages()`` runs
@@ -233,8 +236,10 @@ def run_secagg_round(
     try:
         for client_id in before_stages() if before_stages is not None else ():
             server.give_up_on(client_id)
+        timeout = stage_timeout_s if first_stage_timeout_s is None else first_stage_timeout_s
         while server.stage is not None:
-            _collect(endpoint, server, ids, time.monotonic() + stage_timeout_s, on_message)
+            _collect(endpoint, server, ids, time.monotonic() + timeout, on_message)
+            timeout = stage_timeout_s
             for client_id, message in server.advance().items():
                 _try_send(endpoint, names[client_id], message)
     except Exception as exc:

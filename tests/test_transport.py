@@ -281,7 +281,7 @@ def institution(endpoint, values, identity_key, identities, outcome, *, stop_bef
         outcome["error"] = exc
 
 
-def run_round_over_sockets(coordinator, connect, *, n, threshold, dropouts, d=16):
+def run_round_over_sockets(coordinator, connect, *, n, threshold, dropouts, d=16, **options):
     names = dict(enumerate(NAMES[:n]))
     rng = np.random.default_rng(1)
     inputs = [rng.uniform(-1, 1, d) for _ in range(n)]
@@ -306,7 +306,7 @@ def run_round_over_sockets(coordinator, connect, *, n, threshold, dropouts, d=16
     )  # fmt: skip
     server = SecAggServer(params, identities)
     try:
-        total = run_secagg_round(coordinator, server, names, stage_timeout_s=3.0)
+        total = run_secagg_round(coordinator, server, names, stage_timeout_s=3.0, **options)
     except TooFewSurvivors as exc:
         total = exc
     finally:
@@ -362,3 +362,26 @@ def test_a_message_replayed_from_an_earlier_round_is_rejected(coordinator, conne
     with pytest.raises(WrongRound, match="replay"):
         server.receive(0, message)
     assert server.expected == {0, 1, 2}  # nothing was accepted
+
+
+def test_the_first_stage_gets_the_training_timeout_and_the_others_the_stage_timeout(
+    coordinator, connect, monkeypatch
+):
+    """The first stage includes the institutions' local training (``training_timeout_s``)."""
+    import coordinator.transport as transport
+
+    granted: list[tuple[str, float]] = []
+    original = transport._collect
+
+    def collect(endpoint, server, ids, deadline, on_message):
+        granted.append((server.stage.value, deadline - time.monotonic()))
+        original(endpoint, server, ids, deadline, on_message)
+
+    monkeypatch.setattr(transport, "_collect", collect)
+    _, server, _, _ = run_round_over_sockets(
+        coordinator, connect, n=3, threshold=2, dropouts={}, first_stage_timeout_s=60.0
+    )
+    assert server.included == [0, 1, 2]
+    (first, first_s), *rest = granted
+    assert first == "advertise" and 3.0 < first_s <= 60.0
+    assert rest and all(seconds <= 3.0 for _, seconds in rest)
