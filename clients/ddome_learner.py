@@ -17,14 +17,14 @@ import torch
 from clients.config import FederationConfig
 from clients.ddome import EXPERT_COUNTS, DDOMEClient, DDOMEState, evaluate_choice
 from clients.ddome_lora import common_embedding, ddome_state, load_ddome_state
-from clients.learner import SPLITS, LocalRound, RecordedCharges, device_of
+from clients.learner import SPLITS, LocalRound, RecordedCharges, Stateless, device_of
 from clients.setup import build_strategy_model, ddome_anchor, ddome_config, institution_data
 from clients.strategy import GlobalState, StrategyError, SubmissionLayout
 from clients.trainer import Metrics, select_device
 from privacy import DPConfig, DPTrainingFacts, Release
 
 
-class DDOMELearner:
+class DDOMELearner(Stateless):
     """Institution ``name``'s DDOME gate and experts, its data and their common embeddings."""
 
     def __init__(self, config: FederationConfig, name: str) -> None:

@@ -30,7 +30,7 @@ routing statistics are whatever the caller gives (already noised and charged if 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -204,6 +204,13 @@ class FedAlignClient:
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """The last broadcast adapters (what the next round's alignment scores compare to)."""
+        return {} if self._previous is None else dict(self._previous)
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        self._previous = {n: np.asarray(a, dtype=np.float64) for n, a in memory.items()} or None
 
     def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
         """The extras this client reads, all or none: the score statistics, (L, E) each."""

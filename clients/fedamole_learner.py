@@ -29,7 +29,7 @@ from clients.fedamole import (
     state_shapes,
 )
 from clients.fedamole_lora import amole_layers, amole_state, load_amole_state, set_held
-from clients.learner import LocalRound, RecordedCharges, device_of
+from clients.learner import LocalRound, RecordedCharges, Stateless, device_of
 from clients.setup import build_strategy_model, client_id, fedamole_config, institution_data
 from clients.strategy import GlobalState, StrategyError, SubmissionLayout
 from clients.trainer import Metrics, evaluate
@@ -56,7 +56,7 @@ KEY_BASIS = (
 )
 
 
-class FedAMoLELearner:
+class FedAMoLELearner(Stateless):
     """Institution ``name``'s FedAMoLE adapters and data; its client id is its index."""
 
     def __init__(self, config: FederationConfig, name: str) -> None:

@@ -21,7 +21,7 @@ holders.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -177,6 +177,22 @@ class FedMoEClient:
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """Rounds seen and the last activation pattern (from its noised routing statistics)."""
+        if self.pattern is None:
+            return {}
+        return {"rounds_seen": np.array([float(self.rounds_seen)]), "pattern": self.pattern}
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        if not memory:
+            return
+        if set(memory) != {"rounds_seen", "pattern"} or np.shape(memory["rounds_seen"]) != (1,):
+            raise StrategyError(
+                f"FedMoE memory must hold rounds_seen and pattern, got {sorted(memory)}"
+            )
+        self.rounds_seen = int(memory["rounds_seen"][0])
+        self.pattern = np.asarray(memory["pattern"], dtype=np.float64)
 
     def select(self, state: GlobalState) -> np.ndarray:
         """This round's sub-MoE (bool (L, E)): everything during warm-up, else the search."""

@@ -30,7 +30,14 @@ from clients.config import FederationConfig
 from clients.moe_lora import adapter_state, load_adapter_state, routing_statistics
 from clients.routing_release import SENSITIVITY_BASIS, private_routing_statistics, routing_mechanism
 from clients.setup import build_strategy_model, client_strategy, institution_data
-from clients.strategy import ClientStrategy, GlobalState, Submission, SubmissionLayout
+from clients.strategy import (
+    ClientStrategy,
+    GlobalState,
+    RemembersRounds,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+)
 from clients.trainer import Metrics, evaluate, train_local
 from privacy import DPConfig, DPTrainingFacts, Release
 
@@ -108,6 +115,15 @@ class Learner(Protocol):
 
     def evaluate(self, state: GlobalState, split: str) -> Metrics:
         """Metrics on ``split`` of the model this institution uses under ``state``."""
+        ...
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """What the strategy remembers between rounds (kept on disk by the runtime; empty for
+        a strategy that derives every round from the broadcast alone)."""
+        ...
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        """Take back :meth:`memory` after a restart."""
         ...
 
 
@@ -210,3 +226,23 @@ class MoELoRALearner:
     def evaluate(self, state: GlobalState, split: str) -> Metrics:
         with self.strategy.session(self.model, state):
             return evaluate(self.model, self.data[split], device=device_of(self.config))
+
+    def memory(self) -> dict[str, np.ndarray]:
+        return self.strategy.memory() if isinstance(self.strategy, RemembersRounds) else {}
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        if isinstance(self.strategy, RemembersRounds):
+            self.strategy.restore(memory)
+        elif memory:
+            raise StrategyError(f"the {self.config.aggregation.strategy} client keeps no memory")
+
+
+class Stateless:
+    """The memory of a learner whose rounds derive from the broadcast alone (DDOME, FedAMoLE)."""
+
+    def memory(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        if memory:
+            raise StrategyError(f"this strategy keeps no memory, got {sorted(memory)}")

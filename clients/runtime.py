@@ -39,10 +39,14 @@ import dp_accounting
 import msgspec
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_numpy
+from safetensors.numpy import save as save_numpy
 from safetensors.torch import load as load_safetensors
 
 from clients.config import FederationConfig
 from clients.ddome_learner import DDOMELearner
+from clients.durable import atomic_write
 from clients.extras import ExtrasError, decode_extras
 from clients.fedamole_learner import FedAMoLELearner
 from clients.keys import ROSTER_FILE, load_ckks_key_holder, load_institution_keys, load_roster
@@ -77,6 +81,8 @@ HELLO_INTERVAL_S = 2.0
 POLL_S = 0.25
 SECAGG_MESSAGES = (KeyRoster, RelayedShares, SurvivorSetRequest, UnmaskRequest)
 METRICS_FILE = "metrics.jsonl"
+MEMORY_FILE = "strategy-memory.safetensors"
+"""The client strategy's memory between rounds (safetensors; it never leaves the institution)."""
 
 LEARNERS: dict[str, Callable[[FederationConfig, str], Learner]] = {
     "ddome": DDOMELearner,
@@ -88,6 +94,10 @@ LEARNERS: dict[str, Callable[[FederationConfig, str], Learner]] = {
 def learner_for(config: FederationConfig, name: str) -> Learner:
     """Institution ``name``'s learner for the configured strategy."""
     return LEARNERS.get(config.aggregation.strategy, MoELoRALearner)(config, name)
+
+
+class InstitutionError(RuntimeError):
+    """The institution cannot start as its run directory stands (the message says what to do)."""
 
 
 @dataclass
@@ -149,6 +159,16 @@ class Institution:
         self.dir = Path(config.run_dir) / "institutions" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / METRICS_FILE
+        self.memory_path = self.dir / MEMORY_FILE
+        if self.memory_path.exists():
+            try:
+                self.learner.restore(load_numpy(self.memory_path.read_bytes()))
+            except (SafetensorError, StrategyError, OSError) as exc:
+                raise InstitutionError(
+                    f"{self.memory_path}: the strategy's memory cannot be restored ({exc}); "
+                    "delete the file to let the strategy start afresh"
+                ) from None
+            log.info("%s: restored the strategy's memory from %s", name, self.memory_path)
         self._round: _Round | None = None
         self._endpoint: InstitutionEndpoint | None = None
         self._last_state: GlobalState | None = None
@@ -363,6 +383,9 @@ class Institution:
         clipped = {k: v for k, v in local.submission.clipped.items() if v > 0}
         if clipped:
             log.info("%s: clipped fractions %s", self.name, clipped)
+        memory = self.learner.memory()
+        if memory:  # kept before anything is sent, so a restart goes on from this round
+            atomic_write(self.memory_path, save_numpy(memory), mode=0o600)
         layout = self.learner.layout(state)
         packed = layout.pack(local.submission.values)
         params, client_id = current.start.params, current.start.client_id

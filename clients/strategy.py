@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -295,6 +295,21 @@ class ClientStrategy(Protocol):
         self, state: GlobalState, result: LocalTrainingResult, num_examples: int
     ) -> Submission:
         """The named segments this client adds to the round's secure sums."""
+        ...
+
+
+@runtime_checkable
+class RemembersRounds(Protocol):
+    """A client strategy with memory between rounds (FedAlign-MoE's last broadcast adapters,
+    FedMoE's activation pattern), which the runtime keeps on disk so that a restarted
+    institution goes on where it stopped. The memory never leaves the institution."""
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """The memory as named float64 arrays (empty before the first round)."""
+        ...
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`memory` returned (:class:`StrategyError` if it does not fit)."""
         ...
 
 

@@ -293,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # them are imported lazily by the subcommands, so they are looked up only if already loaded.
 _LAZY_USER_ERRORS = (
     ("coordinator.service", "CoordinatorError"),
+    ("clients.runtime", "InstitutionError"),
     ("coordinator.store", "StoreError"),
     ("audit.ledger", "LedgerError"),
     ("audit.heads", "HeadFileError"),

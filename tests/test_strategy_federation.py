@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save
 from safetensors.torch import load_file
 
@@ -28,6 +29,7 @@ from clients.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
 from clients.fedmoe import FedMoEClient
 from clients.keys import load_ckks_key_holder
 from clients.moe_lora import adapter_state
+from clients.runtime import MEMORY_FILE, InstitutionError
 from clients.setup import fedmoe_config
 from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
 from clients.transport import InstitutionEndpoint
@@ -319,3 +321,37 @@ def test_ckks_updates_with_a_strategy_that_cannot_scale_them_are_refused(tmp_pat
     monkeypatch.setitem(registry.COORDINATOR_STRATEGIES, "fedmoe", lambda config: PlainOnly())
     with pytest.raises(CoordinatorError, match="expert_updates = 'ckks' does not work with"):
         Coordinator(config)
+
+
+def test_restarted_institutions_keep_their_strategy_memory(tmp_path):
+    """FedAlign-MoE scores round 2 against round 1's move and FedMoE leaves warm-up after one
+    round, also when every process restarted in between (the memory came from disk)."""
+    (tmp_path / "fedalign").mkdir()
+    (tmp_path / "fedmoe").mkdir()
+    config = strategy_config(tmp_path / "fedalign", "fedalign", rounds=1)
+    assert [o.error for o in run_in_threads(config)[0]] == [None]
+    memory = config.run_dir / "institutions" / NAMES[0] / MEMORY_FILE
+    assert oct(memory.stat().st_mode & 0o777) == "0o600"
+    assert set(load_numpy(memory.read_bytes())) == set(Coordinator(config).initial_state().adapters)
+    resumed = strategy_config(tmp_path / "fedalign", "fedalign", rounds=2)
+    assert [o.error for o in run_in_threads(resumed)[0]] == [None]
+    _, extras = checkpoint(resumed, 2)
+    assert extras[ALIGN_N].max() == len(NAMES)  # every institution knew round 1's move
+
+    config = strategy_config(tmp_path / "fedmoe", "fedmoe", rounds=1)
+    assert [o.error for o in run_in_threads(config)[0]] == [None]
+    resumed = strategy_config(tmp_path / "fedmoe", "fedmoe", rounds=2)
+    outcomes, institutions = run_in_threads(resumed)
+    assert [o.error for o in outcomes] == [None]
+    for inst in institutions:  # past warm-up: a sub-MoE within half the experts' memory
+        assert not inst.learner.strategy.held.all()
+
+
+def test_an_unreadable_strategy_memory_is_refused_naming_the_file(tmp_path):
+    config = strategy_config(tmp_path, "fedmoe", rounds=1)
+    memory = config.run_dir / "institutions" / NAMES[0] / MEMORY_FILE
+    memory.parent.mkdir(parents=True)
+    memory.write_bytes(b"not safetensors")
+    with pytest.raises(InstitutionError, match="delete the file") as info:
+        make_institution(config, NAMES[0])
+    assert str(memory) in str(info.value)
