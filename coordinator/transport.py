@@ -230,10 +230,14 @@ def run_secagg_round(
     if missing:
         raise ConfigError(f"no institution name for client ids {sorted(missing)}")
     ids = {names[i]: i for i in params.client_ids}
+    unreachable = []
     for name, client_id in ids.items():
         first = RoundStart(params=params, client_id=client_id) if start is None else start[name]
-        _try_send(endpoint, name, first)
+        if not _try_send(endpoint, name, first):
+            unreachable.append(client_id)
     try:
+        for client_id in unreachable:  # gone since the round was formed: do not wait for it
+            server.give_up_on(client_id)
         for client_id in before_stages() if before_stages is not None else ():
             server.give_up_on(client_id)
         timeout = stage_timeout_s if first_stage_timeout_s is None else first_stage_timeout_s
@@ -295,8 +299,11 @@ def _collect(
             log.warning("rejected %s from %s: %s", type(message).__name__, name, exc)
 
 
-def _try_send(endpoint: CoordinatorEndpoint, name: str, message: msgspec.Struct) -> None:
+def _try_send(endpoint: CoordinatorEndpoint, name: str, message: msgspec.Struct) -> bool:
+    """Send, logging a failure; whether it was sent."""
     try:
         endpoint.send(name, message)
     except TransportError as exc:
         log.warning("could not send %s to %s: %s", type(message).__name__, name, exc)
+        return False
+    return True

@@ -385,3 +385,61 @@ def test_the_first_stage_gets_the_training_timeout_and_the_others_the_stage_time
     (first, first_s), *rest = granted
     assert first == "advertise" and 3.0 < first_s <= 60.0
     assert rest and all(seconds <= 3.0 for _, seconds in rest)
+
+
+def test_an_institution_gone_before_the_round_start_is_not_waited_for(
+    coordinator, connect, monkeypatch
+):
+    """One that said Hello and vanished before its RoundStart could be sent is given up on at
+    once: the first stage awaits only the others."""
+    import coordinator.transport as transport
+
+    n = 3
+    names = dict(enumerate(NAMES[:n]))
+    identity_keys = [Ed25519PrivateKey.generate() for _ in range(n)]
+    identities = {i: k.public_key() for i, k in enumerate(identity_keys)}
+    gone = connect(names[2])
+    gone.send(Hello())
+    assert [name for name, _ in receive_until(coordinator, 1)] == [names[2]]
+    gone.close()
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # until the coordinator's socket noticed
+        try:
+            coordinator.send(names[2], RoundEnd(round_id=0, included=[]))
+        except PeerUnreachable:
+            break
+        time.sleep(0.1)
+    rng = np.random.default_rng(2)
+    inputs = [rng.uniform(-1, 1, 8) for _ in range(n)]
+    outcomes = [{} for _ in range(n)]
+    threads = [
+        threading.Thread(
+            target=institution,
+            args=(connect(names[i]), inputs[i], identity_keys[i], identities, outcomes[i]),
+        )
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    assert {name for name, _ in receive_until(coordinator, 2)} == {names[0], names[1]}
+    awaited: list[set[int]] = []
+    original = transport._collect
+
+    def collect(endpoint, server, ids, deadline, on_message):
+        awaited.append(set(server.expected))
+        original(endpoint, server, ids, deadline, on_message)
+
+    monkeypatch.setattr(transport, "_collect", collect)
+    params = RoundParams(
+        round_id=9, client_ids=list(range(n)), threshold=2, neighbours=n - 1,
+        graph_seed=os.urandom(32), vector_length=8,
+    )  # fmt: skip
+    server = SecAggServer(params, identities)
+    try:
+        total = run_secagg_round(coordinator, server, names, stage_timeout_s=WAIT)
+    finally:
+        for thread in threads:
+            thread.join(WAIT)
+    assert awaited[0] == {0, 1}  # the vanished one was never awaited
+    assert server.included == [0, 1]
+    np.testing.assert_allclose(total, inputs[0] + inputs[1], atol=1e-3)
