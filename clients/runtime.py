@@ -217,10 +217,8 @@ class Institution:
                     log.info(
                         "%s: coordinator shut the federation down: %s", self.name, message.reason
                     )
-                    # evaluate the model the federation produced
-                    self._load_global(message.global_state, message.global_encrypted)
-                    final = self._state(self._last_state)
-                    self._record("final", None, final, validation=False, test=True)
+                    self._record("final", None, self._final_state(message), validation=False,
+                                 test=True)  # fmt: skip
                     return 0
                 self._dispatch(message)
             log.info("%s: stopped", self.name)
@@ -419,7 +417,18 @@ class Institution:
             return GlobalState(self.learner.adapters(), previous.routing, previous.extras)
         return self.learner.local_state()
 
-    def _global_state(self, start: RoundStart) -> GlobalState:
+    def _final_state(self, goodbye: Shutdown) -> GlobalState:
+        """The model the federation produced, loaded: the Shutdown's state, or (if it cannot be
+        used) the last broadcast's routing and extras with whatever adapters are loaded."""
+        try:
+            self._last_state = self._global_state(goodbye)
+        except Exception as exc:
+            log.warning("%s: cannot use the final state (%s); evaluating the last one",
+                        self.name, exc)  # fmt: skip
+            return self._state(self._last_state)
+        return self._last_state
+
+    def _global_state(self, start: RoundStart | Shutdown) -> GlobalState:
         """Load the broadcast adapters into the model; the routing statistics and checked
         extras it carries (:class:`~clients.extras.ExtrasError` if they are malformed)."""
         self._load_global(start.global_state, start.global_encrypted)
@@ -431,8 +440,8 @@ class Institution:
         elif start.routing_encrypted is not None:
             t0 = time.monotonic()
             decrypted = self.ckks.decrypt(start.routing_encrypted)
-            assert self._round is not None
-            self._round.seconds_crypto += time.monotonic() - t0
+            if self._round is not None:
+                self._round.seconds_crypto += time.monotonic() - t0
             vector = routing_from_channel(layout, decrypted)
         else:
             return GlobalState(state.adapters, state.routing, extras)

@@ -156,6 +156,9 @@ class Coordinator:
                 reason="the federation finished its rounds",
                 global_state=_state_bytes(state) if encrypted is None else b"",
                 global_encrypted=encrypted,
+                routing_plain=relay.plain,
+                routing_encrypted=relay.encrypted,
+                extras=encode_extras(state.extras),
             )
             for name in endpoint.connected:
                 try:

@@ -115,13 +115,16 @@ class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True
     """The federation is over; the institution may exit.
 
     ``global_state`` is the final global adapter state (safetensors bytes; ``global_encrypted``
-    under CKKS expert updates, as in :class:`RoundStart`), so each institution can evaluate the
-    model the federation produced.
+    under CKKS expert updates), with the last round's routing statistics and extras, each as in
+    :class:`RoundStart`, so each institution can evaluate the model the federation produced.
     """
 
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
     global_state: bytes = b""
     global_encrypted: EncryptedBatch | None = None
+    routing_plain: bytes | None = None
+    routing_encrypted: EncryptedBatch | None = None
+    extras: bytes = b""
 
 
 class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

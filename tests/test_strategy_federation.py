@@ -29,7 +29,7 @@ from clients.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
 from clients.fedmoe import FedMoEClient
 from clients.keys import load_ckks_key_holder
 from clients.moe_lora import adapter_state
-from clients.runtime import MEMORY_FILE, InstitutionError
+from clients.runtime import MEMORY_FILE, InstitutionError, routing_from_channel
 from clients.setup import fedmoe_config
 from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
 from clients.transport import InstitutionEndpoint
@@ -158,13 +158,25 @@ def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: 
 def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path, monkeypatch):
     config = strategy_config(tmp_path, "fedalign")
     recorded = record_submissions(monkeypatch, FedAlignClient)
-    outcomes, _ = run_in_threads(config)
+    outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
     assert_rounds_match_plaintext(config, outcomes, recorded)
     _, extras = checkpoint(config, 2)
     # round 2 scored every expert against round 1's move: the statistics are not empty
     assert extras[ALIGN_N].max() == len(NAMES)
     assert np.abs(extras[ALIGN_MEAN]).max() > 0
+    # the final evaluation used the last round's aggregates, which the Shutdown carried
+    relay = RunStore(config.run_dir).resume().routing
+    key = load_ckks_key_holder(config.keys_dir, NAMES[0])
+    layout = coordinator_strategy(config).layout(Coordinator(config).initial_state())
+    final_routing = routing_from_channel(layout, key.decrypt(relay.encrypted))
+    for inst in institutions:
+        assert inst._last_state.extras.keys() == extras.keys()
+        for name, value in extras.items():
+            np.testing.assert_array_equal(inst._last_state.extras[name], value)
+        np.testing.assert_allclose(
+            inst._last_state.routing.as_vector(), np.maximum(final_routing, 0.0), atol=1e-9
+        )
 
 
 def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_path, monkeypatch):
