@@ -5,20 +5,20 @@ scores) describes the release as a dp-accounting ``DpEvent``, hands it to an inj
 :class:`Charge` callback (the institution's ledger) and only then draws the noise and returns
 the value. A callback that refuses (raises) stops the release: nothing is returned.
 
-Noise comes from a ``torch.Generator`` (Mersenne Twister) seeded from ``os.urandom``; it is not a
-cryptographically secure sampler (Opacus' ``secure_mode`` is unavailable here), the same
-generator family the DP-SGD noise uses.
+Noise comes from :mod:`privacy.noise` (an AES-CTR keystream), as DP-SGD's does; a test may pass
+a seeded ``torch.Generator`` instead to reproduce it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Protocol
 
 import dp_accounting
 import numpy as np
 import torch
+
+from privacy.noise import gaussian_array
 
 
 class Charge(Protocol):
@@ -27,10 +27,8 @@ class Charge(Protocol):
     def __call__(self, event: dp_accounting.DpEvent, what: str) -> None: ...
 
 
-def noise_generator(seed: int | None = None) -> torch.Generator:
-    """A CPU generator seeded from ``os.urandom`` (``seed`` only for reproducible tests)."""
-    if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+def noise_generator(seed: int) -> torch.Generator:
+    """A seeded CPU generator, for tests that must reproduce a release's noise."""
     return torch.Generator().manual_seed(seed)
 
 
@@ -54,6 +52,8 @@ def gaussian_release(
         raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier!r}")
     values = np.asarray(values, dtype=np.float64)
     charge(dp_accounting.GaussianDpEvent(noise_multiplier), what)
-    gen = generator if generator is not None else noise_generator()
-    noise = torch.normal(0.0, 1.0, size=values.shape, generator=gen, dtype=torch.float64)
-    return values + noise_multiplier * sensitivity * noise.numpy()
+    std = noise_multiplier * sensitivity
+    if generator is None:
+        return values + gaussian_array(values.shape, std)
+    noise = torch.normal(0.0, 1.0, size=values.shape, generator=generator, dtype=torch.float64)
+    return values + std * noise.numpy()

@@ -3,7 +3,9 @@
 Opacus' hooks are attached to the model without wrapping it (parameter names stay stable) and
 removed by :meth:`PrivateTraining.close`. The loss reduction that Opacus assumes is fixed here
 (:data:`LOSS_REDUCTION`) and applied by :meth:`PrivateTraining.step` itself: callers hand over
-PER-SAMPLE losses and never reduce or backpropagate them, so the two cannot disagree.
+PER-SAMPLE losses and never reduce or backpropagate them, so the two cannot disagree. The
+Gaussian noise comes from :mod:`privacy.noise` (an AES-CTR keystream), not from torch's
+seedable generator.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from opacus.grad_sample import (
     GradSampleHooksFastGradientClipping,
 )
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.utils.data import DataLoader
 
 from privacy.config import DPConfig
 from privacy.errors import PrivacyConfigError, PrivacyError
 from privacy.events import DPTrainingFacts
+from privacy.noise import gaussian_like
 
 LOSS_REDUCTION: Final = "mean"
 """How a batch of per-sample losses becomes the loss that is backpropagated (the one place)."""
@@ -242,6 +246,29 @@ class PrivateTraining:
         self.close()
 
 
+def _add_secure_noise(self: DPOptimizer) -> None:
+    """Opacus' ``add_noise`` (clipped sum plus N(0, (sigma C)^2) per coordinate, into
+    ``p.grad``) with the noise from :func:`privacy.noise.gaussian_like`."""
+    sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+    for p in self.params:
+        _check_processed_flag(p.summed_grad)
+        noise = gaussian_like(p.summed_grad, sigma * self.max_grad_norm)
+        p.grad = (p.summed_grad + noise).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+class _SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DP optimizer (per-sample gradient hooks) with CSPRNG noise."""
+
+    add_noise = _add_secure_noise
+
+
+class _SecureNoiseGhostOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' ghost-clipping DP optimizer with CSPRNG noise."""
+
+    add_noise = _add_secure_noise
+
+
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -257,8 +284,8 @@ def make_private(
     (flat clipping), Gaussian noise of std ``noise_multiplier * max_grad_norm``, and the sum
     divided by the expected batch size q * N. ``dp.noise_multiplier`` must be calibrated.
     With ``dp=None``: the given loader and optimizer unchanged (the baseline).
-    ``seed`` makes sampling and noise reproducible (tests only); by default both generators
-    are seeded from ``os.urandom``.
+    ``seed`` makes Poisson sampling reproducible (tests only; by default its generator is seeded
+    from ``os.urandom``); the noise never is (:mod:`privacy.noise`).
     """
     trainable = {id(p) for _, p in trainable_parameters(model)}
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -278,9 +305,7 @@ def make_private(
         return PrivateTraining(model, optimizer, data_loader, None, sample_rate, None)
 
     sigma = dp.require_noise_multiplier()
-    device = next(p.device for _, p in trainable_parameters(model))
     sampling = torch.Generator().manual_seed(_random_seed() if seed is None else seed)
-    noise = torch.Generator(device=device).manual_seed(_random_seed() if seed is None else seed + 1)
     loader = DPDataLoader(
         data_loader.dataset,
         sample_rate=sample_rate,
@@ -290,7 +315,7 @@ def make_private(
     hooks = attach_grad_sampler(model, dp.grad_sample_mode, dp.max_grad_norm)
     hooks.forbid_grad_accumulation()
     optimizer_class = (
-        DPOptimizerFastGradientClipping if dp.grad_sample_mode == "ghost" else DPOptimizer
+        _SecureNoiseGhostOptimizer if dp.grad_sample_mode == "ghost" else _SecureNoiseDPOptimizer
     )
     dp_optimizer = optimizer_class(
         optimizer,
@@ -298,6 +323,5 @@ def make_private(
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=min(batch_size, n),
         loss_reduction=LOSS_REDUCTION,
-        generator=noise,
     )
     return PrivateTraining(model, dp_optimizer, loader, dp, sample_rate, hooks)

@@ -2,19 +2,19 @@
 
 Noise of standard deviation ``noise_multiplier * l2_sensitivity`` on every coordinate makes the
 release a dp-accounting ``GaussianDpEvent(noise_multiplier)`` (that event assumes sensitivity 1,
-so the multiplier is in units of the sensitivity). The generator is seeded from ``os.urandom``.
+so the multiplier is in units of the sensitivity). The noise comes from :mod:`privacy.noise`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import dp_accounting
 import numpy as np
 
 from privacy.errors import PrivacyConfigError
+from privacy.noise import gaussian_array
 from privacy.release import Release
 
 
@@ -44,10 +44,9 @@ class GaussianMechanism:
         return dp_accounting.GaussianDpEvent(self.noise_multiplier)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
-        """``values`` (float64) plus fresh Gaussian noise."""
-        rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        """``values`` (float64) plus fresh Gaussian noise (:mod:`privacy.noise`)."""
         values = np.asarray(values, dtype=np.float64)
-        return values + rng.normal(0.0, self.noise_std, size=values.shape)
+        return values + gaussian_array(values.shape, self.noise_std)
 
     def release(self, federation_round: int, round_id: int, sensitivity_basis: str) -> Release:
         """One application in a round as a :class:`~privacy.release.Release`.
