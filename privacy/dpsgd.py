@@ -10,14 +10,14 @@ seedable generator.
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
+import numpy as np
 import torch
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.grad_sample import (
     AbstractGradSampleHooks,
     GradSampleHooks,
@@ -25,13 +25,14 @@ from opacus.grad_sample import (
 )
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from privacy.config import DPConfig
 from privacy.errors import PrivacyConfigError, PrivacyError
 from privacy.events import DPTrainingFacts
-from privacy.noise import gaussian_like
+from privacy.noise import gaussian_like, uniform
 
 LOSS_REDUCTION: Final = "mean"
 """How a batch of per-sample losses becomes the loss that is backpropagated (the one place)."""
@@ -122,10 +123,6 @@ def ghost_clipped_backward(
             (coefficients * per_sample_loss).sum().backward()
     finally:
         hooks.enable_hooks()
-
-
-def _random_seed() -> int:
-    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
 class PrivateTraining:
@@ -246,6 +243,44 @@ class PrivateTraining:
         self.close()
 
 
+class _PoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler (each record in a batch with probability ``sample_rate``)
+    with the coins from :func:`privacy.noise.uniform`, or from ``generator`` if a test gives
+    one."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            if self.generator is None:
+                coins = uniform(self.num_samples)
+            else:
+                coins = torch.rand(self.num_samples, generator=self.generator).numpy()
+            yield np.flatnonzero(coins < self.sample_rate).tolist()
+
+
+def _poisson_loader(
+    dataset: Dataset,
+    sample_rate: float,
+    collate_fn: Callable[[list], object] | None,
+    generator: torch.Generator | None,
+) -> DataLoader:
+    """What Opacus' ``DPDataLoader`` builds (Poisson batches; an empty one collates to
+    zero-length tensors), over :class:`_PoissonSampler`."""
+    first = dataset[0]
+    return DataLoader(
+        dataset,
+        batch_sampler=_PoissonSampler(
+            num_samples=len(dataset),  # type: ignore[arg-type]
+            sample_rate=sample_rate,
+            generator=generator,
+        ),
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=collate_fn or default_collate,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+            dtypes=[dtype_safe(x) for x in first],
+        ),
+    )
+
+
 def _add_secure_noise(self: DPOptimizer) -> None:
     """Opacus' ``add_noise`` (clipped sum plus N(0, (sigma C)^2) per coordinate, into
     ``p.grad``) with the noise from :func:`privacy.noise.gaussian_like`."""
@@ -279,13 +314,13 @@ def make_private(
 ) -> PrivateTraining:
     """Make (model, optimizer, data_loader) DP-SGD on the trainable parameters, or plain SGD.
 
-    With ``dp`` set: Poisson sampling at rate q = batch_size / len(dataset) through Opacus'
-    ``DPDataLoader``, per-sample clipping to ``dp.max_grad_norm`` over ALL trainable parameters
+    With ``dp`` set: Poisson sampling at rate q = batch_size / len(dataset) (as Opacus'
+    ``DPDataLoader``), per-sample clipping to ``dp.max_grad_norm`` over ALL trainable parameters
     (flat clipping), Gaussian noise of std ``noise_multiplier * max_grad_norm``, and the sum
     divided by the expected batch size q * N. ``dp.noise_multiplier`` must be calibrated.
     With ``dp=None``: the given loader and optimizer unchanged (the baseline).
-    ``seed`` makes Poisson sampling reproducible (tests only; by default its generator is seeded
-    from ``os.urandom``); the noise never is (:mod:`privacy.noise`).
+    ``seed`` makes Poisson sampling reproducible (tests only; by default its coins come from
+    :mod:`privacy.noise`); the noise never is.
     """
     trainable = {id(p) for _, p in trainable_parameters(model)}
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -305,13 +340,8 @@ def make_private(
         return PrivateTraining(model, optimizer, data_loader, None, sample_rate, None)
 
     sigma = dp.require_noise_multiplier()
-    sampling = torch.Generator().manual_seed(_random_seed() if seed is None else seed)
-    loader = DPDataLoader(
-        data_loader.dataset,
-        sample_rate=sample_rate,
-        collate_fn=data_loader.collate_fn,
-        generator=sampling,
-    )
+    sampling = None if seed is None else torch.Generator().manual_seed(seed)
+    loader = _poisson_loader(data_loader.dataset, sample_rate, data_loader.collate_fn, sampling)
     hooks = attach_grad_sampler(model, dp.grad_sample_mode, dp.max_grad_norm)
     hooks.forbid_grad_accumulation()
     optimizer_class = (

@@ -4,7 +4,8 @@ Whoever sees a release must not be able to predict the noise that hides a record
 noise comes from an AES-256-CTR keystream (``cryptography``) under a fresh ``os.urandom`` key
 per call, never from a seedable PRNG. The Box-Muller transform turns pairs of 53-bit uniforms
 into standard normals. Opacus' own secure mode needs ``torchcsprng``, which is not installable
-here, so DP-SGD takes its noise from :func:`gaussian_like` as well (``privacy.dpsgd``).
+here, so DP-SGD takes its noise from :func:`gaussian_like` and its Poisson sampling coins from
+:func:`uniform` as well (``privacy.dpsgd``).
 
 What this does not do: the samples are float64 values rounded to the gradient's dtype, so the
 floating-point attacks on textbook Gaussian samplers (Mironov 2012; Jin et al. 2021) are not
@@ -20,19 +21,26 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_BYTES_PER_PAIR = 16  # two 64-bit words, one pair of normals
+_BYTES_PER_WORD = 8
+
+
+def uniform(count: int) -> np.ndarray:
+    """``count`` independent uniforms on [0, 1) (float64, 53 random bits each) from a fresh
+    AES-256-CTR keystream."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    keystream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    words = np.frombuffer(keystream.update(bytes(_BYTES_PER_WORD * count)), dtype="<u8")
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def standard_normal(count: int) -> np.ndarray:
     """``count`` independent N(0, 1) samples (float64) from a fresh AES-256-CTR keystream."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
-    pairs = (count + 1) // 2
-    keystream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
-    words = np.frombuffer(keystream.update(bytes(_BYTES_PER_PAIR * pairs)), dtype="<u8")
-    uniform = (words >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1), 53 bits
-    radius = np.sqrt(-2.0 * np.log1p(-uniform[0::2]))  # 1 - u in (0, 1]: finite
-    angle = 2.0 * math.pi * uniform[1::2]
+    u = uniform(2 * ((count + 1) // 2))
+    radius = np.sqrt(-2.0 * np.log1p(-u[0::2]))  # 1 - u in (0, 1]: finite
+    angle = 2.0 * math.pi * u[1::2]
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
 
 

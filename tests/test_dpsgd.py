@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from dp_accounting import pld, rdp
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -219,7 +219,8 @@ def test_private_and_baseline_share_one_interface():
         ) as training:
             assert training.private is (config is not None)
             assert training.sample_rate == pytest.approx(8 / 48)
-            assert isinstance(training.data_loader, DPDataLoader) is (config is not None)
+            poisson = isinstance(training.data_loader.batch_sampler, UniformWithReplacementSampler)
+            assert poisson is (config is not None)
             batches = training.batches()
             for _ in range(3):
                 (ids,) = next(batches)

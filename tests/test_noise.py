@@ -79,3 +79,30 @@ def test_every_release_draws_its_noise_from_the_csprng(monkeypatch):
         ("privacy.gaussian", pytest.approx(5.0)),
         ("clients.release", pytest.approx(0.8)),
     ]
+
+
+def test_poisson_sampling_coins_come_from_the_csprng(monkeypatch):
+    flips: list[int] = []
+    real = privacy.dpsgd.uniform
+
+    def spy(count):
+        flips.append(count)
+        return real(count)
+
+    monkeypatch.setattr(privacy.dpsgd, "uniform", spy)
+    model = TinyAdapterLM()
+    config = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=1.0)
+    blocks = pattern_blocks(400)
+    opt = torch.optim.SGD(trainable(model), lr=0.1)
+    with make_private(model, opt, loader(blocks, 40), config) as training:
+        sizes = [len(ids) for (ids,), _ in zip(training.batches(), range(50), strict=False)]
+    assert flips == [400] * len(flips) and len(flips) >= 50  # one coin per record and batch
+    # 50 batches of Binomial(400, 0.1): the mean batch is 40 +- 0.6 (std); 6 std is never hit
+    assert abs(np.mean(sizes) - 40) < 6 * np.sqrt(400 * 0.1 * 0.9 / 50)
+    seeded = []
+    for _ in range(2):  # a test's seed makes the batches reproducible
+        with make_private(model, opt, loader(blocks, 40), config, seed=3) as training:
+            seeded.append(
+                [ids.tolist() for (ids,), _ in zip(training.batches(), range(3), strict=False)]
+            )
+    assert seeded[0] == seeded[1]
