@@ -137,7 +137,6 @@ class FedAMoLELearner(Stateless):
             charge(release)
 
         fedamole_state = self._state(state, federation_round)
-        self.load_adapters(fedamole_state.adapters)
         scores = self.client.affinity_scores(
             fedamole_state, self.data["validation"], charge_release
         )
