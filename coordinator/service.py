@@ -4,14 +4,17 @@ Each round: wait for the institutions, broadcast the global adapter state (and t
 round's summed routing statistics) in a :class:`~secagg.control.RoundStart`, drive the SecAgg+
 stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums into
 the next global state with the configured strategy's coordinator side
-(:func:`coordinator.registry.coordinator_strategy`); its public aggregates
+(:func:`coordinator.registry.coordinator_strategy`). A strategy with a selection stage
+(FedAMoLE, :class:`~coordinator.strategy.SelectionStage`) first collects the institutions'
+noised scores and sends its choice back before they train. Its public aggregates
 (:attr:`~clients.strategy.GlobalState.extras`) go out with the next ``RoundStart`` and into the
-round's checkpoint. The coordinator sees sums only: the masked
-channel decoded, the CKKS channel never (it relays the encrypted sum for the institutions to
-decrypt). A round that falls below the threshold is recorded as aborted and the next one starts.
-Progress survives ``kill -9``: see :mod:`coordinator.store`. Each institution's signed ledger
-head (:class:`~secagg.control.LedgerHead`) is checked against its roster identity key and the
-latest one kept in the run directory, so a ledger cut short later is detected by ``verify``.
+round's checkpoint. The coordinator sees sums only (and FedAMoLE's noised, charged scores):
+the masked channel decoded, the CKKS channel never (it relays the encrypted sum for the
+institutions to decrypt). A round that falls below the threshold is recorded as aborted and
+the next one starts. Progress survives ``kill -9``: see :mod:`coordinator.store`. Each
+institution's signed ledger head (:class:`~secagg.control.LedgerHead`) is checked against its
+roster identity key and the latest one kept in the run directory, so a ledger cut short later
+is detected by ``verify``.
 """
 
 from __future__ import annotations
