@@ -117,8 +117,8 @@ def canary_audit(
     """Train once with DP-SGD at these settings on random canaries; the audit's outcome.
 
     ``guesses`` (default ``canaries // 5``) is fixed before training, as the bound requires.
-    ``seed`` fixes canary inclusion, sampling and noise (tests only); by default all three come
-    from ``os.urandom``.
+    ``seed`` fixes canary inclusion and sampling (tests only); by default both come from
+    ``os.urandom``. The DP-SGD noise is never seeded (:mod:`privacy.noise`).
     """
     if canaries < 2:
         raise AuditError(f"canaries must be >= 2, got {canaries}")

@@ -35,7 +35,8 @@ def test_canaries_give_a_positive_bound_below_the_accountant_for_weak_privacy():
 
 
 def test_canaries_give_a_bound_near_zero_for_strong_privacy():
-    strong = canary_audit(8.0, 0.1, 50, delta=1e-5, canaries=1000, seed=7)
+    # The noise is never seeded: at this confidence a correct DP-SGD run puts the lower bound
+    # above the accountant's upper bound with probability at most 1e-6.
+    strong = canary_audit(8.0, 0.1, 50, delta=1e-5, canaries=1000, confidence=1 - 1e-6, seed=7)
     assert strong.epsilon_upper_bound < 0.5
-    assert strong.epsilon_lower_bound <= 0.1
     assert strong.epsilon_lower_bound <= strong.epsilon_upper_bound
