@@ -39,7 +39,6 @@ from clients.ddome_lora import (
 )
 from clients.dp_local import train_steps
 from clients.experts import EXPERT_COUNT, EXPERT_WEIGHT
-from clients.release import Charge
 from clients.strategy import (
     DELTA_PREFIX,
     WEIGHT,
@@ -203,18 +202,12 @@ class DDOMEClient:
     def layout(self, state: DDOMEState) -> SubmissionLayout:
         return self.config.layout(state)
 
-    def submit(
-        self, state: DDOMEState, update: DDOMEUpdate, num_examples: int, charge: Charge
-    ) -> Submission:
-        """The full-vector secure-sum segments; charges the DP-SGD run before returning."""
+    def submit(self, state: DDOMEState, update: DDOMEUpdate, num_examples: int) -> Submission:
+        """The full-vector secure-sum segments. They release the DP-SGD update alone, which the
+        caller charges from ``update.facts`` before the sum leaves."""
         cfg = self.config
         if list(update.delta) != list(state.adapters):
             raise LayoutError("the update's delta does not follow the state's adapter order")
-        if update.facts is not None:
-            charge(
-                update.facts.dp_event(),
-                f"ddome gate and expert updates (DP-SGD), round {state.round}",
-            )
         w = cfg.weight(num_examples)
         trained = np.zeros(cfg.adapter.num_experts)
         trained[list(update.chosen)] = 1.0

@@ -9,7 +9,6 @@ only release: the per-expert 0/1 counts are post-processing inside the same secu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 
 import dp_accounting
 import torch
@@ -17,9 +16,9 @@ import torch
 from clients.config import FederationConfig
 from clients.ddome import EXPERT_COUNTS, DDOMEClient, DDOMEState, evaluate_choice
 from clients.ddome_lora import common_embedding, ddome_state, load_ddome_state
-from clients.learner import SPLITS, LocalRound, RecordedCharges, Stateless, device_of
+from clients.learner import SPLITS, LocalRound, Stateless, device_of
 from clients.setup import build_strategy_model, ddome_anchor, ddome_config, institution_data
-from clients.strategy import GlobalState, StrategyError, SubmissionLayout
+from clients.strategy import GlobalState, SubmissionLayout
 from clients.trainer import Metrics, select_device
 from privacy import DPConfig, DPTrainingFacts, Release
 
@@ -72,13 +71,7 @@ class DDOMELearner(Stateless):
             steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
             device=device_of(self.config),
         )  # fmt: skip
-        # The runtime charges the DP-SGD update from its facts; nothing else is released.
-        recorded = RecordedCharges()
-        submission = self.client.submit(
-            ddome_state_, replace(update, facts=None), len(self.data["train"]), recorded
-        )
-        if recorded.events:
-            raise StrategyError(f"DDOME reported unexpected releases {recorded.events}")
+        submission = self.client.submit(ddome_state_, update, len(self.data["train"]))
         releases = (
             [] if update.facts is None
             else self.releases(state, update.facts, federation_round, round_id)

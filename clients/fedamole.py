@@ -457,15 +457,11 @@ class FedAMoLEClient:
         charge: Charge,
         generator: torch.Generator | None = None,
     ) -> Submission:
-        """The round's secure-sum segments. Charges the DP-SGD run and the keys' Gaussian
-        release before anything is returned."""
+        """The round's secure-sum segments. Charges the keys' Gaussian release before anything
+        is returned; the DP-SGD update is the caller's to charge, from ``update.facts``."""
         cfg = self.config
         if list(update.delta) != list(state.adapters):
             raise LayoutError("the update's delta does not follow the state's adapter order")
-        if update.facts is not None:
-            charge(
-                update.facts.dp_event(), f"fedamole expert updates (DP-SGD), round {state.round}"
-            )
         held = int(update.held.sum())
         noised = gaussian_release(
             update.keys[update.held],

@@ -13,7 +13,6 @@ charged together before the masked input leaves.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 
 import dp_accounting
 import numpy as np
@@ -163,11 +162,9 @@ class FedAMoLELearner(Stateless):
             steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
             device=device_of(self.config),
         )  # fmt: skip
-        # The runtime charges the DP-SGD update from its facts and the keys as recorded here.
+        # The runtime charges the DP-SGD update and the keys (recorded here) together.
         recorded = RecordedCharges()
-        submission = self.client.submit(
-            fedamole_state, replace(update, facts=None), len(self.data["train"]), recorded
-        )
+        submission = self.client.submit(fedamole_state, update, len(self.data["train"]), recorded)
         keys = self._key_mechanism(int(update.held.sum()))
         if [event for event, _ in recorded.events] != [keys.dp_event()]:
             raise StrategyError(f"FedAMoLE reported releases {recorded.events}, expected keys")

@@ -141,7 +141,10 @@ def run_round(
             lr=lr,
             seed=None if seed is None else seed + i,
         )
-        submissions.append(inst.client.submit(state, updates[i], inst.num_examples, inst.charge))
+        if updates[i].facts is not None:
+            what = f"ddome gate and expert updates (DP-SGD), round {state.round}"
+            inst.charge(updates[i].facts.dp_event(), what)
+        submissions.append(inst.client.submit(state, updates[i], inst.num_examples))
     layout = coordinator.layout(state)
     agg = aggregate_locally(
         layout,

@@ -275,6 +275,9 @@ def run_round(
             lr=lr,
             seed=None if seed is None else seed + i,
         )
+        if updates[i].facts is not None:
+            what = f"fedamole expert updates (DP-SGD), round {state.round}"
+            inst.charge(updates[i].facts.dp_event(), what)
         submissions.append(inst.client.submit(state, updates[i], inst.num_examples, inst.charge))
     layout = coordinator.layout(state)
     agg = aggregate_locally(

@@ -312,7 +312,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts):
     assert new.round == 1
 
 
-def test_two_rounds_every_released_score_and_update_is_charged():
+def test_two_rounds_every_released_score_and_key_is_charged():
     fed = Federation(3)
     state = fed.state
     assert all(
@@ -345,11 +345,10 @@ def test_two_rounds_every_released_score_and_update_is_charged():
         a = state.assignment
         assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
 
-    for ledger in fed.ledgers:  # per round: DP-SGD, keys, scores
+    for ledger in fed.ledgers:  # per round: keys (submit), scores (the DP-SGD is the caller's)
         whats = [what for _, what in ledger.entries]
-        assert len(whats) == 6
+        assert len(whats) == 4
         assert sum("affinity scores" in x for x in whats) == 2
-        assert sum("DP-SGD" in x for x in whats) == 2
         assert sum("keys" in x for x in whats) == 2
 
 
@@ -409,6 +408,7 @@ def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator(
         for i, c in enumerate(fed.clients)
     ]
     state = fed.state
+    trained: dict[int, list] = {i: [] for i in range(3)}
     for r, dropouts in enumerate([{}, {}, {2: "masked_input"}]):
         done = run_round(
             coordinator,
@@ -425,6 +425,8 @@ def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator(
         )
         assert done.state.round == r + 1
         assert done.included == [i for i in range(3) if i not in dropouts]
+        for i in trained:
+            trained[i].append(done.updates[i].facts.dp_event())
         a = done.state.assignment
         assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
         state = done.state
@@ -433,6 +435,9 @@ def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator(
         scores = [e for e, what in ledger.entries if "affinity scores" in what]
         assert len(scores) == coordinator.received[i]
         assert all(e == dp_accounting.GaussianDpEvent(1.0) for e in scores)
+        # every round's DP-SGD update and keys were charged, also where the sum dropped it
+        assert [e for e, what in ledger.entries if "DP-SGD" in what] == trained[i]
+        assert sum("keys" in what for _, what in ledger.entries) == 3
 
 
 # --- the form the federation processes broadcast ------------------------------------------
