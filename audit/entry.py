@@ -4,7 +4,7 @@ A line is the canonical JSON (sorted keys, no spaces, ASCII) of an :class:`Entry
 SHA-256 of those bytes and the next entry's ``prev`` (the first entry's is :data:`GENESIS`).
 ``signature`` is Ed25519 by the institution's identity key over :data:`ENTRY_DOMAIN` plus the
 canonical JSON of every other field, so editing any field, or moving an entry, breaks the
-signature or the chain. A ledger head (:class:`secagg.control.LedgerHead`) is a signed
+signature or the chain. A ledger head (:class:`clients.contract.messages.LedgerHead`) is a signed
 statement of the number of entries and the last entry's hash, which the coordinator keeps.
 """
 
@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from audit.pricing import Epsilons
-from secagg.control import LedgerHead
+from privacy.head import LedgerHead
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from secagg.control import LedgerHead
+from privacy.head import LedgerHead
 
 HEADS_DIR = "ledger-heads"
 

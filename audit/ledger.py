@@ -41,7 +41,7 @@ from audit.events import event_to_json
 from audit.pricing import ACCOUNTANTS, Epsilons, Pricer
 from audit.verify import LedgerTampered, replay_ledger
 from privacy import AlreadyReleased, BudgetExceeded, Release
-from secagg.control import LedgerHead
+from privacy.head import LedgerHead
 
 log = logging.getLogger(__name__)
 

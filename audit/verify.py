@@ -29,7 +29,7 @@ from audit.entry import (
 )
 from audit.events import EventFormatError, event_from_json
 from audit.pricing import ACCOUNTANTS, Epsilons, Pricer
-from secagg.control import LedgerHead
+from privacy.head import LedgerHead
 
 EPSILON_RTOL = 1e-6
 """Relative tolerance between a recorded and a recomputed epsilon (same library: exact)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from clients.shakespeare import GENRES, SPLITS, load_corpus, partition
+from clients.data.shakespeare import GENRES, SPLITS, load_corpus, partition
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """DP-SGD step cost vs a non-private step: time and peak memory, same batch, same model.
 
 Models: the tiny dense Llama and SmolLM2-135M-Instruct, each with MoE-LoRA adapters
-(clients.moe_lora defaults: 4 experts, top-2, rank 8 on q/v/up/down). Modes: "nondp" (plain
+(clients.models.moe_lora defaults: 4 experts, top-2, rank 8 on q/v/up/down). Modes: "nondp" (plain
 Adam step), "hooks" (Opacus per-sample gradients, flat clipping, noise) and "ghost" (Opacus
 ghost clipping). One step = forward + backward (+ clip + noise) + Adam update of the trainer's
-per-block loss (clients.trainer.per_sample_loss: next-token CE + 0.01 x load-balance loss),
+per-block loss (clients.training.trainer.per_sample_loss: next-token CE + 0.01 x load-balance loss),
 through privacy.make_private with q = 1 so every step sees the same batch.
 
 Each (model, mode) runs in a fresh subprocess. Memory is what the steps need beyond the loaded
@@ -36,9 +36,9 @@ def _child(model_name: str, mode: str, batch: int, seq: int, steps: int, threads
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from clients.models import load_smollm2, tiny_dense_model
-    from clients.moe_lora import MoELoRAConfig, attach
-    from clients.trainer import per_sample_loss, select_device
+    from clients.models.loaders import load_smollm2, tiny_dense_model
+    from clients.models.moe_lora import MoELoRAConfig, attach
+    from clients.training.trainer import per_sample_loss, select_device
     from privacy import DPConfig, make_private
 
     torch.set_num_threads(threads)

@@ -27,8 +27,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.config import load_config  # noqa: E402
-from clients.runtime import METRICS_FILE  # noqa: E402
+from clients.contract.config import load_config  # noqa: E402
+from clients.runtime.institution import METRICS_FILE  # noqa: E402
 from coordinator.store import JOURNAL  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def measure(config_path: Path, console: Console) -> dict:
         config = load_config(path)
         start = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", "run", str(path)],
+            [sys.executable, "-m", "coordinator.app.cli", "run", str(path)],
             cwd=ROOT, capture_output=True, text=True, check=False,
         )  # fmt: skip
         wall = time.perf_counter() - start

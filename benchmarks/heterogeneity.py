@@ -24,7 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from strategies import SETTINGS, federation  # noqa: E402
 
-from clients.setup import build_model, institution_data  # noqa: E402
+from clients.data.sources import institution_data  # noqa: E402
+from clients.models.build import build_model  # noqa: E402
 
 VOCAB = 256
 

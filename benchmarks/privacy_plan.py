@@ -16,10 +16,10 @@ from pathlib import Path
 
 import dp_accounting
 
-from clients.config import load_config
-from clients.moe_lora import routing_statistics
-from clients.routing_release import routing_sensitivity
-from clients.setup import build_model
+from clients.contract.config import load_config
+from clients.models.build import build_model
+from clients.models.moe_lora import routing_statistics
+from clients.training.routing_release import routing_sensitivity
 from privacy import calibrate_noise, dp_sgd_event, epsilon
 
 ROOT = Path(__file__).resolve().parent.parent

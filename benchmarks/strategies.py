@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.config import FederationConfig, parse_config  # noqa: E402
-from clients.shakespeare import GENRES  # noqa: E402
+from clients.contract.config import FederationConfig, parse_config  # noqa: E402
+from clients.data.shakespeare import GENRES  # noqa: E402
 from coordinator.simulation import SimulationResult, simulate, strategy_names  # noqa: E402
 
 DEFAULT_STRATEGIES = ("local", "fedavg", "fedalign", "fedmoe", "fedamole", "ddome")

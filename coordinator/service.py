@@ -1,20 +1,20 @@
 """The coordinator process: runs the federation's rounds over the authenticated transport.
 
 Each round: wait for the institutions, broadcast the global adapter state (and the previous
-round's summed routing statistics) in a :class:`~secagg.control.RoundStart`, drive the SecAgg+
-stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums into
-the next global state with the configured strategy's coordinator side
-(:func:`coordinator.registry.coordinator_strategy`). A strategy with a selection stage
-(FedAMoLE, :class:`~coordinator.strategy.SelectionStage`) first collects the institutions'
+round's summed routing statistics) in a :class:`~clients.contract.messages.RoundStart`, drive the
+SecAgg+ stages with a timeout per stage while collecting the CKKS inputs, and turn the secure sums
+into the next global state with the configured strategy's coordinator side
+(:func:`coordinator.strategies.registry.coordinator_strategy`). A strategy with a selection stage
+(FedAMoLE, :class:`~coordinator.strategies.base.SelectionStage`) first collects the institutions'
 noised scores and sends its choice back before they train. Its public aggregates
-(:attr:`~clients.strategy.GlobalState.extras`) go out with the next ``RoundStart`` and into the
-round's checkpoint. The coordinator sees sums only (and FedAMoLE's noised, charged scores):
+(:attr:`~clients.contract.layout.GlobalState.extras`) go out with the next ``RoundStart`` and into
+the round's checkpoint. The coordinator sees sums only (and FedAMoLE's noised, charged scores):
 the masked channel decoded, the CKKS channel never (it relays the encrypted sum for the
 institutions to decrypt). A round that falls below the threshold is recorded as aborted and
 the next one starts. Progress survives ``kill -9``: see :mod:`coordinator.store`. Each
-institution's signed ledger head (:class:`~secagg.control.LedgerHead`) is checked against its
-roster identity key and the latest one kept in the run directory, so a ledger cut short later
-is detected by ``verify``.
+institution's signed ledger head (:class:`~clients.contract.messages.LedgerHead`) is checked
+against its roster identity key and the latest one kept in the run directory, so a ledger cut short
+later is detected by ``verify``.
 """
 
 from __future__ import annotations
@@ -31,29 +31,36 @@ from safetensors.torch import save
 
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
-from clients.config import FederationConfig
-from clients.extras import encode_extras
-from clients.keys import ROSTER_FILE, load_ckks_public_context, load_coordinator_keys, load_roster
-from clients.setup import client_id, identity_keys, initial_state
-from clients.strategy import ROUTING, GlobalState, StrategyError, SubmissionLayout
-from clients.transport import TransportError
-from coordinator.registry import coordinator_strategy
-from coordinator.store import RoutingRelay, RunStore
-from coordinator.strategy import EncryptedUpdates, Initialises, SelectionStage
-from coordinator.transport import CoordinatorEndpoint, run_secagg_round
-from coordinator.wiring import audit_facts
-from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
-from secagg.control import (
+from clients.contract.config import FederationConfig
+from clients.contract.extras import encode_extras
+from clients.contract.framing import TransportError
+from clients.contract.keys import (
+    ROSTER_FILE,
+    client_id,
+    identity_keys,
+    load_ckks_public_context,
+    load_coordinator_keys,
+    load_roster,
+)
+from clients.contract.layout import ROUTING, GlobalState, StrategyError, SubmissionLayout
+from clients.contract.messages import (
     AffinityScores,
     Assignment,
     CkksInput,
     Decline,
     Hello,
-    LedgerHead,
     RoundStart,
     Shutdown,
     round_id,
 )
+from clients.strategies.registry import initial_state
+from coordinator.app.wiring import audit_facts
+from coordinator.store import RoutingRelay, RunStore
+from coordinator.strategies.base import EncryptedUpdates, Initialises, SelectionStage
+from coordinator.strategies.registry import coordinator_strategy
+from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from privacy.head import LedgerHead
+from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
 from secagg.errors import SecAggError, TooFewSurvivors
 from secagg.messages import MaskedInput
 from secagg.server import SecAggServer

@@ -4,12 +4,13 @@
 runner per kind of strategy (:data:`RUNNERS`) and one loop:
 
 - the registered sum strategies (``fedavg``, ``fedalign``, ``fedmoe``): every institution trains
-  its MoE-LoRA adapters with :func:`clients.trainer.train_local` inside its strategy's session,
-  releases its routing statistics as the runtime does (:mod:`clients.routing_release`: one pass
-  over its training blocks, Gaussian noise of the stated sensitivity) and submits; the
-  submissions are summed by :func:`coordinator.strategy.aggregate_locally` (a full SecAgg+ round
-  for the mask channel, CKKS for the other) and, as in the runtime, the institutions decode the
-  CKKS routing sum themselves;
+  its MoE-LoRA adapters with :func:`clients.training.trainer.train_local` inside its strategy's
+  session, releases its routing statistics as the runtime does
+  (:mod:`clients.training.routing_release`: one pass over its training blocks, Gaussian noise of
+  the stated sensitivity) and submits; the submissions are summed by
+  :func:`coordinator.strategies.base.aggregate_locally` (a full SecAgg+ round for the mask channel,
+  CKKS for the other) and, as in the runtime, the institutions decode the CKKS routing sum
+  themselves;
 - ``fedamole`` and ``ddome``, with their own adapters, through their own in-process
   ``run_round`` (real SecAgg+); FedAMoLE's affinity scores and expert keys are noised releases;
 - ``local``: each institution trains its own adapters for the same steps, nothing leaves.
@@ -41,45 +42,39 @@ import msgspec
 import numpy as np
 import torch
 
-from clients.config import FederationConfig
-from clients.ddome import DDOMEClient, DDOMEState, evaluate_choice
-from clients.ddome_lora import attach_ddome, common_embedding, ddome_state
-from clients.fedamole import FedAMoLEClient, FedAMoLEState
-from clients.fedamole_lora import (
+from clients.contract.config import FederationConfig
+from clients.contract.layout import ROUTING, GlobalState, NoContribution, Submission
+from clients.contract.routing import RoutingStats
+from clients.data.sources import institution_data
+from clients.models.build import build_model, build_model_with
+from clients.models.ddome_lora import attach_ddome, common_embedding, ddome_state
+from clients.models.fedamole_lora import (
     amole_layers,
     amole_state,
     attach_amole,
     load_amole_state,
     set_held,
 )
-from clients.moe_lora import RoutingStats, adapter_state, load_adapter_state, routing_statistics
-from clients.routing_release import (
+from clients.models.moe_lora import adapter_state, load_adapter_state, routing_statistics
+from clients.strategies.base import ClientStrategy, TrainingPlan, plain_session
+from clients.strategies.ddome import (
+    DDOMEClient,
+    DDOMEState,
+    ddome_anchor,
+    ddome_config,
+    evaluate_choice,
+)
+from clients.strategies.fedamole import FedAMoLEClient, FedAMoLEState, fedamole_config
+from clients.strategies.registry import CLIENT_HALVES
+from clients.training.routing_release import (
     block_normalised_statistics,
     private_routing_statistics,
     routing_mechanism,
 )
-from clients.setup import (
-    CLIENT_STRATEGIES,
-    build_model,
-    build_model_with,
-    ddome_anchor,
-    ddome_config,
-    fedamole_config,
-    institution_data,
-)
-from clients.strategy import (
-    ROUTING,
-    ClientStrategy,
-    GlobalState,
-    NoContribution,
-    Submission,
-    TrainingPlan,
-    plain_session,
-)
-from clients.trainer import Metrics, evaluate, train_local
-from coordinator import ddome, fedamole
-from coordinator.registry import COORDINATOR_STRATEGIES
-from coordinator.strategy import CoordinatorStrategy, aggregate_locally
+from clients.training.trainer import Metrics, evaluate, train_local
+from coordinator.strategies import ddome, fedamole
+from coordinator.strategies.base import CoordinatorStrategy, aggregate_locally
+from coordinator.strategies.registry import COORDINATOR_STRATEGIES
 from privacy import BudgetExceeded, DPConfig, make_accountant
 from secagg.ckks import CkksKeyHolder
 
@@ -94,8 +89,8 @@ ClientFactory = Callable[[FederationConfig, str], ClientStrategy]
 class HarnessLedger:
     """One institution's charges in the harness: every ``(what, DpEvent)`` that left it, in order.
 
-    Called as a :class:`clients.release.Charge`. Like ``audit.Ledger`` it prices the new event
-    with everything on record (one running accountant) and refuses
+    Called as a :class:`clients.training.release.Charge`. Like ``audit.Ledger`` it prices the new
+    event with everything on record (one running accountant) and refuses
     (:class:`privacy.BudgetExceeded`) a release beyond the budget, so nothing is used that was
     not charged.
     """
@@ -175,7 +170,7 @@ class _Runner(Protocol):
 
 def strategy_names() -> list[str]:
     """Every name :func:`simulate` accepts."""
-    registered = set(CLIENT_STRATEGIES) & set(COORDINATOR_STRATEGIES)
+    registered = set(CLIENT_HALVES) & set(COORDINATOR_STRATEGIES)
     return [LOCAL, *sorted(registered | set(RUNNERS))]
 
 
@@ -275,7 +270,10 @@ class _SumRunner:
             adapter_state(self.model), stats.layer_names, stats.num_experts, stats.top_k
         )
         self.federated = self.retried = strategy != LOCAL
-        factory = client_factory or CLIENT_STRATEGIES.get(strategy)
+        half = CLIENT_HALVES.get(strategy)
+        factory = client_factory or (
+            (lambda c, _: half.sum_strategy(c)) if half and half.sum_strategy else None
+        )
         self.clients = {n: factory(config, n) for n in self.names} if self.federated else {}
         self.coordinator: CoordinatorStrategy | None = (
             COORDINATOR_STRATEGIES[strategy](config) if self.federated else None
@@ -509,5 +507,5 @@ RUNNERS: dict[str, Callable[[FederationConfig, str, bool, ClientFactory | None],
     "ddome": _DDOMERunner,
 }
 """Strategies with their own adapters and round; every other name (``"local"`` and the
-strategies registered in ``clients.setup.CLIENT_STRATEGIES`` and ``coordinator.registry``)
-runs on :class:`_SumRunner`."""
+strategies registered in ``clients.contract.keys.CLIENT_STRATEGIES`` and
+``coordinator.strategies.registry``) runs on :class:`_SumRunner`."""

@@ -10,8 +10,9 @@ the interrupted attempt is refused as a replay.
 A checkpoint holds the global adapters as safetensors, or, with expert updates under CKKS, the
 encrypted global state the coordinator cannot read (``.ckks``: a msgpack
 :class:`~secagg.ckks.EncryptedBatch`); the plaintext never touches the coordinator's disk then.
-A strategy's public aggregates (:attr:`~clients.strategy.GlobalState.extras`), if any, go beside
-it as ``.extras`` (safetensors, see ``clients.extras``), hashed in the journal with the rest.
+A strategy's public aggregates (:attr:`~clients.contract.layout.GlobalState.extras`), if any, go
+beside it as ``.extras`` (safetensors, see ``clients.contract.extras``), hashed in the journal with
+the rest.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from safetensors.torch import load, save
 
 from audit.context import context_path
 from audit.heads import HeadFileError, head_path, head_to_json, read_head
-from clients.durable import append_line, atomic_write
-from clients.extras import ExtrasError, decode_extras, encode_extras
+from clients.contract.durable import append_line, atomic_write
+from clients.contract.extras import ExtrasError, decode_extras, encode_extras
+from privacy.head import LedgerHead
 from secagg.ckks import EncryptedBatch
-from secagg.control import LedgerHead
 
 JOURNAL = "journal.jsonl"
 CHECKPOINTS = "checkpoints"

@@ -8,8 +8,8 @@ several parts, undecodable, a type the coordinator does not accept) are logged w
 sender's name and dropped; ``recv`` keeps serving.
 
 The coordinator can send to an institution once it has received one message (e.g.
-:class:`~secagg.control.Hello`) on that institution's current connection: a ROUTER routes by
-connection, and the connection is learnt from authenticated traffic only.
+:class:`~clients.contract.messages.Hello`) on that institution's current connection: a ROUTER
+routes by connection, and the connection is learnt from authenticated traffic only.
 
 :func:`run_secagg_round` drives one :class:`~secagg.server.SecAggServer` round over the endpoint.
 """
@@ -27,7 +27,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from clients.transport import (
+from clients.contract.framing import (
     Decoder,
     FrameRejected,
     PeerUnreachable,
@@ -37,7 +37,14 @@ from clients.transport import (
     poll_frames,
     send_frames,
 )
-from secagg.control import Decline, FromClient, Hello, RoundEnd, RoundStart, decode_from_client
+from clients.contract.messages import (
+    Decline,
+    FromClient,
+    Hello,
+    RoundEnd,
+    RoundStart,
+    decode_from_client,
+)
 from secagg.errors import ConfigError, SecAggError
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
 from secagg.server import SecAggServer
@@ -213,16 +220,16 @@ def run_secagg_round(
     """Drive ``server``'s round over ``endpoint``; return the decoded float sum.
 
     ``names`` maps each client id of the round to its institution. Each institution gets a
-    :class:`~secagg.control.RoundStart` (``start[name]`` if given); a stage closes when every
-    awaited client answered or ``stage_timeout_s`` passed (``first_stage_timeout_s``, if given,
-    for the first stage, which includes the institutions' local training), so silent
+    :class:`~clients.contract.messages.RoundStart` (``start[name]`` if given); a stage closes when
+    every awaited client answered or ``stage_timeout_s`` passed (``first_stage_timeout_s``, if
+    given, for the first stage, which includes the institutions' local training), so silent
     institutions are dropped.
     ``on_message(name, client_id, message)`` sees every message of the round first and returns
-    True when it consumed it (e.g. a CKKS input). A :class:`~secagg.control.Decline` drops its
-    sender at once. Bad or stale messages are logged and ignored. ``before_stages()`` runs
+    True when it consumed it (e.g. a CKKS input). A :class:`~clients.contract.messages.Decline`
+    drops its sender at once. Bad or stale messages are logged and ignored. ``before_stages()`` runs
     once the round starts went out (a selection stage); the client ids it returns are given up
-    on. Every institution gets a :class:`~secagg.control.RoundEnd` at the end, also when the
-    round aborts (the error, e.g. :class:`~secagg.errors.TooFewSurvivors`, is raised after
+    on. Every institution gets a :class:`~clients.contract.messages.RoundEnd` at the end, also when
+    the round aborts (the error, e.g. :class:`~secagg.errors.TooFewSurvivors`, is raised after
     telling them).
     """
     params = server.params

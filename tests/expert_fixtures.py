@@ -1,13 +1,14 @@
-"""Small synthetic MoE-LoRA states (names as ``clients.moe_lora`` makes them) for strategy tests."""
+"""Small synthetic MoE-LoRA states (names as ``clients.models.moe_lora`` makes them) for strategy
+tests."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from clients.moe_lora import RoutingStats
-from clients.strategy import GlobalState
-from clients.trainer import LocalTrainingResult, Metrics
+from clients.contract.layout import GlobalState
+from clients.contract.routing import RoutingStats
+from clients.training.trainer import LocalTrainingResult, Metrics
 
 LAYERS = ("m.l0.up_proj", "m.l1.up_proj")
 EXPERTS = 3
@@ -55,7 +56,7 @@ def make_result(
 
 def expert_entries(name: str) -> np.ndarray:
     """Expert index per entry of a synthetic tensor, -1 for the shared expert (independent of
-    ``clients.experts``: written from the shapes above)."""
+    ``clients.strategies.experts``: written from the shapes above)."""
     shape = SHAPES[name]
     if ".shared_" in name:
         return np.full(shape, -1)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from clients.config import FederationConfig
-from clients.runtime import Institution
+from clients.contract.config import FederationConfig
+from clients.runtime.institution import Institution
+from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator, RoundOutcome
-from coordinator.wiring import make_institution
 
 
 def run_in_threads(

@@ -16,7 +16,8 @@ from audit import Ledger, LedgerError, LedgerTampered, head_to_json, read_head, 
 from audit.entry import line_bytes, line_hash, sign_entry, sign_head
 from audit.events import EventFormatError, event_from_json, event_to_json
 from audit.verify import parse_entry
-from coordinator.cli import main
+from clients.contract.messages import decode_from_client
+from coordinator.app.cli import main
 from coordinator.store import RunStore
 from privacy import (
     ADAPTER_UPDATE,
@@ -27,7 +28,7 @@ from privacy import (
     GaussianMechanism,
     Release,
 )
-from secagg.control import LedgerHead, decode_from_client
+from privacy.head import LedgerHead
 
 DELTA = 1e-5
 NAME = "comedies"

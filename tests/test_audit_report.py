@@ -19,11 +19,11 @@ from audit import Ledger, ledger_path
 from audit.context import context_bytes
 from audit.render import COLOURS
 from audit.report import REQUIRED_FIELDS
-from clients.config import load_config
-from clients.keys import generate_keys, load_institution_keys
-from coordinator.cli import main
+from clients.contract.config import load_config
+from clients.contract.keys import generate_keys, load_institution_keys
+from coordinator.app.cli import main
+from coordinator.app.wiring import audit_facts
 from coordinator.store import RunStore
-from coordinator.wiring import audit_facts
 from privacy import ROUTING_STATISTICS, DPTrainingFacts, Release
 
 ROOT = Path(__file__).resolve().parent.parent

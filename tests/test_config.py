@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.config import ConfigFileError, FederationConfig, load_config, parse_config
+from clients.contract.config import ConfigFileError, FederationConfig, load_config, parse_config
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.ddome import (
-    EXPERT_COUNTS,
-    DDOMEClient,
-    DDOMEConfig,
-    DDOMEState,
-    evaluate_choice,
-    zero_shot,
-    zero_shot_loss,
-)
-from clients.ddome_lora import (
+from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.models.ddome_lora import (
     GATE,
     DDOMEAdapterConfig,
     attach_ddome,
@@ -31,10 +23,18 @@ from clients.ddome_lora import (
     per_sample_loss,
     set_trainable,
 )
-from clients.models import tiny_dense_model
-from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
-from coordinator.ddome import DDOMECoordinator, DDOMEInstitution, run_round
-from coordinator.strategy import aggregate_locally
+from clients.models.loaders import tiny_dense_model
+from clients.strategies.ddome import (
+    EXPERT_COUNTS,
+    DDOMEClient,
+    DDOMEConfig,
+    DDOMEState,
+    evaluate_choice,
+    zero_shot,
+    zero_shot_loss,
+)
+from coordinator.strategies.base import aggregate_locally
+from coordinator.strategies.ddome import DDOMECoordinator, DDOMEInstitution, run_round
 from privacy import DPConfig, assert_per_sample_gradients, dp_sgd_event
 from secagg import FixedPointCodec
 

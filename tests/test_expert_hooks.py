@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.experts import DENSE, ExpertPartition
-from clients.models import tiny_dense_model, tiny_moe_model
-from clients.moe_lora import (
+from clients.contract.layout import GlobalState
+from clients.models.loaders import tiny_dense_model, tiny_moe_model
+from clients.models.moe_lora import (
     MoELoRAConfig,
     adapter_state,
     attach,
@@ -19,9 +19,9 @@ from clients.moe_lora import (
     router_probabilities,
     routing_statistics,
 )
-from clients.routing_hooks import restrict_routing
-from clients.strategy import GlobalState
-from clients.trainer import TrainerError, per_sample_loss, train_local
+from clients.models.routing_hooks import restrict_routing
+from clients.strategies.experts import DENSE, ExpertPartition
+from clients.training.trainer import TrainerError, per_sample_loss, train_local
 from privacy import DPConfig, assert_per_sample_gradients
 
 DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)

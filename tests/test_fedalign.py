@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from clients.fedalign import (
+from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.models.loaders import tiny_dense_model
+from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
+from clients.strategies.fedalign import (
     ALIGN_MEAN,
     ALIGN_N,
     ALIGN_STD,
     FedAlignClient,
     FedAlignConfig,
 )
-from clients.models import tiny_dense_model
-from clients.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
-from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
-from clients.trainer import LocalTrainingResult, train_local
-from coordinator.fedalign import FedAlignCoordinator, alignment_statistics
-from coordinator.strategy import aggregate_locally
+from clients.training.trainer import LocalTrainingResult, train_local
+from coordinator.strategies.base import aggregate_locally
+from coordinator.strategies.fedalign import FedAlignCoordinator, alignment_statistics
 from privacy import DPConfig
 from secagg import FixedPointCodec
 from secagg.ckks import CkksKeyHolder

@@ -14,7 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from clients.fedamole import (
+from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.models.fedamole_lora import (
+    AMoLEConfig,
+    amole_layers,
+    amole_parameters,
+    amole_state,
+    attach_amole,
+    load_amole_state,
+    per_sample_loss,
+    projections,
+    set_held,
+)
+from clients.models.loaders import tiny_dense_model
+from clients.strategies.fedamole import (
     ASSIGNMENT,
     KEY_SUM,
     KEYS,
@@ -28,28 +41,15 @@ from clients.fedamole import (
     encode_assignment,
     state_from_global,
 )
-from clients.fedamole_lora import (
-    AMoLEConfig,
-    amole_layers,
-    amole_parameters,
-    amole_state,
-    attach_amole,
-    load_amole_state,
-    per_sample_loss,
-    projections,
-    set_held,
-)
-from clients.models import tiny_dense_model
-from clients.release import gaussian_release, noise_generator
-from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
-from coordinator.fedamole import (
+from clients.training.release import gaussian_release, noise_generator
+from coordinator.strategies.base import aggregate_locally
+from coordinator.strategies.fedamole import (
     FedAMoLECoordinator,
     FedAMoLEInstitution,
     client_affinity,
     run_round,
     solve_assignment,
 )
-from coordinator.strategy import aggregate_locally
 from privacy import DPConfig, assert_per_sample_gradients
 from secagg import FixedPointCodec
 

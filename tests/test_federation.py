@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from audit import Ledger, head_path, ledger_path, read_head
-from clients import strategy as client_strategy
-from clients.config import load_config
-from clients.keys import generate_keys, load_ckks_key_holder, load_institution_keys
-from clients.moe_lora import adapter_state
-from clients.setup import fedavg_config
+from clients.contract.config import load_config
+from clients.contract.keys import generate_keys, load_ckks_key_holder, load_institution_keys
+from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT
+from clients.models.moe_lora import adapter_state
+from clients.strategies.fedavg import FedAvgClient, fedavg_config
+from coordinator.app.wiring import make_institution, open_ledger
 from coordinator.service import Coordinator
 from coordinator.store import JOURNAL, RoutingRelay, RunStore, StoreError
-from coordinator.wiring import make_institution, open_ledger
 from privacy import DPTrainingFacts
 from secagg import FixedPointCodec
 from secagg.ckks import (
@@ -83,26 +83,26 @@ def journal(run_dir: Path) -> list[dict]:
 def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeypatch):
     config = load_config(write_config(tmp_path))
     submitted: dict[tuple[int, str], tuple[float, dict[str, np.ndarray]]] = {}
-    original_submit = client_strategy.FedAvgClient.submit
+    original_submit = FedAvgClient.submit
 
     def recording_submit(self, state, result, num_examples):
         submission = original_submit(self, state, result, num_examples)
         name = threading.current_thread().name
         rounds = 1 + sum(1 for (_, n) in submitted if n == name)
         submitted[(rounds, name)] = (
-            submission.values[client_strategy.WEIGHT][0],
+            submission.values[WEIGHT][0],
             {k: v.copy() for k, v in submission.values.items()},
         )
         return submission
 
-    monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
+    monkeypatch.setattr(FedAvgClient, "submit", recording_submit)
     outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
     initial = Coordinator(config).initial_state()
     layout = fedavg_config(config).layout(initial)
     q = FixedPointCodec(
-        clip=client_strategy.CHANNEL_BOUND, bits=config.secagg.bits,
+        clip=CHANNEL_BOUND, bits=config.secagg.bits,
         modulus_bits=config.secagg.modulus_bits, max_clients=len(NAMES),
     ).max_error_per_client  # fmt: skip
     previous = initial.adapters
@@ -113,7 +113,7 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
         total = weights.sum()
         checkpoint = load_file(config.run_dir / "checkpoints" / f"round-{r:04d}.safetensors")
         for name, before in previous.items():
-            key = client_strategy.DELTA_PREFIX + name
+            key = DELTA_PREFIX + name
             weighted = sum(np.ravel(submitted[(r, n)][1][key]) for n in outcome.included)
             expected = before.double().numpy().ravel() + weighted / total
             got = checkpoint[name].double().numpy().ravel()
@@ -136,7 +136,7 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
     config = load_config(write_config(tmp_path, expert_updates="ckks"))
     assert fedavg_config(config).delta_channel == "ckks"
     submitted: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    original_submit = client_strategy.FedAvgClient.submit
+    original_submit = FedAvgClient.submit
 
     def recording_submit(self, state, result, num_examples):
         submission = original_submit(self, state, result, num_examples)
@@ -145,7 +145,7 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
         submitted[(rounds, name)] = {k: v.copy() for k, v in submission.values.items()}
         return submission
 
-    monkeypatch.setattr(client_strategy.FedAvgClient, "submit", recording_submit)
+    monkeypatch.setattr(FedAvgClient, "submit", recording_submit)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
@@ -156,7 +156,7 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
     names = list(initial)
     previous = {k: v.double().numpy() for k, v in initial.items()}
     q_mask = FixedPointCodec(
-        clip=client_strategy.CHANNEL_BOUND, bits=config.secagg.bits,
+        clip=CHANNEL_BOUND, bits=config.secagg.bits,
         modulus_bits=config.secagg.modulus_bits, max_clients=len(NAMES),
     ).max_error_per_client  # fmt: skip
     bound = fedavg_config(config).delta_bound
@@ -167,11 +167,9 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
             (checkpoints / f"round-{r:04d}.ckks").read_bytes(), type=EncryptedBatch
         )
         decrypted = dict(zip(names, key.decrypt(state), strict=True))
-        total = sum(submitted[(r, n)][client_strategy.WEIGHT][0] for n in outcome.included)
+        total = sum(submitted[(r, n)][WEIGHT][0] for n in outcome.included)
         for name in names:
-            weighted = sum(
-                submitted[(r, n)][client_strategy.DELTA_PREFIX + name] for n in outcome.included
-            )
+            weighted = sum(submitted[(r, n)][DELTA_PREFIX + name] for n in outcome.included)
             update = weighted.reshape(previous[name].shape) / total
             # Masked weight: off by < m*q; CKKS: the packed sum and the scaling.
             factor = bound / (total - m * q_mask)
@@ -253,7 +251,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", *args],
+        [sys.executable, "-m", "coordinator.app.cli", *args],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from clients.experts import ExpertPartition
-from clients.fedmoe import FedMoEClient, FedMoEConfig, search_sub_moe, smallest_cover
-from clients.models import tiny_dense_model
-from clients.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
-from clients.strategy import CHANNEL_BOUND, GlobalState, StrategyError
-from clients.trainer import LocalTrainingResult, train_local
-from coordinator.fedmoe import FedMoECoordinator
-from coordinator.strategy import aggregate_locally
+from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.models.loaders import tiny_dense_model
+from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
+from clients.strategies.experts import ExpertPartition
+from clients.strategies.fedmoe import FedMoEClient, FedMoEConfig, search_sub_moe, smallest_cover
+from clients.training.trainer import LocalTrainingResult, train_local
+from coordinator.strategies.base import aggregate_locally
+from coordinator.strategies.fedmoe import FedMoECoordinator
 from privacy import DPConfig
 from secagg import FixedPointCodec
 from tests.expert_fixtures import (

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleHooks
 from torch import nn
 
-from clients.models import tiny_dense_model, tiny_moe_model
-from clients.moe_lora import (
+from clients.models.loaders import tiny_dense_model, tiny_moe_model
+from clients.models.moe_lora import (
     MoELoRAConfig,
     RoutedLinear,
     attach,
     load_balance_loss,
     routing_statistics,
 )
-from clients.trainer import per_sample_loss
+from clients.training.trainer import per_sample_loss
 from privacy import (
     PerSampleGradientError,
     assert_per_sample_gradients,

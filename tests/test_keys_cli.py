@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from clients.keys import (
+from clients.contract.keys import (
     CURVE_SECRET_FILE,
     IDENTITY_FILE,
     ROSTER_FILE,
@@ -26,7 +26,7 @@ from clients.keys import (
     load_institution_keys,
     load_roster,
 )
-from coordinator.cli import main
+from coordinator.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["alpha", "beta", "gamma"]
@@ -120,7 +120,7 @@ def test_roster_errors_name_the_entry(keys_dir):
 def load_roster_text(text: str):
     import msgspec
 
-    from clients.keys import Roster
+    from clients.contract.keys import Roster
 
     return msgspec.convert(tomllib_loads(text), Roster)
 
@@ -184,7 +184,7 @@ def config_file(tmp_path: Path) -> Path:
 
 def test_cli_help_via_subprocess():
     out = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "--help"],
+        [sys.executable, "-m", "coordinator.app.cli", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -246,7 +246,7 @@ def test_cli_usage_error_exits_2(capsys):
 
 def test_cli_error_via_subprocess(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "check-config", str(tmp_path / "none.toml")],
+        [sys.executable, "-m", "coordinator.app.cli", "check-config", str(tmp_path / "none.toml")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -258,7 +258,7 @@ def test_cli_error_via_subprocess(tmp_path):
 def test_institutions_share_a_ckks_key_the_coordinator_lacks(tmp_path):
     import numpy as np
 
-    from clients.keys import load_ckks_key_holder, load_ckks_public_context
+    from clients.contract.keys import load_ckks_key_holder, load_ckks_public_context
     from secagg.ckks import CkksAggregator
 
     keys_dir = tmp_path / "keys"

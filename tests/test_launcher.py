@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.config import load_config
+from clients.contract.config import load_config
 from tests.test_federation import NAMES, ROOT, write_config
 
 
@@ -32,7 +32,7 @@ def _children(pid: int) -> list[int]:
 
 def _sealmoe(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", *args],
+        [sys.executable, "-m", "coordinator.app.cli", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

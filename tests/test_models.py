@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import clients.models as models
-from clients.models import (
+import clients.models.loaders as models
+from clients.models.loaders import (
     SMOLLM2_INSTALL,
     AssetMissingError,
     default_cache_dir,
@@ -19,7 +19,7 @@ from clients.models import (
     tiny_dense_model,
     tiny_moe_model,
 )
-from clients.moe_lora import MoELoRAConfig, adapter_parameters, attach
+from clients.models.moe_lora import MoELoRAConfig, adapter_parameters, attach
 
 BLOCKS = {
     "mixtral": "MixtralSparseMoeBlock",

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-from clients.models import tiny_dense_model, tiny_moe_model
-from clients.moe_lora import (
+from clients.contract.routing import RoutingStats
+from clients.models.loaders import tiny_dense_model, tiny_moe_model
+from clients.models.moe_lora import (
     AdapterStateError,
     MoELoRAConfig,
     MoELoRAConfigError,
     MoELoRALinear,
     NativeMoELoRA,
     NotAttachedError,
-    RoutingStats,
     UnsupportedModelError,
     adapter_parameters,
     adapter_state,

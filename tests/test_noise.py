@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy import stats
 
-import clients.release
+import clients.training.release
 import privacy.dpsgd
 import privacy.gaussian
-from clients.release import gaussian_release
+from clients.training.release import gaussian_release
 from privacy import DPConfig, GaussianMechanism, make_private
 from privacy.noise import gaussian_array, gaussian_like, standard_normal
 from tests.test_dpsgd import TinyAdapterLM, lm_loss, loader, pattern_blocks, trainable
@@ -60,7 +60,7 @@ def test_every_release_draws_its_noise_from_the_csprng(monkeypatch):
 
     spy("privacy.dpsgd", "gaussian_like", privacy.dpsgd.gaussian_like)
     spy("privacy.gaussian", "gaussian_array", privacy.gaussian.gaussian_array)
-    spy("clients.release", "gaussian_array", clients.release.gaussian_array)
+    spy("clients.training.release", "gaussian_array", clients.training.release.gaussian_array)
 
     model = TinyAdapterLM()
     opt = torch.optim.SGD(trainable(model), lr=0.1)
@@ -77,7 +77,7 @@ def test_every_release_draws_its_noise_from_the_csprng(monkeypatch):
     )
     assert drawn[-2:] == [
         ("privacy.gaussian", pytest.approx(5.0)),
-        ("clients.release", pytest.approx(0.8)),
+        ("clients.training.release", pytest.approx(0.8)),
     ]
 
 

@@ -20,28 +20,33 @@ import pytest
 from safetensors.torch import load_file
 
 from audit.verify import verify_ledger
-from clients.config import FederationConfig, load_config
-from clients.ddome import EXPERT_COUNTS, DDOMEClient
-from clients.fedamole import (
+from clients.contract.config import FederationConfig, load_config
+from clients.contract.keys import load_roster
+from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, GlobalState
+from clients.contract.messages import (
+    AffinityScores,
+    Assignment,
+    decode_from_client,
+    decode_from_server,
+)
+from clients.runtime.institution import Institution
+from clients.strategies.ddome import EXPERT_COUNTS, DDOMEClient
+from clients.strategies.fedamole import (
     ASSIGNMENT,
     KEY_COUNTS,
     KEYS,
     FedAMoLEClient,
+    FedAMoLELearner,
     amole_modules,
     decode_assignment,
+    fedamole_config,
     state_from_global,
 )
-from clients.fedamole_learner import FedAMoLELearner
-from clients.keys import load_roster
-from clients.runtime import Institution
-from clients.setup import fedamole_config
-from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, GlobalState
-from coordinator.fedamole import FedAMoLECoordinator, FedAMoLEStrategy
-from coordinator.registry import coordinator_strategy
 from coordinator.service import Coordinator
+from coordinator.strategies.fedamole import FedAMoLECoordinator, FedAMoLEStrategy
+from coordinator.strategies.registry import coordinator_strategy
 from privacy import BudgetExceeded
 from secagg import FixedPointCodec
-from secagg.control import AffinityScores, Assignment, decode_from_client, decode_from_server
 from secagg.errors import MalformedMessage
 from secagg.messages import encode
 from tests.federation_harness import run_in_threads
@@ -74,7 +79,7 @@ def record_submissions(monkeypatch, cls: type) -> Recorded:
 
 
 def checkpoint(config: FederationConfig, r: int, like: GlobalState) -> GlobalState:
-    from clients.extras import decode_extras
+    from clients.contract.extras import decode_extras
 
     base = config.run_dir / "checkpoints" / f"round-{r:04d}"
     extras = decode_extras(base.with_suffix(".extras").read_bytes())

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from clients.models import tiny_dense_model, tiny_moe_model
-from clients.moe_lora import MoELoRAConfig, attach
-from clients.routing_release import (
+from clients.models.loaders import tiny_dense_model, tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig, attach
+from clients.training.routing_release import (
     block_normalised_statistics,
     private_routing_statistics,
     routing_mechanism,

@@ -2,8 +2,8 @@
 
 The coordinator side here is the real one at the transport level (CoordinatorEndpoint,
 SecAggServer, CkksAggregator, FedAvgCoordinator) driven step by step by the test, over loopback
-TCP with CurveZMQ; the institutions are real :class:`clients.runtime.Institution` processes'
-loops, run in threads.
+TCP with CurveZMQ; the institutions are real :class:`clients.runtime.institution.Institution`
+processes' loops, run in threads.
 """
 
 from __future__ import annotations
@@ -21,42 +21,39 @@ import safetensors.torch
 import torch
 
 from audit import Ledger, ledger_path, verify_ledger
-from clients.config import FederationConfig, load_config
-from clients.keys import (
+from clients.contract.config import FederationConfig, load_config
+from clients.contract.keys import (
     ROSTER_FILE,
+    client_id,
     generate_keys,
+    identity_keys,
     load_ckks_key_holder,
     load_ckks_public_context,
     load_coordinator_keys,
     load_institution_keys,
     load_roster,
 )
-from clients.moe_lora import adapter_state, routing_statistics
-from clients.runtime import METRICS_FILE, Institution, routing_from_channel
-from clients.setup import (
-    ByteTokenizer,
-    build_model,
-    client_id,
-    fedavg_config,
-    identity_keys,
-    institution_data,
-)
-from clients.strategy import ROUTING, WEIGHT, FedAvgConfig, GlobalState
-from coordinator.strategy import FedAvgCoordinator
-from coordinator.transport import CoordinatorEndpoint
-from coordinator.wiring import make_institution
-from privacy import DPTrainingFacts
-from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
-from secagg.control import (
+from clients.contract.layout import ROUTING, WEIGHT, GlobalState
+from clients.contract.messages import (
     CkksInput,
     Decline,
     Hello,
-    LedgerHead,
     RoundEnd,
     RoundStart,
     Shutdown,
     round_id,
 )
+from clients.data.sources import institution_data
+from clients.models.build import ByteTokenizer, build_model
+from clients.models.moe_lora import adapter_state, routing_statistics
+from clients.runtime.institution import METRICS_FILE, Institution, routing_from_channel
+from clients.strategies.fedavg import FedAvgConfig, fedavg_config
+from coordinator.app.wiring import make_institution
+from coordinator.strategies.fedavg import FedAvgCoordinator
+from coordinator.transport import CoordinatorEndpoint
+from privacy import DPTrainingFacts
+from privacy.head import LedgerHead
+from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
 from secagg.errors import SecAggError, TooFewSurvivors
 from secagg.server import SecAggServer
 
@@ -370,7 +367,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
     initial = {k: v.clone() for k, v in coordinator.state.adapters.items()}
 
     sums = coordinator.run_round(1)
-    layout = coordinator.strategy.layout(coordinator.state)
+    layout = coordinator.strategies.base.layout(coordinator.state)
     assert coordinator.ends[-1].included == [0, 1, 2]
     assert sums["mask"].shape == (layout.length("mask"),)
     # every institution has >= 32 training blocks = max_examples, so each weight is 1
@@ -414,7 +411,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
 
 
 def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation, caplog):
-    caplog.set_level(logging.WARNING, logger="clients.runtime")
+    caplog.set_level(logging.WARNING, logger="clients.runtime.institution")
     make, start, threads = federation
     config, coordinator = make(rounds=1)
     spent = ledger_path(config.run_dir, "histories")
@@ -429,7 +426,7 @@ def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation,
     sums = coordinator.run_round(1)
     assert coordinator.ends[-1].included == [0, 1]
     assert "budget exhausted" in coordinator.declines["histories"]
-    layout = coordinator.strategy.layout(coordinator.state)
+    layout = coordinator.strategies.base.layout(coordinator.state)
     assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(2.0, abs=1e-3)
     coordinator.shutdown()
     for thread in threads:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from clients import shakespeare as sh
+from clients.data import shakespeare as sh
 
 
 class FakeCharTokenizer:
@@ -352,7 +352,7 @@ def test_institution_datasets(corpus):
 
 @pytest.mark.slow
 def test_blocks_with_the_real_smollm2_tokenizer(corpus):
-    from clients.models import load_tokenizer
+    from clients.models.loaders import load_tokenizer
 
     tok = load_tokenizer("smollm2")
     insts = sh.partition([_play(corpus, "tempest")], 1, seed=0)

@@ -13,22 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from clients.config import parse_config
-from clients.ddome_lora import attach_ddome, ddome_state
-from clients.fedamole_lora import amole_state, attach_amole
-from clients.moe_lora import adapter_state
-from clients.setup import (
-    CLIENT_STRATEGIES,
-    build_model,
-    build_model_with,
-    ddome_config,
-    fedamole_config,
-    fedavg_config,
-)
-from clients.strategy import FedAvgClient
-from coordinator.registry import COORDINATOR_STRATEGIES
+from clients.contract.config import parse_config
+from clients.models.build import build_model, build_model_with
+from clients.models.ddome_lora import attach_ddome, ddome_state
+from clients.models.fedamole_lora import amole_state, attach_amole
+from clients.models.moe_lora import adapter_state
+from clients.strategies.ddome import ddome_config
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedavg import FedAvgClient, fedavg_config, moe_lora_half
+from clients.strategies.registry import CLIENT_HALVES
 from coordinator.simulation import HarnessLedger, simulate, strategy_names
-from coordinator.strategy import FedAvgCoordinator
+from coordinator.strategies.fedavg import FedAvgCoordinator
+from coordinator.strategies.registry import COORDINATOR_STRATEGIES
 from privacy import BudgetExceeded
 from privacy import epsilon as composed_epsilon
 
@@ -98,7 +94,7 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
 
 def test_a_registered_strategy_plugs_in_by_name(config, monkeypatch):
     monkeypatch.setitem(
-        CLIENT_STRATEGIES, "fedavg-copy", lambda c, n: FedAvgClient(fedavg_config(c))
+        CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c: FedAvgClient(fedavg_config(c)))
     )
     monkeypatch.setitem(
         COORDINATOR_STRATEGIES, "fedavg-copy", lambda c: FedAvgCoordinator(fedavg_config(c))

@@ -4,11 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.moe_lora import RoutingStats
-from clients.strategy import (
+from clients.contract.layout import (
     CHANNEL_BOUND,
-    FedAvgClient,
-    FedAvgConfig,
     GlobalState,
     LayoutError,
     NoContribution,
@@ -16,8 +13,11 @@ from clients.strategy import (
     StrategyError,
     SubmissionLayout,
 )
-from clients.trainer import LocalTrainingResult, Metrics
-from coordinator.strategy import FedAvgCoordinator, aggregate_locally
+from clients.contract.routing import RoutingStats
+from clients.strategies.fedavg import FedAvgClient, FedAvgConfig
+from clients.training.trainer import LocalTrainingResult, Metrics
+from coordinator.strategies.base import aggregate_locally
+from coordinator.strategies.fedavg import FedAvgCoordinator
 from secagg import FixedPointCodec, TooFewSurvivors
 from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND, CkksKeyHolder
 

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.config import ConfigFileError, parse_config
-from clients.fedalign import FedAlignClient
-from clients.fedmoe import FedMoEClient
-from clients.setup import client_strategy, ddome_anchor, ddome_config, fedamole_config
-from coordinator.fedalign import FedAlignCoordinator
-from coordinator.fedmoe import FedMoECoordinator
-from coordinator.registry import coordinator_strategy
+from clients.contract.config import ConfigFileError, parse_config
+from clients.strategies.ddome import ddome_anchor, ddome_config
+from clients.strategies.fedalign import FedAlignClient
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedmoe import FedMoEClient
+from clients.strategies.registry import client_strategy
+from coordinator.strategies.fedalign import FedAlignCoordinator
+from coordinator.strategies.fedmoe import FedMoECoordinator
+from coordinator.strategies.registry import coordinator_strategy
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -22,22 +22,26 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save
 from safetensors.torch import load_file
 
-from clients.config import FederationConfig, load_config
-from clients.experts import EXPERT_WEIGHT, ExpertPartition
-from clients.extras import ExtrasError, decode_extras, encode_extras
-from clients.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
-from clients.fedmoe import FedMoEClient
-from clients.keys import load_ckks_key_holder
-from clients.moe_lora import adapter_state
-from clients.runtime import MEMORY_FILE, InstitutionError, routing_from_channel
-from clients.setup import fedmoe_config
-from clients.strategy import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
-from clients.transport import InstitutionEndpoint
-from coordinator import registry
-from coordinator.registry import coordinator_strategy
+from clients.contract.config import FederationConfig, load_config
+from clients.contract.extras import ExtrasError, decode_extras, encode_extras
+from clients.contract.keys import load_ckks_key_holder
+from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
+from clients.contract.messages import CkksInput, Decline, RoundStart
+from clients.models.moe_lora import adapter_state
+from clients.runtime.institution import (
+    MEMORY_FILE,
+    InstitutionError,
+    routing_from_channel,
+)
+from clients.runtime.transport import InstitutionEndpoint
+from clients.strategies.experts import EXPERT_WEIGHT, ExpertPartition
+from clients.strategies.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
+from clients.strategies.fedmoe import FedMoEClient, fedmoe_config
+from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator, CoordinatorError
 from coordinator.store import RoutingRelay, RunStore, StoreError
-from coordinator.wiring import make_institution
+from coordinator.strategies import registry
+from coordinator.strategies.registry import coordinator_strategy
 from secagg import FixedPointCodec
 from secagg.ckks import (
     DEFAULT_ABS_ERROR_PER_SUMMAND,
@@ -45,7 +49,6 @@ from secagg.ckks import (
     SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
     EncryptedBatch,
 )
-from secagg.control import CkksInput, Decline, RoundStart
 from secagg.messages import AdvertiseKeys
 from tests.federation_harness import run_in_threads
 from tests.test_federation import NAMES, write_config
@@ -310,7 +313,7 @@ def test_an_institution_declines_malformed_extras_and_serves_the_next_round(tmp_
         return RoundStart(params=params, client_id=0, federation_round=1, extras=extras)
 
     bad = encode_extras({ALIGN_MEAN: np.zeros((3, 3))})
-    with caplog.at_level(logging.WARNING, logger="clients.runtime"):
+    with caplog.at_level(logging.WARNING, logger="clients.runtime.institution"):
         inst._on_round_start(start(0, bad))
     assert isinstance(outbox.sent[-1], Decline)
     assert "malformed extras" in outbox.sent[-1].reason

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients import shakespeare
-from clients.models import tiny_dense_model, tiny_moe_model
-from clients.moe_lora import MoELoRAConfig, adapter_state, attach
-from clients.trainer import (
+from clients.data import shakespeare
+from clients.models.loaders import tiny_dense_model, tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach
+from clients.training.trainer import (
     LocalTrainingResult,
     TrainerError,
     evaluate,

@@ -13,10 +13,11 @@ import pytest
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clients.transport import InstitutionEndpoint, PeerUnreachable
+from clients.contract.framing import PeerUnreachable
+from clients.contract.messages import Hello, RoundEnd, RoundStart
+from clients.runtime.transport import InstitutionEndpoint
 from coordinator.transport import CoordinatorEndpoint, key_fingerprint, run_secagg_round
 from secagg.client import SecAggClient
-from secagg.control import Hello, RoundEnd, RoundStart
 from secagg.errors import ConfigError, TooFewSurvivors, WrongRound
 from secagg.messages import AdvertiseKeys, MaskedInput, RoundParams, SurvivorSignature, encode
 from secagg.server import SecAggServer

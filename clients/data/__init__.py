@@ -1,0 +1,1 @@
+"""Data an institution trains on: the built-in Shakespeare partition."""

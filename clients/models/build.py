@@ -1,0 +1,75 @@
+"""The base model with adapters attached, built the same way on every party.
+
+Base weights of the tiny models and the adapter initialisation both come from
+``federation.seed`` (on a private torch RNG stream), so every party gets the same state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from clients.contract.config import FederationConfig
+from clients.models.loaders import (
+    load_model,
+    load_smollm2,
+    tiny_dense_model,
+    tiny_moe_model,
+)
+from clients.models.moe_lora import attach
+
+TINY_MOE_KINDS = {
+    "tiny-moe-mixtral": "mixtral",
+    "tiny-moe-qwen2_moe": "qwen2_moe",
+    "tiny-moe-olmoe": "olmoe",
+}
+
+
+BYTE_VOCAB = 256
+
+
+class ByteTokenizer:
+    """Bytes of UTF-8 text as token ids (vocabulary 256), for the tiny random models."""
+
+    vocab_size = BYTE_VOCAB
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        """``{"input_ids": [byte, ...]}``, the shape HF tokenizers return."""
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: list[int]) -> str:
+        """Inverse of ``__call__`` (invalid UTF-8 sequences become U+FFFD)."""
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def build_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
+    """The base model of ``[model].name`` with MoE-LoRA adapters attached, and its tokenizer.
+
+    Base weights of the tiny models and the adapter initialisation both come from
+    ``federation.seed`` (on a private torch RNG stream), so every party gets the same state.
+    """
+    return build_model_with(config, lambda model: attach(model, config.model.moe.lora_config()))
+
+
+def build_model_with(
+    config: FederationConfig, attach_adapters: Callable[[torch.nn.Module], object]
+) -> tuple[torch.nn.Module, Any]:
+    """The base model of ``[model].name`` with ``attach_adapters`` applied under
+    ``federation.seed`` (a strategy with its own adapters, e.g. FedAMoLE's), and its tokenizer."""
+    name = config.model.name
+    seed = config.federation.seed
+    if name == "smollm2":
+        model, tokenizer = load_smollm2()
+    elif name == "tiny-dense":
+        model, tokenizer = tiny_dense_model(vocab_size=BYTE_VOCAB, seed=seed), ByteTokenizer()
+    elif name in TINY_MOE_KINDS:
+        model = tiny_moe_model(TINY_MOE_KINDS[name], vocab_size=BYTE_VOCAB, seed=seed)
+        tokenizer = ByteTokenizer()
+    else:
+        model, tokenizer = load_model(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attach_adapters(model)
+    return model, tokenizer

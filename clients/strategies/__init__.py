@@ -1,0 +1,3 @@
+"""The strategies' client halves: one module per strategy (its config, layout and learner) and
+the one registry (:mod:`clients.strategies.registry`).
+"""

@@ -1,0 +1,249 @@
+"""What every strategy's client half provides, as the institution runtime drives it.
+
+A :class:`Learner` owns everything that depends on the strategy's model: building it, loading
+the broadcast adapters, training one round, what that round releases and how the model is
+evaluated. The MoE-LoRA strategies (FedAvg, FedAlign-MoE, FedMoE) share one learner
+(:class:`clients.strategies.fedavg.MoELoRALearner`) and differ in a :class:`ClientStrategy`,
+which shapes local training through :meth:`ClientStrategy.session` (an extra per-sample loss,
+entries held fixed, model hooks) and turns its result into a submission. FedAMoLE and DDOME
+bring their own adapters and learners.
+
+All releases a learner reports are charged by whoever drives the round before the masked
+input leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import dp_accounting
+import numpy as np
+import torch
+from torch import nn
+
+from clients.contract.config import FederationConfig
+from clients.contract.layout import GlobalState, StrategyError, Submission, SubmissionLayout
+from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
+from privacy import DPConfig, DPTrainingFacts, Release
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a strategy shapes one round of local training (``train_local``'s matching arguments).
+
+    ``extra_loss``: a per-sample term added to the loss; ``frozen``: per adapter tensor, a bool
+    mask of entries held at their starting values. Empty by default (plain local training).
+    """
+
+    extra_loss: ExtraLoss | None = None
+    frozen: dict[str, torch.Tensor] | None = None
+
+
+@contextmanager
+def plain_session() -> Iterator[TrainingPlan]:
+    """The session of a strategy that changes nothing about local training or inference."""
+    yield TrainingPlan()
+
+
+class ClientStrategy(Protocol):
+    """Client side of an aggregation strategy.
+
+    Per round, after loading the broadcast adapters: ``with strategy.session(model, state) as
+    plan: train_local(..., extra_loss=plan.extra_loss, frozen=plan.frozen)``, then
+    :meth:`submit`. Evaluation runs inside a session too, so a strategy that restricts the model
+    (FedMoE's sub-MoE) scores the model the institution actually uses.
+
+    A strategy that reads :attr:`GlobalState.extras` also has ``extras_shapes(state) ->
+    dict[str, tuple[int, ...]]``: the names and shapes it expects, so the runtime can refuse a
+    malformed broadcast (``clients.contract.extras``); one without it accepts no extras.
+    """
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        """The round's layout, derived from the broadcast state and public config only."""
+        ...
+
+    def session(
+        self, model: torch.nn.Module, state: GlobalState
+    ) -> AbstractContextManager[TrainingPlan]:
+        """Install what this round's training and inference need on ``model`` (after the global
+        adapters were loaded into it) and yield the training plan; undo it on exit."""
+        ...
+
+    def submit(
+        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
+    ) -> Submission:
+        """The named segments this client adds to the round's secure sums."""
+        ...
+
+
+@runtime_checkable
+class RemembersRounds(Protocol):
+    """A client strategy with memory between rounds (FedAlign-MoE's last broadcast adapters,
+    FedMoE's activation pattern), which the runtime keeps on disk so that a restarted
+    institution goes on where it stopped. The memory never leaves the institution."""
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """The memory as named float64 arrays (empty before the first round)."""
+        ...
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`memory` returned (:class:`StrategyError` if it does not fit)."""
+        ...
+
+
+def example_weight(num_examples: int, max_examples: int) -> float:
+    """The public-capped example weight ``min(n, max_examples) / max_examples`` in [0, 1]."""
+    n = num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise StrategyError(f"num_examples must be an int >= 0, got {n!r}")
+    return min(n, max_examples) / max_examples
+
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """One round of local training: the submission to pack, training metrics by name (``loss``
+    at least; private: they stay local), the DP-SGD facts and every release that goes out with
+    the masked input (the DP-SGD update first)."""
+
+    submission: Submission
+    metrics: dict[str, float]
+    facts: DPTrainingFacts | None
+    releases: list[Release]
+
+
+class RecordedCharges:
+    """A :class:`clients.training.release.Charge` that only records: for strategy code that reports
+    its releases through a hook while the runtime charges them (as :class:`~privacy.Release`)
+    before the masked input leaves."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[dp_accounting.DpEvent, str]] = []
+
+    def __call__(self, event: dp_accounting.DpEvent, what: str) -> None:
+        self.events.append((event, what))
+
+
+class Learner(Protocol):
+    """One strategy family's local model and round, behind the institution runtime."""
+
+    model: nn.Module
+    data: dict[str, torch.Tensor]
+
+    def per_round_events(self) -> list[dp_accounting.DpEvent]:
+        """What one round releases besides DP-SGD, to calibrate the DP-SGD noise for the plan."""
+        ...
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        """The model's current adapters (the global state's names and order)."""
+        ...
+
+    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
+        """Load broadcast adapters into the model."""
+        ...
+
+    def local_state(self) -> GlobalState:
+        """The model's adapters as a state with no broadcast aggregates (zero routing, no
+        extras): what the institution evaluates before the first broadcast."""
+        ...
+
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        """The broadcast extras this family reads, by name, with their shapes."""
+        ...
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        """The round's submission layout (the coordinator derives the same one)."""
+        ...
+
+    def releases(
+        self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
+    ) -> list[Release]:
+        """What a round under ``state`` releases with the masked input, for the budget check
+        before training (``facts`` are the planned DP-SGD facts)."""
+        ...
+
+    def train(
+        self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
+    ) -> LocalRound:
+        """Train one round from ``state`` (its adapters already loaded) and build the
+        submission; nothing is charged or sent here."""
+        ...
+
+    def evaluate(self, state: GlobalState, split: str) -> Metrics:
+        """Metrics on ``split`` of the model this institution uses under ``state``."""
+        ...
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """What the strategy remembers between rounds (kept on disk by the runtime; empty for
+        a strategy that derives every round from the broadcast alone)."""
+        ...
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        """Take back :meth:`memory` after a restart."""
+        ...
+
+
+@runtime_checkable
+class SelectsExperts(Protocol):
+    """A learner whose round starts with a selection stage (FedAMoLE's reverse selection):
+    it releases noised scores in the clear, and trains once the coordinator's choice arrives."""
+
+    def wants_scores(self, state: GlobalState) -> bool:
+        """Whether this round starts with the selection stage (not before any keys exist)."""
+        ...
+
+    def score_release(self, state: GlobalState, federation_round: int, round_id: int) -> Release:
+        """The scores' release, for the budget check before the round."""
+        ...
+
+    def scores(
+        self,
+        state: GlobalState,
+        federation_round: int,
+        round_id: int,
+        charge: Callable[[Release], object],
+    ) -> np.ndarray:
+        """The noised scores (float64) to send. ``charge(release)`` runs before any noise is
+        drawn; if it raises (a refusal), nothing is computed."""
+        ...
+
+    def with_selection(self, state: GlobalState, selection: bytes) -> GlobalState:
+        """``state`` with the coordinator's broadcast selection (refused if malformed)."""
+        ...
+
+
+def device_of(config: FederationConfig) -> str | None:
+    """``[training].device`` for the trainers (None: CUDA when available)."""
+    device = config.training.device
+    return None if device == "auto" else device
+
+
+@dataclass(frozen=True)
+class ClientHalf:
+    """A strategy's client half as the registry holds it: the model it trains (base model with
+    its adapters, and the tokenizer), the round-0 state every party derives from the config,
+    and institution ``name``'s learner."""
+
+    build_model: Callable[[FederationConfig], tuple[nn.Module, Any]]
+    initial_state: Callable[[FederationConfig], GlobalState]
+    learner: Callable[[FederationConfig, str], Learner]
+    sum_strategy: Callable[[FederationConfig], ClientStrategy] | None = None
+    """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
+    institution: strategies keep memory between rounds); None for a strategy with its own
+    adapters and learner."""
+
+
+class Stateless:
+    """The memory of a learner whose rounds derive from the broadcast alone (DDOME, FedAMoLE)."""
+
+    def memory(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        if memory:
+            raise StrategyError(f"this strategy keeps no memory, got {sorted(memory)}")

@@ -1,0 +1,426 @@
+"""DDOME under secure aggregation, client side: private expert choice, joint training, sums.
+
+Every client downloads the gate and ALL experts, so which ones it picks stays on the client:
+
+1. It embeds its data once with the frozen common expert (:func:`common_embedding`).
+2. Each round it scores the experts with the broadcast gate on its embeddings, averages the
+   probabilities over its samples and takes the top-K (an anchor client, if configured, always
+   takes its anchor expert first and also pulls the gate towards it).
+3. It trains the gate and those K experts jointly with DP-SGD on the MoE output.
+4. It submits, in one secure sum, the FULL vector: ``w`` and ``w * delta`` for the gate and for
+   every expert (exact zeros for experts it did not train), and per expert ``w`` and a 0/1
+   count. The coordinator learns how many clients trained each expert, never which.
+
+An institution that never trained picks its experts zero-shot (:func:`zero_shot`): top-K by
+the gate's mean probability on its embeddings, and per sample the best of those, no labels.
+
+What the coordinator and every institution must build identically from the shared config.
+
+The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
+same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
+``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
+sides import these functions, so a change here cannot make them disagree.
+
+DDOME as the institution runtime drives it (:class:`clients.strategies.base.Learner`).
+
+The institution embeds every split once with the frozen common expert, then each round
+chooses its experts from the broadcast gate, trains the gate and those experts with DP-SGD and
+submits the full-length vector (:class:`clients.strategies.ddome.DDOMEClient`). The DP-SGD update
+is its only release: the per-expert 0/1 counts are post-processing inside the same secure sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dp_accounting
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from clients.contract.config import FederationConfig
+from clients.contract.keys import client_id
+from clients.contract.layout import (
+    DELTA_PREFIX,
+    WEIGHT,
+    GlobalState,
+    LayoutError,
+    Segment,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+)
+from clients.data.sources import institution_data
+from clients.models.build import build_model_with
+from clients.models.ddome_lora import (
+    DDOMEAdapterConfig,
+    attach_ddome,
+    chosen_gates,
+    common_embedding,
+    ddome_state,
+    expert_of,
+    gate_logits,
+    load_ddome_state,
+    mixture_logits,
+    per_sample_loss,
+    set_trainable,
+    top_experts,
+)
+from clients.strategies.base import SPLITS, ClientHalf, LocalRound, Stateless, device_of
+from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
+from clients.strategies.fedavg import fedavg_config
+from clients.training.dp_local import train_steps
+from clients.training.trainer import Metrics, select_device
+from privacy import DPConfig, DPTrainingFacts, Release
+
+
+@dataclass(frozen=True)
+class DDOMEConfig:
+    """Public parameters: the adapter, the FedAvg weight cap ``max_examples``, the delta clip
+    ``delta_bound``, ``min_count`` (an expert moves only when at least this many clients trained
+    it in the round) and ``anchor_coef`` (weight of an anchor client's gate loss)."""
+
+    adapter: DDOMEAdapterConfig
+    max_examples: int = 4096
+    delta_bound: float = 0.1
+    min_count: int = 1
+    anchor_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "min_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StrategyError(f"ddome.{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.delta_bound, (int, float)) and 0 < self.delta_bound < math.inf):
+            raise StrategyError(f"ddome.delta_bound must be finite and > 0, got {self.delta_bound}")
+        if not (isinstance(self.anchor_coef, (int, float)) and self.anchor_coef >= 0):
+            raise StrategyError(f"ddome.anchor_coef must be >= 0, got {self.anchor_coef!r}")
+
+    def weight(self, num_examples: int) -> float:
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+            raise StrategyError(f"num_examples must be an int >= 0, got {num_examples!r}")
+        return min(num_examples, self.max_examples) / self.max_examples
+
+    def layout(self, state: DDOMEState) -> SubmissionLayout:
+        """``weight``, ``delta:<name>`` for the gate and every expert, then per expert
+        ``expert_weight`` and ``expert_count``; all masked."""
+        experts = self.adapter.num_experts
+        return SubmissionLayout(
+            (
+                Segment(WEIGHT, 1, "mask", 1.0),
+                *(
+                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.delta_bound)
+                    for n, t in state.adapters.items()
+                ),
+                Segment(EXPERT_WEIGHT, experts, "mask", 1.0),
+                Segment(EXPERT_COUNT, experts, "mask", 1.0),
+            )
+        )
+
+
+EXPERT_COUNTS = "expert_counts"
+"""Name of the last round's per-expert counts in
+:attr:`clients.contract.layout.GlobalState.extras`."""
+
+
+@dataclass(frozen=True)
+class DDOMEState:
+    """The broadcast: gate and all experts, and how many clients trained each expert last round."""
+
+    adapters: dict[str, torch.Tensor]
+    expert_counts: np.ndarray
+    round: int = 0
+
+    def to_global(self) -> GlobalState:
+        """The state as the federation processes broadcast and checkpoint it: the adapters and
+        the counts as an extra; no routing statistics."""
+        base = GlobalState.initial(self.adapters, (), len(self.expert_counts))
+        extras = {EXPERT_COUNTS: np.asarray(self.expert_counts, dtype=np.float64)}
+        return GlobalState(base.adapters, base.routing, extras)
+
+    @classmethod
+    def from_global(cls, state: GlobalState, num_experts: int, round: int = 0) -> DDOMEState:
+        """Inverse of :meth:`to_global` (no extras: no expert trained yet); raises
+        :class:`StrategyError` for counts of another shape."""
+        counts = state.extras.get(EXPERT_COUNTS, np.zeros(num_experts))
+        if set(state.extras) - {EXPERT_COUNTS} or np.shape(counts) != (num_experts,):
+            raise StrategyError(
+                f"DDOME's extras must be {{{EXPERT_COUNTS!r}: ({num_experts},)}}, got "
+                f"{ {n: np.shape(v) for n, v in state.extras.items()} }"
+            )
+        return cls(dict(state.adapters), np.asarray(counts, dtype=np.float64), round)
+
+
+@dataclass(frozen=True)
+class DDOMEUpdate:
+    """One client's round: ``delta`` (state order; zeros for untrained experts), the chosen
+    experts (stays on the client except inside the secure sum) and the DP-SGD facts."""
+
+    delta: dict[str, torch.Tensor]
+    chosen: tuple[int, ...]
+    facts: DPTrainingFacts | None
+    steps: int
+    mean_loss: float
+
+
+@dataclass
+class DDOMEClient:
+    """Client side of DDOME on ``model`` (DDOME adapters); ``anchor``: this client's anchor
+    expert, or None for an ordinary client."""
+
+    config: DDOMEConfig
+    model: nn.Module
+    anchor: int | None = None
+
+    def __post_init__(self) -> None:
+        experts = self.config.adapter.num_experts
+        if self.anchor is not None and not 0 <= self.anchor < experts:
+            raise StrategyError(f"anchor expert {self.anchor} is not in [0, {experts})")
+
+    def choose(self, state: DDOMEState, embeddings: torch.Tensor) -> tuple[int, ...]:
+        """This round's top-K experts from the broadcast gate (anchor first, if any)."""
+        load_ddome_state(self.model, state.adapters)
+        k = self.config.adapter.top_k
+        if self.anchor is None:
+            return top_experts(self.model, embeddings, k)
+        ranked = top_experts(self.model, embeddings, self.config.adapter.num_experts)
+        return (self.anchor, *[m for m in ranked if m != self.anchor][: k - 1])
+
+    def train(
+        self,
+        state: DDOMEState,
+        blocks: torch.Tensor,
+        embeddings: torch.Tensor,
+        *,
+        dp: DPConfig | None,
+        steps: int,
+        batch_size: int,
+        lr: float = 1e-3,
+        seed: int | None = None,
+        device: str | None = None,
+    ) -> DDOMEUpdate:
+        """Choose the experts, then train the gate and them jointly (``embeddings`` from
+        :func:`common_embedding` of the same ``blocks``)."""
+        if embeddings.shape[0] != blocks.shape[0]:
+            raise StrategyError("embeddings must have one row per training block")
+        chosen = self.choose(state, embeddings)
+        set_trainable(self.model, chosen)
+        coef = self.config.anchor_coef
+        run = train_steps(
+            self.model,
+            TensorDataset(blocks, embeddings),
+            lambda b: per_sample_loss(self.model, b[0], b[1], chosen, self.anchor, coef),
+            dp=dp,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            seed=seed,
+        )
+        after = ddome_state(self.model)
+        delta = {n: (after[n] - state.adapters[n].to(after[n].device)).cpu() for n in after}
+        return DDOMEUpdate(delta, chosen, run.facts, run.steps, run.mean_loss)
+
+    def layout(self, state: DDOMEState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def submit(self, state: DDOMEState, update: DDOMEUpdate, num_examples: int) -> Submission:
+        """The full-vector secure-sum segments. They release the DP-SGD update alone, which the
+        caller charges from ``update.facts`` before the sum leaves."""
+        cfg = self.config
+        if list(update.delta) != list(state.adapters):
+            raise LayoutError("the update's delta does not follow the state's adapter order")
+        w = cfg.weight(num_examples)
+        trained = np.zeros(cfg.adapter.num_experts)
+        trained[list(update.chosen)] = 1.0
+        deltas = {}
+        for name, d in update.delta.items():
+            m = expert_of(name)
+            # An untrained expert's delta is exactly zero already (frozen): make it certain.
+            keep = m is None or trained[m] == 1.0
+            deltas[DELTA_PREFIX + name] = d.double().numpy() * float(keep)
+        raw = {WEIGHT: np.array([w]), **deltas, EXPERT_WEIGHT: w * trained, EXPERT_COUNT: trained}
+        clipped = self.layout(state).clipped_fraction(raw)
+        bound = cfg.delta_bound
+        values = {**raw, **{n: w * np.clip(d, -bound, bound) for n, d in deltas.items()}}
+        return Submission(values=values, clipped=clipped)
+
+
+@dataclass(frozen=True)
+class ZeroShotChoice:
+    """An unseen institution's experts (best first) and, per sample, the one it uses."""
+
+    experts: tuple[int, ...]
+    per_sample: torch.Tensor
+
+
+@torch.no_grad()
+def zero_shot(model: nn.Module, embeddings: torch.Tensor, k: int) -> ZeroShotChoice:
+    """Top-``k`` experts by the gate's mean probability on unlabelled ``embeddings``; per sample
+    the highest-scoring of them (the paper's zero-shot rule)."""
+    experts = top_experts(model, embeddings, k)
+    logits = gate_logits(model, embeddings.to(next(model.parameters()).device)).cpu()
+    best = logits[:, list(experts)].argmax(-1)
+    return ZeroShotChoice(experts, torch.tensor(experts)[best])
+
+
+@torch.no_grad()
+def zero_shot_loss(
+    model: nn.Module, blocks: torch.Tensor, choice: ZeroShotChoice, batch_size: int = 8
+) -> float:
+    """Mean next-token cross-entropy when each block uses only its zero-shot expert."""
+    experts = model.ddome_config.num_experts
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        gates = torch.nn.functional.one_hot(choice.per_sample[i : i + batch_size], experts)
+        logits = mixture_logits(model, ids, gates.to(device=device, dtype=torch.float32))
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum"
+        )
+        total += float(ce)
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+    return total / tokens
+
+
+@torch.no_grad()
+def evaluate_choice(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    embeddings: torch.Tensor,
+    chosen: tuple[int, ...],
+    batch_size: int = 8,
+) -> Metrics:
+    """Next-token metrics of the MoE output as trained: per block, the gate's softmax over the
+    institution's ``chosen`` experts (``embeddings``: :func:`common_embedding` of ``blocks``)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ce_sum, correct = 0.0, 0
+    try:
+        for i in range(0, blocks.shape[0], batch_size):
+            ids = blocks[i : i + batch_size].to(device)
+            gates = chosen_gates(
+                gate_logits(model, embeddings[i : i + batch_size].to(device)), chosen
+            )
+            logits = mixture_logits(model, ids, gates)[:, :-1]
+            ce = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), ids[:, 1:], reduction="sum"
+            )
+            ce_sum += float(ce)
+            correct += int((logits.argmax(-1) == ids[:, 1:]).sum())
+    finally:
+        model.train(was_training)
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    loss = ce_sum / tokens
+    return Metrics(loss, math.exp(min(loss, 700.0)), correct / tokens, tokens)
+
+
+def ddome_config(config: FederationConfig) -> DDOMEConfig:
+    """DDOME's parameters from ``[aggregation.ddome]``, its experts' shape from ``[model.moe]``."""
+    moe, section = config.model.moe, config.aggregation.ddome
+    adapter = DDOMEAdapterConfig(
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        rank=moe.rank,
+        alpha=moe.alpha,
+        target_modules=moe.target_modules,
+        gate_hidden=section.gate_hidden,
+    )
+    return DDOMEConfig(
+        adapter=adapter,
+        max_examples=fedavg_config(config).max_examples,
+        delta_bound=section.delta_bound,
+        min_count=section.min_count,
+        anchor_coef=section.anchor_coef,
+    )
+
+
+def ddome_anchor(config: FederationConfig, name: str) -> int | None:
+    """Institution ``name``'s DDOME anchor expert: its index among the first ``anchors``."""
+    index = client_id(config, name)
+    return index if index < config.aggregation.ddome.anchors else None
+
+
+class DDOMELearner(Stateless):
+    """Institution ``name``'s DDOME gate and experts, its data and their common embeddings."""
+
+    def __init__(self, config: FederationConfig, name: str) -> None:
+        self.config = config
+        self.ddome = ddome_config(config)
+        self.model, self.tokenizer = build_ddome_model(config)
+        self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
+        self.client = DDOMEClient(self.ddome, self.model, ddome_anchor(config, name))
+        self.model.to(select_device(device_of(config)))
+        self.embeddings = {s: common_embedding(self.model, self.data[s]) for s in SPLITS}
+
+    def _state(self, state: GlobalState, federation_round: int = 0) -> DDOMEState:
+        return DDOMEState.from_global(state, self.ddome.adapter.num_experts, federation_round)
+
+    def per_round_events(self) -> list[dp_accounting.DpEvent]:
+        return []
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return ddome_state(self.model)
+
+    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
+        load_ddome_state(self.model, adapters)
+
+    def local_state(self) -> GlobalState:
+        return GlobalState.initial(self.adapters(), (), self.ddome.adapter.num_experts)
+
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        return {EXPERT_COUNTS: (self.ddome.adapter.num_experts,)}
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.ddome.layout(self._state(state))
+
+    def releases(
+        self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
+    ) -> list[Release]:
+        return [facts.release(federation_round, round_id)]
+
+    def train(
+        self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
+    ) -> LocalRound:
+        train = self.config.training
+        ddome_state_ = self._state(state, federation_round)
+        update = self.client.train(
+            ddome_state_, self.data["train"], self.embeddings["train"], dp=dp,
+            steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
+            device=device_of(self.config),
+        )  # fmt: skip
+        submission = self.client.submit(ddome_state_, update, len(self.data["train"]))
+        releases = (
+            [] if update.facts is None
+            else self.releases(state, update.facts, federation_round, round_id)
+        )  # fmt: skip
+        return LocalRound(submission, {"loss": update.mean_loss}, update.facts, releases)
+
+    def evaluate(self, state: GlobalState, split: str) -> Metrics:
+        chosen = self.client.choose(self._state(state), self.embeddings["train"])
+        return evaluate_choice(self.model, self.data[split], self.embeddings[split], chosen)
+
+
+def build_ddome_model(config: FederationConfig) -> tuple[nn.Module, Any]:
+    """The base model with DDOME's adapters (shape from ``[model.moe]``), and its tokenizer."""
+    adapter = ddome_config(config).adapter
+    return build_model_with(config, lambda model: attach_ddome(model, adapter))
+
+
+def ddome_initial_state(config: FederationConfig) -> GlobalState:
+    """Round 0: the seeded adapters; no routing statistics (the model does not route per token)."""
+    model, _ = build_ddome_model(config)
+    return GlobalState.initial(ddome_state(model), (), config.model.moe.num_experts)
+
+
+CLIENT_HALF = ClientHalf(
+    build_model=build_ddome_model,
+    initial_state=ddome_initial_state,
+    learner=DDOMELearner,
+)

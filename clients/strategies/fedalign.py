@@ -1,0 +1,312 @@
+"""FedAlign-MoE, client side: routing-consistency weights, a routing regularizer and semantic
+alignment of same-index experts, every decision taken on the client against broadcast aggregates.
+
+Per (layer l, expert e) a client submits, inside the round's secure sum:
+
+* ``w * s(l, e) * delta`` for the expert's entries and ``w * s(l, e)`` as its weight, where w is
+  the public-capped example weight and s the **routing consistency** of its routing distribution
+  p_i(l) with the broadcast global one p̄(l) (the published ω_i(e) = s_i(e) / Σ_j s_j(e) becomes
+  a ratio of sums at the coordinator; w keeps FedAvg's data-size weighting, ``by_examples``);
+* zeros and a zero count for an expert whose **alignment score** falls below the threshold
+  τ(l, e) = M(l, e) - β·Σ(l, e), where M and Σ are the mean and standard deviation of last round's
+  scores, which the coordinator forms from the secure sums of scores and squared scores and
+  broadcasts (one aggregation per round, so the threshold lags one round: a named choice);
+* its score, squared score and a one (``align_*``), for the next round's threshold.
+
+Named choices where the paper publishes none (all in :class:`FedAlignConfig`):
+
+* consistency s: ``"js"``: 1 - JS(p_i(l) ‖ p̄(l)) (base 2, in [0, 1]), shared by the layer's
+  experts; ``"expert_kl"``: exp(-KL(Bern p_i(l, e) ‖ Bern p̄(l, e)) / temperature), per expert.
+  Without global routing yet (round 0), s = 1.
+* alignment score: cosine between this client's update of the expert and the global expert's
+  last move (this round's broadcast minus the previous one, remembered by the client); no score
+  in the first round a client sees, or when either vector is zero.
+* regularizer: ``regularization`` x mean over layers of KL(p_b(l) ‖ p̄(l)), p_b(l) the mean router
+  probability over one block's tokens: a per-block term, as DP-SGD's per-sample clipping needs.
+
+The scores are computed from the DP-SGD update and public broadcasts (post-processing); the
+routing statistics are whatever the caller gives (already noised and charged if it must be).
+
+What the coordinator and every institution must build identically from the shared config.
+
+The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
+same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
+``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
+sides import these functions, so a change here cannot make them disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+import numpy as np
+import torch
+from torch import nn
+
+from clients.contract.config import FederationConfig
+from clients.contract.layout import (
+    CHANNELS,
+    DELTA_PREFIX,
+    ROUTING,
+    WEIGHT,
+    Channel,
+    GlobalState,
+    Segment,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+    check_routing_matches,
+)
+from clients.contract.routing import RoutingStats
+from clients.models.moe_lora import (
+    router_probabilities,
+)
+from clients.strategies.base import TrainingPlan, example_weight
+from clients.strategies.experts import (
+    EXPERT_COUNT,
+    EXPERT_WEIGHT,
+    ExpertPartition,
+    expert_segments,
+    weighted_deltas,
+)
+from clients.strategies.fedavg import fedavg_config, moe_lora_half
+from clients.training.trainer import LocalTrainingResult
+
+Consistency = Literal["js", "expert_kl"]
+
+
+CONSISTENCIES: tuple[str, ...] = ("js", "expert_kl")
+
+
+ALIGN_SCORE = "align_score"
+
+
+ALIGN_SQUARE = "align_square"
+
+
+ALIGN_N = "align_n"
+
+
+ALIGN_MEAN = "align_mean"
+
+
+ALIGN_STD = "align_std"
+"""Extras the coordinator broadcasts: per (layer, expert) mean, std and number of last round's
+alignment scores (``align_n`` is reused as the extra's name)."""
+
+
+@dataclass(frozen=True)
+class FedAlignConfig:
+    """Public parameters of FedAlign-MoE (both sides must hold the same).
+
+    ``max_examples``, bounds and channels as in :class:`~clients.contract.layout.FedAvgConfig`.
+    ``consistency``/``temperature``: the form of s (module docstring). ``regularization``:
+    weight of the KL routing regularizer (0 turns it off). ``beta``: τ = M - β·Σ. ``min_scorers``:
+    τ applies only when last round's sums hold at least this many scores. ``min_count``: an
+    expert is updated only from at least this many included clients. ``smoothing``: added to
+    every routing probability before the divergences (keeps them finite).
+    """
+
+    max_examples: int
+    consistency: Consistency = "js"
+    temperature: float = 1.0
+    regularization: float = 0.01
+    beta: float = 1.0
+    min_scorers: int = 2
+    min_count: int = 2
+    smoothing: float = 1e-3
+    delta_bound: float = 0.1
+    routing_bound: float = 1e6
+    delta_channel: Channel = "mask"
+    routing_channel: Channel = "ckks"
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples", "min_scorers", "min_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StrategyError(f"{name} must be an int >= 1, got {value!r}")
+        if self.consistency not in CONSISTENCIES:
+            raise StrategyError(
+                f"consistency must be one of {CONSISTENCIES}, got {self.consistency!r}"
+            )
+        for name in ("temperature", "delta_bound", "routing_bound"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise StrategyError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("regularization", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise StrategyError(f"{name} must be finite and >= 0, got {value!r}")
+        if not (isinstance(self.smoothing, (int, float)) and 0 < self.smoothing < 1):
+            raise StrategyError(f"smoothing must be in (0, 1), got {self.smoothing!r}")
+        for name in ("delta_channel", "routing_channel"):
+            if getattr(self, name) not in CHANNELS:
+                raise StrategyError(
+                    f"{name} must be one of {CHANNELS}, got {getattr(self, name)!r}"
+                )
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        """The per-expert segments, then the three alignment segments (L * E each, on the mask
+        channel: the coordinator reads their sums)."""
+        size = state.routing.num_layers * state.routing.num_experts
+        base = expert_segments(
+            state, self.delta_bound, self.routing_bound, self.delta_channel, self.routing_channel
+        )
+        align = (Segment(n, size, "mask", 1.0) for n in (ALIGN_SCORE, ALIGN_SQUARE, ALIGN_N))
+        return SubmissionLayout((*base, *align))
+
+
+def distribution(counts: np.ndarray, smoothing: float) -> np.ndarray:
+    """Rows of non-negative ``counts`` (L, E) as probabilities, each mixed with ``smoothing``
+    of the uniform distribution (so no probability is zero). Negative (noised) counts are 0."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
+    total = counts.sum(axis=1, keepdims=True)
+    experts = counts.shape[1]
+    p = np.divide(counts, total, out=np.full_like(counts, 1.0 / experts), where=total > 0)
+    return (1.0 - smoothing) * p + smoothing / experts
+
+
+def consistency_scores(
+    local: RoutingStats, global_: RoutingStats, config: FedAlignConfig
+) -> np.ndarray:
+    """s(l, e) in [0, 1] (module docstring); 1 where either side has no routed tokens."""
+    p = distribution(local.counts, config.smoothing)
+    q = distribution(global_.counts, config.smoothing)
+    if config.consistency == "js":
+        m = 0.5 * (p + q)
+        js = 0.5 * (p * np.log2(p / m)).sum(1) + 0.5 * (q * np.log2(q / m)).sum(1)
+        scores = np.repeat((1.0 - np.clip(js, 0.0, 1.0))[:, None], p.shape[1], axis=1)
+    else:
+        kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+        scores = np.exp(-np.maximum(kl, 0.0) / config.temperature)
+    known = (np.maximum(local.counts, 0).sum(1) > 0) & (np.maximum(global_.counts, 0).sum(1) > 0)
+    return np.where(known[:, None], scores, 1.0)
+
+
+def alignment_scores(
+    partition: ExpertPartition,
+    delta: dict[str, np.ndarray],
+    global_move: dict[str, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine (L, E), whether each cosine exists) of each expert's update with its global move."""
+    shape = (partition.num_layers, partition.num_experts)
+    scores, known = np.zeros(shape), np.zeros(shape, dtype=bool)
+    if global_move is None:
+        return scores, known
+    for layer in range(shape[0]):
+        for expert in range(shape[1]):
+            u = partition.expert_vector(delta, layer, expert)
+            g = partition.expert_vector(global_move, layer, expert)
+            norm = float(np.linalg.norm(u) * np.linalg.norm(g))
+            if norm > 0:
+                scores[layer, expert] = float(np.clip(u @ g / norm, -1.0, 1.0))
+                known[layer, expert] = True
+    return scores, known
+
+
+def thresholds(state: GlobalState, config: FedAlignConfig) -> np.ndarray | None:
+    """τ(l, e) from the broadcast score statistics; -inf where too few scores; None without any."""
+    if ALIGN_MEAN not in state.extras:
+        return None
+    mean, std = state.extras[ALIGN_MEAN], state.extras[ALIGN_STD]
+    enough = state.extras[ALIGN_N] >= config.min_scorers - 0.5
+    return np.where(enough, mean - config.beta * std, -np.inf)
+
+
+class FedAlignClient:
+    """Client side of FedAlign-MoE. Remembers the last broadcast adapters (for the alignment
+    score) between rounds; everything else comes from the broadcast state."""
+
+    def __init__(self, config: FedAlignConfig) -> None:
+        self.config = config
+        self._previous: dict[str, np.ndarray] | None = None
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def memory(self) -> dict[str, np.ndarray]:
+        """The last broadcast adapters (what the next round's alignment scores compare to)."""
+        return {} if self._previous is None else dict(self._previous)
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        self._previous = {n: np.asarray(a, dtype=np.float64) for n, a in memory.items()} or None
+
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        """The extras this client reads, all or none: the score statistics, (L, E) each."""
+        shape = tuple(state.routing.counts.shape)
+        return {name: shape for name in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)}
+
+    @contextmanager
+    def session(self, model: nn.Module, state: GlobalState) -> Iterator[TrainingPlan]:
+        """Adds the KL(p_b ‖ p̄) regularizer once global routing exists and it is switched on."""
+        coef = self.config.regularization
+        if coef == 0 or float(state.routing.counts.sum()) <= 0:
+            yield TrainingPlan()
+            return
+        target = torch.from_numpy(distribution(state.routing.counts, self.config.smoothing))
+        smoothing = self.config.smoothing
+
+        def kl_term(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+            terms = []
+            for layer, probs in enumerate(router_probabilities(model)):
+                q = target[layer].to(device=probs.device, dtype=probs.dtype)
+                p = probs.reshape(probs.shape[0], -1, probs.shape[-1]).mean(1)
+                p = (1.0 - smoothing) * p + smoothing / p.shape[-1]
+                terms.append((p * (p / q).log()).sum(-1))
+            return coef * torch.stack(terms).mean(0)
+
+        yield TrainingPlan(extra_loss=kl_term)
+
+    def submit(
+        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
+    ) -> Submission:
+        check_routing_matches(result.routing, state.routing)
+        config = self.config
+        partition = ExpertPartition.of(state)
+        layout = self.layout(state)
+        w = example_weight(num_examples, config.max_examples)
+        current = {n: t.detach().cpu().double().numpy() for n, t in state.adapters.items()}
+        move = None
+        if self._previous is not None and self._previous.keys() == current.keys():
+            move = {n: current[n] - self._previous[n] for n in current}
+        self._previous = current
+        delta = {n: t.detach().cpu().double().numpy() for n, t in result.delta.items()}
+        clipped_delta = {
+            n: np.clip(d, -config.delta_bound, config.delta_bound) for n, d in delta.items()
+        }
+        scores, known = alignment_scores(partition, clipped_delta, move)
+        tau = thresholds(state, config)
+        include = np.ones_like(known) if tau is None else ~known | (scores >= tau)
+        weights = w * consistency_scores(result.routing, state.routing, config) * include
+        values = weighted_deltas(partition, result.delta, w, weights, config.delta_bound)
+        raw = {
+            **{k: delta[k.removeprefix(DELTA_PREFIX)] for k in values},
+            WEIGHT: np.array([w]),
+            EXPERT_WEIGHT: weights.ravel(),
+            EXPERT_COUNT: include.astype(np.float64).ravel(),
+            ROUTING: result.routing.as_vector(),
+            ALIGN_SCORE: scores.ravel(),
+            ALIGN_SQUARE: (scores**2).ravel(),
+            ALIGN_N: known.astype(np.float64).ravel(),
+        }
+        clipped = layout.clipped_fraction(raw)
+        values.update({k: v for k, v in raw.items() if not k.startswith(DELTA_PREFIX)})
+        return Submission(values=values, clipped=clipped)
+
+
+def fedalign_config(config: FederationConfig) -> FedAlignConfig:
+    """FedAlign-MoE's parameters from ``[aggregation.fedalign]`` (identical on both sides)."""
+    base = fedavg_config(config)
+    return FedAlignConfig(
+        max_examples=base.max_examples,
+        delta_channel=base.delta_channel,
+        routing_channel=base.routing_channel,
+        **msgspec.structs.asdict(config.aggregation.fedalign),
+    )
+
+
+CLIENT_HALF = moe_lora_half(lambda config: FedAlignClient(fedalign_config(config)))

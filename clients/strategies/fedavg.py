@@ -1,0 +1,258 @@
+"""FedAvg of adapter deltas weighted by example counts, and the MoE-LoRA learner.
+
+A client with n examples submits weight ``w = min(n, max_examples) / max_examples`` and
+``w * delta``; the coordinator sets ``delta = sum(w * delta) / sum(w)``. The MoE-LoRA learner
+trains the adapters of :mod:`clients.models.moe_lora` with
+:func:`clients.training.trainer.train_local` inside a sum strategy's session (FedAvg, FedAlign-MoE
+or FedMoE) and releases its noised routing statistics every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, replace
+
+import dp_accounting
+import numpy as np
+import torch
+
+from clients.contract.config import FederationConfig
+from clients.contract.layout import (
+    CHANNELS,
+    DELTA_PREFIX,
+    ROUTING,
+    WEIGHT,
+    Channel,
+    GlobalState,
+    Segment,
+    StrategyError,
+    Submission,
+    SubmissionLayout,
+    check_routing_matches,
+)
+from clients.data.sources import institution_data
+from clients.models.build import build_model
+from clients.models.moe_lora import (
+    adapter_state,
+    load_adapter_state,
+    routing_statistics,
+)
+from clients.strategies.base import (
+    ClientHalf,
+    ClientStrategy,
+    LocalRound,
+    RemembersRounds,
+    TrainingPlan,
+    device_of,
+    example_weight,
+    plain_session,
+)
+from clients.training.routing_release import (
+    SENSITIVITY_BASIS,
+    private_routing_statistics,
+    routing_mechanism,
+)
+from clients.training.trainer import LocalTrainingResult, Metrics, evaluate, train_local
+from privacy import DPConfig, DPTrainingFacts, Release
+
+DEFAULT_MAX_EXAMPLES = 4096
+"""Public FedAvg weight cap when ``[data.max_blocks].train`` is unset: an institution with more
+training blocks gets the same weight as one with exactly this many. Small enough that the weight
+of one block (1 / cap) stays well above the 16-bit mask quantisation step."""
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """Public parameters of example-weighted FedAvg of adapter deltas.
+
+    A client with n examples submits weight ``w = min(n, max_examples) / max_examples`` and
+    ``w * delta``; the coordinator sets ``delta = sum(w * delta) / sum(w)``. Delta entries beyond
+    ``±delta_bound`` and routing values beyond ``±routing_bound`` (per client: a count can
+    reach tokens * top_k) are clipped. The weight always travels on the mask channel: the
+    coordinator must read ``sum(w)`` to form the ratio, also when the deltas go under CKKS (it
+    then scales their encrypted sum by ``delta_bound / sum(w)`` without reading it).
+    """
+
+    max_examples: int
+    delta_bound: float = 0.1
+    routing_bound: float = 1e6
+    delta_channel: Channel = "mask"
+    routing_channel: Channel = "ckks"
+
+    def __post_init__(self) -> None:
+        n = self.max_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise StrategyError(f"max_examples must be an int >= 1, got {n!r}")
+        for name in ("delta_bound", "routing_bound"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise StrategyError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("delta_channel", "routing_channel"):
+            if getattr(self, name) not in CHANNELS:
+                raise StrategyError(
+                    f"{name} must be one of {CHANNELS}, got {getattr(self, name)!r}"
+                )
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        """``delta:<name>`` per adapter tensor (state order), ``weight``, then ``routing``."""
+        deltas = [
+            Segment(DELTA_PREFIX + name, int(t.numel()), self.delta_channel, self.delta_bound)
+            for name, t in state.adapters.items()
+        ]
+        routing_len = len(state.routing.as_vector())
+        return SubmissionLayout(
+            (
+                *deltas,
+                Segment(WEIGHT, 1, "mask", 1.0),
+                Segment(ROUTING, routing_len, self.routing_channel, self.routing_bound),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class FedAvgClient:
+    """Client side of FedAvg: submits ``w * delta``, ``w`` and the raw routing statistics.
+
+    The routing statistics are submitted as given: a caller that must noise them (they are a
+    release) passes a result whose ``routing`` is already noised and charged.
+    """
+
+    config: FedAvgConfig
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def session(
+        self, model: torch.nn.Module, state: GlobalState
+    ) -> AbstractContextManager[TrainingPlan]:
+        return plain_session()
+
+    def submit(
+        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
+    ) -> Submission:
+        n = num_examples
+        check_routing_matches(result.routing, state.routing)
+        layout = self.layout(state)
+        cap = self.config.max_examples
+        weight = example_weight(n, cap)
+        ours = result.routing
+        deltas = {
+            DELTA_PREFIX + name: t.detach().cpu().double().numpy()
+            for name, t in result.delta.items()
+        }
+        # Clipping applies to the delta itself, before weighting.
+        raw = {**deltas, WEIGHT: np.array([n / cap]), ROUTING: ours.as_vector()}
+        clipped = layout.clipped_fraction(raw)
+        bound = self.config.delta_bound
+        values = {name: weight * np.clip(d, -bound, bound) for name, d in deltas.items()}
+        values[WEIGHT] = np.array([weight])
+        values[ROUTING] = ours.as_vector()
+        return Submission(values=values, clipped=clipped)
+
+
+def fedavg_config(config: FederationConfig) -> FedAvgConfig:
+    """The FedAvg parameters both sides use (they must be identical to agree on the layout)."""
+    return FedAvgConfig(
+        max_examples=config.data.max_blocks.train or DEFAULT_MAX_EXAMPLES,
+        delta_channel=config.aggregation.expert_updates,
+        routing_channel=config.aggregation.routing_statistics,
+    )
+
+
+class MoELoRALearner:
+    """MoE-LoRA adapters trained with :func:`clients.training.trainer.train_local` inside a sum
+    strategy's session; the routing statistics are released (noised) every round."""
+
+    def __init__(self, config: FederationConfig, name: str, strategy: ClientStrategy) -> None:
+        self.config = config
+        self.model, self.tokenizer = build_model(config)
+        self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
+        self.strategy = strategy
+        self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
+
+    def per_round_events(self) -> list[dp_accounting.DpEvent]:
+        return [self.routing.dp_event()]
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.model)
+
+    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
+        load_adapter_state(self.model, adapters)
+
+    def local_state(self) -> GlobalState:
+        local = routing_statistics(self.model)
+        return GlobalState.initial(
+            self.adapters(), local.layer_names, local.num_experts, local.top_k
+        )
+
+    def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
+        shapes = getattr(self.strategy, "extras_shapes", None)
+        return shapes(state) if shapes is not None else {}
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.strategy.layout(state)
+
+    def releases(
+        self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
+    ) -> list[Release]:
+        return [
+            facts.release(federation_round, round_id),
+            self.routing.release(federation_round, round_id, SENSITIVITY_BASIS),
+        ]
+
+    def train(
+        self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
+    ) -> LocalRound:
+        train = self.config.training
+        blocks = self.data["train"]
+        with self.strategy.session(self.model, state) as plan:
+            result = train_local(
+                self.model, blocks, dp=dp, steps=train.local_steps,
+                batch_size=train.batch_size, lr=train.lr, device=device_of(self.config),
+                extra_loss=plan.extra_loss, frozen=plan.frozen,
+            )  # fmt: skip
+            routing = private_routing_statistics(self.model, blocks, self.routing)
+        result = replace(result, routing=routing)  # only the noised statistics go further
+        submission = self.strategy.submit(state, result, num_examples=len(blocks))
+        releases = (
+            [] if result.facts is None
+            else self.releases(state, result.facts, federation_round, round_id)
+        )  # fmt: skip
+        return LocalRound(submission, asdict(result.metrics), result.facts, releases)
+
+    def evaluate(self, state: GlobalState, split: str) -> Metrics:
+        with self.strategy.session(self.model, state):
+            return evaluate(self.model, self.data[split], device=device_of(self.config))
+
+    def memory(self) -> dict[str, np.ndarray]:
+        return self.strategy.memory() if isinstance(self.strategy, RemembersRounds) else {}
+
+    def restore(self, memory: Mapping[str, np.ndarray]) -> None:
+        if isinstance(self.strategy, RemembersRounds):
+            self.strategy.restore(memory)
+        elif memory:
+            raise StrategyError(f"the {self.config.aggregation.strategy} client keeps no memory")
+
+
+def moe_lora_initial_state(config: FederationConfig) -> GlobalState:
+    """Round 0 of the MoE-LoRA strategies: the seeded adapters, zero routing, no extras."""
+    model, _ = build_model(config)
+    stats = routing_statistics(model)
+    return GlobalState.initial(
+        adapter_state(model), stats.layer_names, stats.num_experts, stats.top_k
+    )
+
+
+def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> ClientHalf:
+    """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
+    new client-side object per institution (strategies keep memory between rounds)."""
+    return ClientHalf(
+        build_model=build_model,
+        initial_state=moe_lora_initial_state,
+        learner=lambda config, name: MoELoRALearner(config, name, strategy(config)),
+        sum_strategy=strategy,
+    )
+
+
+CLIENT_HALF = moe_lora_half(lambda config: FedAvgClient(fedavg_config(config)))

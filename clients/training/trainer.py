@@ -1,0 +1,280 @@
+"""Local training of the MoE-LoRA adapters of one institution, private (DP-SGD) or not.
+
+:func:`train_local` runs a fixed number of steps on token blocks and returns what a round needs:
+the adapter delta, the routing statistics of the training forwards, training metrics and the
+:class:`~privacy.DPTrainingFacts` of what was released. :func:`evaluate` scores a split.
+
+The unit of privacy is one training block (a row of ``blocks``). Each block's loss is the mean
+next-token cross-entropy over its tokens plus ``load_balance_coef`` times the load-balance loss;
+it depends on that block only, as per-sample clipping requires (checked by
+:func:`privacy.check_per_sample_gradients` with :func:`per_sample_loss`). A strategy may add its
+own per-block term (``extra_loss``) and hold some adapter entries fixed (``frozen``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from clients.contract.routing import RoutingStats
+from clients.models.moe_lora import (
+    adapter_parameters,
+    adapter_state,
+    get_config,
+    load_balance_loss,
+    reset_routing_statistics,
+    routing_statistics,
+)
+from privacy import DPConfig, DPTrainingFacts, make_private
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""``(model, ids [B, T]) -> [B]``: a per-block loss term, called right after the forward pass of
+``ids`` (so forward hooks have seen it). Each entry must depend on its own block only."""
+
+
+class TrainerError(ValueError):
+    """Bad arguments to the trainer (the message names the argument)."""
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Token-level language-model metrics: mean cross-entropy, its exp, argmax accuracy."""
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    """What one local run produced; ``delta`` has the names and order of ``adapter_state``.
+
+    ``metrics`` and ``routing`` are computed on private data: they are not DP by themselves
+    and must be noised and charged before they leave the institution.
+    """
+
+    delta: dict[str, torch.Tensor]
+    routing: RoutingStats
+    metrics: Metrics
+    facts: DPTrainingFacts | None
+    steps: int
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _forward(
+    model: nn.Module, ids: torch.Tensor, load_balance_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-block (training loss, summed token CE, correct predictions), each of shape [B]."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    targets = ids[:, 1:]
+    token_ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    loss = token_ce.mean(dim=1)
+    if load_balance_coef > 0:
+        loss = loss + load_balance_coef * load_balance_loss(model, reduction="none")
+    correct = (logits.detach().argmax(-1) == targets).sum(dim=1)
+    return loss, token_ce.detach().sum(dim=1), correct
+
+
+def per_sample_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The per-block training loss [B] that :func:`train_local` clips and backpropagates."""
+    return _forward(model, ids, get_config(model).load_balance_coef)[0]
+
+
+def _check_blocks(blocks: torch.Tensor, name: str) -> None:
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise TrainerError(f"{name} must be a LongTensor [N, T]")
+    if blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        raise TrainerError(f"{name} needs >= 1 block of >= 2 tokens, got {tuple(blocks.shape)}")
+
+
+def _metrics(ce_sum: float, correct: int, tokens: int) -> Metrics:
+    loss = ce_sum / tokens if tokens else float("nan")
+    return Metrics(loss, math.exp(min(loss, 700.0)), correct / tokens if tokens else 0.0, tokens)
+
+
+@contextmanager
+def _progress(description: str, total: int, enabled: bool | None) -> Iterator:
+    console = Console(stderr=True)
+    show = console.is_terminal if enabled is None else enabled and console.is_terminal
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(
+        *columns, TimeRemainingColumn(), console=console, transient=True, disable=not show
+    ) as progress:
+        task = progress.add_task(description, total=total, info="")
+        yield lambda info: progress.update(task, advance=1, info=info)
+
+
+def train_local(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    *,
+    dp: DPConfig | None,
+    steps: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    extra_loss: ExtraLoss | None = None,
+    frozen: Mapping[str, torch.Tensor] | None = None,
+) -> LocalTrainingResult:
+    """Train the adapters for ``steps`` steps (Adam) on ``blocks`` [N, T] and report.
+
+    With ``dp``: DP-SGD, Poisson sampling at rate ``batch_size / N``, noise multiplier
+    ``dp.noise_multiplier`` (calibrated by the caller for all rounds). With ``dp=None``:
+    shuffled mini-batches of ``batch_size``, same interface. The model is moved to ``device``
+    (default: CUDA if available), its routing counters are reset, and Opacus is removed from
+    it afterwards so it can be trained again next round. ``progress=None`` shows a transient
+    bar only on a terminal; ``False`` never.
+
+    ``extra_loss`` is added to every block's loss (see :data:`ExtraLoss`). ``frozen`` maps adapter
+    names to bool masks of their shape: True entries are put back to their starting values after
+    every step, so neither gradients nor DP noise move them and their delta is exactly zero.
+    """
+    _check_blocks(blocks, "blocks")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
+    config = get_config(model)
+    adapters = dict(adapter_parameters(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trainable != set(adapters):
+        raise TrainerError(
+            "only adapter parameters may be trainable; also trainable: "
+            f"{sorted(trainable - set(adapters))[:5]}"
+        )
+
+    dev = select_device(device)
+    model.to(dev)
+    before = adapter_state(model)
+    held = _held_entries(frozen, before)
+    reset_routing_statistics(model)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    loader = DataLoader(
+        TensorDataset(blocks), batch_size=batch_size, shuffle=True, generator=generator
+    )
+    optimizer = torch.optim.Adam(list(adapters.values()), lr=lr)
+    was_training = model.training
+    model.train()
+    ce_sum, correct, tokens = 0.0, 0, 0
+    training = make_private(model, optimizer, loader, dp, seed=seed)
+    try:
+        batches = training.batches()
+        with _progress("local training", steps, progress) as advance:
+            for _ in range(steps):
+                (ids,) = next(batches)
+                if ids.shape[0] == 0:
+                    training.step(None)
+                    _restore(adapters, held)
+                    advance("empty batch")
+                    continue
+                ids = ids.to(dev)
+                loss, ce, hits = _forward(model, ids, config.load_balance_coef)
+                if extra_loss is not None:
+                    loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
+                training.step(loss)
+                _restore(adapters, held)
+                ce_sum += float(ce.sum())
+                correct += int(hits.sum())
+                tokens += ids.shape[0] * (ids.shape[1] - 1)
+                advance(f"loss {ce_sum / max(tokens, 1):.3f}")
+        facts = training.facts()
+    finally:
+        training.close()
+        model.train(was_training)
+    after = adapter_state(model)
+    delta = {name: (after[name] - before[name]).cpu() for name in before}
+    return LocalTrainingResult(
+        delta=delta,
+        routing=routing_statistics(model),
+        metrics=_metrics(ce_sum, correct, tokens),
+        facts=facts,
+        steps=training.steps,
+    )
+
+
+def _held_entries(
+    frozen: Mapping[str, torch.Tensor] | None, before: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Name -> (bool mask, starting values) for every tensor with at least one frozen entry."""
+    if frozen is None:
+        return {}
+    unknown = sorted(set(frozen) - set(before))
+    if unknown:
+        raise TrainerError(f"frozen names unknown adapter tensors {unknown[:5]}")
+    held = {}
+    for name, mask in frozen.items():
+        start = before[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TrainerError(f"frozen[{name!r}] must be a bool tensor")
+        if tuple(mask.shape) != tuple(start.shape):
+            raise TrainerError(
+                f"frozen[{name!r}] has shape {tuple(mask.shape)}, the adapter {tuple(start.shape)}"
+            )
+        if bool(mask.any()):
+            held[name] = (mask.to(start.device), start)
+    return held
+
+
+@torch.no_grad()
+def _restore(
+    params: Mapping[str, nn.Parameter], held: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    for name, (mask, start) in held.items():
+        params[name][mask] = start[mask]
+
+
+def _checked_extra(term: torch.Tensor, batch: int) -> torch.Tensor:
+    if not isinstance(term, torch.Tensor) or tuple(term.shape) != (batch,):
+        got = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
+        raise TrainerError(f"extra_loss must return one value per block ({batch},), got {got}")
+    return term
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> Metrics:
+    """Next-token loss, perplexity and accuracy on ``blocks`` [N, T] (e.g. validation/test).
+
+    Adds the evaluated tokens to the model's routing counters.
+    """
+    _check_blocks(blocks, "blocks")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    dev = select_device(device)
+    model.to(dev)
+    was_training = model.training
+    model.eval()
+    ce_sum, correct = 0.0, 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(dev)
+            _, ce, hits = _forward(model, ids, 0.0)
+            ce_sum += float(ce.sum())
+            correct += int(hits.sum())
+    finally:
+        model.train(was_training)
+    return _metrics(ce_sum, correct, blocks.shape[0] * (blocks.shape[1] - 1))

@@ -1,0 +1,1 @@
+"""The application layer: the ``sealmoe`` command, the local launcher, audit commands, wiring."""

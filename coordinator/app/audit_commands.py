@@ -1,0 +1,298 @@
+"""``sealmoe audit verify|report|empirical``: the privacy officer's commands.
+
+The ``audit`` package works on keys and files it is handed; this module finds them (the roster
+for identity keys, the coordinator's heads in the run directory) and prints the outcome.
+``verify`` exits 0 when every ledger verifies, 1 when any does not (one line per ledger naming
+file, line and problem), 2 for a setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from clients.contract.config import ConfigFileError, load_config
+from clients.contract.keys import ROSTER_FILE, Roster, load_roster
+
+if TYPE_CHECKING:
+    from audit import VerifiedLedger
+
+
+TAMPERED = 1
+
+
+class AuditUsageError(ValueError):
+    """The arguments do not say what to audit (the message says what to pass)."""
+
+
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 120))
+
+
+LEDGER_FILE = "ledger.jsonl"  # audit.LEDGER_FILE; audit is imported lazily (it pulls in torch)
+
+
+def run_dir_of(ledger: Path) -> Path | None:
+    """The run directory of a ledger at ``RUN_DIR/institutions/NAME/ledger.jsonl``, if so."""
+    ledger = ledger.resolve()
+    if ledger.name == LEDGER_FILE and ledger.parent.parent.name == "institutions":
+        return ledger.parents[2]
+    return None
+
+
+def find_roster(args: argparse.Namespace) -> Roster:
+    """The roster named by ``--roster``, else the one of ``--config``."""
+    if args.roster is not None:
+        return load_roster(args.roster)
+    if args.config is not None:
+        return load_roster(load_config(args.config).keys_dir / ROSTER_FILE)
+    raise AuditUsageError(
+        "no roster to take the institutions' identity keys from: pass --roster ROSTER.toml "
+        "or --config FEDERATION.toml",
+    )
+
+
+def verify_one(
+    path: Path, roster: Roster, institution: str | None, run_dir: Path | None
+) -> VerifiedLedger:
+    """Verify one ledger: whose it is comes from ``institution`` or its folder name."""
+    from audit import head_path, read_head, verify_ledger
+
+    name = institution or path.resolve().parent.name
+    public_key = roster.institution(name).identity_key
+    run_dir = run_dir or run_dir_of(path)
+    head = None
+    if run_dir is not None and head_path(run_dir, name).exists():
+        head = read_head(head_path(run_dir, name))
+    return verify_ledger(path, public_key, institution=name, head=head)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from audit import LedgerTampered
+
+    roster = find_roster(args)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is None and args.config is not None:
+        run_dir = load_config(args.config).run_dir
+    console = _console()
+    table = Table(title="privacy ledgers")
+    for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "head"):
+        table.add_column(column, justify="left" if column in ("ledger", "institution") else "right")
+    failed = 0
+    for raw in args.ledgers:
+        path = Path(raw)
+        try:
+            verified = verify_one(path, roster, args.institution, run_dir)
+        except LedgerTampered as exc:
+            print(f"sealmoe audit verify: FAILED: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        spent = verified.spent
+        refusals = sum(1 for e in verified.entries if e.kind == "refusal")
+        table.add_row(
+            str(path), verified.institution or "(empty)", str(len(verified.entries)),
+            str(refusals), _eps(spent.rdp), _eps(spent.pld),
+            "checked" if verified.head_checked else "none (a cut tail goes unnoticed)",
+        )  # fmt: skip
+    if table.rows:
+        console.print(table)
+    if failed:
+        print(
+            f"sealmoe audit verify: {failed} of {len(args.ledgers)} ledgers do not verify",
+            file=sys.stderr,
+        )
+        return TAMPERED
+    console.print(f"OK: {len(args.ledgers)} ledgers verify (chain, signatures, every epsilon)")
+    return 0
+
+
+def produce_report(run_dir: Path, roster_path: Path | None = None) -> list[Path]:
+    """Build and write the privacy report of ``run_dir``; the files written.
+
+    Ledgers are verified with the identity keys of ``roster_path`` (default: the roster the
+    run's audit context names), when it exists.
+    """
+    from audit.context import read_context
+    from audit.render import write_report
+    from audit.report import build_report
+
+    facts = read_context(run_dir)
+    path = roster_path or Path(facts.roster)
+    keys = None
+    if roster_path is not None or path.exists():
+        keys = {e.name: e.identity_key for e in load_roster(path).institutions}
+    return write_report(run_dir, build_report(run_dir, facts, keys))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    written = produce_report(run_dir, Path(args.roster) if args.roster else None)
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    console = _console()
+    table = Table(title=report["title"])
+    for column in ("institution", "budget ε", "spent ε RDP", "spent ε PLD", "remaining", "ledger"):
+        table.add_column(column)
+    for inst in report["institutions"]:
+        table.add_row(
+            inst["name"], f"{inst['budget']['epsilon']:g}", _eps(inst["spent"].get("rdp")),
+            _eps(inst["spent"].get("pld")), _eps(inst["remaining_epsilon"]),
+            inst["verification"]["status"],
+        )  # fmt: skip
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def training_of(run_dir: Path, name: str) -> tuple[float, float, int, float]:
+    """(noise multiplier, sampling rate, total steps, delta) of ``name``'s charged DP-SGD."""
+    from audit import ledger_path
+    from audit.verify import parse_entry
+
+    path = ledger_path(run_dir, name)
+    if not path.exists():
+        raise ConfigFileError(str(path), "no ledger: did this institution take part?")
+    updates = [
+        e for e in (parse_entry(line) for line in path.read_text().splitlines())
+        if e.kind == "release" and e.what == "adapter-update"
+    ]  # fmt: skip
+    if not updates:
+        raise ConfigFileError(str(path), "no adapter update was released: nothing to audit")
+    settings = {(e.parameters["noise_multiplier"], e.parameters["sample_rate"]) for e in updates}
+    if len(settings) != 1:
+        raise ConfigFileError(str(path), f"the rounds used different DP-SGD settings {settings}")
+    (sigma, rate) = settings.pop()
+    return sigma, rate, sum(int(e.parameters["steps"]) for e in updates), updates[0].delta
+
+
+def cmd_empirical(args: argparse.Namespace) -> int:
+    from audit.context import context_path
+    from audit.empirical import canary_audit
+    from audit.report import EMPIRICAL_DIR
+
+    console = _console()
+    if args.run_dir is not None:
+        if args.institution is None:
+            raise AuditUsageError("with RUN_DIR, pass --institution NAME")
+        run_dir = Path(args.run_dir)
+        sigma, rate, steps, delta = training_of(run_dir, args.institution)
+        label = f"DP-SGD of {args.institution}, all rounds"
+    else:
+        given = (args.noise_multiplier, args.sample_rate, args.steps)
+        if None in given:
+            raise AuditUsageError(
+                "pass RUN_DIR --institution NAME, or --noise-multiplier, --sample-rate and --steps"
+            )
+        sigma, rate, steps = given
+        delta, run_dir = args.delta, None
+        label = "DP-SGD"
+    with console.status(f"training with {args.canaries} canaries ({steps} DP-SGD steps)"):
+        result = canary_audit(sigma, rate, steps, delta=delta, canaries=args.canaries,
+                              confidence=args.confidence, label=label)  # fmt: skip
+    table = Table(title=f"empirical privacy audit: {label}")
+    columns = ("noise multiplier", "q", "steps", "canaries", "guesses", "correct",
+               "ε lower bound", f"ε upper bound (RDP, δ={delta:g})")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{sigma:.4g}", f"{result.sample_rate:.4g}", str(steps), str(result.canaries),
+        str(result.guesses), str(result.correct), _eps(result.epsilon_lower_bound),
+        _eps(result.epsilon_upper_bound),
+    )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"at {result.confidence:.0%} confidence the training is not (ε, δ)-DP for any ε below "
+        f"{result.epsilon_lower_bound:.3g}; the accountant proves "
+        f"ε ≤ {result.epsilon_upper_bound:.3g}"
+    )
+    out = Path(args.out) if args.out else None
+    if run_dir is not None:
+        out = out or run_dir / EMPIRICAL_DIR / f"{args.institution}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.as_dict(), indent=1, sort_keys=True) + "\n")
+        console.print(f"wrote {out}")
+    if run_dir is not None and context_path(run_dir).exists():
+        produce_report(run_dir)
+        console.print(f"updated {run_dir / 'report.html'}")
+    return 0
+
+
+def _eps(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.4g}"
+
+
+def add_audit_parser(commands: argparse._SubParsersAction) -> None:
+    """``sealmoe audit`` and its subcommands."""
+    audit = commands.add_parser(
+        "audit",
+        help="verify privacy ledgers, write privacy reports, run an empirical privacy audit",
+        description="The privacy officer's commands: verify, report, empirical.",
+    )
+    sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
+    verify = sub.add_parser(
+        "verify",
+        help="recompute ledgers' hash chains, signatures and epsilons",
+        description=(
+            "Verify institutions' privacy ledgers: the hash chain (an edited, deleted, inserted "
+            "or reordered entry), every Ed25519 signature against the roster's identity key, and "
+            "every epsilon recomputed from the recorded dp-accounting events. With the "
+            "coordinator's signed heads (found in the run directory) a ledger whose last "
+            "entries were deleted is detected too. Exit status 0: all verify; 1: some do not "
+            "(one line each, naming file, line and problem); 2: a setup error."
+        ),
+    )
+    verify.add_argument("ledgers", nargs="+", metavar="LEDGER", help="ledger.jsonl files")
+    verify.add_argument("--roster", metavar="F", help="roster with the identity keys")
+    verify.add_argument("--config", metavar="F", help="federation config (roster and run dir)")
+    verify.add_argument(
+        "--run-dir", metavar="DIR",
+        help="run directory holding the coordinator's ledger heads (default: the ledger's own)",
+    )  # fmt: skip
+    verify.add_argument(
+        "--institution", metavar="NAME", help="whose ledger (default: its folder's name)"
+    )
+    verify.set_defaults(handler=cmd_verify)
+
+    report = sub.add_parser(
+        "report",
+        help="write report.html, report.json and report.md for a run directory",
+        description=(
+            "Write the privacy report of a run: report.html (plots of epsilon over rounds per "
+            "institution against its budget, remaining budget, tables of releases; opens "
+            "offline), report.json (every number) and report.md, into RUN_DIR. Ledgers are "
+            "verified with the roster's identity keys (default: the run's roster)."
+        ),
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a federation's run directory")
+    report.add_argument("--roster", metavar="F", help="roster with the identity keys")
+    report.set_defaults(handler=cmd_report)
+
+    empirical = sub.add_parser(
+        "empirical",
+        help="lower-bound epsilon empirically with canaries in one DP-SGD training run",
+        description=(
+            "Empirical privacy audit (Steinke, Nasr and Jagielski 2023, one training run): "
+            "train with the real DP-SGD path at an institution's settings (from its ledger in "
+            "RUN_DIR) or at the given ones, with canaries each included with probability 1/2, "
+            "and turn the auditor's correct guesses into a lower bound on epsilon, printed next "
+            "to the accountant's upper bound. With RUN_DIR the result goes to "
+            "RUN_DIR/empirical/NAME.json and into the run's report."
+        ),
+    )
+    empirical.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory")
+    empirical.add_argument("--institution", metavar="NAME", help="whose training to audit")
+    empirical.add_argument("--noise-multiplier", type=float, metavar="S")
+    empirical.add_argument("--sample-rate", type=float, metavar="Q")
+    empirical.add_argument("--steps", type=int, metavar="T")
+    empirical.add_argument("--delta", type=float, default=1e-5, metavar="D")
+    empirical.add_argument("--canaries", type=int, default=1000, metavar="M")
+    empirical.add_argument("--confidence", type=float, default=0.95, metavar="C")
+    empirical.add_argument("--out", metavar="F", help="also write the result as JSON here")
+    empirical.set_defaults(handler=cmd_empirical)

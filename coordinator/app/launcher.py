@@ -1,0 +1,197 @@
+"""``sealmoe run``: the whole federation on one machine, each party a separate process.
+
+The coordinator and every institution run as their own ``sealmoe`` processes on loopback, each
+with its own keys, exactly as they would on separate hosts. This process only watches: it reads
+the coordinator's journal and the institutions' local metrics files (which a real deployment
+would never gather in one place) and prints one table per round and a final before/after table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from audit.context import ContextError
+from clients.contract.config import FederationConfig
+from clients.contract.keys import ROSTER_FILE, generate_keys
+from clients.runtime.institution import METRICS_FILE
+from coordinator.app.audit_commands import produce_report
+from coordinator.store import JOURNAL
+
+POLL_S = 0.5
+
+
+METRICS_GRACE_S = 30.0
+
+
+def run_federation(
+    config_path: Path, config: FederationConfig, console: Console, *, fresh: bool = False
+) -> int:
+    """Start every party, print progress until the coordinator exits; its exit status.
+
+    An existing run directory is resumed (the coordinator picks up after its last finished
+    round) unless ``fresh``, which deletes it first.
+    """
+    if fresh and config.run_dir.exists():
+        shutil.rmtree(config.run_dir)
+    elif (config.run_dir / JOURNAL).exists():
+        console.print(f"resuming the run in {config.run_dir} (--fresh starts over)")
+    if not (config.keys_dir / ROSTER_FILE).exists():
+        generate_keys(
+            config.keys_dir, config.institution_names, ckks=config.aggregation.ckks.params()
+        )
+        console.print(f"created keys and roster under {config.keys_dir}")
+    logs = config.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "coordinator.app.cli"]
+    parties = {"coordinator": [*command, "coordinator", "--config", str(config_path)]}
+    for name in config.institution_names:
+        parties[name] = [*command, "client", "--config", str(config_path), "--institution", name]
+    # One machine plays every party: share its cores instead of oversubscribing them.
+    threads = max(1, (os.cpu_count() or 1) // len(config.institution_names))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads)}  # fmt: skip
+    processes = {}
+    for party, argv in parties.items():
+        log_file = (logs / f"{party}.log").open("ab")
+        processes[party] = subprocess.Popen(  # noqa: S603
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
+    console.print(
+        f"federation {config.federation.name!r}: coordinator and {len(parties) - 1} institutions "
+        f"started; logs in {logs}"
+    )
+    shown: set[int] = set()
+    coordinator = processes["coordinator"]
+    # A SIGTERM (kill, a CI timeout) must not orphan the parties: exit through ``finally``.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with console.status("waiting for the first round") as status:
+            while coordinator.poll() is None:
+                for entry in _ready_rounds(config, shown, wait=True):
+                    console.print(round_table(config, entry))
+                    shown.add(entry["round"])
+                    status.update(f"round {entry['round'] + 1} of {config.federation.rounds}")
+                time.sleep(POLL_S)
+        deadline = time.monotonic() + 120
+        for proc in processes.values():
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        for entry in _ready_rounds(config, shown, wait=False):
+            console.print(round_table(config, entry))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+    console.print(before_after_table(config))
+    try:
+        written = produce_report(config.run_dir, config.keys_dir / ROSTER_FILE)
+        console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    except ContextError as exc:
+        console.print(f"[red]no privacy report: {exc}[/red]")
+    failed = {p: proc.returncode for p, proc in processes.items() if proc.returncode}
+    if failed:
+        console.print(f"[red]parties that failed (exit status): {failed}; see {logs}[/red]")
+    return coordinator.returncode or (1 if failed else 0)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _ready_rounds(config: FederationConfig, shown: set[int], *, wait: bool) -> list[dict]:
+    """Finished rounds not shown yet; with ``wait``, only once every institution of the round
+    has written its metrics for it (or ``METRICS_GRACE_S`` passed)."""
+    journal = config.run_dir / JOURNAL
+    if not journal.exists():
+        return []
+    started: dict[int, list[str]] = {}
+    out = []
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry["event"] == "started":
+            started[entry["round"]] = entry["institutions"]
+        elif entry["event"] in ("completed", "aborted") and entry["round"] not in shown:
+            names = started.get(entry["round"], [])
+            reported = all(_round_line(config, n, entry["round"]) for n in names)
+            late = time.time() - entry["time"] > METRICS_GRACE_S
+            if not wait or reported or late:
+                out.append(entry)
+    return out
+
+
+def _metrics_lines(config: FederationConfig, name: str) -> list[dict]:
+    path = config.run_dir / "institutions" / name / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def _round_line(config: FederationConfig, name: str, federation_round: int) -> dict | None:
+    return next(
+        (m for m in reversed(_metrics_lines(config, name))
+         if m.get("event") == "round" and m.get("round") == federation_round),
+        None,
+    )  # fmt: skip
+
+
+def round_table(config: FederationConfig, entry: dict) -> Table:
+    """One round: per institution loss/perplexity, epsilon so far, bytes, time split."""
+    r = entry["round"]
+    status = "completed" if entry["event"] == "completed" else f"ABORTED: {entry['reason']}"
+    table = Table(title=f"round {r} of {config.federation.rounds} — {status}")
+    for column in ("institution", "in sum", "train loss", "val loss", "val ppl", "ε spent",
+                   "bytes", "train s", "crypto s", "net s"):  # fmt: skip
+        table.add_column(column, justify="right" if column != "institution" else "left")
+    for name in config.institution_names:
+        line = _round_line(config, name, r)
+        if line is None:
+            table.add_row(name, "—", *["" for _ in range(8)])
+            continue
+        train, val = line.get("train") or {}, line.get("validation") or {}
+        table.add_row(
+            name,
+            "declined" if line.get("declined") else ("yes" if line.get("included") else "no"),
+            _num(train.get("loss")), _num(val.get("loss")), _num(val.get("perplexity")),
+            _num(line.get("epsilon_spent")), f"{line.get('bytes_sent', 0):,}",
+            _num(line.get("seconds_training")), _num(line.get("seconds_crypto")),
+            _num(line.get("seconds_network")),
+        )  # fmt: skip
+    return table
+
+
+def before_after_table(config: FederationConfig) -> Table:
+    """Test perplexity of each institution before the first round and after the last."""
+    table = Table(title="test perplexity per institution")
+    for column in ("institution", "before", "after", "ε spent", "ε budget"):
+        table.add_column(column, justify="right" if column != "institution" else "left")
+    for name in config.institution_names:
+        tests = [m for m in _metrics_lines(config, name) if m.get("test")]
+        before = tests[0]["test"]["perplexity"] if tests else None
+        after = tests[-1]["test"]["perplexity"] if len(tests) > 1 else None
+        spent = tests[-1].get("epsilon_spent") if tests else None
+        budget = config.budget(name).target_epsilon
+        table.add_row(name, _num(before), _num(after), _num(spent), _num(budget))
+    return table
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"

@@ -1,0 +1,3 @@
+"""The strategies' server halves: one module per strategy and the one registry
+(:mod:`coordinator.strategies.registry`).
+"""

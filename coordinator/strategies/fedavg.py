@@ -1,0 +1,81 @@
+"""FedAvg, coordinator side: the example-weighted mean of the summed adapter deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.contract.layout import (
+    CHANNEL_BOUND,
+    DELTA_PREFIX,
+    WEIGHT,
+    GlobalState,
+    NoContribution,
+    StrategyError,
+    SubmissionLayout,
+)
+from clients.strategies.fedavg import FedAvgConfig
+from coordinator.strategies.base import leading_deltas, summed_routing
+
+
+@dataclass(frozen=True)
+class FedAvgCoordinator:
+    """Coordinator side of FedAvg: ``global += sum(w * delta) / sum(w)``; routing summed.
+
+    Raises :class:`~clients.contract.layout.NoContribution` when ``sum(w)`` is below half of one
+    example's weight (``0.5 / max_examples``): nobody contributed (every honest non-zero
+    weight is at least ``1 / max_examples``) and the ratio would be quantisation noise.
+    """
+
+    config: FedAvgConfig
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        """The next state; without the routing channel's sum (a CKKS sum the coordinator cannot
+        read), the routing statistics are left as they were."""
+        values = self.layout(state).unpack(sums, partial=True)
+        if any(DELTA_PREFIX + name not in values for name in state.adapters):
+            raise StrategyError("FedAvg needs the sum of the channel that carries w*delta")
+        total = self._total_weight(values)
+        adapters: dict[str, torch.Tensor] = {}
+        for name, current in state.adapters.items():
+            delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
+            new = current.detach().cpu().double() + torch.from_numpy(delta)
+            adapters[name] = new.to(current.dtype)
+        return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))
+
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """Under CKKS deltas: per value of the delta segments, ``bound / sum(w)``.
+
+        The delta segments lead the ckks channel (state order), so the coordinator computes
+        ``state += factors * ckks_sum[:len(factors)]`` homomorphically
+        (:meth:`secagg.ckks.CkksEvaluator.scale_and_add`) from the masked ``sum(w)`` alone.
+        """
+        layout = self.layout(state)
+        deltas = leading_deltas(layout, state)
+        total = self._total_weight(layout.unpack(sums, partial=True))
+        return np.concatenate(
+            [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
+        )
+
+    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        values = self.layout(state).unpack(sums, partial=True)
+        return GlobalState(state.adapters, summed_routing(state.routing, values), state.extras)
+
+    def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
+        if WEIGHT not in values:
+            raise StrategyError("FedAvg needs the sum of the mask channel, which carries w")
+        total = float(values[WEIGHT][0])
+        if total < 0.5 / self.config.max_examples:
+            raise NoContribution(
+                f"summed weight {total:.3g} is below half an example's weight "
+                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
+            )
+        return total
