@@ -7,8 +7,8 @@ a :class:`Ledger` injected by whoever starts it.
 from audit.entry import Entry
 from audit.heads import HeadFileError, head_path, head_to_json, read_head
 from audit.ledger import LEDGER_FILE, Ledger, LedgerError, ledger_path
-from audit.pricing import Epsilons
 from audit.verify import LedgerTampered, VerifiedLedger, verify_ledger
+from privacy.budget import Epsilons
 
 __all__ = [
     "LEDGER_FILE",

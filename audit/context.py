@@ -13,10 +13,12 @@ from pathlib import Path
 
 import msgspec
 
+from privacy.errors import UserError
+
 CONTEXT_FILE = "audit-context.json"
 
 
-class ContextError(ValueError):
+class ContextError(UserError, ValueError):
     """The run directory has no usable audit context (the message says what to do)."""
 
 

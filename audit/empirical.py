@@ -24,11 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy import DPConfig, dp_sgd_event, epsilon, make_private
+from privacy.errors import UserError
 
 DEFAULT_CONFIDENCE = 0.95
 
 
-class AuditError(ValueError):
+class AuditError(UserError, ValueError):
     """Bad audit parameters (the message names the parameter)."""
 
 

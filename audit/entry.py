@@ -18,7 +18,7 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from audit.pricing import Epsilons
+from privacy.budget import Epsilons
 from privacy.head import LedgerHead
 
 FORMAT_VERSION = 1

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import msgspec
 
+from privacy.errors import UserError
 from privacy.head import LedgerHead
 
 HEADS_DIR = "ledger-heads"
 
 
-class HeadFileError(ValueError):
+class HeadFileError(UserError, ValueError):
     """A head file cannot be read (the message names the file)."""
 
 

@@ -38,9 +38,11 @@ from audit.entry import (
     sign_head,
 )
 from audit.events import event_to_json
-from audit.pricing import ACCOUNTANTS, Epsilons, Pricer
 from audit.verify import LedgerTampered, replay_ledger
-from privacy import AlreadyReleased, BudgetExceeded, Release
+from privacy import AlreadyReleased, Release
+from privacy.budget import Composition, Epsilons, PrivacyBudget
+from privacy.config import ACCOUNTANTS
+from privacy.errors import UserError
 from privacy.head import LedgerHead
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.jsonl"
 
 
-class LedgerError(Exception):
+class LedgerError(UserError):
     """The ledger cannot be opened or used (the message names the file and what to do)."""
 
 
@@ -86,11 +88,11 @@ class Ledger:
         self.delta = float(delta)
         self.accountant = accountant
         self._identity = identity
-        self._pricer = Pricer(self.delta)
+        self._budget = PrivacyBudget(self.budget_epsilon, self.delta, accountant)
         self._entries: list[Entry] = []
         self._last_hash = GENESIS
         self._released: set[tuple[int, str]] = set()
-        self._screened: tuple[tuple, Pricer, list[Epsilons]] | None = None
+        self._screened: tuple[tuple, Composition, list[Epsilons]] | None = None
         self._load()
 
     # ------------------------------------------------------------------------------ reading
@@ -106,7 +108,7 @@ class Ledger:
                 f.truncate(len(complete))
                 os.fsync(f.fileno())
         try:
-            verified, pricer = replay_ledger(self.path, self._identity.public_key())
+            verified, spent = replay_ledger(self.path, self._identity.public_key())
         except LedgerTampered as exc:
             raise LedgerError(
                 f"{exc}; the ledger does not verify, so this institution will not add to it "
@@ -119,8 +121,8 @@ class Ledger:
                 f"{self.path} accounts at delta={verified.entries[0].delta:g}, the config says "
                 f"{self.delta:g}; keep delta fixed for a run"
             )
-        if pricer is not None:
-            self._pricer = pricer
+        if spent is not None:
+            self._budget = PrivacyBudget(self.budget_epsilon, self.delta, self.accountant, spent)
         self._entries = list(verified.entries)
         self._released = {(e.round_id, e.what) for e in self._entries if e.kind == "release"}
         lines = complete.split(b"\n")[:-1]
@@ -133,15 +135,15 @@ class Ledger:
 
     def epsilons(self) -> Epsilons:
         """Cumulative epsilon of every recorded release under both accountants."""
-        return self._pricer.current
+        return self._budget.epsilons()
 
     def spent(self) -> float:
         """Cumulative epsilon under the enforcing accountant (0 when nothing was released)."""
-        return self._pricer.current.of(self.accountant)
+        return self._budget.spent()
 
     def remaining(self) -> float:
         """Budget left (never negative)."""
-        return max(0.0, self.budget_epsilon - self.spent())
+        return self._budget.remaining()
 
     def has(self, round_id: int, what: str) -> bool:
         """Whether a ``what`` release under ``round_id`` is on record."""
@@ -172,12 +174,12 @@ class Ledger:
                 for r, eps in zip(releases, after, strict=True)
             ]
         )
-        self._pricer = trial
+        self._budget.commit(trial)
         self._released.update((r.round_id, r.what) for r in releases)
         return tuple(written)
 
-    def _screen(self, releases: list[Release]) -> tuple[Pricer, list[Epsilons]]:
-        """The pricer with ``releases`` added and the total after each; or record a refusal
+    def _screen(self, releases: list[Release]) -> tuple[Composition, list[Epsilons]]:
+        """The composition with ``releases`` added and the total after each; or record a refusal
         and raise."""
         if not releases:
             raise LedgerError("nothing to charge: pass the releases of the round")
@@ -192,8 +194,7 @@ class Ledger:
             _, trial, after = self._screened  # priced by check() before training: reuse
             trial = trial.fork()
         else:
-            trial = self._pricer.fork()
-            after = [trial.add(r.event) for r in releases]
+            trial, after = self._budget.price([r.event for r in releases])
             self._screened = (key, trial.fork(), after)
         projected = after[-1]
         repeated = [r.what for r in releases if self.has(r.round_id, r.what)]
@@ -203,10 +204,8 @@ class Ledger:
                 f"round id {releases[0].round_id} already has a {', '.join(repeated)} release "
                 "on record; a second release in the same round would be uncharged"
             )
-        elif projected.of(self.accountant) > self.budget_epsilon:
-            refusal = BudgetExceeded(
-                self.spent(), projected.of(self.accountant), self.budget_epsilon, self.delta
-            )
+        elif self._budget.exceeds(projected):
+            refusal = self._budget.refusal(projected)
         if refusal is None:
             return trial, after
         event = (

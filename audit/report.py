@@ -24,9 +24,10 @@ from audit.entry import Entry
 from audit.events import event_from_json
 from audit.heads import head_path, read_head
 from audit.ledger import ledger_path
-from audit.pricing import ACCOUNTANTS, Pricer
 from audit.verify import LedgerTampered, parse_entry, verify_ledger
 from privacy.accountant import PLD_DISCRETIZATION
+from privacy.budget import Composition
+from privacy.config import ACCOUNTANTS
 
 EMPIRICAL_DIR = "empirical"
 REQUIRED_FIELDS = (
@@ -77,7 +78,7 @@ def _rounds(entries: list[Entry], delta: float) -> list[dict[str, Any]]:
             groups.setdefault((e.federation_round, e.round_id), []).append(e)
     rows = []
     for (federation_round, round_id), group in groups.items():
-        alone = Pricer(delta)
+        alone = Composition(delta)
         for e in group:
             alone.add(event_from_json(e.event))
         rows.append({

@@ -28,7 +28,8 @@ from audit.entry import (
     line_hash,
 )
 from audit.events import EventFormatError, event_from_json
-from audit.pricing import ACCOUNTANTS, Epsilons, Pricer
+from privacy.budget import Composition, Epsilons
+from privacy.config import ACCOUNTANTS
 from privacy.head import LedgerHead
 
 EPSILON_RTOL = 1e-6
@@ -94,7 +95,7 @@ def replay_ledger(
     *,
     institution: str | None = None,
     head: LedgerHead | None = None,
-) -> tuple[VerifiedLedger, Pricer | None]:
+) -> tuple[VerifiedLedger, Composition | None]:
     """:func:`verify_ledger`, also returning the accountants with every release composed
     (``None`` for an empty ledger), so a ledger that opens a file need not price it twice."""
     path = Path(path)
@@ -111,7 +112,7 @@ def replay_ledger(
     lines = data.split(b"\n")[:-1] if data else []
     entries: list[Entry] = []
     prev = GENESIS
-    pricer: Pricer | None = None
+    pricer: Composition | None = None
     released: set[tuple[int, str]] = set()
     for number, raw in enumerate(lines, start=1):
 
@@ -144,7 +145,7 @@ def replay_ledger(
         if entry.institution != institution:
             raise fail(f"entry of institution {entry.institution!r} in {institution!r}'s ledger")
         if pricer is None:
-            pricer = Pricer(entry.delta)
+            pricer = Composition(entry.delta)
         if entry.delta != pricer.delta:
             raise fail(f"delta {entry.delta:g} differs from the ledger's {pricer.delta:g}")
         try:

@@ -59,6 +59,7 @@ from coordinator.store import RoutingRelay, RunStore
 from coordinator.strategies.base import EncryptedUpdates, Initialises, SelectionStage
 from coordinator.strategies.registry import coordinator_strategy
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from privacy.errors import UserError
 from privacy.head import LedgerHead
 from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
 from secagg.errors import SecAggError, TooFewSurvivors
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_LINGER_S = 10.0
 
 
-class CoordinatorError(RuntimeError):
+class CoordinatorError(UserError, RuntimeError):
     """The federation cannot run as configured (the message says what to change)."""
 
 

@@ -32,6 +32,7 @@ from audit.context import context_path
 from audit.heads import HeadFileError, head_path, head_to_json, read_head
 from clients.contract.durable import append_line, atomic_write
 from clients.contract.extras import ExtrasError, decode_extras, encode_extras
+from privacy.errors import UserError
 from privacy.head import LedgerHead
 from secagg.ckks import EncryptedBatch
 
@@ -39,7 +40,7 @@ JOURNAL = "journal.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The run directory is inconsistent (a checkpoint is missing or does not match its hash)."""
 
 

@@ -7,15 +7,22 @@ are also ``ValueError`` and name the field to change.
 from __future__ import annotations
 
 
+class UserError(Exception):
+    """Something the user fixes in their setup (a config, key or ledger file, a budget, an
+    argument): the ``sealmoe`` command reports it in one line, without a traceback. Every
+    package's errors of that kind derive from it; it lives in this leaf because every package
+    that raises one may import ``privacy``."""
+
+
 class PrivacyError(Exception):
     """Base class of every error raised by :mod:`privacy`."""
 
 
-class PrivacyConfigError(PrivacyError, ValueError):
+class PrivacyConfigError(PrivacyError, UserError, ValueError):
     """A privacy parameter is missing, out of range or inconsistent (the message names it)."""
 
 
-class CalibrationError(PrivacyError, ValueError):
+class CalibrationError(PrivacyError, UserError, ValueError):
     """No noise multiplier reaches the requested (epsilon, delta) for the planned steps."""
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import msgspec
 
+from privacy.errors import UserError
 from secagg import ConfigError, FixedPointCodec, RoundParams
 from secagg.ckks import CkksParams
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES
@@ -97,7 +98,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]")  # noqa: S104 - names a bind address, binds nothing
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(UserError, ValueError):
     """A federation config that cannot be used; ``field`` is the offending path, if one."""
 
     def __init__(self, path: str | Path, message: str, field: str | None = None) -> None:

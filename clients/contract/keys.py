@@ -41,6 +41,7 @@ from zmq.utils import z85
 
 from clients.contract.config import NAME_PATTERN, FederationConfig
 from clients.contract.durable import atomic_write
+from privacy.errors import UserError
 from secagg.ckks import CkksKeyHolder, CkksParams
 from secagg.errors import SecAggError
 
@@ -80,7 +81,7 @@ Z85Key = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}
 HexKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
-class KeyMaterialError(Exception):
+class KeyMaterialError(UserError):
     """Base class of the errors about keys and rosters."""
 
 

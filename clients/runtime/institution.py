@@ -79,6 +79,7 @@ from clients.strategies.base import LocalRound, SelectsExperts
 from clients.strategies.registry import learner_for
 from clients.training.trainer import Metrics
 from privacy import DPTrainingFacts, Release, ReleaseRefused
+from privacy.errors import UserError
 from secagg.ckks import EncryptedBatch
 from secagg.client import SecAggClient
 from secagg.errors import SecAggError
@@ -105,7 +106,7 @@ MEMORY_FILE = "strategy-memory.safetensors"
 """The client strategy's memory between rounds (safetensors; it never leaves the institution)."""
 
 
-class InstitutionError(RuntimeError):
+class InstitutionError(UserError, RuntimeError):
     """The institution cannot start as its run directory stands (the message says what to do)."""
 
 

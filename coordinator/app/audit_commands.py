@@ -19,6 +19,7 @@ from rich.table import Table
 
 from clients.contract.config import ConfigFileError, load_config
 from clients.contract.keys import ROSTER_FILE, Roster, load_roster
+from privacy.errors import UserError
 
 if TYPE_CHECKING:
     from audit import VerifiedLedger
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 TAMPERED = 1
 
 
-class AuditUsageError(ValueError):
+class AuditUsageError(UserError, ValueError):
     """The arguments do not say what to audit (the message says what to pass)."""
 
 

@@ -18,8 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.contract.config import ConfigFileError, FederationConfig, load_config
-from clients.contract.keys import ROSTER_FILE, KeyMaterialError, generate_keys
-from coordinator.app.audit_commands import AuditUsageError, add_audit_parser
+from clients.contract.keys import ROSTER_FILE, generate_keys
+from coordinator.app.audit_commands import add_audit_parser
+from privacy.errors import UserError
 
 USER_ERROR = 2
 
@@ -283,33 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.handler(args)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
+    except UserError as exc:
         print(f"sealmoe {args.command}: error: {exc}", file=sys.stderr)
         return USER_ERROR
-
-
-# Errors that mean "fix your setup", reported in one line. The heavy modules that define some of
-# them are imported lazily by the subcommands, so they are looked up only if already loaded.
-_LAZY_USER_ERRORS = (
-    ("coordinator.service", "CoordinatorError"),
-    ("clients.runtime.institution", "InstitutionError"),
-    ("coordinator.store", "StoreError"),
-    ("audit.ledger", "LedgerError"),
-    ("audit.heads", "HeadFileError"),
-    ("audit.context", "ContextError"),
-    ("audit.empirical", "AuditError"),
-)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    lazy = [
-        getattr(sys.modules[module], name)
-        for module, name in _LAZY_USER_ERRORS
-        if module in sys.modules
-    ]
-    return (ConfigFileError, KeyMaterialError, AuditUsageError, *lazy)
 
 
 if __name__ == "__main__":
