@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clients.contract.config import ConfigFileError, FederationConfig, load_config, parse_config
+from clients.models.build import moe_lora_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -226,7 +227,7 @@ def test_unknown_institution_lookup():
 
 def test_conversions_to_runtime_configs():
     config = load_config(EXAMPLES / "shakespeare.toml")
-    lora = config.model.moe.lora_config()
+    lora = moe_lora_config(config.model.moe)
     assert (lora.num_experts, lora.top_k, lora.rank) == (4, 2, 8)
     assert lora.target_modules == ("q_proj", "v_proj", "up_proj", "down_proj")
     dp = config.dp_config("romances")

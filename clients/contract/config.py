@@ -31,7 +31,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from clients.models.moe_lora import MoELoRAConfig
     from privacy import DPConfig
 
 
@@ -174,14 +173,6 @@ class MoESection(_Section):
     shared_expert: bool = False
     load_balance_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 0.01
     mode: MoEMode = "auto"
-
-    def lora_config(self) -> MoELoRAConfig:
-        """The same settings as a :class:`clients.models.moe_lora.MoELoRAConfig` (imports torch)."""
-        from clients.models.moe_lora import (
-            MoELoRAConfig,  # lazy: keeps torch out of the CLI
-        )
-
-        return MoELoRAConfig(**msgspec.structs.asdict(self))
 
 
 class ModelSection(_Section):

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from clients.contract.routing import RoutingStats
+
+if TYPE_CHECKING:
+    import torch
 
 Channel = Literal["mask", "ckks"]
 

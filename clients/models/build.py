@@ -9,16 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import torch
 
-from clients.contract.config import FederationConfig
+from clients.contract.config import FederationConfig, MoESection
 from clients.models.loaders import (
     load_model,
     load_smollm2,
     tiny_dense_model,
     tiny_moe_model,
 )
-from clients.models.moe_lora import attach
+from clients.models.moe_lora import MoELoRAConfig, attach
 
 TINY_MOE_KINDS = {
     "tiny-moe-mixtral": "mixtral",
@@ -50,7 +51,7 @@ def build_model(config: FederationConfig) -> tuple[torch.nn.Module, Any]:
     Base weights of the tiny models and the adapter initialisation both come from
     ``federation.seed`` (on a private torch RNG stream), so every party gets the same state.
     """
-    return build_model_with(config, lambda model: attach(model, config.model.moe.lora_config()))
+    return build_model_with(config, lambda model: attach(model, moe_lora_config(config.model.moe)))
 
 
 def build_model_with(
@@ -73,3 +74,8 @@ def build_model_with(
         torch.manual_seed(seed)
         attach_adapters(model)
     return model, tokenizer
+
+
+def moe_lora_config(section: MoESection) -> MoELoRAConfig:
+    """``[model.moe]`` as the :class:`~clients.models.moe_lora.MoELoRAConfig` it describes."""
+    return MoELoRAConfig(**msgspec.structs.asdict(section))
