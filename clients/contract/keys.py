@@ -13,13 +13,8 @@ The CurveZMQ key encrypts and authenticates the connection (the coordinator's ZA
 only roster keys); the Ed25519 key signs the secure-aggregation messages, so a coordinator cannot
 substitute an institution's round keys. Secret files are written atomically with mode 0600 and
 never overwritten unless asked (``force``); loaders refuse secret files others can read.
+An institution's SecAgg client id is its index in ``[[institutions]]`` (:func:`client_id`).
 
-What the coordinator and every institution must build identically from the shared config.
-
-The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
-same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
-``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
-sides import these functions, so a change here cannot make them disagree.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from torch import nn
 
 from clients.contract.config import FederationConfig
 from clients.contract.layout import GlobalState, StrategyError, Submission, SubmissionLayout
+from clients.models.build import build_model_with
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
 from privacy import DPConfig, DPTrainingFacts, Release
 
@@ -236,6 +237,34 @@ class ClientHalf:
     """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
     institution: strategies keep memory between rounds); None for a strategy with its own
     adapters and learner."""
+
+
+def adapters_builder(
+    adapter_of: Callable[[FederationConfig], Any], attach: Callable[[nn.Module, Any], object]
+) -> Callable[[FederationConfig], tuple[nn.Module, Any]]:
+    """The model builder of a strategy with its own adapters: the seeded base model with
+    ``attach(model, adapter_of(config))`` applied, and its tokenizer."""
+
+    def build(config: FederationConfig) -> tuple[nn.Module, Any]:
+        adapter = adapter_of(config)
+        return build_model_with(config, lambda model: attach(model, adapter))
+
+    return build
+
+
+def own_adapters_half(
+    build_model: Callable[[FederationConfig], tuple[nn.Module, Any]],
+    adapter_state: Callable[[nn.Module], dict[str, torch.Tensor]],
+    learner: Callable[[FederationConfig, str], Learner],
+) -> ClientHalf:
+    """The client half of a strategy with its own adapters (FedAMoLE, DDOME): round 0 is the
+    seeded adapters with no routing statistics (the model does not route per token)."""
+
+    def initial_state(config: FederationConfig) -> GlobalState:
+        model, _ = build_model(config)
+        return GlobalState.initial(adapter_state(model), (), config.model.moe.num_experts)
+
+    return ClientHalf(build_model=build_model, initial_state=initial_state, learner=learner)
 
 
 class Stateless:

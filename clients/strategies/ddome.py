@@ -14,19 +14,9 @@ Every client downloads the gate and ALL experts, so which ones it picks stays on
 An institution that never trained picks its experts zero-shot (:func:`zero_shot`): top-K by
 the gate's mean probability on its embeddings, and per sample the best of those, no labels.
 
-What the coordinator and every institution must build identically from the shared config.
-
-The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
-same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
-``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
-sides import these functions, so a change here cannot make them disagree.
-
-DDOME as the institution runtime drives it (:class:`clients.strategies.base.Learner`).
-
-The institution embeds every split once with the frozen common expert, then each round
-chooses its experts from the broadcast gate, trains the gate and those experts with DP-SGD and
-submits the full-length vector (:class:`clients.strategies.ddome.DDOMEClient`). The DP-SGD update
-is its only release: the per-expert 0/1 counts are post-processing inside the same secure sum.
+:class:`DDOMELearner` is what drives those steps (a :class:`~clients.strategies.base.Learner`):
+it embeds every split once, and its DP-SGD update is its only release (the per-expert counts
+depend on the expert choice: docs/fedamole-ddome.md, "Known limits").
 """
 
 from __future__ import annotations
@@ -34,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -55,7 +44,6 @@ from clients.contract.layout import (
     SubmissionLayout,
 )
 from clients.data.sources import institution_data
-from clients.models.build import build_model_with
 from clients.models.ddome_lora import (
     DDOMEAdapterConfig,
     attach_ddome,
@@ -70,7 +58,14 @@ from clients.models.ddome_lora import (
     set_trainable,
     top_experts,
 )
-from clients.strategies.base import SPLITS, ClientHalf, LocalRound, Stateless, device_of
+from clients.strategies.base import (
+    SPLITS,
+    LocalRound,
+    Stateless,
+    adapters_builder,
+    device_of,
+    own_adapters_half,
+)
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
 from clients.training.dp_local import train_steps
@@ -407,20 +402,7 @@ class DDOMELearner(Stateless):
         return evaluate_choice(self.model, self.data[split], self.embeddings[split], chosen)
 
 
-def build_ddome_model(config: FederationConfig) -> tuple[nn.Module, Any]:
-    """The base model with DDOME's adapters (shape from ``[model.moe]``), and its tokenizer."""
-    adapter = ddome_config(config).adapter
-    return build_model_with(config, lambda model: attach_ddome(model, adapter))
+build_ddome_model = adapters_builder(lambda config: ddome_config(config).adapter, attach_ddome)
+"""The base model with DDOME's adapters (shape from ``[model.moe]``), and its tokenizer."""
 
-
-def ddome_initial_state(config: FederationConfig) -> GlobalState:
-    """Round 0: the seeded adapters; no routing statistics (the model does not route per token)."""
-    model, _ = build_ddome_model(config)
-    return GlobalState.initial(ddome_state(model), (), config.model.moe.num_experts)
-
-
-CLIENT_HALF = ClientHalf(
-    build_model=build_ddome_model,
-    initial_state=ddome_initial_state,
-    learner=DDOMELearner,
-)
+CLIENT_HALF = own_adapters_half(build_ddome_model, ddome_state, DDOMELearner)

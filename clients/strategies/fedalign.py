@@ -27,33 +27,25 @@ Named choices where the paper publishes none (all in :class:`FedAlignConfig`):
 The scores are computed from the DP-SGD update and public broadcasts (post-processing); the
 routing statistics are whatever the caller gives (already noised and charged if it must be).
 
-What the coordinator and every institution must build identically from the shared config.
-
-The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
-same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
-``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
-sides import these functions, so a change here cannot make them disagree.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
 import numpy as np
 import torch
 from torch import nn
 
 from clients.contract.config import FederationConfig
 from clients.contract.layout import (
-    CHANNELS,
     DELTA_PREFIX,
     ROUTING,
     WEIGHT,
-    Channel,
     GlobalState,
     Segment,
     StrategyError,
@@ -73,7 +65,7 @@ from clients.strategies.experts import (
     expert_segments,
     weighted_deltas,
 )
-from clients.strategies.fedavg import fedavg_config, moe_lora_half
+from clients.strategies.fedavg import FedAvgConfig, extended_config, moe_lora_half
 from clients.training.trainer import LocalTrainingResult
 
 Consistency = Literal["js", "expert_kl"]
@@ -100,10 +92,10 @@ alignment scores (``align_n`` is reused as the extra's name)."""
 
 
 @dataclass(frozen=True)
-class FedAlignConfig:
+class FedAlignConfig(FedAvgConfig):
     """Public parameters of FedAlign-MoE (both sides must hold the same).
 
-    ``max_examples``, bounds and channels as in :class:`~clients.contract.layout.FedAvgConfig`.
+    ``max_examples``, bounds and channels as in :class:`~clients.strategies.fedavg.FedAvgConfig`.
     ``consistency``/``temperature``: the form of s (module docstring). ``regularization``:
     weight of the KL routing regularizer (0 turns it off). ``beta``: τ = M - β·Σ. ``min_scorers``:
     τ applies only when last round's sums hold at least this many scores. ``min_count``: an
@@ -111,7 +103,6 @@ class FedAlignConfig:
     every routing probability before the divergences (keeps them finite).
     """
 
-    max_examples: int
     consistency: Consistency = "js"
     temperature: float = 1.0
     regularization: float = 0.01
@@ -119,13 +110,10 @@ class FedAlignConfig:
     min_scorers: int = 2
     min_count: int = 2
     smoothing: float = 1e-3
-    delta_bound: float = 0.1
-    routing_bound: float = 1e6
-    delta_channel: Channel = "mask"
-    routing_channel: Channel = "ckks"
 
     def __post_init__(self) -> None:
-        for name in ("max_examples", "min_scorers", "min_count"):
+        super().__post_init__()
+        for name in ("min_scorers", "min_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise StrategyError(f"{name} must be an int >= 1, got {value!r}")
@@ -133,21 +121,14 @@ class FedAlignConfig:
             raise StrategyError(
                 f"consistency must be one of {CONSISTENCIES}, got {self.consistency!r}"
             )
-        for name in ("temperature", "delta_bound", "routing_bound"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise StrategyError(f"{name} must be finite and > 0, got {value!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+            raise StrategyError(f"temperature must be finite and > 0, got {self.temperature!r}")
         for name in ("regularization", "beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
                 raise StrategyError(f"{name} must be finite and >= 0, got {value!r}")
         if not (isinstance(self.smoothing, (int, float)) and 0 < self.smoothing < 1):
             raise StrategyError(f"smoothing must be in (0, 1), got {self.smoothing!r}")
-        for name in ("delta_channel", "routing_channel"):
-            if getattr(self, name) not in CHANNELS:
-                raise StrategyError(
-                    f"{name} must be one of {CHANNELS}, got {getattr(self, name)!r}"
-                )
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         """The per-expert segments, then the three alignment segments (L * E each, on the mask
@@ -300,13 +281,7 @@ class FedAlignClient:
 
 def fedalign_config(config: FederationConfig) -> FedAlignConfig:
     """FedAlign-MoE's parameters from ``[aggregation.fedalign]`` (identical on both sides)."""
-    base = fedavg_config(config)
-    return FedAlignConfig(
-        max_examples=base.max_examples,
-        delta_channel=base.delta_channel,
-        routing_channel=base.routing_channel,
-        **msgspec.structs.asdict(config.aggregation.fedalign),
-    )
+    return extended_config(config, FedAlignConfig, config.aggregation.fedalign)
 
 
 CLIENT_HALF = moe_lora_half(lambda config: FedAlignClient(fedalign_config(config)))

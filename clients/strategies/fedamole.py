@@ -18,23 +18,10 @@ A round (``coordinator.strategies.fedamole`` is the other half):
 
 Client ids are the public indices 0..num_clients-1 of the federation.
 
-What the coordinator and every institution must build identically from the shared config.
-
-The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
-same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
-``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
-sides import these functions, so a change here cannot make them disagree.
-
-FedAMoLE as the institution runtime drives it (:class:`clients.strategies.base.Learner` with a
-selection stage, :class:`clients.strategies.base.SelectsExperts`).
-
-Once experts have keys, a round starts with the reverse selection: the institution scores every
-expert against the broadcast keys on its first ``affinity_blocks`` validation blocks, the
-runtime charges the scores' Gaussian release, and the noised scores go to the coordinator,
-which answers with the assignment. The institution then trains the shared parts and its
-assigned experts with DP-SGD and submits, in one secure sum, its update and its DP-noised
-expert keys (:class:`clients.strategies.fedamole.FedAMoLEClient`); the DP-SGD update and the keys
-are charged together before the masked input leaves.
+:class:`FedAMoLELearner` is what drives those steps (a :class:`~clients.strategies.base.Learner`
+with a selection stage, :class:`~clients.strategies.base.SelectsExperts`): its auxiliary split
+is the institution's validation split, and whoever drives the round charges the scores before
+they are drawn, and the DP-SGD update with the keys before the masked input leaves.
 """
 
 from __future__ import annotations
@@ -43,7 +30,6 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
 
 import dp_accounting
 import msgspec
@@ -65,7 +51,6 @@ from clients.contract.layout import (
     SubmissionLayout,
 )
 from clients.data.sources import institution_data
-from clients.models.build import build_model_with
 from clients.models.fedamole_lora import (
     AMoLEConfig,
     amole_layers,
@@ -77,11 +62,12 @@ from clients.models.fedamole_lora import (
     set_held,
 )
 from clients.strategies.base import (
-    ClientHalf,
     LocalRound,
     RecordedCharges,
     Stateless,
+    adapters_builder,
     device_of,
+    own_adapters_half,
 )
 from clients.strategies.experts import EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
@@ -711,20 +697,9 @@ class FedAMoLELearner(Stateless):
         return evaluate(self.model, self.data[split], device=device_of(self.config))
 
 
-def build_fedamole_model(config: FederationConfig) -> tuple[nn.Module, Any]:
-    """The base model with FedAMoLE's adapters (shape from ``[model.moe]``), and its tokenizer."""
-    adapter = fedamole_config(config).adapter
-    return build_model_with(config, lambda model: attach_amole(model, adapter))
-
-
-def fedamole_initial_state(config: FederationConfig) -> GlobalState:
-    """Round 0: the seeded adapters; no routing statistics (the model does not route per token)."""
-    model, _ = build_fedamole_model(config)
-    return GlobalState.initial(amole_state(model), (), config.model.moe.num_experts)
-
-
-CLIENT_HALF = ClientHalf(
-    build_model=build_fedamole_model,
-    initial_state=fedamole_initial_state,
-    learner=FedAMoLELearner,
+build_fedamole_model = adapters_builder(
+    lambda config: fedamole_config(config).adapter, attach_amole
 )
+"""The base model with FedAMoLE's adapters (shape from ``[model.moe]``), and its tokenizer."""
+
+CLIENT_HALF = own_adapters_half(build_fedamole_model, amole_state, FedAMoLELearner)

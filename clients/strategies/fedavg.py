@@ -9,11 +9,14 @@ or FedMoE) and releases its noised routing statistics every round.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
 
 import dp_accounting
+import msgspec
 import numpy as np
 import torch
 
@@ -158,6 +161,17 @@ def fedavg_config(config: FederationConfig) -> FedAvgConfig:
         delta_channel=config.aggregation.expert_updates,
         routing_channel=config.aggregation.routing_statistics,
     )
+
+
+Extended = TypeVar("Extended", bound=FedAvgConfig)
+
+
+def extended_config(
+    config: FederationConfig, kind: type[Extended], section: msgspec.Struct
+) -> Extended:
+    """A strategy config that extends FedAvg's (same weights, bounds and channels) with the
+    parameters of its ``[aggregation.<name>]`` section."""
+    return kind(**dataclasses.asdict(fedavg_config(config)), **msgspec.structs.asdict(section))
 
 
 class MoELoRALearner:

@@ -18,12 +18,6 @@ included, are held fixed. The submission always has the full length: zeros, a ze
 zero count for experts not held, so the sums hide which experts a client holds; the coordinator
 updates an expert only from ``min_count`` >= 2 holders.
 
-What the coordinator and every institution must build identically from the shared config.
-
-The model with its MoE-LoRA adapters (seeded, so the coordinator's initial adapter state is the
-same everywhere), each institution's data (Shakespeare partition part i for the i-th entry of
-``[[institutions]]``), the FedAvg parameters and the client-id <-> institution mapping. Both
-sides import these functions, so a change here cannot make them disagree.
 """
 
 from __future__ import annotations
@@ -32,17 +26,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import msgspec
 import numpy as np
 from torch import nn
 
 from clients.contract.config import FederationConfig
 from clients.contract.layout import (
-    CHANNELS,
     DELTA_PREFIX,
     ROUTING,
     WEIGHT,
-    Channel,
     GlobalState,
     StrategyError,
     Submission,
@@ -58,12 +49,12 @@ from clients.strategies.experts import (
     expert_segments,
     weighted_deltas,
 )
-from clients.strategies.fedavg import fedavg_config, moe_lora_half
+from clients.strategies.fedavg import FedAvgConfig, extended_config, moe_lora_half
 from clients.training.trainer import LocalTrainingResult
 
 
 @dataclass(frozen=True)
-class FedMoEConfig:
+class FedMoEConfig(FedAvgConfig):
     """Public parameters of FedMoE (both sides must hold the same).
 
     ``memory_fraction``: default budget alpha * M_k as a fraction of all expert parameters (a client
@@ -72,19 +63,15 @@ class FedMoEConfig:
     updated (>= 2: never from a single client). ``search_steps``: bisections of θ.
     """
 
-    max_examples: int
     memory_fraction: float = 0.5
     warmup_rounds: int = 1
     recommend_weight: float = 0.25
     min_count: int = 2
     search_steps: int = 30
-    delta_bound: float = 0.1
-    routing_bound: float = 1e6
-    delta_channel: Channel = "mask"
-    routing_channel: Channel = "ckks"
 
     def __post_init__(self) -> None:
-        for name, low in (("max_examples", 1), ("warmup_rounds", 0), ("search_steps", 1)):
+        super().__post_init__()
+        for name, low in (("warmup_rounds", 0), ("search_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise StrategyError(f"{name} must be an int >= {low}, got {value!r}")
@@ -96,15 +83,6 @@ class FedMoEConfig:
             )
         check_fraction("memory_fraction", self.memory_fraction, low_open=True)
         check_fraction("recommend_weight", self.recommend_weight, low_open=False)
-        for name in ("delta_bound", "routing_bound"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise StrategyError(f"{name} must be finite and > 0, got {value!r}")
-        for name in ("delta_channel", "routing_channel"):
-            if getattr(self, name) not in CHANNELS:
-                raise StrategyError(
-                    f"{name} must be one of {CHANNELS}, got {getattr(self, name)!r}"
-                )
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         """The per-expert segments (``clients.strategies.experts.expert_segments``)."""
@@ -256,13 +234,7 @@ class FedMoEClient:
 
 def fedmoe_config(config: FederationConfig) -> FedMoEConfig:
     """FedMoE's parameters from ``[aggregation.fedmoe]`` (identical on both sides)."""
-    base = fedavg_config(config)
-    return FedMoEConfig(
-        max_examples=base.max_examples,
-        delta_channel=base.delta_channel,
-        routing_channel=base.routing_channel,
-        **msgspec.structs.asdict(config.aggregation.fedmoe),
-    )
+    return extended_config(config, FedMoEConfig, config.aggregation.fedmoe)
 
 
 CLIENT_HALF = moe_lora_half(lambda config: FedMoEClient(fedmoe_config(config)))

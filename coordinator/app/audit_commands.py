@@ -19,6 +19,7 @@ from rich.table import Table
 
 from clients.contract.config import ConfigFileError, load_config
 from clients.contract.keys import ROSTER_FILE, Roster, load_roster
+from coordinator.app.commands import add_command, arg
 from privacy.errors import UserError
 
 if TYPE_CHECKING:
@@ -237,10 +238,12 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
         description="The privacy officer's commands: verify, report, empirical.",
     )
     sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND", required=True)
-    verify = sub.add_parser(
+    add_command(
+        sub,
         "verify",
-        help="recompute ledgers' hash chains, signatures and epsilons",
-        description=(
+        cmd_verify,
+        "recompute ledgers' hash chains, signatures and epsilons",
+        (
             "Verify institutions' privacy ledgers: the hash chain (an edited, deleted, inserted "
             "or reordered entry), every Ed25519 signature against the roster's identity key, and "
             "every epsilon recomputed from the recorded dp-accounting events. With the "
@@ -248,37 +251,38 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
             "entries were deleted is detected too. Exit status 0: all verify; 1: some do not "
             "(one line each, naming file, line and problem); 2: a setup error."
         ),
+        arg("ledgers", nargs="+", metavar="LEDGER", help="ledger.jsonl files"),
+        arg("--roster", metavar="F", help="roster with the identity keys"),
+        arg("--config", metavar="F", help="federation config (roster and run dir)"),
+        arg(
+            "--run-dir",
+            metavar="DIR",
+            help="run directory holding the coordinator's ledger heads (default: the ledger's own)",
+        ),
+        arg("--institution", metavar="NAME", help="whose ledger (default: its folder's name)"),
     )
-    verify.add_argument("ledgers", nargs="+", metavar="LEDGER", help="ledger.jsonl files")
-    verify.add_argument("--roster", metavar="F", help="roster with the identity keys")
-    verify.add_argument("--config", metavar="F", help="federation config (roster and run dir)")
-    verify.add_argument(
-        "--run-dir", metavar="DIR",
-        help="run directory holding the coordinator's ledger heads (default: the ledger's own)",
-    )  # fmt: skip
-    verify.add_argument(
-        "--institution", metavar="NAME", help="whose ledger (default: its folder's name)"
-    )
-    verify.set_defaults(handler=cmd_verify)
 
-    report = sub.add_parser(
+    add_command(
+        sub,
         "report",
-        help="write report.html, report.json and report.md for a run directory",
-        description=(
+        cmd_report,
+        "write report.html, report.json and report.md for a run directory",
+        (
             "Write the privacy report of a run: report.html (plots of epsilon over rounds per "
             "institution against its budget, remaining budget, tables of releases; opens "
             "offline), report.json (every number) and report.md, into RUN_DIR. Ledgers are "
             "verified with the roster's identity keys (default: the run's roster)."
         ),
+        arg("run_dir", metavar="RUN_DIR", help="a federation's run directory"),
+        arg("--roster", metavar="F", help="roster with the identity keys"),
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a federation's run directory")
-    report.add_argument("--roster", metavar="F", help="roster with the identity keys")
-    report.set_defaults(handler=cmd_report)
 
-    empirical = sub.add_parser(
+    add_command(
+        sub,
         "empirical",
-        help="lower-bound epsilon empirically with canaries in one DP-SGD training run",
-        description=(
+        cmd_empirical,
+        "lower-bound epsilon empirically with canaries in one DP-SGD training run",
+        (
             "Empirical privacy audit (Steinke, Nasr and Jagielski 2023, one training run): "
             "train with the real DP-SGD path at an institution's settings (from its ledger in "
             "RUN_DIR) or at the given ones, with canaries each included with probability 1/2, "
@@ -286,14 +290,13 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
             "to the accountant's upper bound. With RUN_DIR the result goes to "
             "RUN_DIR/empirical/NAME.json and into the run's report."
         ),
+        arg("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory"),
+        arg("--institution", metavar="NAME", help="whose training to audit"),
+        arg("--noise-multiplier", type=float, metavar="S"),
+        arg("--sample-rate", type=float, metavar="Q"),
+        arg("--steps", type=int, metavar="T"),
+        arg("--delta", type=float, default=1e-5, metavar="D"),
+        arg("--canaries", type=int, default=1000, metavar="M"),
+        arg("--confidence", type=float, default=0.95, metavar="C"),
+        arg("--out", metavar="F", help="also write the result as JSON here"),
     )
-    empirical.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory")
-    empirical.add_argument("--institution", metavar="NAME", help="whose training to audit")
-    empirical.add_argument("--noise-multiplier", type=float, metavar="S")
-    empirical.add_argument("--sample-rate", type=float, metavar="Q")
-    empirical.add_argument("--steps", type=int, metavar="T")
-    empirical.add_argument("--delta", type=float, default=1e-5, metavar="D")
-    empirical.add_argument("--canaries", type=int, default=1000, metavar="M")
-    empirical.add_argument("--confidence", type=float, default=0.95, metavar="C")
-    empirical.add_argument("--out", metavar="F", help="also write the result as JSON here")
-    empirical.set_defaults(handler=cmd_empirical)

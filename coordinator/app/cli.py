@@ -20,6 +20,7 @@ from rich.text import Text
 from clients.contract.config import ConfigFileError, FederationConfig, load_config
 from clients.contract.keys import ROSTER_FILE, generate_keys
 from coordinator.app.audit_commands import add_audit_parser
+from coordinator.app.commands import CONFIG, add_command, arg
 from privacy.errors import UserError
 
 USER_ERROR = 2
@@ -179,6 +180,14 @@ def summary_table(config: FederationConfig) -> Table:
     return table
 
 
+LOG_LEVEL = arg(
+    "--log-level",
+    default="info",
+    choices=["debug", "info", "warning", "error"],
+    help="logging detail on stderr (default: info)",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -188,86 +197,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    keys = commands.add_parser(
+    add_command(
+        commands,
         "keys",
-        help="create the coordinator's and every institution's keys and the roster",
-        description=(
+        _cmd_keys,
+        "create the coordinator's and every institution's keys and the roster",
+        (
             "Create a CurveZMQ key pair (transport encryption and admission) and an Ed25519 "
             "identity key (signs secure-aggregation messages) for the coordinator and for each "
             "institution in the config, and the roster of their public keys, under the config's "
             "coordinator.keys_dir. Secret files get mode 0600. Existing keys are never replaced "
             "unless --force is given."
         ),
+        CONFIG,
+        arg("--force", action="store_true", help="replace existing keys (old keys stop working)"),
     )
-    keys.add_argument("--config", required=True, metavar="F", help="federation config (TOML)")
-    keys.add_argument(
-        "--force", action="store_true", help="replace existing keys (old keys stop working)"
-    )
-    keys.set_defaults(handler=_cmd_keys)
 
-    check = commands.add_parser(
+    add_command(
+        commands,
         "check-config",
-        help="validate a federation config and print a summary",
-        description=(
+        _cmd_check_config,
+        "validate a federation config and print a summary",
+        (
             "Validate a federation config: every field's type and range, unknown fields, and "
             "the rules between fields (threshold vs institutions, unique names, ...). Prints a "
             "summary table, or one line naming the bad field."
         ),
+        arg("config", metavar="F", help="federation config (TOML)"),
     )
-    check.add_argument("config", metavar="F", help="federation config (TOML)")
-    check.set_defaults(handler=_cmd_check_config)
 
-    coordinator = commands.add_parser(
+    add_command(
+        commands,
         "coordinator",
-        help="run the coordinator of a federation (one party)",
-        description=(
+        _cmd_coordinator,
+        "run the coordinator of a federation (one party)",
+        (
             "Run the coordinator: bind coordinator.bind, admit only the institutions of the "
             "roster (CurveZMQ), run every round (secure aggregation with a timeout per stage), "
             "checkpoint each finished round under federation.run_dir. Run it again with the "
             "same config after a crash: it resumes after the last finished round."
         ),
+        arg("--config", required=True, metavar="F", help="federation config"),
+        LOG_LEVEL,
     )
-    coordinator.add_argument("--config", required=True, metavar="F", help="federation config")
-    coordinator.set_defaults(handler=_cmd_coordinator)
 
-    client = commands.add_parser(
+    add_command(
+        commands,
         "client",
-        help="run one institution of a federation (one party)",
-        description=(
+        _cmd_client,
+        "run one institution of a federation (one party)",
+        (
             "Run one institution: dial the coordinator with its own keys, train its adapters "
             "with DP-SGD each round and release the update only through secure aggregation, "
             "after charging it to its privacy budget (a round that would exceed the budget is "
             "declined). Metrics stay local, under federation.run_dir/institutions/NAME."
         ),
+        arg("--config", required=True, metavar="F", help="federation config"),
+        arg("--institution", required=True, metavar="NAME", help="who this is"),
+        LOG_LEVEL,
     )
-    client.add_argument("--config", required=True, metavar="F", help="federation config")
-    client.add_argument("--institution", required=True, metavar="NAME", help="who this is")
-    client.set_defaults(handler=_cmd_client)
 
-    run = commands.add_parser(
+    add_command(
+        commands,
         "run",
-        help="run a whole federation on this machine (every party its own process)",
-        description=(
+        _cmd_run,
+        "run a whole federation on this machine (every party its own process)",
+        (
             "Start the coordinator and every institution of the config as separate processes "
             "on loopback (creating keys if there are none), print a table per round "
             "(loss/perplexity per institution, epsilon spent, bytes sent, time in training, "
             "cryptography and network) and the test perplexity before and after."
         ),
+        arg("config", metavar="F", help="federation config (TOML)"),
+        arg(
+            "--fresh",
+            action="store_true",
+            help="delete the run directory first (default: resume the run it holds)",
+        ),
     )
-    run.add_argument("config", metavar="F", help="federation config (TOML)")
-    run.add_argument(
-        "--fresh", action="store_true",
-        help="delete the run directory first (default: resume the run it holds)",
-    )  # fmt: skip
-    run.set_defaults(handler=_cmd_run)
 
     add_audit_parser(commands)
-
-    for sub in (coordinator, client):
-        sub.add_argument(
-            "--log-level", default="info", choices=["debug", "info", "warning", "error"],
-            help="logging detail on stderr (default: info)",
-        )  # fmt: skip
     return parser
 
 
