@@ -11,12 +11,11 @@ per 1e5 values (per batch), and ciphertext bytes per value. Prints a table and w
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from results_file import write_rows
 
 from secagg.ckks import CkksAggregator, CkksKeyHolder, CkksParams
 
@@ -99,10 +98,7 @@ def main() -> None:
                 f"{r['decrypt_s_per_1e5']:>7.3f} {r['ciphertext_bytes_per_value']:>7.1f}",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

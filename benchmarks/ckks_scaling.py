@@ -13,12 +13,11 @@ values. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from results_file import write_rows
 
 from secagg.ckks import CkksAggregator, CkksEvaluator, CkksKeyHolder
 
@@ -71,10 +70,7 @@ def main() -> None:
                 f"{r['error_per_factor_and_summand']:>10.2e} {r['scale_and_add_s_per_1e5']:>6.3f}",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

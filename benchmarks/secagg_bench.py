@@ -156,19 +156,23 @@ def _from_protocol(res: Any) -> Measure:
     )
 
 
+def _quantised_round(dropped: set[int], seed: int, clock: Clock) -> dict[str, Any]:
+    """The settings both masked protocols run under: dropouts, quantisation, seed, clock."""
+    return {
+        "dropouts": dict.fromkeys(dropped, DROP_STAGE),
+        "clip": CLIP,
+        "bits": BITS,
+        "modulus_bits": MODULUS_BITS,
+        "seed": seed,
+        "clock": clock,
+    }
+
+
 def run_sealmoe_mask(
     inputs: list[np.ndarray], dropped: set[int], k: int, t: int, seed: int, clock: Clock
 ) -> Measure:
     res = secagg.run_local(
-        inputs,
-        threshold=t,
-        neighbours=k,
-        dropouts=dict.fromkeys(dropped, DROP_STAGE),
-        clip=CLIP,
-        bits=BITS,
-        seed=seed,
-        modulus_bits=MODULUS_BITS,
-        clock=clock,
+        inputs, threshold=t, neighbours=k, **_quantised_round(dropped, seed, clock)
     )
     return _from_protocol(res)
 
@@ -177,15 +181,7 @@ def run_flower(
     inputs: list[np.ndarray], dropped: set[int], k: int, t: int, seed: int, clock: Clock
 ) -> Measure:
     res = run_flower_secaggplus(
-        inputs,
-        num_shares=k + 1,
-        threshold=t,
-        dropouts=dict.fromkeys(dropped, DROP_STAGE),
-        clip=CLIP,
-        bits=BITS,
-        modulus_bits=MODULUS_BITS,
-        seed=seed,
-        clock=clock,
+        inputs, num_shares=k + 1, threshold=t, **_quantised_round(dropped, seed, clock)
     )
     return _from_protocol(res)
 

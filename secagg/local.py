@@ -55,6 +55,13 @@ class _Clock:
             self.seconds[who] = self.seconds.get(who, 0.0) + self.now() - start
 
 
+def local_graph_seed(seed: int) -> bytes:
+    """The public neighbour-graph seed :func:`run_local` uses for a given ``seed``."""
+    return hashlib.sha256(
+        b"sealmoe/run_local/graph" + seed.to_bytes(16, "big", signed=True)
+    ).digest()
+
+
 def run_local(
     inputs: Sequence[np.ndarray],
     *,
@@ -90,13 +97,7 @@ def run_local(
             raise ConfigError(f"dropouts names client {client}; clients are 0..{n - 1}")
         if stage not in _STAGES:
             raise ConfigError(f"dropout stage {stage!r} is not one of {_STAGES}")
-    graph_seed = (
-        os.urandom(32)
-        if seed is None
-        else hashlib.sha256(
-            b"sealmoe/run_local/graph" + seed.to_bytes(16, "big", signed=True)
-        ).digest()
-    )
+    graph_seed = os.urandom(32) if seed is None else local_graph_seed(seed)
     params = RoundParams(
         round_id=1,
         client_ids=list(range(n)),

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 import secagg
 from secagg import kex
+from secagg.graph import neighbour_graph
+from secagg.local import local_graph_seed
 from secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -68,7 +70,13 @@ def test_sum_is_exact_under_any_dropout_pattern(case):
     assert len(finishers) >= t
     masked_in = {i for i in range(n) if STAGES.index(dropouts.get(i, "unmask")) > 2}
     assert set(result.included) <= masked_in
-    assert set(finishers) <= set(result.included)
+    # A finisher is left out only when fewer than t of its closed neighbourhood advertised
+    # keys (it cannot share its secrets t ways): never with the complete graph.
+    graph = neighbour_graph(list(range(n)), k, local_graph_seed(seed))
+    advertised = {i for i in range(n) if dropouts.get(i) != "advertise"}
+    can_share = {u for u in finishers if len((graph[u] | {u}) & advertised) >= t}
+    assert can_share == set(finishers) or k < n - 1
+    assert can_share <= set(result.included)
     expected = sum(np.clip(inputs[i], -1, 1) for i in result.included)
     np.testing.assert_allclose(result.sum, expected, rtol=0, atol=_tolerance(len(result.included)))
 
