@@ -39,30 +39,36 @@ class Hello(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
     """
 
 
-class RoundStart(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """The coordinator invites an institution into a round under ``client_id``.
+class GlobalBroadcast(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The federation's model as the coordinator hands it to an institution.
 
-    ``global_state`` is the global adapter state as safetensors bytes (empty when the round only
-    aggregates); the previous round's summed routing statistics come as little-endian float64
+    ``global_state`` is the global adapter state as safetensors bytes (empty when there is
+    nothing new); the previous round's summed routing statistics come as little-endian float64
     bytes (``routing_plain``, masked channel) or as the CKKS sum the institutions decrypt
     themselves (``routing_encrypted``: a window of the CKKS sum, see
-    :meth:`~secagg.ckks.EncryptedBatch.window`); both are ``None`` in the first round. With
+    :meth:`~secagg.ckks.EncryptedBatch.window`); both are ``None`` before the first round. With
     expert updates under CKKS, the adapters come encrypted instead (``global_encrypted``, one
     array per adapter tensor) once a round has completed; the coordinator cannot read them.
     ``extras`` are the strategy's public aggregates from the previous round's sums (named
     float64 arrays as safetensors bytes, empty when there are none; the institution checks them,
-    see ``clients.contract.extras``). ``params.round_id`` is unique per attempt (see
-    :func:`round_id`).
+    see ``clients.contract.extras``).
     """
 
-    params: RoundParams
-    client_id: ClientId
-    federation_round: Annotated[int, msgspec.Meta(ge=0)] = 0
     global_state: bytes = b""
     routing_plain: bytes | None = None
     routing_encrypted: EncryptedBatch | None = None
     global_encrypted: EncryptedBatch | None = None
     extras: bytes = b""
+
+
+class RoundStart(GlobalBroadcast, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The coordinator invites an institution into a round under ``client_id``, with the
+    global state to start from. ``params.round_id`` is unique per attempt (see
+    :func:`round_id`)."""
+
+    params: RoundParams
+    client_id: ClientId
+    federation_round: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
@@ -98,20 +104,12 @@ class Decline(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True)
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
 
 
-class Shutdown(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """The federation is over; the institution may exit.
-
-    ``global_state`` is the final global adapter state (safetensors bytes; ``global_encrypted``
-    under CKKS expert updates), with the last round's routing statistics and extras, each as in
-    :class:`RoundStart`, so each institution can evaluate the model the federation produced.
-    """
+class Shutdown(GlobalBroadcast, frozen=True, tag=True, forbid_unknown_fields=True):
+    """The federation is over; the institution may exit. It carries the final global state
+    with the last round's routing statistics and extras, so each institution can evaluate
+    the model the federation produced."""
 
     reason: Annotated[str, msgspec.Meta(max_length=1 << 12)]
-    global_state: bytes = b""
-    global_encrypted: EncryptedBatch | None = None
-    routing_plain: bytes | None = None
-    routing_encrypted: EncryptedBatch | None = None
-    extras: bytes = b""
 
 
 class RoundEnd(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
