@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from clients.contract.config import FedAlignSection
 from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
 from clients.models.loaders import tiny_dense_model
 from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
@@ -53,8 +54,8 @@ def smoothed(counts: np.ndarray, s: float) -> np.ndarray:
 
 def central_consistency(local: np.ndarray, global_: np.ndarray, config: FedAlignConfig):
     """s(l, e) written independently: JS as H(m) - (H(p) + H(q)) / 2 in bits; Bernoulli KL."""
-    p, q = smoothed(local, config.smoothing), smoothed(global_, config.smoothing)
-    if config.consistency == "js":
+    p, q = smoothed(local, config.params.smoothing), smoothed(global_, config.params.smoothing)
+    if config.params.consistency == "js":
 
         def entropy(x):
             return -(x * np.log2(x)).sum(1)
@@ -66,7 +67,7 @@ def central_consistency(local: np.ndarray, global_: np.ndarray, config: FedAlign
         for e in range(EXPERTS):
             a, b = p[layer, e], q[layer, e]
             kl = a * np.log(a / b) + (1 - a) * np.log((1 - a) / (1 - b))
-            out[layer, e] = np.exp(-kl / config.temperature)
+            out[layer, e] = np.exp(-kl / config.params.temperature)
     return out
 
 
@@ -110,12 +111,9 @@ def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, cons
     rng = np.random.default_rng(11)
     config = FedAlignConfig(
         max_examples=CAP,
-        consistency=consistency,
-        temperature=0.5,
-        beta=1.0,
-        min_count=2,
         delta_bound=BOUND,
         routing_bound=5000.0,
+        params=FedAlignSection(consistency=consistency, temperature=0.5, beta=1.0, min_count=2),
     )
     clients = [FedAlignClient(config) for _ in EXAMPLES]
     coordinator = FedAlignCoordinator(config)
@@ -202,8 +200,7 @@ def test_an_expert_kept_by_one_client_only_is_not_updated(ckks):
         delta_bound=BOUND,
         routing_channel="mask",
         routing_bound=5000.0,
-        min_count=2,
-        beta=0.0,
+        params=FedAlignSection(min_count=2, beta=0.0),
     )
     state0 = make_state(rng)
     clients = [FedAlignClient(config) for _ in range(3)]
@@ -259,7 +256,9 @@ def test_regularizer_pulls_routing_toward_the_global_distribution():
         counts = np.tile(target * 1000, (len(stats.layer_names), 1))
         routing = type(stats)(stats.layer_names, counts, counts, np.full(len(counts), 500.0), 2)
         state = GlobalState(adapter_state(model), routing)
-        client = FedAlignClient(FedAlignConfig(max_examples=32, regularization=regularization))
+        client = FedAlignClient(
+            FedAlignConfig(max_examples=32, params=FedAlignSection(regularization=regularization))
+        )
         with client.session(model, state) as plan:
             train_local(
                 model,
@@ -295,10 +294,10 @@ def test_statistics_of_too_few_scores_are_not_broadcast():
 
 def test_config_errors_name_the_field():
     with pytest.raises(StrategyError, match="consistency"):
-        FedAlignConfig(max_examples=1, consistency="cosine")  # type: ignore[arg-type]
+        FedAlignConfig(max_examples=1, params=FedAlignSection(consistency="cosine"))  # type: ignore[arg-type]
     with pytest.raises(StrategyError, match="min_count"):
-        FedAlignConfig(max_examples=1, min_count=0)
+        FedAlignConfig(max_examples=1, params=FedAlignSection(min_count=0))
     with pytest.raises(StrategyError, match="beta"):
-        FedAlignConfig(max_examples=1, beta=-1.0)
+        FedAlignConfig(max_examples=1, params=FedAlignSection(beta=-1.0))
     with pytest.raises(StrategyError, match="smoothing"):
-        FedAlignConfig(max_examples=1, smoothing=0.0)
+        FedAlignConfig(max_examples=1, params=FedAlignSection(smoothing=0.0))

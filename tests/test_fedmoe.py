@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from clients.contract.config import FedMoESection
 from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
 from clients.models.loaders import tiny_dense_model
 from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
@@ -80,13 +81,15 @@ def test_modular_aggregation_through_secagg_equals_the_plaintext_per_holder_mean
     rng = np.random.default_rng(3)
     config = FedMoEConfig(
         max_examples=CAP,
-        memory_fraction=0.7,  # 2 of 3 experts per layer
-        warmup_rounds=1,
-        recommend_weight=0.0,
-        min_count=2,
         delta_bound=BOUND,
         routing_channel="mask",
         routing_bound=5000.0,
+        params=FedMoESection(
+            memory_fraction=0.7,  # 2 of 3 experts per layer
+            warmup_rounds=1,
+            recommend_weight=0.0,
+            min_count=2,
+        ),
     )
     state0 = make_state(rng)
     patterns = [(0.5, 0.4, 0.1), (0.45, 0.45, 0.1), (0.4, 0.5, 0.1), (0.1, 0.4, 0.5)]
@@ -133,11 +136,10 @@ def test_the_coordinator_cannot_tell_who_holds_what():
     rng = np.random.default_rng(8)
     config = FedMoEConfig(
         max_examples=CAP,
-        memory_fraction=0.7,
-        recommend_weight=0.0,
         delta_bound=BOUND,
         routing_channel="mask",
         routing_bound=5000.0,
+        params=FedMoESection(memory_fraction=0.7, recommend_weight=0.0),
     )
     state0 = make_state(rng)
     state = GlobalState(state0.adapters, make_routing(rng, (0.4, 0.4, 0.2)))
@@ -178,7 +180,9 @@ def test_session_trains_only_the_held_sub_moe_under_dp():
     stats = routing_statistics(model)
     layers = len(stats.layer_names)
     state = GlobalState.initial(adapter_state(model), stats.layer_names, 4, 2)
-    client = FedMoEClient(FedMoEConfig(max_examples=32, warmup_rounds=0), memory_fraction=0.5)
+    client = FedMoEClient(
+        FedMoEConfig(max_examples=32, params=FedMoESection(warmup_rounds=0)), memory_fraction=0.5
+    )
     blocks = torch.randint(0, 256, (32, 16), generator=torch.Generator().manual_seed(1))
     client.pattern = np.tile([0.1, 0.5, 0.1, 0.3], (layers, 1))
     dp = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
@@ -198,9 +202,9 @@ def test_session_trains_only_the_held_sub_moe_under_dp():
 
 
 def test_config_refuses_a_minimum_count_of_one():
-    with pytest.raises(StrategyError, match="min_count must be an int >= 2"):
-        FedMoEConfig(max_examples=10, min_count=1)
+    with pytest.raises(StrategyError, match=r">= 2 - at `\$\.min_count`"):
+        FedMoEConfig(max_examples=10, params=FedMoESection(min_count=1))
     with pytest.raises(StrategyError, match="memory_fraction"):
-        FedMoEConfig(max_examples=10, memory_fraction=0.0)
+        FedMoEConfig(max_examples=10, params=FedMoESection(memory_fraction=0.0))
     with pytest.raises(StrategyError, match="memory_fraction"):
         FedMoEClient(FedMoEConfig(max_examples=10), memory_fraction=1.5)

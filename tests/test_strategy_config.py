@@ -46,7 +46,7 @@ def test_fedalign_parameters_reach_both_sides(raw):
     client, coordinator = client_strategy(config, "comedies"), coordinator_strategy(config)
     assert isinstance(client, FedAlignClient) and isinstance(coordinator, FedAlignCoordinator)
     assert client.config == coordinator.config
-    assert (client.config.consistency, client.config.beta) == ("expert_kl", 0.5)
+    assert (client.config.params.consistency, client.config.params.beta) == ("expert_kl", 0.5)
     assert client.config.max_examples == 64  # the public cap: [data.max_blocks].train
     assert client.config.routing_channel == "ckks"
 

@@ -31,24 +31,21 @@ routing statistics are whatever the caller gives (already noised and charged if 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from clients.contract.config import FederationConfig
+from clients.contract.config import FedAlignSection, FederationConfig
 from clients.contract.layout import (
     DELTA_PREFIX,
     ROUTING,
     WEIGHT,
     GlobalState,
     Segment,
-    StrategyError,
     Submission,
     SubmissionLayout,
     check_routing_matches,
@@ -65,14 +62,8 @@ from clients.strategies.experts import (
     expert_segments,
     weighted_deltas,
 )
-from clients.strategies.fedavg import FedAvgConfig, extended_config, moe_lora_half
+from clients.strategies.fedavg import FedAvgConfig, checked_section, extended_config, moe_lora_half
 from clients.training.trainer import LocalTrainingResult
-
-Consistency = Literal["js", "expert_kl"]
-
-
-CONSISTENCIES: tuple[str, ...] = ("js", "expert_kl")
-
 
 ALIGN_SCORE = "align_score"
 
@@ -93,42 +84,18 @@ alignment scores (``align_n`` is reused as the extra's name)."""
 
 @dataclass(frozen=True)
 class FedAlignConfig(FedAvgConfig):
-    """Public parameters of FedAlign-MoE (both sides must hold the same).
-
-    ``max_examples``, bounds and channels as in :class:`~clients.strategies.fedavg.FedAvgConfig`.
-    ``consistency``/``temperature``: the form of s (module docstring). ``regularization``:
-    weight of the KL routing regularizer (0 turns it off). ``beta``: τ = M - β·Σ. ``min_scorers``:
-    τ applies only when last round's sums hold at least this many scores. ``min_count``: an
-    expert is updated only from at least this many included clients. ``smoothing``: added to
-    every routing probability before the divergences (keeps them finite).
+    """Public parameters of FedAlign-MoE (both sides must hold the same): FedAvg's weights,
+    bounds and channels, and ``params``, the ``[aggregation.fedalign]`` section, whose fields
+    and ranges are declared once in :class:`~clients.contract.config.FedAlignSection`
+    (``consistency``/``temperature``: the form of s, see the module docstring; ``beta``:
+    τ = M - β·Σ; ``smoothing``: mixed into every routing distribution).
     """
 
-    consistency: Consistency = "js"
-    temperature: float = 1.0
-    regularization: float = 0.01
-    beta: float = 1.0
-    min_scorers: int = 2
-    min_count: int = 2
-    smoothing: float = 1e-3
+    params: FedAlignSection = field(default_factory=FedAlignSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("min_scorers", "min_count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StrategyError(f"{name} must be an int >= 1, got {value!r}")
-        if self.consistency not in CONSISTENCIES:
-            raise StrategyError(
-                f"consistency must be one of {CONSISTENCIES}, got {self.consistency!r}"
-            )
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
-            raise StrategyError(f"temperature must be finite and > 0, got {self.temperature!r}")
-        for name in ("regularization", "beta"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise StrategyError(f"{name} must be finite and >= 0, got {value!r}")
-        if not (isinstance(self.smoothing, (int, float)) and 0 < self.smoothing < 1):
-            raise StrategyError(f"smoothing must be in (0, 1), got {self.smoothing!r}")
+        object.__setattr__(self, "params", checked_section(self.params))
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         """The per-expert segments, then the three alignment segments (L * E each, on the mask
@@ -155,15 +122,15 @@ def consistency_scores(
     local: RoutingStats, global_: RoutingStats, config: FedAlignConfig
 ) -> np.ndarray:
     """s(l, e) in [0, 1] (module docstring); 1 where either side has no routed tokens."""
-    p = distribution(local.counts, config.smoothing)
-    q = distribution(global_.counts, config.smoothing)
-    if config.consistency == "js":
+    p = distribution(local.counts, config.params.smoothing)
+    q = distribution(global_.counts, config.params.smoothing)
+    if config.params.consistency == "js":
         m = 0.5 * (p + q)
         js = 0.5 * (p * np.log2(p / m)).sum(1) + 0.5 * (q * np.log2(q / m)).sum(1)
         scores = np.repeat((1.0 - np.clip(js, 0.0, 1.0))[:, None], p.shape[1], axis=1)
     else:
         kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
-        scores = np.exp(-np.maximum(kl, 0.0) / config.temperature)
+        scores = np.exp(-np.maximum(kl, 0.0) / config.params.temperature)
     known = (np.maximum(local.counts, 0).sum(1) > 0) & (np.maximum(global_.counts, 0).sum(1) > 0)
     return np.where(known[:, None], scores, 1.0)
 
@@ -194,8 +161,8 @@ def thresholds(state: GlobalState, config: FedAlignConfig) -> np.ndarray | None:
     if ALIGN_MEAN not in state.extras:
         return None
     mean, std = state.extras[ALIGN_MEAN], state.extras[ALIGN_STD]
-    enough = state.extras[ALIGN_N] >= config.min_scorers - 0.5
-    return np.where(enough, mean - config.beta * std, -np.inf)
+    enough = state.extras[ALIGN_N] >= config.params.min_scorers - 0.5
+    return np.where(enough, mean - config.params.beta * std, -np.inf)
 
 
 class FedAlignClient:
@@ -224,12 +191,12 @@ class FedAlignClient:
     @contextmanager
     def session(self, model: nn.Module, state: GlobalState) -> Iterator[TrainingPlan]:
         """Adds the KL(p_b ‖ p̄) regularizer once global routing exists and it is switched on."""
-        coef = self.config.regularization
+        coef = self.config.params.regularization
         if coef == 0 or float(state.routing.counts.sum()) <= 0:
             yield TrainingPlan()
             return
-        target = torch.from_numpy(distribution(state.routing.counts, self.config.smoothing))
-        smoothing = self.config.smoothing
+        target = torch.from_numpy(distribution(state.routing.counts, self.config.params.smoothing))
+        smoothing = self.config.params.smoothing
 
         def kl_term(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             terms = []

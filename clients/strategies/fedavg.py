@@ -169,9 +169,21 @@ Extended = TypeVar("Extended", bound=FedAvgConfig)
 def extended_config(
     config: FederationConfig, kind: type[Extended], section: msgspec.Struct
 ) -> Extended:
-    """A strategy config that extends FedAvg's (same weights, bounds and channels) with the
-    parameters of its ``[aggregation.<name>]`` section."""
-    return kind(**dataclasses.asdict(fedavg_config(config)), **msgspec.structs.asdict(section))
+    """A strategy config that extends FedAvg's (same weights, bounds and channels) with its
+    ``[aggregation.<name>]`` section as ``params``."""
+    return kind(**dataclasses.asdict(fedavg_config(config)), params=section)
+
+
+Section = TypeVar("Section", bound=msgspec.Struct)
+
+
+def checked_section(section: Section) -> Section:
+    """``section`` held to the types and ranges it declares (what loading the TOML file
+    checks), for one built in code; :class:`StrategyError` naming the field otherwise."""
+    try:
+        return msgspec.convert(msgspec.structs.asdict(section), type(section))
+    except msgspec.ValidationError as exc:
+        raise StrategyError(f"{type(section).__name__}: {exc}") from None
 
 
 class MoELoRALearner:

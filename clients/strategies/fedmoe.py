@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
 
-from clients.contract.config import FederationConfig
+from clients.contract.config import FederationConfig, FedMoESection
 from clients.contract.layout import (
     DELTA_PREFIX,
     ROUTING,
@@ -49,40 +49,24 @@ from clients.strategies.experts import (
     expert_segments,
     weighted_deltas,
 )
-from clients.strategies.fedavg import FedAvgConfig, extended_config, moe_lora_half
+from clients.strategies.fedavg import FedAvgConfig, checked_section, extended_config, moe_lora_half
 from clients.training.trainer import LocalTrainingResult
 
 
 @dataclass(frozen=True)
 class FedMoEConfig(FedAvgConfig):
-    """Public parameters of FedMoE (both sides must hold the same).
-
-    ``memory_fraction``: default budget alpha * M_k as a fraction of all expert parameters (a client
-    may be given its own). ``warmup_rounds``: full-MoE rounds before the first search.
-    ``recommend_weight``: λ of the recommendation. ``min_count``: holders an expert needs to be
-    updated (>= 2: never from a single client). ``search_steps``: bisections of θ.
+    """Public parameters of FedMoE (both sides must hold the same): FedAvg's weights, bounds
+    and channels, and ``params``, the ``[aggregation.fedmoe]`` section, whose fields and ranges
+    are declared once in :class:`~clients.contract.config.FedMoESection` (``memory_fraction``:
+    the default budget alpha * M_k, a client may be given its own; ``recommend_weight``: λ of
+    the recommendation; ``search_steps``: bisections of θ).
     """
 
-    memory_fraction: float = 0.5
-    warmup_rounds: int = 1
-    recommend_weight: float = 0.25
-    min_count: int = 2
-    search_steps: int = 30
+    params: FedMoESection = field(default_factory=FedMoESection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, low in (("warmup_rounds", 0), ("search_steps", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise StrategyError(f"{name} must be an int >= {low}, got {value!r}")
-        n = self.min_count
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise StrategyError(
-                f"min_count must be an int >= 2 (an expert is never updated from one client), "
-                f"got {n!r}"
-            )
-        check_fraction("memory_fraction", self.memory_fraction, low_open=True)
-        check_fraction("recommend_weight", self.recommend_weight, low_open=False)
+        object.__setattr__(self, "params", checked_section(self.params))
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         """The per-expert segments (``clients.strategies.experts.expert_segments``)."""
@@ -155,7 +139,7 @@ class FedMoEClient:
     def __init__(self, config: FedMoEConfig, memory_fraction: float | None = None) -> None:
         self.config = config
         self.memory_fraction = (
-            config.memory_fraction if memory_fraction is None else memory_fraction
+            config.params.memory_fraction if memory_fraction is None else memory_fraction
         )
         check_fraction("memory_fraction", self.memory_fraction, low_open=True)
         self.rounds_seen = 0
@@ -185,16 +169,16 @@ class FedMoEClient:
         """This round's sub-MoE (bool (L, E)): everything during warm-up, else the search."""
         partition = ExpertPartition.of(state)
         shape = (partition.num_layers, partition.num_experts)
-        if self.rounds_seen < self.config.warmup_rounds or self.pattern is None:
+        if self.rounds_seen < self.config.params.warmup_rounds or self.pattern is None:
             return np.ones(shape, dtype=bool)
-        lam = self.config.recommend_weight
+        lam = self.config.params.recommend_weight
         pattern = (1.0 - lam) * self.pattern + lam * state.routing_distribution
         sizes = np.zeros(shape[0])
         for owner in partition.owners.values():
             sizes[owner.layer] += float((owner.experts == 0).sum())
         budget = self.memory_fraction * float(sizes.sum() * shape[1])
         held, _ = search_sub_moe(
-            pattern, sizes, budget, state.routing.top_k, self.config.search_steps
+            pattern, sizes, budget, state.routing.top_k, self.config.params.search_steps
         )
         return held
 

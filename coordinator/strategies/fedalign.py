@@ -45,7 +45,7 @@ class FedAlignCoordinator:
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
         adapters = expert_weighted_update(
-            state, values, min_count=self.config.min_count, min_weight=self._min_weight
+            state, values, min_count=self.config.params.min_count, min_weight=self._min_weight
         )
         public = self.public_update(state, sums)
         return GlobalState(adapters=adapters, routing=public.routing, extras=public.extras)
@@ -55,7 +55,7 @@ class FedAlignCoordinator:
     ) -> np.ndarray:
         return expert_update_factors(
             state, self.layout(state), sums,
-            min_count=self.config.min_count, min_weight=self._min_weight,
+            min_count=self.config.params.min_count, min_weight=self._min_weight,
         )  # fmt: skip
 
     def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
@@ -66,7 +66,7 @@ class FedAlignCoordinator:
             adapters=state.adapters,
             routing=summed_routing(state.routing, values),
             extras=alignment_statistics(
-                values, state.routing.counts.shape, self.config.min_scorers
+                values, state.routing.counts.shape, self.config.params.min_scorers
             ),
         )
 

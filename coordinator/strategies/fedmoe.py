@@ -36,7 +36,7 @@ class FedMoECoordinator:
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
         adapters = expert_weighted_update(
-            state, values, min_count=self.config.min_count, min_weight=self._min_weight
+            state, values, min_count=self.config.params.min_count, min_weight=self._min_weight
         )
         return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))
 
@@ -45,7 +45,7 @@ class FedMoECoordinator:
     ) -> np.ndarray:
         return expert_update_factors(
             state, self.layout(state), sums,
-            min_count=self.config.min_count, min_weight=self._min_weight,
+            min_count=self.config.params.min_count, min_weight=self._min_weight,
         )  # fmt: skip
 
     def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
