@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.models.adapter_state import copy_state, layer_parameters, load_state
+
 GATE = "ddome_gate"
 
 
@@ -137,26 +139,16 @@ def ddome_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The gate's parameters, then every expert's, in a stable order shared by all clients."""
     for name, param in ddome_gate(model).named_parameters():
         yield f"{GATE}.{name}", param
-    for layer_name, layer in ddome_layers(model):
-        for name, param in layer.named_parameters():
-            if not name.startswith("base."):
-                yield f"{layer_name}.{name}", param
+    yield from layer_parameters(ddome_layers(model))
 
 
 def ddome_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in ddome_parameters(model)}
+    return copy_state(ddome_parameters(model))
 
 
 def load_ddome_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the gate and experts (same names and shapes)."""
-    params = dict(ddome_parameters(model))
-    if set(params) != set(state):
-        raise DDOMEError("adapter state does not match the model's DDOME parameter names")
-    with torch.no_grad():
-        for name, param in params.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise DDOMEError(f"{name}: shape {tuple(state[name].shape)} != {param.shape}")
-            param.copy_(state[name])
+    load_state(ddome_parameters(model), state, DDOMEError)
 
 
 def expert_of(name: str) -> int | None:

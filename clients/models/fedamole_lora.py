@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.models.adapter_state import copy_state, layer_parameters, load_state
+
 
 class AMoLEError(ValueError):
     """The FedAMoLE adapter was configured or used wrongly (the message names the field)."""
@@ -144,31 +146,17 @@ def amole_layers(model: nn.Module) -> list[tuple[str, AMoLELinear]]:
 
 def amole_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Every adapter parameter (held or not), in a stable order shared by all clients."""
-    for layer_name, layer in amole_layers(model):
-        for name, param in layer.named_parameters():
-            if not name.startswith("base."):
-                yield f"{layer_name}.{name}", param
+    yield from layer_parameters(amole_layers(model))
 
 
 def amole_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached clones of every adapter parameter (the strategy's global adapters)."""
-    return {name: p.detach().clone() for name, p in amole_parameters(model)}
+    return copy_state(amole_parameters(model))
 
 
 def load_amole_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the adapters (same names and shapes, else :class:`AMoLEError`)."""
-    params = dict(amole_parameters(model))
-    if set(params) != set(state):
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise AMoLEError(
-            f"adapter state does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            if tuple(state[name].shape) != tuple(param.shape):
-                raise AMoLEError(f"{name}: shape {tuple(state[name].shape)} != {param.shape}")
-            param.copy_(state[name])
+    load_state(amole_parameters(model), state, AMoLEError)
 
 
 def set_held(model: nn.Module, held: Mapping[str, Sequence[int]]) -> None:

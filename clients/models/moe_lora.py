@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clients.contract.routing import RoutingStats
+from clients.models.adapter_state import copy_state, layer_parameters, load_state
 
 Mode = Literal["auto", "dense", "native"]
 
@@ -398,15 +399,12 @@ def get_config(model: nn.Module) -> MoELoRAConfig:
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every adapter parameter, in a stable order (names as in state)."""
-    for layer_name, layer in _adapter_layers(model):
-        for name, param in layer.named_parameters():
-            if not name.startswith("base."):
-                yield f"{layer_name}.{name}", param
+    yield from layer_parameters(_adapter_layers(model))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached clones of every adapter parameter, ordered, with names stable across clients."""
-    state = {name: p.detach().clone() for name, p in adapter_parameters(model)}
+    state = copy_state(adapter_parameters(model))
     if not state:
         raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
     return state
@@ -417,24 +415,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     params = dict(adapter_parameters(model))
     if not params:
         raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
-    missing = [n for n in params if n not in state]
-    unexpected = [n for n in state if n not in params]
-    if missing or unexpected:
-        raise AdapterStateError(
-            f"adapter state does not match the model: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
-        )
-    for name, param in params.items():
-        value = state[name]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(param.shape):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise AdapterStateError(
-                f"adapter tensor {name!r} has shape {got}, model expects {tuple(param.shape)}"
-            )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name])
+    load_state(params.items(), state, AdapterStateError)
 
 
 def save_adapter_state(path: str | os.PathLike[str], state: dict[str, torch.Tensor]) -> None:
