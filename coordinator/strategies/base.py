@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -249,3 +249,42 @@ def aggregate_locally(
             aggregator.add(ckks.encrypt([np.asarray(packed[i]["ckks"])]))
         sums["ckks"] = ckks.decrypt(aggregator.sum())[0]
     return LocalAggregate(sums=sums, included=included)
+
+
+@dataclass(frozen=True)
+class PerExpertCoordinator:
+    """Server half of a strategy that moves each expert by the weighted mean over the
+    institutions that updated it, and only when at least ``config.params.min_count`` did
+    (FedAlign-MoE, FedMoE); dense entries by the mean over everyone included. With the deltas
+    under CKKS the counts and weights are still read from the masked sum, and each encrypted
+    delta entry is scaled by ``bound / (its weight sum)`` (0 for experts not updated)."""
+
+    config: Any
+
+    def layout(self, state: GlobalState) -> SubmissionLayout:
+        return self.config.layout(state)
+
+    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        values = self.layout(state).unpack(sums, partial=True)
+        adapters = expert_weighted_update(
+            state, values, min_count=self.config.params.min_count, min_weight=self._min_weight
+        )
+        public = self.public_update(state, sums)
+        return GlobalState(adapters=adapters, routing=public.routing, extras=public.extras)
+
+    def encrypted_update_factors(
+        self, state: GlobalState, sums: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        return expert_update_factors(
+            state, self.layout(state), sums,
+            min_count=self.config.params.min_count, min_weight=self._min_weight,
+        )  # fmt: skip
+
+    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
+        """The new routing statistics (and extras) from the masked sum alone."""
+        values = self.layout(state).unpack(sums, partial=True)
+        return GlobalState(state.adapters, summed_routing(state.routing, values), state.extras)
+
+    @property
+    def _min_weight(self) -> float:
+        return 0.5 / self.config.max_examples

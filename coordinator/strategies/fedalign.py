@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clients.contract.layout import GlobalState, StrategyError, SubmissionLayout
+from clients.contract.layout import GlobalState, StrategyError
 from clients.strategies.fedalign import (
     ALIGN_MEAN,
     ALIGN_N,
@@ -26,37 +26,14 @@ from clients.strategies.fedalign import (
     ALIGN_STD,
     FedAlignConfig,
 )
-from coordinator.strategies.base import (
-    expert_update_factors,
-    expert_weighted_update,
-    summed_routing,
-)
+from coordinator.strategies.base import PerExpertCoordinator, summed_routing
 
 
 @dataclass(frozen=True)
-class FedAlignCoordinator:
+class FedAlignCoordinator(PerExpertCoordinator):
     """Coordinator side of FedAlign-MoE (the same :class:`FedAlignConfig` as the clients)."""
 
     config: FedAlignConfig
-
-    def layout(self, state: GlobalState) -> SubmissionLayout:
-        return self.config.layout(state)
-
-    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
-        values = self.layout(state).unpack(sums, partial=True)
-        adapters = expert_weighted_update(
-            state, values, min_count=self.config.params.min_count, min_weight=self._min_weight
-        )
-        public = self.public_update(state, sums)
-        return GlobalState(adapters=adapters, routing=public.routing, extras=public.extras)
-
-    def encrypted_update_factors(
-        self, state: GlobalState, sums: Mapping[str, np.ndarray]
-    ) -> np.ndarray:
-        return expert_update_factors(
-            state, self.layout(state), sums,
-            min_count=self.config.params.min_count, min_weight=self._min_weight,
-        )  # fmt: skip
 
     def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
@@ -69,10 +46,6 @@ class FedAlignCoordinator:
                 values, state.routing.counts.shape, self.config.params.min_scorers
             ),
         )
-
-    @property
-    def _min_weight(self) -> float:
-        return 0.5 / self.config.max_examples
 
 
 def alignment_statistics(

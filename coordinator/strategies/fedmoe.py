@@ -10,48 +10,14 @@ delta entry is scaled by ``bound / (its weight sum)`` (0 for experts not updated
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
-from clients.contract.layout import GlobalState, SubmissionLayout
 from clients.strategies.fedmoe import FedMoEConfig
-from coordinator.strategies.base import (
-    expert_update_factors,
-    expert_weighted_update,
-    summed_routing,
-)
+from coordinator.strategies.base import PerExpertCoordinator
 
 
 @dataclass(frozen=True)
-class FedMoECoordinator:
+class FedMoECoordinator(PerExpertCoordinator):
     """Coordinator side of FedMoE (the same :class:`FedMoEConfig` as the clients)."""
 
     config: FedMoEConfig
-
-    def layout(self, state: GlobalState) -> SubmissionLayout:
-        return self.config.layout(state)
-
-    def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
-        values = self.layout(state).unpack(sums, partial=True)
-        adapters = expert_weighted_update(
-            state, values, min_count=self.config.params.min_count, min_weight=self._min_weight
-        )
-        return GlobalState(adapters=adapters, routing=summed_routing(state.routing, values))
-
-    def encrypted_update_factors(
-        self, state: GlobalState, sums: Mapping[str, np.ndarray]
-    ) -> np.ndarray:
-        return expert_update_factors(
-            state, self.layout(state), sums,
-            min_count=self.config.params.min_count, min_weight=self._min_weight,
-        )  # fmt: skip
-
-    def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
-        values = self.layout(state).unpack(sums, partial=True)
-        return GlobalState(state.adapters, summed_routing(state.routing, values), state.extras)
-
-    @property
-    def _min_weight(self) -> float:
-        return 0.5 / self.config.max_examples
