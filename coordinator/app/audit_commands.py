@@ -38,7 +38,7 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=max(console.width, 120))
 
 
-LEDGER_FILE = "ledger.jsonl"  # audit.LEDGER_FILE; audit is imported lazily (it pulls in torch)
+LEDGER_FILE = "ledger.jsonl"  # audit.LEDGER_FILE; audit loads lazily (dp-accounting: ~1 s)
 
 
 def run_dir_of(ledger: Path) -> Path | None:
