@@ -367,7 +367,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
     initial = {k: v.clone() for k, v in coordinator.state.adapters.items()}
 
     sums = coordinator.run_round(1)
-    layout = coordinator.strategies.base.layout(coordinator.state)
+    layout = coordinator.strategy.layout(coordinator.state)
     assert coordinator.ends[-1].included == [0, 1, 2]
     assert sums["mask"].shape == (layout.length("mask"),)
     # every institution has >= 32 training blocks = max_examples, so each weight is 1
@@ -426,7 +426,7 @@ def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation,
     sums = coordinator.run_round(1)
     assert coordinator.ends[-1].included == [0, 1]
     assert "budget exhausted" in coordinator.declines["histories"]
-    layout = coordinator.strategies.base.layout(coordinator.state)
+    layout = coordinator.strategy.layout(coordinator.state)
     assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(2.0, abs=1e-3)
     coordinator.shutdown()
     for thread in threads:
