@@ -313,14 +313,14 @@ def test_an_institution_declines_malformed_extras_and_serves_the_next_round(tmp_
         return RoundStart(params=params, client_id=0, federation_round=1, extras=extras)
 
     bad = encode_extras({ALIGN_MEAN: np.zeros((3, 3))})
-    with caplog.at_level(logging.WARNING, logger="clients.runtime.institution"):
-        inst._on_round_start(start(0, bad))
+    with caplog.at_level(logging.WARNING, logger="clients.runtime.rounds"):
+        inst._serve(start(0, bad))
     assert isinstance(outbox.sent[-1], Decline)
     assert "malformed extras" in outbox.sent[-1].reason
     assert any("refused the broadcast extras" in r.getMessage() for r in caplog.records)
     shape = tuple(state.routing.counts.shape)
     good = encode_extras({k: np.zeros(shape) for k in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)})
-    inst._on_round_start(start(1, good))
+    inst._serve(start(1, good))
     assert isinstance(outbox.sent[-1], AdvertiseKeys)
 
 
