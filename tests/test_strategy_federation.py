@@ -174,11 +174,11 @@ def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path
     layout = coordinator_strategy(config).layout(Coordinator(config).initial_state())
     final_routing = routing_from_channel(layout, key.decrypt(relay.encrypted))
     for inst in institutions:
-        assert inst._last_state.extras.keys() == extras.keys()
+        assert inst.rounds.last_state.extras.keys() == extras.keys()
         for name, value in extras.items():
-            np.testing.assert_array_equal(inst._last_state.extras[name], value)
+            np.testing.assert_array_equal(inst.rounds.last_state.extras[name], value)
         np.testing.assert_allclose(
-            inst._last_state.routing.as_vector(), np.maximum(final_routing, 0.0), atol=1e-9
+            inst.rounds.last_state.routing.as_vector(), np.maximum(final_routing, 0.0), atol=1e-9
         )
 
 

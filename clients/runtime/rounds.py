@@ -168,6 +168,12 @@ class InstitutionRounds:
         """The id of the round in progress (None between rounds)."""
         return None if self._round is None else self._round.round_id
 
+    @property
+    def last_state(self) -> GlobalState | None:
+        """The last broadcast state loaded (the Shutdown's, once it came): what the
+        institution trained or evaluated under."""
+        return self._last_state
+
     # ------------------------------------------------------------------------------ plumbing
 
     def _collect(self, step: Callable[[], None]) -> list[Output]:
