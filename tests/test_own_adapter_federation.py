@@ -29,7 +29,7 @@ from clients.contract.messages import (
     decode_from_client,
     decode_from_server,
 )
-from clients.runtime.institution import Institution
+from clients.runtime.rounds import InstitutionRounds
 from clients.strategies.ddome import EXPERT_COUNTS, DDOMEClient
 from clients.strategies.fedamole import (
     ASSIGNMENT,
@@ -172,7 +172,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
         received.append((state, {c: s.copy() for c, s in scores.items()}, chosen))
         return chosen
 
-    original_on_assignment = Institution._on_assignment
+    original_on_assignment = InstitutionRounds._on_assignment
 
     def on_assignment(self, message):
         sent_assignments.append(message.selection)
@@ -180,7 +180,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
 
     monkeypatch.setattr(FedAMoLELearner, "scores", scores)
     monkeypatch.setattr(FedAMoLEStrategy, "select", select)
-    monkeypatch.setattr(Institution, "_on_assignment", on_assignment)
+    monkeypatch.setattr(InstitutionRounds, "_on_assignment", on_assignment)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None, None]
 
@@ -275,7 +275,7 @@ def test_an_institution_that_declines_at_the_scores_is_left_out_and_the_round_go
     tmp_path, monkeypatch
 ):
     config = own_config(tmp_path, "fedamole", rounds=2)
-    original_check = Institution._on_round_start
+    original_check = InstitutionRounds._on_round_start
 
     def refusing(self, start):  # histories' officer refuses every release from round 2 on
         if self.name == NAMES[2] and start.federation_round == 2:
@@ -286,7 +286,7 @@ def test_an_institution_that_declines_at_the_scores_is_left_out_and_the_round_go
             monkeypatch.setattr(self.ledger, "check", refuse)
         original_check(self, start)
 
-    monkeypatch.setattr(Institution, "_on_round_start", refusing)
+    monkeypatch.setattr(InstitutionRounds, "_on_round_start", refusing)
     outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
     assert outcomes[1].included == NAMES[:2]

@@ -411,7 +411,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
 
 
 def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation, caplog):
-    caplog.set_level(logging.WARNING, logger="clients.runtime.institution")
+    caplog.set_level(logging.WARNING, logger="clients.runtime.rounds")
     make, start, threads = federation
     config, coordinator = make(rounds=1)
     spent = ledger_path(config.run_dir, "histories")

@@ -174,11 +174,11 @@ def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path
     layout = coordinator_strategy(config).layout(Coordinator(config).initial_state())
     final_routing = routing_from_channel(layout, key.decrypt(relay.encrypted))
     for inst in institutions:
-        assert inst._last_state.extras.keys() == extras.keys()
+        assert inst.rounds.last_state.extras.keys() == extras.keys()
         for name, value in extras.items():
-            np.testing.assert_array_equal(inst._last_state.extras[name], value)
+            np.testing.assert_array_equal(inst.rounds.last_state.extras[name], value)
         np.testing.assert_allclose(
-            inst._last_state.routing.as_vector(), np.maximum(final_routing, 0.0), atol=1e-9
+            inst.rounds.last_state.routing.as_vector(), np.maximum(final_routing, 0.0), atol=1e-9
         )
 
 
@@ -313,14 +313,14 @@ def test_an_institution_declines_malformed_extras_and_serves_the_next_round(tmp_
         return RoundStart(params=params, client_id=0, federation_round=1, extras=extras)
 
     bad = encode_extras({ALIGN_MEAN: np.zeros((3, 3))})
-    with caplog.at_level(logging.WARNING, logger="clients.runtime.institution"):
-        inst._on_round_start(start(0, bad))
+    with caplog.at_level(logging.WARNING, logger="clients.runtime.rounds"):
+        inst._serve(start(0, bad))
     assert isinstance(outbox.sent[-1], Decline)
     assert "malformed extras" in outbox.sent[-1].reason
     assert any("refused the broadcast extras" in r.getMessage() for r in caplog.records)
     shape = tuple(state.routing.counts.shape)
     good = encode_extras({k: np.zeros(shape) for k in (ALIGN_MEAN, ALIGN_STD, ALIGN_N)})
-    inst._on_round_start(start(1, good))
+    inst._serve(start(1, good))
     assert isinstance(outbox.sent[-1], AdvertiseKeys)
 
 
