@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
 import msgspec
 
@@ -325,7 +325,47 @@ class CkksSection(_Section):
         )
 
 
-class FedAlignSection(_Section):
+Problem = tuple[str, str]
+"""A rule a config breaks: (the field, relative to its section; what is wrong and what to do)."""
+
+
+class StrategySection(_Section):
+    """Base of the ``[aggregation.<strategy>]`` sections: what the config must know about a
+    strategy without importing it (its rules between fields, and what it releases)."""
+
+    releases_routing: ClassVar[bool] = True
+    """Whether the strategy releases per-token routing statistics (not with its own adapters)."""
+    ckks_updates: ClassVar[bool] = True
+    """Whether its coordinator can move the adapters without reading the update sums."""
+
+    def problems(self, config: FederationConfig) -> list[Problem]:
+        """The cross-field rules this section breaks in ``config`` (none by default)."""
+        return []
+
+
+class _MinCountSection(StrategySection):
+    """A per-expert strategy: an expert moves only when ``min_count`` institutions updated it."""
+
+    min_count: PositiveInt = 2
+
+    def problems(self, config: FederationConfig) -> list[Problem]:
+        n = len(config.institutions)
+        if self.min_count <= n:
+            return []
+        return [
+            (
+                "min_count",
+                f"min_count={self.min_count} exceeds the {n} institutions: no expert could ever "
+                f"be updated; choose min_count <= {n}",
+            )
+        ]
+
+
+class FedAvgSection(StrategySection):
+    """[aggregation.fedavg]: FedAvg has no parameters of its own."""
+
+
+class FedAlignSection(_MinCountSection):
     """[aggregation.fedalign]: FedAlign-MoE's parameters (see ``clients.strategies.fedalign``).
 
     - ``consistency``: routing-consistency score, "js" (1 - Jensen-Shannon divergence per
@@ -343,11 +383,10 @@ class FedAlignSection(_Section):
     regularization: Annotated[float, msgspec.Meta(ge=0.0)] = 0.01
     beta: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
     min_scorers: PositiveInt = 2
-    min_count: PositiveInt = 2
     smoothing: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 1e-3
 
 
-class FedMoESection(_Section):
+class FedMoESection(_MinCountSection):
     """[aggregation.fedmoe]: FedMoE's parameters (see ``clients.strategies.fedmoe``).
 
     - ``memory_fraction``: each institution's sub-MoE may hold at most this fraction of all
@@ -366,7 +405,7 @@ class FedMoESection(_Section):
     search_steps: PositiveInt = 30
 
 
-class FedAMoLESection(_Section):
+class FedAMoLESection(StrategySection):
     """[aggregation.fedamole]: FedAMoLE's parameters (see ``clients.strategies.fedamole``). The
     adapter's shape (domain experts, top_k, rank, alpha, target modules, load-balance weight) is
     ``[model.moe]``'s.
@@ -397,8 +436,57 @@ class FedAMoLESection(_Section):
     delta_bound: Annotated[float, msgspec.Meta(gt=0.0)] = 0.1
     public_seed: Annotated[int, msgspec.Meta(ge=0)] = 0
 
+    releases_routing: ClassVar[bool] = False
+    ckks_updates: ClassVar[bool] = False
 
-class DDOMESection(_Section):
+    def problems(self, config: FederationConfig) -> list[Problem]:
+        """Every expert to exactly clients_per_expert institutions, each holding min..max
+        experts and at least top_k of them (else it could not route)."""
+        f, moe, n = self, config.model.moe, len(config.institutions)
+        slots, cap = moe.num_experts * f.clients_per_expert, min(f.max_experts, moe.num_experts)
+        problems = [
+            (
+                f.clients_per_expert > n,
+                "clients_per_expert",
+                f"clients_per_expert={f.clients_per_expert} exceeds the {n} institutions",
+            ),
+            (
+                f.min_experts < moe.top_k,
+                "min_experts",
+                f"min_experts={f.min_experts} is below [model.moe] top_k={moe.top_k}: an "
+                "institution could not route",
+            ),
+            (
+                f.min_experts > cap,
+                "min_experts",
+                f"min_experts={f.min_experts} exceeds max_experts={f.max_experts} or the "
+                f"{moe.num_experts} experts",
+            ),
+            (
+                slots < n * f.min_experts,
+                "min_experts",
+                f"{moe.num_experts} experts x clients_per_expert={f.clients_per_expert} = {slots} "
+                f"slots cannot give each of {n} institutions min_experts={f.min_experts}",
+            ),
+            (
+                slots > n * cap,
+                "max_experts",
+                f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
+                f"(max_experts={f.max_experts}, num_experts={moe.num_experts})",
+            ),
+            (
+                config.data.max_blocks.validation is not None
+                and config.data.max_blocks.validation < f.affinity_blocks,
+                "affinity_blocks",
+                f"affinity_blocks={f.affinity_blocks} exceeds the "
+                f"{config.data.max_blocks.validation} validation blocks of [data.max_blocks] the "
+                "scores and keys are computed on",
+            ),
+        ]
+        return [(field, message) for failed, field, message in problems if failed]
+
+
+class DDOMESection(_MinCountSection):
     """[aggregation.ddome]: DDOME's parameters (see ``clients.strategies.ddome``). The experts'
     shape (number, top_k = experts each institution trains, rank, alpha, target modules) is
     ``[model.moe]``'s.
@@ -416,6 +504,23 @@ class DDOMESection(_Section):
     min_count: PositiveInt = 1
     anchors: Annotated[int, msgspec.Meta(ge=0)] = 0
     anchor_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
+
+    releases_routing: ClassVar[bool] = False
+    ckks_updates: ClassVar[bool] = False
+
+    def problems(self, config: FederationConfig) -> list[Problem]:
+        """Besides ``min_count``: institution i anchors expert i, so the anchors must exist."""
+        n, experts = len(config.institutions), config.model.moe.num_experts
+        found = super().problems(config)
+        if self.anchors > min(n, experts):
+            found.append(
+                (
+                    "anchors",
+                    f"anchors={self.anchors}: institution i anchors expert i, so at most "
+                    f"min({n} institutions, {experts} experts) = {min(n, experts)}",
+                )
+            )
+        return found
 
 
 class AggregationSection(_Section):
@@ -441,10 +546,16 @@ class AggregationSection(_Section):
     expert_updates: Protection = "mask"
     routing_statistics: Protection = "ckks"
     ckks: CkksSection = msgspec.field(default_factory=CkksSection)
+    fedavg: FedAvgSection = msgspec.field(default_factory=FedAvgSection)
     fedalign: FedAlignSection = msgspec.field(default_factory=FedAlignSection)
     fedmoe: FedMoESection = msgspec.field(default_factory=FedMoESection)
     fedamole: FedAMoLESection = msgspec.field(default_factory=FedAMoLESection)
     ddome: DDOMESection = msgspec.field(default_factory=DDOMESection)
+
+    @property
+    def section(self) -> StrategySection:
+        """The configured strategy's section."""
+        return getattr(self, self.strategy)
 
 
 class InstitutionEntry(_Section):
@@ -626,10 +737,10 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
 
 
 def _check_strategy(config: FederationConfig, path: str | Path) -> None:
-    """A per-expert strategy's minimum count must be reachable by the institutions; FedAMoLE's
-    assignment must be feasible; DDOME's anchors must exist."""
-    name = config.aggregation.strategy
-    if name in ("fedamole", "ddome") and config.aggregation.expert_updates == "ckks":
+    """The configured strategy's own rules between fields, and whether it can run with the
+    expert updates under CKKS."""
+    name, section = config.aggregation.strategy, config.aggregation.section
+    if not section.ckks_updates and config.aggregation.expert_updates == "ckks":
         raise ConfigFileError(
             path,
             f"expert_updates = 'ckks' does not work with strategy = {name!r}: its coordinator "
@@ -637,77 +748,8 @@ def _check_strategy(config: FederationConfig, path: str | Path) -> None:
             "'mask'",
             "$.aggregation.expert_updates",
         )
-    if name == "fedamole":
-        _check_fedamole(config, path)
-    if name not in ("fedalign", "fedmoe", "ddome"):
-        return
-    section = getattr(config.aggregation, name)
-    n = len(config.institutions)
-    if section.min_count > n:
-        raise ConfigFileError(
-            path,
-            f"min_count={section.min_count} exceeds the {n} institutions: no expert could ever "
-            f"be updated; choose min_count <= {n}",
-            f"$.aggregation.{name}.min_count",
-        )
-    if name == "ddome":
-        anchors, experts = config.aggregation.ddome.anchors, config.model.moe.num_experts
-        if anchors > min(n, experts):
-            raise ConfigFileError(
-                path,
-                f"anchors={anchors}: institution i anchors expert i, so at most "
-                f"min({n} institutions, {experts} experts) = {min(n, experts)}",
-                "$.aggregation.ddome.anchors",
-            )
-
-
-def _check_fedamole(config: FederationConfig, path: str | Path) -> None:
-    """Every expert to exactly clients_per_expert institutions, each holding min..max experts
-    and at least top_k of them (else it could not route)."""
-    f, moe, n = config.aggregation.fedamole, config.model.moe, len(config.institutions)
-    slots, cap = moe.num_experts * f.clients_per_expert, min(f.max_experts, moe.num_experts)
-    problems = [
-        (
-            f.clients_per_expert > n,
-            "clients_per_expert",
-            f"clients_per_expert={f.clients_per_expert} exceeds the {n} institutions",
-        ),
-        (
-            f.min_experts < moe.top_k,
-            "min_experts",
-            f"min_experts={f.min_experts} is below [model.moe] top_k={moe.top_k}: an "
-            "institution could not route",
-        ),
-        (
-            f.min_experts > cap,
-            "min_experts",
-            f"min_experts={f.min_experts} exceeds max_experts={f.max_experts} or the "
-            f"{moe.num_experts} experts",
-        ),
-        (
-            slots < n * f.min_experts,
-            "min_experts",
-            f"{moe.num_experts} experts x clients_per_expert={f.clients_per_expert} = {slots} "
-            f"slots cannot give each of {n} institutions min_experts={f.min_experts}",
-        ),
-        (
-            slots > n * cap,
-            "max_experts",
-            f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
-            f"(max_experts={f.max_experts}, num_experts={moe.num_experts})",
-        ),
-        (
-            config.data.max_blocks.validation is not None
-            and config.data.max_blocks.validation < f.affinity_blocks,
-            "affinity_blocks",
-            f"affinity_blocks={f.affinity_blocks} exceeds the "
-            f"{config.data.max_blocks.validation} validation blocks of [data.max_blocks] the "
-            "scores and keys are computed on",
-        ),
-    ]
-    for failed, field, message in problems:
-        if failed:
-            raise ConfigFileError(path, message, f"$.aggregation.fedamole.{field}")
+    for field, message in section.problems(config):
+        raise ConfigFileError(path, message, f"$.aggregation.{name}.{field}")
 
 
 def _check_secagg(config: FederationConfig, path: str | Path) -> None:

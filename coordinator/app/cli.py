@@ -159,9 +159,9 @@ def summary_table(config: FederationConfig) -> Table:
             "aggregation",
             f"{config.aggregation.strategy}; expert updates: {config.aggregation.expert_updates}; "
             + (
-                "no routing statistics (own adapters)"
-                if config.aggregation.strategy in ("fedamole", "ddome")
-                else f"routing statistics: {config.aggregation.routing_statistics}"
+                f"routing statistics: {config.aggregation.routing_statistics}"
+                if config.aggregation.section.releases_routing
+                else "no routing statistics (own adapters)"
             ),
         ),
     ]
