@@ -68,8 +68,7 @@ from clients.strategies.base import (
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
-from clients.training.dp_local import train_steps
-from clients.training.trainer import Metrics, select_device
+from clients.training.trainer import Metrics, select_device, train_steps
 from privacy import DPConfig, DPTrainingFacts, Release
 
 

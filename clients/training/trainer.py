@@ -1,6 +1,8 @@
 """Local training of the MoE-LoRA adapters of one institution, private (DP-SGD) or not.
 
-:func:`train_local` runs a fixed number of steps on token blocks and returns what a round needs:
+:func:`train_steps` is the one (DP-)SGD loop every strategy trains with, on any trainable module
+and per-sample loss (FedAMoLE's experts, DDOME's gate and experts). :func:`train_local` is its
+MoE-LoRA front end: a fixed number of steps on token blocks, returning what a round needs:
 the adapter delta, the routing statistics of the training forwards, training metrics and the
 :class:`~privacy.DPTrainingFacts` of what was released. :func:`evaluate` scores a split.
 
@@ -120,6 +122,85 @@ def _progress(description: str, total: int, enabled: bool | None) -> Iterator:
         yield lambda info: progress.update(task, advance=1, info=info)
 
 
+BatchLoss = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+"""``loss(batch) -> [B]``: each sample's loss, depending on that sample only (the batch is
+already on the training device)."""
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """What a local run released (``facts``, None without DP) and its mean per-sample loss."""
+
+    facts: DPTrainingFacts | None
+    steps: int
+    mean_loss: float
+
+
+def train_steps(
+    model: nn.Module,
+    data: TensorDataset,
+    loss: BatchLoss,
+    *,
+    dp: DPConfig | None,
+    steps: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    progress: bool | None = False,
+    after_step: Callable[[], None] | None = None,
+) -> LocalRun:
+    """The one local (DP-)SGD loop: ``steps`` Adam steps on the model's trainable parameters.
+
+    With ``dp``: DP-SGD through :func:`privacy.make_private` (Poisson sampling at rate
+    ``batch_size / len(data)``, per-sample clipping over every trainable parameter, Gaussian
+    noise at ``dp.noise_multiplier``, calibrated by the caller for all rounds); an empty
+    Poisson batch still takes the noise-only step the accounting assumes. Without: shuffled
+    mini-batches of ``batch_size``. Opacus is removed from the model afterwards, so it can be
+    trained again next round. ``after_step`` runs after every step (e.g. to put held entries
+    back). ``progress=None`` shows a transient bar only on a terminal; ``False`` never.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainerError("the model has no trainable parameters")
+    dev = select_device(device)
+    model.to(dev)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    was_training = model.training
+    model.train()
+    total, count = 0.0, 0
+    training = make_private(model, optimizer, loader, dp, seed=seed)
+    try:
+        batches = training.batches()
+        with _progress("local training", steps, progress) as advance:
+            for _ in range(steps):
+                batch = tuple(t.to(dev) for t in next(batches))
+                if batch[0].shape[0] == 0:
+                    training.step(None)
+                else:
+                    per_sample = loss(batch)
+                    training.step(per_sample)
+                    total += float(per_sample.detach().sum())
+                    count += batch[0].shape[0]
+                if after_step is not None:
+                    after_step()
+                advance(f"loss {total / count:.3f}" if count else "empty batch")
+        facts = training.facts()
+    finally:
+        training.close()
+        model.train(was_training)
+    mean_loss = total / count if count else math.nan
+    return LocalRun(facts=facts, steps=training.steps, mean_loss=mean_loss)
+
+
 def train_local(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -134,26 +215,15 @@ def train_local(
     extra_loss: ExtraLoss | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalTrainingResult:
-    """Train the adapters for ``steps`` steps (Adam) on ``blocks`` [N, T] and report.
+    """Train the MoE-LoRA adapters on ``blocks`` [N, T] with :func:`train_steps` and report.
 
-    With ``dp``: DP-SGD, Poisson sampling at rate ``batch_size / N``, noise multiplier
-    ``dp.noise_multiplier`` (calibrated by the caller for all rounds). With ``dp=None``:
-    shuffled mini-batches of ``batch_size``, same interface. The model is moved to ``device``
-    (default: CUDA if available), its routing counters are reset, and Opacus is removed from
-    it afterwards so it can be trained again next round. ``progress=None`` shows a transient
-    bar only on a terminal; ``False`` never.
-
-    ``extra_loss`` is added to every block's loss (see :data:`ExtraLoss`). ``frozen`` maps adapter
-    names to bool masks of their shape: True entries are put back to their starting values after
-    every step, so neither gradients nor DP noise move them and their delta is exactly zero.
+    Each block's loss is the model's (next-token CE plus the load-balance term) plus
+    ``extra_loss`` (see :data:`ExtraLoss`). ``frozen`` maps adapter names to bool masks of their
+    shape: True entries are put back to their starting values after every step, so neither
+    gradients nor DP noise move them and their delta is exactly zero. The routing counters are
+    reset first, so the result's routing statistics are those of the training forwards.
     """
     _check_blocks(blocks, "blocks")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
     config = get_config(model)
     adapters = dict(adapter_parameters(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -162,53 +232,36 @@ def train_local(
             "only adapter parameters may be trainable; also trainable: "
             f"{sorted(trainable - set(adapters))[:5]}"
         )
-
-    dev = select_device(device)
-    model.to(dev)
+    model.to(select_device(device))
     before = adapter_state(model)
     held = _held_entries(frozen, before)
     reset_routing_statistics(model)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    loader = DataLoader(
-        TensorDataset(blocks), batch_size=batch_size, shuffle=True, generator=generator
-    )
-    optimizer = torch.optim.Adam(list(adapters.values()), lr=lr)
-    was_training = model.training
-    model.train()
     ce_sum, correct, tokens = 0.0, 0, 0
-    training = make_private(model, optimizer, loader, dp, seed=seed)
-    try:
-        batches = training.batches()
-        with _progress("local training", steps, progress) as advance:
-            for _ in range(steps):
-                (ids,) = next(batches)
-                if ids.shape[0] == 0:
-                    training.step(None)
-                    _restore(adapters, held)
-                    advance("empty batch")
-                    continue
-                ids = ids.to(dev)
-                loss, ce, hits = _forward(model, ids, config.load_balance_coef)
-                if extra_loss is not None:
-                    loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
-                training.step(loss)
-                _restore(adapters, held)
-                ce_sum += float(ce.sum())
-                correct += int(hits.sum())
-                tokens += ids.shape[0] * (ids.shape[1] - 1)
-                advance(f"loss {ce_sum / max(tokens, 1):.3f}")
-        facts = training.facts()
-    finally:
-        training.close()
-        model.train(was_training)
+
+    def block_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        nonlocal ce_sum, correct, tokens
+        (ids,) = batch
+        loss, ce, hits = _forward(model, ids, config.load_balance_coef)
+        if extra_loss is not None:
+            loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
+        ce_sum += float(ce.sum())
+        correct += int(hits.sum())
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        return loss
+
+    run = train_steps(
+        model, TensorDataset(blocks), block_loss, dp=dp, steps=steps, batch_size=batch_size,
+        lr=lr, device=device, seed=seed, progress=progress,
+        after_step=lambda: _restore(adapters, held),
+    )  # fmt: skip
     after = adapter_state(model)
     delta = {name: (after[name] - before[name]).cpu() for name in before}
     return LocalTrainingResult(
         delta=delta,
         routing=routing_statistics(model),
         metrics=_metrics(ce_sum, correct, tokens),
-        facts=facts,
-        steps=training.steps,
+        facts=run.facts,
+        steps=run.steps,
     )
 
 
