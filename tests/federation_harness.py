@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import numpy as np
+
 from clients.contract.config import FederationConfig
 from clients.runtime.institution import Institution
 from coordinator.app.wiring import make_institution
@@ -37,3 +39,26 @@ def run_in_threads(
         for t in threads:
             t.join(timeout=30)
     return outcomes, institutions
+
+
+Recorded = dict[tuple[int, str], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+"""(round, institution) -> (the broadcast extras it received, the values it submitted)."""
+
+
+def record_submissions(monkeypatch, cls: type) -> Recorded:
+    """(round, institution) -> (the broadcast extras it received, the values it submitted)."""
+    recorded: Recorded = {}
+    original = cls.submit
+
+    def submit(self, state, result, num_examples):
+        submission = original(self, state, result, num_examples)
+        name = threading.current_thread().name
+        r = 1 + sum(1 for (_, n) in recorded if n == name)
+        recorded[(r, name)] = (
+            {k: v.copy() for k, v in state.extras.items()},
+            {k: np.array(v, copy=True) for k, v in submission.values.items()},
+        )
+        return submission
+
+    monkeypatch.setattr(cls, "submit", submit)
+    return recorded

@@ -37,7 +37,7 @@ from secagg.ckks import (
     CkksKeyHolder,
     EncryptedBatch,
 )
-from tests.federation_harness import run_in_threads
+from tests.federation_harness import record_submissions, run_in_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]
@@ -82,20 +82,7 @@ def journal(run_dir: Path) -> list[dict]:
 
 def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeypatch):
     config = load_config(write_config(tmp_path))
-    submitted: dict[tuple[int, str], tuple[float, dict[str, np.ndarray]]] = {}
-    original_submit = FedAvgClient.submit
-
-    def recording_submit(self, state, result, num_examples):
-        submission = original_submit(self, state, result, num_examples)
-        name = threading.current_thread().name
-        rounds = 1 + sum(1 for (_, n) in submitted if n == name)
-        submitted[(rounds, name)] = (
-            submission.values[WEIGHT][0],
-            {k: v.copy() for k, v in submission.values.items()},
-        )
-        return submission
-
-    monkeypatch.setattr(FedAvgClient, "submit", recording_submit)
+    submitted = record_submissions(monkeypatch, FedAvgClient)
     outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
@@ -109,7 +96,7 @@ def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeyp
     for outcome in outcomes:
         r = outcome.federation_round
         assert sorted(outcome.included) == sorted(NAMES)
-        weights = np.array([submitted[(r, n)][0] for n in outcome.included])
+        weights = np.array([submitted[(r, n)][1][WEIGHT][0] for n in outcome.included])
         total = weights.sum()
         checkpoint = load_file(config.run_dir / "checkpoints" / f"round-{r:04d}.safetensors")
         for name, before in previous.items():
@@ -135,17 +122,7 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
     """
     config = load_config(write_config(tmp_path, expert_updates="ckks"))
     assert fedavg_config(config).delta_channel == "ckks"
-    submitted: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    original_submit = FedAvgClient.submit
-
-    def recording_submit(self, state, result, num_examples):
-        submission = original_submit(self, state, result, num_examples)
-        name = threading.current_thread().name
-        rounds = 1 + sum(1 for (_, n) in submitted if n == name)
-        submitted[(rounds, name)] = {k: v.copy() for k, v in submission.values.items()}
-        return submission
-
-    monkeypatch.setattr(FedAvgClient, "submit", recording_submit)
+    submitted = record_submissions(monkeypatch, FedAvgClient)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
 
@@ -167,9 +144,9 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
             (checkpoints / f"round-{r:04d}.ckks").read_bytes(), type=EncryptedBatch
         )
         decrypted = dict(zip(names, key.decrypt(state), strict=True))
-        total = sum(submitted[(r, n)][WEIGHT][0] for n in outcome.included)
+        total = sum(submitted[(r, n)][1][WEIGHT][0] for n in outcome.included)
         for name in names:
-            weighted = sum(submitted[(r, n)][DELTA_PREFIX + name] for n in outcome.included)
+            weighted = sum(submitted[(r, n)][1][DELTA_PREFIX + name] for n in outcome.included)
             update = weighted.reshape(previous[name].shape) / total
             # Masked weight: off by < m*q; CKKS: the packed sum and the scaling.
             factor = bound / (total - m * q_mask)

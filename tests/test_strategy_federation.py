@@ -50,10 +50,8 @@ from secagg.ckks import (
     EncryptedBatch,
 )
 from secagg.messages import AdvertiseKeys
-from tests.federation_harness import run_in_threads
+from tests.federation_harness import Recorded, record_submissions, run_in_threads
 from tests.test_federation import NAMES, write_config
-
-Recorded = dict[tuple[int, str], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
 def strategy_config(
@@ -68,25 +66,6 @@ def strategy_config(
     text = re.sub(r"(?m)^rounds = \d+$", f"rounds = {rounds}", text)
     path.write_text(text)
     return load_config(path)
-
-
-def record_submissions(monkeypatch, cls: type) -> Recorded:
-    """(round, institution) -> (the broadcast extras it received, the values it submitted)."""
-    recorded: Recorded = {}
-    original = cls.submit
-
-    def submit(self, state, result, num_examples):
-        submission = original(self, state, result, num_examples)
-        name = threading.current_thread().name
-        r = 1 + sum(1 for (_, n) in recorded if n == name)
-        recorded[(r, name)] = (
-            {k: v.copy() for k, v in state.extras.items()},
-            {k: np.array(v, copy=True) for k, v in submission.values.items()},
-        )
-        return submission
-
-    monkeypatch.setattr(cls, "submit", submit)
-    return recorded
 
 
 def checkpoint(config: FederationConfig, r: int) -> tuple[dict[str, torch.Tensor], dict]:
