@@ -54,7 +54,7 @@ from clients.contract.messages import (
     round_id,
 )
 from clients.strategies.registry import initial_state
-from coordinator.app.wiring import audit_facts
+from coordinator.facts import audit_facts
 from coordinator.store import RoutingRelay, RunStore
 from coordinator.strategies.base import EncryptedUpdates, Initialises, SelectionStage
 from coordinator.strategies.registry import coordinator_strategy

@@ -22,7 +22,7 @@ from audit.report import REQUIRED_FIELDS
 from clients.contract.config import load_config
 from clients.contract.keys import generate_keys, load_institution_keys
 from coordinator.app.cli import main
-from coordinator.app.wiring import audit_facts
+from coordinator.facts import audit_facts
 from coordinator.store import RunStore
 from privacy import ROUTING_STATISTICS, DPTrainingFacts, Release
 
