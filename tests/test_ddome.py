@@ -34,7 +34,7 @@ from clients.strategies.ddome import (
     zero_shot_loss,
 )
 from coordinator.strategies.base import aggregate_locally
-from coordinator.strategies.ddome import DDOMECoordinator, DDOMEInstitution, run_round
+from coordinator.strategies.ddome import DDOMEStrategy, next_state
 from privacy import DPConfig, assert_per_sample_gradients, dp_sgd_event
 from secagg import FixedPointCodec
 
@@ -59,14 +59,6 @@ def exercised(m: torch.nn.Module) -> torch.nn.Module:
         for _, p in ddome_parameters(m):
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     return m
-
-
-class Ledger:
-    def __init__(self) -> None:
-        self.entries: list = []
-
-    def __call__(self, event, what: str) -> None:
-        self.entries.append((event, what))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -119,14 +111,13 @@ def test_choice_is_the_gates_top_k_and_anchor_comes_first():
 class Federation:
     def __init__(self, n: int, **kwargs) -> None:
         self.config = DDOMEConfig(ADAPTER, max_examples=32, **kwargs)
-        self.coordinator = DDOMECoordinator(self.config)
         # Half anchors (the paper's stabiliser): clients 2 and 3 are tied to experts 2 and 3.
         anchors = [None, None, 2, 3][:n]
         self.clients = [DDOMEClient(self.config, model(), anchor=a) for a in anchors]
         self.blocks = [ids(12, seed=30 + i) for i in range(n)]
         self.emb = [common_embedding(c.model, b) for c, b in zip(self.clients, self.blocks)]
         self.examples = [12, 40, 7, 25][:n]
-        self.state = self.coordinator.initial_state(ddome_state(self.clients[0].model))
+        self.state = DDOMEState(ddome_state(self.clients[0].model), np.zeros(4))
 
     def round(self, state, dropouts=None):
         updates = [
@@ -139,7 +130,7 @@ class Federation:
             c.submit(state, u, self.examples[i])
             for i, (c, u) in enumerate(zip(self.clients, updates))
         ]
-        layout = self.coordinator.layout(state)
+        layout = self.config.layout(state)
         agg = aggregate_locally(
             layout,
             [layout.pack(s.values) for s in subs],
@@ -176,7 +167,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts, min_count):
     updates, _, agg = fed.round(state, dropouts)
     included = [i for i in range(4) if i not in dropouts]
     assert agg.included == included
-    new = fed.coordinator.aggregate(state, agg.sums)
+    new = next_state(fed.config, state, agg.sums)
     want, w = plaintext(fed, state, updates, included)
     q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=4).max_error_per_client
     n = len(included)
@@ -204,7 +195,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts, min_count):
 def test_every_submission_is_the_full_vector_with_zeros_for_untrained_experts():
     fed = Federation(3)
     updates, subs, _ = fed.round(fed.state)
-    layout = fed.coordinator.layout(fed.state)
+    layout = DDOMEStrategy(fed.config).layout(fed.state.to_global())  # the server half's
     for update, sub in zip(updates, subs):
         assert set(sub.values) == {s.name for s in layout.segments}
         assert len(update.chosen) == 2 and len(set(update.chosen)) == 2
@@ -222,38 +213,27 @@ def test_every_submission_is_the_full_vector_with_zeros_for_untrained_experts():
 
 def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds():
     fed = Federation(3)
-    ledgers = [Ledger() for _ in fed.clients]
-    institutions = [
-        DDOMEInstitution(c, fed.blocks[i], fed.emb[i], ledgers[i])
-        for i, c in enumerate(fed.clients)
-    ]
-    state = fed.state
+    server = DDOMEStrategy(fed.config)
+    state = server.initial_state(fed.state.to_global())
     for r, dropouts in enumerate([{}, {1: "masked_input"}]):
-        done = run_round(
-            fed.coordinator,
-            institutions,
-            state,
-            dp=DP,
-            steps=2,
-            batch_size=4,
-            lr=1e-2,
-            threshold=2,
-            bits=BITS,
+        local = DDOMEState.from_global(state, 4, r)
+        updates = [
+            c.train(local, fed.blocks[i], fed.emb[i], dp=DP, steps=2, batch_size=4, lr=1e-2,
+                    seed=r + i)
+            for i, c in enumerate(fed.clients)
+        ]  # fmt: skip
+        # the DP-SGD update is each client's only release (the submission charges nothing)
+        assert all(u.facts.dp_event() == dp_sgd_event(0.8, 4 / 12, 2) for u in updates)
+        subs = [c.submit(local, u, 12) for c, u in zip(fed.clients, updates)]
+        layout = server.layout(state)
+        agg = aggregate_locally(
+            layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS,
             dropouts=dropouts,
-            seed=r,
-        )
-        assert done.included == [i for i in range(3) if i not in dropouts]
-        assert done.state.round == r + 1
-        assert not torch.equal(
-            done.state.adapters[f"{GATE}.0.weight"], state.adapters[f"{GATE}.0.weight"]
-        )
-        state = done.state
-    for ledger in ledgers:  # run_round charged each round's DP-SGD update, nothing else
-        assert [what for _, what in ledger.entries] == [
-            f"ddome gate and expert updates (DP-SGD), round {r}" for r in (0, 1)
-        ]
-        assert all(event == dp_sgd_event(0.8, 4 / 12, 2) for event, _ in ledger.entries)
-
+        )  # fmt: skip
+        assert agg.included == [i for i in range(3) if i not in dropouts]
+        new = server.aggregate(state, agg.sums)
+        assert not torch.equal(new.adapters[f"{GATE}.0.weight"], state.adapters[f"{GATE}.0.weight"])
+        state = new
     unseen = model()  # a new institution: never trained, downloads the state, has no labels
     load_ddome_state(unseen, state.adapters)
     blocks = ids(6, seed=99)

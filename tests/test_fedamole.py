@@ -44,10 +44,11 @@ from clients.strategies.fedamole import (
 from clients.training.release import gaussian_release, noise_generator
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.fedamole import (
-    FedAMoLECoordinator,
-    FedAMoLEInstitution,
+    FedAMoLEStrategy,
+    assign,
     client_affinity,
-    run_round,
+    next_state,
+    public_state,
     solve_assignment,
 )
 from privacy import DPConfig, assert_per_sample_gradients
@@ -177,9 +178,9 @@ def test_infeasible_settings_are_refused_naming_the_knob(kwargs, knob):
 def test_round_zero_assignment_is_a_public_reproducible_draw():
     m = model()
     modules = tuple(n for n, _ in amole_layers(m))
-    first = FedAMoLECoordinator(config()).initial_state(amole_state(m), modules)
-    again = FedAMoLECoordinator(config()).initial_state(amole_state(m), modules)
-    other = FedAMoLECoordinator(config(public_seed=1)).initial_state(amole_state(m), modules)
+    first = public_state(config(), amole_state(m), modules)
+    again = public_state(config(), amole_state(m), modules)
+    other = public_state(config(public_seed=1), amole_state(m), modules)
     np.testing.assert_array_equal(first.assignment, again.assignment)
     assert not np.array_equal(first.assignment, other.assignment)
     assert first.assignment.shape == (len(modules), 4, 4)
@@ -215,19 +216,18 @@ def test_refused_charge_releases_nothing():
 
 
 class Federation:
-    """``n`` clients with their own model copies and data, and the coordinator."""
+    """``n`` clients with their own model copies and data, and the public round-0 state."""
 
     def __init__(self, n: int, **kwargs) -> None:
         self.config = config(n, **kwargs)
-        self.coordinator = FedAMoLECoordinator(self.config)
         self.clients = [FedAMoLEClient(self.config, i, model()) for i in range(n)]
         self.train = [ids(12, seed=10 + i) for i in range(n)]
         self.aux = [ids(8, seed=20 + i) for i in range(n)]
         self.examples = [12, 40, 7, 25][:n]
         self.ledgers = [Ledger() for _ in range(n)]
         m = self.clients[0].model
-        self.state = self.coordinator.initial_state(
-            amole_state(m), tuple(name for name, _ in amole_layers(m))
+        self.state = public_state(
+            self.config, amole_state(m), tuple(name for name, _ in amole_layers(m))
         )
 
     def local(self, state: FedAMoLEState) -> list[FedAMoLEUpdate]:
@@ -274,14 +274,14 @@ def test_round_through_secure_sums_equals_plaintext(dropouts):
         c.submit(state, u, fed.examples[i], fed.ledgers[i], generator=noise_generator(i))
         for i, (c, u) in enumerate(zip(fed.clients, updates))
     ]
-    layout = fed.coordinator.layout(state)
+    layout = FedAMoLEStrategy(fed.config).layout(state.to_global())  # the server half's
     assert layout == fed.clients[0].layout(state)
     agg = aggregate_locally(
         layout, [layout.pack(s.values) for s in subs], threshold=3, bits=BITS, dropouts=dropouts
     )
     included = [i for i in range(4) if i not in dropouts]
     assert agg.included == included
-    new = fed.coordinator.aggregate(state, agg.sums)
+    new = next_state(fed.config, state, agg.sums)
     want, want_keys, w = plaintext_round(fed, state, updates, subs, included)
 
     q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=4).max_error_per_client
@@ -327,11 +327,11 @@ def test_two_rounds_every_released_score_and_key_is_charged():
             c.submit(state, u, fed.examples[i], fed.ledgers[i])
             for i, (c, u) in enumerate(zip(fed.clients, updates))
         ]
-        layout = fed.coordinator.layout(state)
+        layout = fed.config.layout(state)
         agg = aggregate_locally(
             layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS
         )
-        state = fed.coordinator.aggregate(state, agg.sums)
+        state = next_state(fed.config, state, agg.sums)
         released = {}
         for i, c in enumerate(fed.clients):
             before = len(fed.ledgers[i].entries)
@@ -341,7 +341,7 @@ def test_two_rounds_every_released_score_and_key_is_charged():
             assert event == dp_accounting.GaussianDpEvent(fed.config.score_noise_multiplier)
             assert "affinity scores" in what
             assert released[i].shape == state.key_counts.shape
-        state = fed.coordinator.assign(state, released)
+        state = assign(fed.config, state, released)
         a = state.assignment
         assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
 
@@ -360,9 +360,9 @@ def test_scores_without_budget_are_not_released():
         c.submit(state, u, fed.examples[i], Ledger())
         for i, (c, u) in enumerate(zip(fed.clients, updates))
     ]
-    layout = fed.coordinator.layout(state)
+    layout = fed.config.layout(state)
     agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS)
-    state = fed.coordinator.aggregate(state, agg.sums)
+    state = next_state(fed.config, state, agg.sums)
     with pytest.raises(RuntimeError, match="budget"):
         fed.clients[0].affinity_scores(state, fed.aux[0], Ledger(0))
 
@@ -387,53 +387,57 @@ def test_scores_follow_the_embedding():
     assert np.all(scores.argmax(1) == 2) and np.all(scores.argmin(1) == 0)
 
 
-class SpyCoordinator(FedAMoLECoordinator):
-    """Records every score matrix that reached the coordinator, per client."""
+@dataclasses.dataclass(frozen=True)
+class SpyStrategy(FedAMoLEStrategy):
+    """The server half, recording every score matrix that reached it, per client."""
 
-    def __init__(self, config: FedAMoLEConfig) -> None:
-        super().__init__(config)
-        self.received: dict[int, int] = {}
+    received: dict[int, int] = dataclasses.field(default_factory=dict)
 
-    def assign(self, state, scores):
+    def select(self, state, scores):
         for i in scores:
             self.received[i] = self.received.get(i, 0) + 1
-        return super().assign(state, scores)
+        return super().select(state, scores)
 
 
-def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator():
+def test_rounds_through_the_server_half_charge_every_score_that_reaches_it():
+    """Client halves and the server half over the wire forms, with a dropout in round 2."""
     fed = Federation(3)
-    coordinator = SpyCoordinator(fed.config)
-    institutions = [
-        FedAMoLEInstitution(c, fed.train[i], fed.aux[i], fed.ledgers[i])
-        for i, c in enumerate(fed.clients)
-    ]
-    state = fed.state
+    server = SpyStrategy(fed.config)
+    state = server.initial_state(fed.state.to_global())
     trained: dict[int, list] = {i: [] for i in range(3)}
     for r, dropouts in enumerate([{}, {}, {2: "masked_input"}]):
-        done = run_round(
-            coordinator,
-            institutions,
-            state,
-            dp=DP,
-            steps=2,
-            batch_size=4,
-            lr=1e-2,
-            threshold=2,
-            bits=BITS,
+        if server.wants_scores(state):
+            local = state_from_global(fed.config, state, r)
+            scores = {
+                i: c.affinity_scores(local, fed.aux[i], fed.ledgers[i])
+                for i, c in enumerate(fed.clients)
+            }
+            wire = {i: np.ascontiguousarray(s, dtype="<f8").tobytes() for i, s in scores.items()}
+            state = server.select(
+                state, {i: server.decode_scores(state, b) for i, b in wire.items()}
+            )
+        local = state_from_global(fed.config, state, r)
+        subs = []
+        for i, c in enumerate(fed.clients):
+            u = c.train(
+                local, fed.train[i], fed.aux[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=r + i
+            )
+            trained[i].append(u.facts.dp_event())
+            fed.ledgers[i](u.facts.dp_event(), f"fedamole expert updates (DP-SGD), round {r}")
+            subs.append(c.submit(local, u, int(fed.train[i].shape[0]), fed.ledgers[i]))
+        layout = server.layout(state)
+        agg = aggregate_locally(
+            layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS,
             dropouts=dropouts,
-            seed=r,
-        )
-        assert done.state.round == r + 1
-        assert done.included == [i for i in range(3) if i not in dropouts]
-        for i in trained:
-            trained[i].append(done.updates[i].facts.dp_event())
-        a = done.state.assignment
+        )  # fmt: skip
+        assert agg.included == [i for i in range(3) if i not in dropouts]
+        state = server.aggregate(state, agg.sums)
+        a = state_from_global(fed.config, state).assignment
         assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
-        state = done.state
-    assert coordinator.received == {0: 2, 1: 2, 2: 2}  # rounds 1 and 2 used scores
+    assert server.received == {0: 2, 1: 2, 2: 2}  # rounds 1 and 2 used scores
     for i, ledger in enumerate(fed.ledgers):
         scores = [e for e, what in ledger.entries if "affinity scores" in what]
-        assert len(scores) == coordinator.received[i]
+        assert len(scores) == server.received[i]
         assert all(e == dp_accounting.GaussianDpEvent(1.0) for e in scores)
         # every round's DP-SGD update and keys were charged, also where the sum dropped it
         assert [e for e, what in ledger.entries if "DP-SGD" in what] == trained[i]
@@ -445,8 +449,7 @@ def test_run_round_entry_point_charges_every_score_that_reaches_the_coordinator(
 
 def test_the_broadcast_form_round_trips_and_refuses_malformed_extras():
     m = model()
-    coordinator = FedAMoLECoordinator(config(num_clients=3))
-    state = coordinator.initial_state(amole_state(m), [n for n, _ in amole_layers(m)])
+    state = public_state(config(num_clients=3), amole_state(m), [n for n, _ in amole_layers(m)])
     keyed = dataclasses.replace(
         state, keys=np.random.default_rng(0).normal(size=state.keys.shape),
         key_counts=np.full(state.key_counts.shape, 2.0),

@@ -43,7 +43,7 @@ from clients.strategies.fedamole import (
     state_from_global,
 )
 from coordinator.service import Coordinator
-from coordinator.strategies.fedamole import FedAMoLECoordinator, FedAMoLEStrategy
+from coordinator.strategies.fedamole import FedAMoLEStrategy, assign, public_state
 from coordinator.strategies.registry import coordinator_strategy
 from privacy import BudgetExceeded
 from secagg import FixedPointCodec
@@ -188,9 +188,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
     initial = Coordinator(config).initial_state()
     # round 1 has no keys: no scores, the public round-0 assignment
     assert {r for r, _ in computed} == {2, 3} and len(received) == 2
-    public = FedAMoLECoordinator(fed).initial_state(
-        initial.adapters, amole_modules(initial.adapters)
-    )
+    public = public_state(fed, initial.adapters, amole_modules(initial.adapters))
     np.testing.assert_array_equal(initial.extras[ASSIGNMENT], public.assignment)
     for federation_round, (before, scores_in, chosen) in enumerate(received, start=2):
         assert sorted(scores_in) == [0, 1, 2]
@@ -200,7 +198,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
         assert np.all(assignment.sum(-1) == fed.clients_per_expert)
         held = assignment.sum(1)
         assert np.all((fed.min_experts <= held) & (held <= fed.max_experts))
-        solved = FedAMoLECoordinator(fed).assign(state_from_global(fed, before), scores_in)
+        solved = assign(fed, state_from_global(fed, before), scores_in)
         np.testing.assert_array_equal(assignment, solved.assignment)
     # each institution received the assignment, as bytes of the public shape
     assert len(sent_assignments) == 2 * len(NAMES)

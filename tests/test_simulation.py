@@ -5,6 +5,7 @@ over exactly those charges within the budget, and a newly registered strategy pl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,19 +14,20 @@ import numpy as np
 import pytest
 import torch
 
+import coordinator.simulation
 from clients.contract.config import parse_config
 from clients.models.build import build_model, build_model_with
 from clients.models.ddome_lora import attach_ddome, ddome_state
 from clients.models.fedamole_lora import amole_state, attach_amole
 from clients.models.moe_lora import adapter_state
-from clients.strategies.ddome import ddome_config
-from clients.strategies.fedamole import fedamole_config
+from clients.strategies.ddome import EXPERT_COUNTS, ddome_config
+from clients.strategies.fedamole import KEY_COUNTS, fedamole_config
 from clients.strategies.fedavg import FedAvgClient, fedavg_config, moe_lora_half
 from clients.strategies.registry import CLIENT_HALVES
-from coordinator.simulation import HarnessLedger, simulate, strategy_names
+from coordinator.simulation import simulate, strategy_names
 from coordinator.strategies.fedavg import FedAvgCoordinator
 from coordinator.strategies.registry import COORDINATOR_STRATEGIES
-from privacy import BudgetExceeded
+from privacy import BudgetExceeded, Release
 from privacy import epsilon as composed_epsilon
 
 if sys.version_info >= (3, 11):
@@ -78,9 +80,13 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
     for name in names:
         kinds = whats(result, name)
         if strategy == "local":  # nothing leaves but the (DP) adapters
-            assert kinds == ["adapter update (DP-SGD)"] * rounds
+            assert kinds == [f"adapter-update, round {r}" for r in range(rounds)]
         else:  # every round's routing statistics were charged beside its update
-            assert kinds == ["adapter update (DP-SGD)", "routing statistics (Gaussian)"] * rounds
+            assert kinds == [
+                f"{what}, round {r}"
+                for r in range(rounds)
+                for what in ("adapter-update", "routing-statistics")
+            ]
         assert result.final[name].tokens == result.initial[name].tokens > 0
     spares = 0 if strategy == "local" else spare
     check_epsilon_composes_the_charges(
@@ -111,9 +117,9 @@ def test_fedamole_charges_its_scores_keys_and_updates_within_the_budget(config):
     for name in config.institution_names:
         kinds = whats(result, name)
         assert len(kinds) == 5  # round 0: update, keys; round 1: scores, update, keys
-        assert kinds[2].startswith("fedamole affinity scores, round 1")
-        assert sum("expert keys" in k for k in kinds) == 2
-        assert sum("DP-SGD" in k for k in kinds) == 2
+        assert kinds[2] == "affinity-scores, round 1"  # charged before anything else of round 1
+        assert sum("expert-keys" in k for k in kinds) == 2
+        assert sum("adapter-update" in k for k in kinds) == 2
     # planned: scores and keys in every round, and a spare round of everything
     score = events(result, config.institution_names[0])[2]
     check_epsilon_composes_the_charges(
@@ -122,13 +128,14 @@ def test_fedamole_charges_its_scores_keys_and_updates_within_the_budget(config):
     model, _ = build_model_with(config, lambda m: attach_amole(m, fedamole_config(config).adapter))
     start = amole_state(model)
     assert any(not torch.equal(result.state.adapters[n], start[n]) for n in start)
-    assert result.state.round == 2 and np.all(result.state.key_counts >= 1)
+    assert len(result.rounds) == 2 and all(r.applied for r in result.rounds)
+    assert np.all(result.state.extras[KEY_COUNTS] >= 1)
 
 
 def test_ddome_charges_every_update_within_the_budget_and_trains_experts(config):
     result = simulate(config, "ddome")
     for name in config.institution_names:
-        expected = [f"ddome gate and expert updates (DP-SGD), round {i}" for i in range(2)]
+        expected = [f"adapter-update, round {i}" for i in range(2)]
         assert whats(result, name) == expected
     check_epsilon_composes_the_charges(config, result, lambda name: events(result, name)[-1:])
     model, _ = build_model_with(config, lambda m: attach_ddome(m, ddome_config(config).adapter))
@@ -136,8 +143,9 @@ def test_ddome_charges_every_update_within_the_budget_and_trains_experts(config)
     moved = [n for n in start if not torch.equal(result.state.adapters[n], start[n])]
     assert any(n.startswith("ddome_gate") for n in moved) and any("experts_" in n for n in moved)
     # every institution trained top_k experts; the anchor (institution 0) its expert 0
-    assert result.state.expert_counts.sum() == 2 * len(config.institution_names)
-    assert result.state.expert_counts[0] >= 1
+    counts = result.state.extras[EXPERT_COUNTS]
+    assert counts.sum() == 2 * len(config.institution_names)
+    assert counts[0] >= 1
 
 
 @pytest.mark.parametrize("strategy", ["fedamole", "ddome"])
@@ -148,10 +156,44 @@ def test_without_dp_nothing_is_charged(config, strategy):
     assert all(r.applied for r in result.rounds)
 
 
-def test_the_harness_ledger_refuses_a_release_beyond_the_budget():
-    ledger = HarnessLedger(budget_epsilon=1.0, delta=1e-5, accountant="rdp")
-    ledger(dp_accounting.GaussianDpEvent(50.0), "small")
+class Overspending:
+    """A learner whose round also makes a release it never planned, far beyond any budget."""
+
+    def __init__(self, learner) -> None:
+        self._learner = learner
+
+    def __getattr__(self, name):
+        return getattr(self._learner, name)
+
+    def train(self, *args, **kwargs):
+        local = self._learner.train(*args, **kwargs)
+        extra = dataclasses.replace(local.releases[-1], event=dp_accounting.GaussianDpEvent(0.01))
+        return dataclasses.replace(local, releases=[*local.releases, extra])
+
+
+def test_a_release_beyond_the_budget_is_refused_before_it_is_used(config, monkeypatch):
+    half = CLIENT_HALVES["fedavg"]
+    overspending = dataclasses.replace(half, learner=lambda c, n: Overspending(half.learner(c, n)))
+    used = []
+    aggregate = coordinator.simulation.aggregate_locally
+    monkeypatch.setattr(
+        coordinator.simulation,
+        "aggregate_locally",
+        lambda *a, **k: used.append(1) or aggregate(*a, **k),
+    )
     with pytest.raises(BudgetExceeded):
-        ledger(dp_accounting.GaussianDpEvent(1.0), "too much")
-    assert [what for what, _ in ledger.charged] == ["small"]
-    assert 0 < ledger.epsilon() < 1.0
+        simulate(config, "fedavg", client_half=overspending)
+    assert not used  # the refused round's submissions never reached the secure sum
+
+
+def test_a_refused_charge_records_nothing(config):
+    federation = coordinator.simulation.Federation(config, "local", private=True)
+    name = config.institution_names[0]
+    small, too_much = (
+        Release(0, 0, "routing-statistics", dp_accounting.GaussianDpEvent(s)) for s in (50.0, 0.01)
+    )
+    federation.charge(name, [small])
+    with pytest.raises(BudgetExceeded):
+        federation.charge(name, [too_much])
+    assert federation.charged[name] == [("routing-statistics, round 0", small.event)]
+    assert 0 < federation.budgets[name].spent() < config.budget(name).target_epsilon

@@ -243,7 +243,7 @@ class FedAMoLEState:
     ``keys[m, e]``: mean key of expert e of module m over the clients that held it when it was
     last held (``key_counts[m, e]`` of them; 0 means no key yet). ``assignment[m, e, c]``: client c
     holds expert e of module m this round (after
-    :meth:`coordinator.strategies.fedamole.FedAMoLECoordinator .assign`) or held it last round
+    :func:`coordinator.strategies.fedamole.assign`) or held it last round
     (after ``aggregate``). The assignment is DP post-processing of noised scores (or a public
     draw), so every client may see all of it.
     """

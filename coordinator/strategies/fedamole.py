@@ -31,19 +31,14 @@ from clients.strategies.experts import EXPERT_WEIGHT
 from clients.strategies.fedamole import (
     KEY_COUNT,
     KEY_SUM,
-    FedAMoLEClient,
     FedAMoLEConfig,
     FedAMoLEState,
-    FedAMoLEUpdate,
     amole_modules,
     check_assignment_feasible,
     decode_scores,
     encode_assignment,
     state_from_global,
 )
-from clients.training.release import Charge
-from coordinator.strategies.base import aggregate_locally
-from privacy import DPConfig
 
 
 def solve_assignment(
@@ -84,10 +79,97 @@ def client_affinity(scores: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def _solve(config: FedAMoLEConfig, affinity: np.ndarray) -> np.ndarray:
+    c = config
+    return solve_assignment(affinity, c.clients_per_expert, c.min_experts, c.max_experts)
+
+
+def public_state(
+    config: FedAMoLEConfig, adapters: Mapping[str, torch.Tensor], modules: Sequence[str]
+) -> FedAMoLEState:
+    """Round 0: the given adapters, no keys, and the public random assignment.
+
+    The assignment is the exact solution for affinities drawn uniformly from [0, 1) by
+    ``numpy.random.default_rng(public_seed)`` (module by module): a public, reproducible
+    draw, as the paper's random round-0 assignment (nothing secret comes from this RNG).
+    """
+    c = config
+    m, e, r = len(modules), c.adapter.num_experts, c.adapter.rank
+    rng = np.random.default_rng(c.public_seed)
+    assignment = np.stack([_solve(c, rng.random((e, c.num_clients))) for _ in range(m)])
+    return FedAMoLEState(
+        adapters={n: t.detach().clone() for n, t in adapters.items()},
+        modules=tuple(modules),
+        keys=np.zeros((m, e, r)),
+        key_counts=np.zeros((m, e)),
+        assignment=assignment,
+    )
+
+
+def assign(
+    config: FedAMoLEConfig, state: FedAMoLEState, scores: Mapping[int, np.ndarray]
+) -> FedAMoLEState:
+    """This round's assignment from the clients' noised scores [M, E] (client id -> scores).
+
+    Only clients that sent scores are assigned experts; the others hold none this round.
+    """
+    clients = sorted(scores)
+    if not clients or any(not 0 <= i < config.num_clients for i in clients):
+        raise StrategyError(f"scores must come from client ids in [0, {config.num_clients})")
+    shape = state.key_counts.shape
+    if any(np.shape(scores[i]) != shape for i in clients):
+        raise StrategyError(f"every client's scores must have shape {shape}")
+    stacked = np.stack([np.asarray(scores[i], dtype=np.float64) for i in clients], axis=-1)
+    if not np.all(np.isfinite(stacked)):
+        raise StrategyError("scores must be finite")
+    assignment = np.zeros(state.assignment.shape, dtype=bool)
+    for m in range(shape[0]):
+        assignment[m][:, clients] = _solve(config, client_affinity(stacked[m]))
+    return state.with_assignment(assignment)
+
+
+def next_state(
+    config: FedAMoLEConfig, state: FedAMoLEState, sums: Mapping[str, np.ndarray]
+) -> FedAMoLEState:
+    """The next state from the decoded mask-channel sum over the included clients."""
+    values = config.layout(state).unpack(sums)
+    floor = 0.5 / config.max_examples  # below half an example's weight: nobody
+    total = float(values[WEIGHT][0])
+    if total < floor:
+        raise NoContribution(f"summed weight {total:.3g} is below {floor:.3g}: keep the state")
+    shape = state.key_counts.shape
+    expert_weight = values[EXPERT_WEIGHT].reshape(shape)
+    counts = np.rint(values[KEY_COUNT].reshape(shape))
+    adapters: dict[str, torch.Tensor] = {}
+    for name, current in state.adapters.items():
+        role = state.expert_of.get(name)
+        denominator = total if role is None else float(expert_weight[role])
+        if denominator < floor:
+            adapters[name] = current.detach().clone()
+            continue
+        step = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
+        adapters[name] = (current.detach().cpu().double() + torch.from_numpy(step)).to(
+            current.dtype
+        )
+    key_sum = values[KEY_SUM].reshape(state.keys.shape)
+    fresh = counts >= 1
+    keys = state.keys.copy()
+    keys[fresh] = key_sum[fresh] / counts[fresh][:, None]
+    key_counts = np.where(fresh, counts, state.key_counts)
+    return FedAMoLEState(
+        adapters=adapters,
+        modules=state.modules,
+        keys=keys,
+        key_counts=key_counts,
+        assignment=state.assignment,
+        round=state.round + 1,
+    )
+
+
 @dataclass(frozen=True)
 class FedAMoLEStrategy:
-    """FedAMoLE's coordinator side over the federation processes' :class:`GlobalState` (the
-    adapters; keys, key counts and assignment as extras), with the selection stage."""
+    """FedAMoLE's coordinator side over the federation's :class:`GlobalState` (the adapters;
+    keys, key counts and assignment as extras), with the selection stage."""
 
     config: FedAMoLEConfig
 
@@ -96,14 +178,13 @@ class FedAMoLEStrategy:
 
     def initial_state(self, state: GlobalState) -> GlobalState:
         """The seeded adapters, no keys, and the public round-0 assignment."""
-        coordinator = FedAMoLECoordinator(self.config)
-        return coordinator.initial_state(state.adapters, amole_modules(state.adapters)).to_global()
+        return public_state(self.config, state.adapters, amole_modules(state.adapters)).to_global()
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(self._state(state))
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
-        return FedAMoLECoordinator(self.config).aggregate(self._state(state), sums).to_global()
+        return next_state(self.config, self._state(state), sums).to_global()
 
     def wants_scores(self, state: GlobalState) -> bool:
         return self._state(state).has_keys
@@ -112,184 +193,7 @@ class FedAMoLEStrategy:
         return decode_scores(data, self._state(state).key_counts.shape)
 
     def select(self, state: GlobalState, scores: Mapping[int, np.ndarray]) -> GlobalState:
-        return FedAMoLECoordinator(self.config).assign(self._state(state), scores).to_global()
+        return assign(self.config, self._state(state), scores).to_global()
 
     def selection(self, state: GlobalState) -> bytes:
         return encode_assignment(self._state(state).assignment)
-
-
-class FedAMoLECoordinator:
-    """Coordinator side of FedAMoLE: assignment from noised scores, state from secure sums."""
-
-    def __init__(self, config: FedAMoLEConfig) -> None:
-        self.config = config
-
-    def _solve(self, affinity: np.ndarray) -> np.ndarray:
-        c = self.config
-        return solve_assignment(affinity, c.clients_per_expert, c.min_experts, c.max_experts)
-
-    def initial_state(
-        self, adapters: Mapping[str, torch.Tensor], modules: tuple[str, ...] | list[str]
-    ) -> FedAMoLEState:
-        """Round 0: the given adapters, no keys, and the public random assignment.
-
-        The assignment is the exact solution for affinities drawn uniformly from [0, 1) by
-        ``numpy.random.default_rng(public_seed)`` (module by module): a public, reproducible
-        draw, as the paper's random round-0 assignment (nothing secret comes from this RNG).
-        """
-        c = self.config
-        m, e, r = len(modules), c.adapter.num_experts, c.adapter.rank
-        rng = np.random.default_rng(c.public_seed)
-        assignment = np.stack([self._solve(rng.random((e, c.num_clients))) for _ in range(m)])
-        return FedAMoLEState(
-            adapters={n: t.detach().clone() for n, t in adapters.items()},
-            modules=tuple(modules),
-            keys=np.zeros((m, e, r)),
-            key_counts=np.zeros((m, e)),
-            assignment=assignment,
-        )
-
-    def assign(self, state: FedAMoLEState, scores: Mapping[int, np.ndarray]) -> FedAMoLEState:
-        """This round's assignment from the clients' noised scores [M, E] (client id -> scores).
-
-        Only clients that sent scores are assigned experts; the others hold none this round.
-        """
-        c = self.config
-        clients = sorted(scores)
-        if not clients or any(not 0 <= i < c.num_clients for i in clients):
-            raise StrategyError(f"scores must come from client ids in [0, {c.num_clients})")
-        shape = state.key_counts.shape
-        if any(np.shape(scores[i]) != shape for i in clients):
-            raise StrategyError(f"every client's scores must have shape {shape}")
-        stacked = np.stack([np.asarray(scores[i], dtype=np.float64) for i in clients], axis=-1)
-        if not np.all(np.isfinite(stacked)):
-            raise StrategyError("scores must be finite")
-        assignment = np.zeros(state.assignment.shape, dtype=bool)
-        for m in range(shape[0]):
-            assignment[m][:, clients] = self._solve(client_affinity(stacked[m]))
-        return state.with_assignment(assignment)
-
-    def layout(self, state: FedAMoLEState) -> SubmissionLayout:
-        return self.config.layout(state)
-
-    def aggregate(self, state: FedAMoLEState, sums: Mapping[str, np.ndarray]) -> FedAMoLEState:
-        """The next state from the decoded mask-channel sum over the included clients."""
-        values = self.layout(state).unpack(sums)
-        floor = 0.5 / self.config.max_examples  # below half an example's weight: nobody
-        total = float(values[WEIGHT][0])
-        if total < floor:
-            raise NoContribution(f"summed weight {total:.3g} is below {floor:.3g}: keep the state")
-        shape = state.key_counts.shape
-        expert_weight = values[EXPERT_WEIGHT].reshape(shape)
-        counts = np.rint(values[KEY_COUNT].reshape(shape))
-        adapters: dict[str, torch.Tensor] = {}
-        for name, current in state.adapters.items():
-            role = state.expert_of.get(name)
-            denominator = total if role is None else float(expert_weight[role])
-            if denominator < floor:
-                adapters[name] = current.detach().clone()
-                continue
-            step = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / denominator
-            adapters[name] = (current.detach().cpu().double() + torch.from_numpy(step)).to(
-                current.dtype
-            )
-        key_sum = values[KEY_SUM].reshape(state.keys.shape)
-        fresh = counts >= 1
-        keys = state.keys.copy()
-        keys[fresh] = key_sum[fresh] / counts[fresh][:, None]
-        key_counts = np.where(fresh, counts, state.key_counts)
-        return FedAMoLEState(
-            adapters=adapters,
-            modules=state.modules,
-            keys=keys,
-            key_counts=key_counts,
-            assignment=state.assignment,
-            round=state.round + 1,
-        )
-
-
-@dataclass(frozen=True)
-class FedAMoLEInstitution:
-    """One in-process institution: its client side, data splits and ledger hook."""
-
-    client: FedAMoLEClient
-    train: torch.Tensor
-    aux: torch.Tensor
-    charge: Charge
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.train.shape[0])
-
-
-@dataclass(frozen=True)
-class FedAMoLERound:
-    """A finished round: the next state, who was summed, and each client's local outcome."""
-
-    state: FedAMoLEState
-    included: list[int]
-    updates: dict[int, FedAMoLEUpdate]
-    clipped: dict[int, dict[str, float]]
-
-
-def run_round(
-    coordinator: FedAMoLECoordinator,
-    institutions: Sequence[FedAMoLEInstitution],
-    state: FedAMoLEState,
-    *,
-    dp: DPConfig | Sequence[DPConfig | None] | None,
-    steps: int,
-    batch_size: int,
-    lr: float = 1e-3,
-    threshold: int,
-    bits: int = 16,
-    dropouts: dict[int, str] | None = None,
-    seed: int | None = None,
-) -> FedAMoLERound:
-    """One whole FedAMoLE round in one process (institution i is client id i).
-
-    When the state has keys (every round after the first), each institution releases its
-    charged, noised scores and the coordinator solves this round's assignment; otherwise the
-    state's (public round-0) assignment stands. Then every institution trains and submits, the
-    submissions go through a real SecAgg+ round (``dropouts`` as in :func:`secagg.run_local`)
-    and the coordinator forms the next state. ``dp``: one config for all, or one per
-    institution.
-    """
-    if [inst.client.client for inst in institutions] != list(range(len(institutions))):
-        raise StrategyError("institution i must run the client side of client id i")
-    if np.any(state.key_counts > 0):
-        scores = {
-            i: inst.client.affinity_scores(state, inst.aux, inst.charge)
-            for i, inst in enumerate(institutions)
-        }
-        state = coordinator.assign(state, {i: s for i, s in scores.items() if s is not None})
-    updates, submissions = {}, []
-    for i, inst in enumerate(institutions):
-        updates[i] = inst.client.train(
-            state,
-            inst.train,
-            inst.aux,
-            dp=dp if dp is None or isinstance(dp, DPConfig) else dp[i],
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=None if seed is None else seed + i,
-        )
-        if updates[i].facts is not None:
-            what = f"fedamole expert updates (DP-SGD), round {state.round}"
-            inst.charge(updates[i].facts.dp_event(), what)
-        submissions.append(inst.client.submit(state, updates[i], inst.num_examples, inst.charge))
-    layout = coordinator.layout(state)
-    agg = aggregate_locally(
-        layout,
-        [layout.pack(s.values) for s in submissions],
-        threshold=threshold,
-        bits=bits,
-        dropouts=dropouts,
-    )
-    return FedAMoLERound(
-        state=coordinator.aggregate(state, agg.sums),
-        included=agg.included,
-        updates=updates,
-        clipped={i: s.clipped for i, s in enumerate(submissions)},
-    )

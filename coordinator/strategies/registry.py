@@ -1,7 +1,7 @@
 """The coordinator side of every strategy ``[aggregation].strategy`` can name.
 
-The client sides are in ``clients.contract.keys.CLIENT_STRATEGIES`` (FedAMoLE's and DDOME's in their
-learners, ``clients.runtime.institution.LEARNERS``); a new strategy registers in both.
+The client halves are in ``clients.strategies.registry.CLIENT_HALVES``; a new strategy registers
+in both. The service and the simulation build their server half from here.
 """
 
 from __future__ import annotations
