@@ -73,8 +73,7 @@ from clients.models.ddome_lora import (
 from clients.strategies.base import SPLITS, ClientHalf, LocalRound, Stateless, device_of
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
-from clients.training.dp_local import train_steps
-from clients.training.trainer import Metrics, select_device
+from clients.training.trainer import Metrics, select_device, train_steps
 from privacy import DPConfig, DPTrainingFacts, Release
 
 

@@ -85,9 +85,8 @@ from clients.strategies.base import (
 )
 from clients.strategies.experts import EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
-from clients.training.dp_local import train_steps
 from clients.training.release import Charge, gaussian_release
-from clients.training.trainer import Metrics, evaluate
+from clients.training.trainer import Metrics, evaluate, train_steps
 from privacy import (
     AFFINITY_SCORES,
     EXPERT_KEYS,

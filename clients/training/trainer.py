@@ -1,8 +1,15 @@
-"""Local training of the MoE-LoRA adapters of one institution, private (DP-SGD) or not.
+"""Local training of one institution, private (DP-SGD) or not: the one (DP-)SGD loop.
 
-:func:`train_local` runs a fixed number of steps on token blocks and returns what a round needs:
-the adapter delta, the routing statistics of the training forwards, training metrics and the
-:class:`~privacy.DPTrainingFacts` of what was released. :func:`evaluate` scores a split.
+:func:`train_steps` is the loop: a fixed number of Adam steps on a module's trainable parameters
+with a caller-given per-sample loss, through :func:`privacy.make_private` (Poisson sampling,
+per-sample clipping over every trainable parameter, Gaussian noise, a noise-only step for an
+empty batch, Opacus removed afterwards). FedAMoLE and DDOME call it with their own modules and
+losses.
+
+:func:`train_local` is its front end for the MoE-LoRA adapters of :mod:`clients.models.moe_lora`
+on token blocks; it returns what a round needs: the adapter delta, the routing statistics of the
+training forwards, training metrics and the :class:`~privacy.DPTrainingFacts` of what was
+released. :func:`evaluate` scores a split.
 
 The unit of privacy is one training block (a row of ``blocks``). Each block's loss is the mean
 next-token cross-entropy over its tokens plus ``load_balance_coef`` times the load-balance loss;
@@ -40,6 +47,9 @@ ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """``(model, ids [B, T]) -> [B]``: a per-block loss term, called right after the forward pass of
 ``ids`` (so forward hooks have seen it). Each entry must depend on its own block only."""
 
+BatchLoss = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+"""``loss(batch) -> [B]``: each sample's loss, depending on that sample only."""
+
 
 class TrainerError(ValueError):
     """Bad arguments to the trainer (the message names the argument)."""
@@ -68,6 +78,16 @@ class LocalTrainingResult:
     metrics: Metrics
     facts: DPTrainingFacts | None
     steps: int
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """What a :func:`train_steps` run released (``facts``, None without DP), its step count and
+    its mean per-sample training loss."""
+
+    facts: DPTrainingFacts | None
+    steps: int
+    mean_loss: float
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
@@ -108,6 +128,15 @@ def _metrics(ce_sum: float, correct: int, tokens: int) -> Metrics:
     return Metrics(loss, math.exp(min(loss, 700.0)), correct / tokens if tokens else 0.0, tokens)
 
 
+def _check_schedule(steps: int, batch_size: int, lr: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
+
+
 @contextmanager
 def _progress(description: str, total: int, enabled: bool | None) -> Iterator:
     console = Console(stderr=True)
@@ -118,6 +147,93 @@ def _progress(description: str, total: int, enabled: bool | None) -> Iterator:
     ) as progress:
         task = progress.add_task(description, total=total, info="")
         yield lambda info: progress.update(task, advance=1, info=info)
+
+
+def train_steps(
+    model: nn.Module,
+    data: TensorDataset,
+    loss: BatchLoss,
+    *,
+    dp: DPConfig | None,
+    steps: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    after_step: Callable[[], None] | None = None,
+    progress: bool | None = False,
+    progress_info: Callable[[], str] | None = None,
+) -> LocalRun:
+    """``steps`` Adam steps on the model's trainable parameters (and nothing else).
+
+    With ``dp``: DP-SGD, Poisson sampling at rate ``batch_size / len(data)``, noise multiplier
+    ``dp.noise_multiplier`` (calibrated by the caller for all rounds); an empty Poisson batch
+    still takes the noise-only step the accounting assumes. With ``dp=None``: shuffled
+    mini-batches of ``batch_size``. ``seed`` fixes the batches. The model is moved to ``device``
+    (default: CUDA if available), and so is every batch before ``loss`` sees it.
+
+    ``after_step`` runs after every step, the noise-only ones included (e.g. to put frozen
+    entries back). ``progress=None`` shows a transient bar only on a terminal; ``False`` (the
+    default) never; its text after a step is ``progress_info()``, by default the mean loss.
+    """
+    _check_schedule(steps, batch_size, lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainerError("the model has no trainable parameters")
+    dev = select_device(device)
+    model.to(dev)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    was_training = model.training
+    model.train()
+    total, count = 0.0, 0
+    training = make_private(model, optimizer, loader, dp, seed=seed)
+    try:
+        batches = training.batches()
+        with _progress("local training", steps, progress) as advance:
+            for _ in range(steps):
+                batch = tuple(t.to(dev) for t in next(batches))
+                if batch[0].shape[0] == 0:
+                    training.step(None)
+                    if after_step is not None:
+                        after_step()
+                    advance("empty batch")
+                    continue
+                per_sample = loss(batch)
+                training.step(per_sample)
+                if after_step is not None:
+                    after_step()
+                total += float(per_sample.detach().sum())
+                count += batch[0].shape[0]
+                advance(progress_info() if progress_info else f"loss {total / count:.3f}")
+        facts = training.facts()
+    finally:
+        training.close()
+        model.train(was_training)
+    return LocalRun(
+        facts=facts, steps=training.steps, mean_loss=total / count if count else math.nan
+    )
+
+
+@dataclass
+class _TokenTally:
+    """Running token-level sums of the training forwards: the metrics and the progress text."""
+
+    ce_sum: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+
+    def add(self, ce: torch.Tensor, hits: torch.Tensor, ids: torch.Tensor) -> None:
+        self.ce_sum += float(ce.sum())
+        self.correct += int(hits.sum())
+        self.tokens += ids.shape[0] * (ids.shape[1] - 1)
+
+    def info(self) -> str:
+        return f"loss {self.ce_sum / max(self.tokens, 1):.3f}"
+
+    def metrics(self) -> Metrics:
+        return _metrics(self.ce_sum, self.correct, self.tokens)
 
 
 def train_local(
@@ -134,26 +250,19 @@ def train_local(
     extra_loss: ExtraLoss | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalTrainingResult:
-    """Train the adapters for ``steps`` steps (Adam) on ``blocks`` [N, T] and report.
+    """Train the adapters for ``steps`` steps of :func:`train_steps` on ``blocks`` [N, T].
 
-    With ``dp``: DP-SGD, Poisson sampling at rate ``batch_size / N``, noise multiplier
-    ``dp.noise_multiplier`` (calibrated by the caller for all rounds). With ``dp=None``:
-    shuffled mini-batches of ``batch_size``, same interface. The model is moved to ``device``
-    (default: CUDA if available), its routing counters are reset, and Opacus is removed from
-    it afterwards so it can be trained again next round. ``progress=None`` shows a transient
-    bar only on a terminal; ``False`` never.
+    DP-SGD with ``dp``, plain mini-batches without, as :func:`train_steps`. The model's routing
+    counters are reset first, and Opacus is removed from it afterwards so it can be trained
+    again next round. ``progress=None`` shows a transient bar only on a terminal; ``False``
+    never.
 
     ``extra_loss`` is added to every block's loss (see :data:`ExtraLoss`). ``frozen`` maps adapter
     names to bool masks of their shape: True entries are put back to their starting values after
     every step, so neither gradients nor DP noise move them and their delta is exactly zero.
     """
     _check_blocks(blocks, "blocks")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
+    _check_schedule(steps, batch_size, lr)
     config = get_config(model)
     adapters = dict(adapter_parameters(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -168,47 +277,38 @@ def train_local(
     before = adapter_state(model)
     held = _held_entries(frozen, before)
     reset_routing_statistics(model)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    loader = DataLoader(
-        TensorDataset(blocks), batch_size=batch_size, shuffle=True, generator=generator
+    tally = _TokenTally()
+
+    def block_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        (ids,) = batch
+        loss, ce, hits = _forward(model, ids, config.load_balance_coef)
+        if extra_loss is not None:
+            loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
+        tally.add(ce, hits, ids)
+        return loss
+
+    run = train_steps(
+        model,
+        TensorDataset(blocks),
+        block_loss,
+        dp=dp,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        device=dev,
+        seed=seed,
+        after_step=lambda: _restore(adapters, held),
+        progress=progress,
+        progress_info=tally.info,
     )
-    optimizer = torch.optim.Adam(list(adapters.values()), lr=lr)
-    was_training = model.training
-    model.train()
-    ce_sum, correct, tokens = 0.0, 0, 0
-    training = make_private(model, optimizer, loader, dp, seed=seed)
-    try:
-        batches = training.batches()
-        with _progress("local training", steps, progress) as advance:
-            for _ in range(steps):
-                (ids,) = next(batches)
-                if ids.shape[0] == 0:
-                    training.step(None)
-                    _restore(adapters, held)
-                    advance("empty batch")
-                    continue
-                ids = ids.to(dev)
-                loss, ce, hits = _forward(model, ids, config.load_balance_coef)
-                if extra_loss is not None:
-                    loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
-                training.step(loss)
-                _restore(adapters, held)
-                ce_sum += float(ce.sum())
-                correct += int(hits.sum())
-                tokens += ids.shape[0] * (ids.shape[1] - 1)
-                advance(f"loss {ce_sum / max(tokens, 1):.3f}")
-        facts = training.facts()
-    finally:
-        training.close()
-        model.train(was_training)
     after = adapter_state(model)
     delta = {name: (after[name] - before[name]).cpu() for name in before}
     return LocalTrainingResult(
         delta=delta,
         routing=routing_statistics(model),
-        metrics=_metrics(ce_sum, correct, tokens),
-        facts=facts,
-        steps=training.steps,
+        metrics=tally.metrics(),
+        facts=run.facts,
+        steps=run.steps,
     )
 
 
