@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
 import msgspec
 
@@ -333,7 +333,36 @@ class CkksSection(_Section):
         )
 
 
-class FedAlignSection(_Section):
+class _StrategySection(_Section):
+    """An ``[aggregation.X]`` section: strategy X's parameters and its own rules, which span
+    the rest of the config and are checked only when X is the chosen strategy."""
+
+    masked_updates_only: ClassVar[bool] = False
+    """Whether the strategy's coordinator moves each expert by a ratio of masked sums it must
+    read, so its expert updates cannot travel under CKKS."""
+
+    def check(self, config: FederationConfig, path: str | Path, at: str) -> None:
+        """Raise :class:`ConfigFileError` naming a field under ``at`` (``$.aggregation.X``) if
+        a rule fails; the base section has none."""
+
+
+def _check_min_count(min_count: int, config: FederationConfig, path: str | Path, at: str) -> None:
+    """A per-expert strategy's minimum count must be reachable by the institutions."""
+    n = len(config.institutions)
+    if min_count > n:
+        raise ConfigFileError(
+            path,
+            f"min_count={min_count} exceeds the {n} institutions: no expert could ever "
+            f"be updated; choose min_count <= {n}",
+            f"{at}.min_count",
+        )
+
+
+class FedAvgSection(_StrategySection):
+    """[aggregation.fedavg]: FedAvg has no parameters of its own (the section may be omitted)."""
+
+
+class FedAlignSection(_StrategySection):
     """[aggregation.fedalign]: FedAlign-MoE's parameters (see ``clients.strategies.fedalign``).
 
     - ``consistency``: routing-consistency score, "js" (1 - Jensen-Shannon divergence per
@@ -354,8 +383,11 @@ class FedAlignSection(_Section):
     min_count: PositiveInt = 2
     smoothing: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 1e-3
 
+    def check(self, config: FederationConfig, path: str | Path, at: str) -> None:
+        _check_min_count(self.min_count, config, path, at)
 
-class FedMoESection(_Section):
+
+class FedMoESection(_StrategySection):
     """[aggregation.fedmoe]: FedMoE's parameters (see ``clients.strategies.fedmoe``).
 
     - ``memory_fraction``: each institution's sub-MoE may hold at most this fraction of all
@@ -373,8 +405,11 @@ class FedMoESection(_Section):
     min_count: Annotated[int, msgspec.Meta(ge=2)] = 2
     search_steps: PositiveInt = 30
 
+    def check(self, config: FederationConfig, path: str | Path, at: str) -> None:
+        _check_min_count(self.min_count, config, path, at)
 
-class FedAMoLESection(_Section):
+
+class FedAMoLESection(_StrategySection):
     """[aggregation.fedamole]: FedAMoLE's parameters (see ``clients.strategies.fedamole``). The
     adapter's shape (domain experts, top_k, rank, alpha, target modules, load-balance weight) is
     ``[model.moe]``'s.
@@ -405,8 +440,60 @@ class FedAMoLESection(_Section):
     delta_bound: Annotated[float, msgspec.Meta(gt=0.0)] = 0.1
     public_seed: Annotated[int, msgspec.Meta(ge=0)] = 0
 
+    masked_updates_only: ClassVar[bool] = True
 
-class DDOMESection(_Section):
+    def check(self, config: FederationConfig, path: str | Path, at: str) -> None:
+        """Every expert to exactly clients_per_expert institutions, each holding min..max experts
+        and at least top_k of them (else it could not route)."""
+        moe, n = config.model.moe, len(config.institutions)
+        slots = moe.num_experts * self.clients_per_expert
+        cap = min(self.max_experts, moe.num_experts)
+        problems = [
+            (
+                self.clients_per_expert > n,
+                "clients_per_expert",
+                f"clients_per_expert={self.clients_per_expert} exceeds the {n} institutions",
+            ),
+            (
+                self.min_experts < moe.top_k,
+                "min_experts",
+                f"min_experts={self.min_experts} is below [model.moe] top_k={moe.top_k}: an "
+                "institution could not route",
+            ),
+            (
+                self.min_experts > cap,
+                "min_experts",
+                f"min_experts={self.min_experts} exceeds max_experts={self.max_experts} or the "
+                f"{moe.num_experts} experts",
+            ),
+            (
+                slots < n * self.min_experts,
+                "min_experts",
+                f"{moe.num_experts} experts x clients_per_expert={self.clients_per_expert} = "
+                f"{slots} slots cannot give each of {n} institutions "
+                f"min_experts={self.min_experts}",
+            ),
+            (
+                slots > n * cap,
+                "max_experts",
+                f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
+                f"(max_experts={self.max_experts}, num_experts={moe.num_experts})",
+            ),
+            (
+                config.data.max_blocks.validation is not None
+                and config.data.max_blocks.validation < self.affinity_blocks,
+                "affinity_blocks",
+                f"affinity_blocks={self.affinity_blocks} exceeds the "
+                f"{config.data.max_blocks.validation} validation blocks of [data.max_blocks] the "
+                "scores and keys are computed on",
+            ),
+        ]
+        for failed, field, message in problems:
+            if failed:
+                raise ConfigFileError(path, message, f"{at}.{field}")
+
+
+class DDOMESection(_StrategySection):
     """[aggregation.ddome]: DDOME's parameters (see ``clients.strategies.ddome``). The experts'
     shape (number, top_k = experts each institution trains, rank, alpha, target modules) is
     ``[model.moe]``'s.
@@ -425,6 +512,20 @@ class DDOMESection(_Section):
     anchors: Annotated[int, msgspec.Meta(ge=0)] = 0
     anchor_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
 
+    masked_updates_only: ClassVar[bool] = True
+
+    def check(self, config: FederationConfig, path: str | Path, at: str) -> None:
+        """``min_count`` reachable; the anchors must exist."""
+        _check_min_count(self.min_count, config, path, at)
+        n, experts = len(config.institutions), config.model.moe.num_experts
+        if self.anchors > min(n, experts):
+            raise ConfigFileError(
+                path,
+                f"anchors={self.anchors}: institution i anchors expert i, so at most "
+                f"min({n} institutions, {experts} experts) = {min(n, experts)}",
+                f"{at}.anchors",
+            )
+
 
 class AggregationSection(_Section):
     """[aggregation]: how updates are combined and protected on the way.
@@ -441,14 +542,15 @@ class AggregationSection(_Section):
       adapters either: it keeps them encrypted and scales each encrypted sum by the public
       ``1 / sum(w)``, which needs one spare level (three or more coefficient primes).
     - ``ckks``: CKKS parameters, used by whichever payload picks "ckks".
-    - ``fedalign``, ``fedmoe``, ``fedamole``, ``ddome``: the parameters of those strategies
-      (ignored by the others).
+    - ``fedavg``, ``fedalign``, ``fedmoe``, ``fedamole``, ``ddome``: the parameters of those
+      strategies (ignored by the others; FedAvg has none).
     """
 
     strategy: StrategyName = "fedavg"
     expert_updates: Protection = "mask"
     routing_statistics: Protection = "ckks"
     ckks: CkksSection = msgspec.field(default_factory=CkksSection)
+    fedavg: FedAvgSection = msgspec.field(default_factory=FedAvgSection)
     fedalign: FedAlignSection = msgspec.field(default_factory=FedAlignSection)
     fedmoe: FedMoESection = msgspec.field(default_factory=FedMoESection)
     fedamole: FedAMoLESection = msgspec.field(default_factory=FedAMoLESection)
@@ -634,10 +736,10 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
 
 
 def _check_strategy(config: FederationConfig, path: str | Path) -> None:
-    """A per-expert strategy's minimum count must be reachable by the institutions; FedAMoLE's
-    assignment must be feasible; DDOME's anchors must exist."""
+    """The chosen strategy's section checks its own rules (``_StrategySection.check``)."""
     name = config.aggregation.strategy
-    if name in ("fedamole", "ddome") and config.aggregation.expert_updates == "ckks":
+    section: _StrategySection = getattr(config.aggregation, name)
+    if section.masked_updates_only and config.aggregation.expert_updates == "ckks":
         raise ConfigFileError(
             path,
             f"expert_updates = 'ckks' does not work with strategy = {name!r}: its coordinator "
@@ -645,77 +747,7 @@ def _check_strategy(config: FederationConfig, path: str | Path) -> None:
             "'mask'",
             "$.aggregation.expert_updates",
         )
-    if name == "fedamole":
-        _check_fedamole(config, path)
-    if name not in ("fedalign", "fedmoe", "ddome"):
-        return
-    section = getattr(config.aggregation, name)
-    n = len(config.institutions)
-    if section.min_count > n:
-        raise ConfigFileError(
-            path,
-            f"min_count={section.min_count} exceeds the {n} institutions: no expert could ever "
-            f"be updated; choose min_count <= {n}",
-            f"$.aggregation.{name}.min_count",
-        )
-    if name == "ddome":
-        anchors, experts = config.aggregation.ddome.anchors, config.model.moe.num_experts
-        if anchors > min(n, experts):
-            raise ConfigFileError(
-                path,
-                f"anchors={anchors}: institution i anchors expert i, so at most "
-                f"min({n} institutions, {experts} experts) = {min(n, experts)}",
-                "$.aggregation.ddome.anchors",
-            )
-
-
-def _check_fedamole(config: FederationConfig, path: str | Path) -> None:
-    """Every expert to exactly clients_per_expert institutions, each holding min..max experts
-    and at least top_k of them (else it could not route)."""
-    f, moe, n = config.aggregation.fedamole, config.model.moe, len(config.institutions)
-    slots, cap = moe.num_experts * f.clients_per_expert, min(f.max_experts, moe.num_experts)
-    problems = [
-        (
-            f.clients_per_expert > n,
-            "clients_per_expert",
-            f"clients_per_expert={f.clients_per_expert} exceeds the {n} institutions",
-        ),
-        (
-            f.min_experts < moe.top_k,
-            "min_experts",
-            f"min_experts={f.min_experts} is below [model.moe] top_k={moe.top_k}: an "
-            "institution could not route",
-        ),
-        (
-            f.min_experts > cap,
-            "min_experts",
-            f"min_experts={f.min_experts} exceeds max_experts={f.max_experts} or the "
-            f"{moe.num_experts} experts",
-        ),
-        (
-            slots < n * f.min_experts,
-            "min_experts",
-            f"{moe.num_experts} experts x clients_per_expert={f.clients_per_expert} = {slots} "
-            f"slots cannot give each of {n} institutions min_experts={f.min_experts}",
-        ),
-        (
-            slots > n * cap,
-            "max_experts",
-            f"{slots} slots do not fit {n} institutions holding at most {cap} experts "
-            f"(max_experts={f.max_experts}, num_experts={moe.num_experts})",
-        ),
-        (
-            config.data.max_blocks.validation is not None
-            and config.data.max_blocks.validation < f.affinity_blocks,
-            "affinity_blocks",
-            f"affinity_blocks={f.affinity_blocks} exceeds the "
-            f"{config.data.max_blocks.validation} validation blocks of [data.max_blocks] the "
-            "scores and keys are computed on",
-        ),
-    ]
-    for failed, field, message in problems:
-        if failed:
-            raise ConfigFileError(path, message, f"$.aggregation.fedamole.{field}")
+    section.check(config, path, f"$.aggregation.{name}")
 
 
 def _check_secagg(config: FederationConfig, path: str | Path) -> None:

@@ -105,6 +105,8 @@ def _log_to_stderr(level: str) -> None:
 
 def summary_table(config: FederationConfig) -> Table:
     """A human-readable summary of a federation config (what ``check-config`` prints)."""
+    from coordinator.strategies.registry import strategy_facts  # lazy: imports torch
+
     fed, moe, sec = config.federation, config.model.moe, config.secagg
     n = len(config.institutions)
     threshold, neighbours = sec.resolved(n)
@@ -158,7 +160,7 @@ def summary_table(config: FederationConfig) -> Table:
             f"{config.aggregation.strategy}; expert updates: {config.aggregation.expert_updates}; "
             + (
                 "no routing statistics (own adapters)"
-                if config.aggregation.strategy in ("fedamole", "ddome")
+                if not strategy_facts(config.aggregation.strategy).releases_routing
                 else f"routing statistics: {config.aggregation.routing_statistics}"
             ),
         ),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from audit.context import StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
     WEIGHT,
@@ -159,3 +160,12 @@ def run_round(
         updates=updates,
         clipped={i: s.clipped for i, s in enumerate(submissions)},
     )
+
+
+AUDIT_FACTS = StrategyFacts(
+    update="adapter update (weighted LoRA-expert deltas, and the gate's)",
+    releases_routing=False,
+    coordinator_sees="; per expert, how many institutions trained it in a round (never which)",
+)
+"""What DDOME releases and its coordinator sees, for the privacy report (own adapters: no
+routing statistics)."""

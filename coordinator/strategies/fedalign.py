@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.context import StrategyFacts
 from clients.contract.layout import GlobalState, StrategyError, SubmissionLayout
 from clients.strategies.fedalign import (
     ALIGN_MEAN,
@@ -93,3 +94,8 @@ def alignment_statistics(
     mean = np.where(enough, total / safe, 0.0)
     variance = np.where(enough, squares / safe - mean**2, 0.0)
     return {ALIGN_MEAN: mean, ALIGN_STD: np.sqrt(np.maximum(variance, 0.0)), ALIGN_N: n}
+
+
+AUDIT_FACTS = StrategyFacts()
+"""What FedAlign-MoE releases, for the privacy report: FedAvg's releases (the alignment scores
+travel inside the update's secure sum)."""

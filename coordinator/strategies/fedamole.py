@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from audit.context import ReleaseFacts, StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
     WEIGHT,
@@ -293,3 +294,26 @@ def run_round(
         updates=updates,
         clipped={i: s.clipped for i, s in enumerate(submissions)},
     )
+
+
+AUDIT_FACTS = StrategyFacts(
+    releases_routing=False,
+    extra_releases=(
+        ReleaseFacts(
+            what="expert keys (mean LoRA-A output of each held expert)",
+            mechanism="Gaussian mechanism on per-block clipped means",
+            to_whom="masked (SecAgg+) inside the update's sum; the averaged keys go to every "
+            "institution",
+        ),
+        ReleaseFacts(
+            what="affinity scores (every expert's key against the institution's mean token "
+            "projection), from the second round on",
+            mechanism="Gaussian mechanism on per-block clipped means",
+            to_whom="the coordinator, in the clear (it solves the assignment from them)",
+        ),
+    ),
+    coordinator_sees="; each institution's noised affinity scores (in the clear) and the expert "
+    "assignment it solves from them; per expert, how many institutions held it",
+)
+"""What FedAMoLE releases and its coordinator sees, for the privacy report (own adapters: no
+routing statistics)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from audit.context import StrategyFacts
 from clients.contract.layout import (
     CHANNEL_BOUND,
     DELTA_PREFIX,
@@ -79,3 +80,7 @@ class FedAvgCoordinator:
                 f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
             )
         return total
+
+
+AUDIT_FACTS = StrategyFacts()
+"""What FedAvg releases, for the privacy report: the update and the routing statistics."""

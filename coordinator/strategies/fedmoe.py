@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.context import StrategyFacts
 from clients.contract.layout import GlobalState, SubmissionLayout
 from clients.strategies.fedmoe import FedMoEConfig
 from coordinator.strategies.base import (
@@ -55,3 +56,9 @@ class FedMoECoordinator:
     @property
     def _min_weight(self) -> float:
         return 0.5 / self.config.max_examples
+
+
+AUDIT_FACTS = StrategyFacts(
+    coordinator_sees="; per expert, how many institutions hold it (never which)"
+)
+"""What FedMoE releases and its coordinator sees, for the privacy report."""
