@@ -30,6 +30,30 @@ class InstitutionFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     budget_delta: float
 
 
+class ReleaseFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One kind of release: what leaves an institution, by which mechanism, to whom."""
+
+    what: str
+    mechanism: str
+    to_whom: str
+
+
+class StrategyFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What a strategy releases and what its coordinator sees beyond the sums, in the
+    report's words; stated by the strategy's server half (``coordinator.strategies``).
+
+    - ``update``: what the DP-SGD adapter update consists of.
+    - ``releases_routing``: whether institutions release routing statistics.
+    - ``extra_releases``: the strategy's own releases besides those two.
+    - ``coordinator_sees``: appended to the sentence of what the coordinator sees.
+    """
+
+    update: str = "adapter update (weighted LoRA-expert deltas)"
+    releases_routing: bool = True
+    extra_releases: tuple[ReleaseFacts, ...] = ()
+    coordinator_sees: str = ""
+
+
 class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The public description of a federation run that a privacy report cites."""
 
@@ -50,6 +74,9 @@ class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     secagg_check_survivors: bool
     roster: str
     strategy: str = "fedavg"
+    strategy_facts: StrategyFacts | None = None
+    """None in contexts written before strategies stated their facts; ``sealmoe audit report``
+    then looks them up by ``strategy``."""
     software: dict[str, str] = msgspec.field(default_factory=dict)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from audit.context import FederationFacts
+from audit.context import ContextError, FederationFacts, StrategyFacts
 from audit.entry import Entry
 from audit.events import event_from_json
 from audit.heads import head_path, read_head
@@ -147,45 +147,17 @@ def _institution(
     }  # fmt: skip
 
 
-OWN_ADAPTERS = ("fedamole", "ddome")
-"""Strategies with their own adapters: they release no per-token routing statistics."""
-STRATEGY_SEES = {
-    "fedmoe": "; per expert, how many institutions hold it (never which)",
-    "ddome": "; per expert, how many institutions trained it in a round (never which)",
-    "fedamole": (
-        "; each institution's noised affinity scores (in the clear) and the expert assignment "
-        "it solves from them; per expert, how many institutions held it"
-    ),
-}
-
-
-def _releases(strategy: str, update_to: str, routing_to: str) -> list[dict[str, str]]:
+def _releases(strategy: StrategyFacts, update_to: str, routing_to: str) -> list[dict[str, str]]:
     """What every institution releases under ``strategy``, by whom it is seen."""
     releases = [
         {
-            "what": "adapter update (weighted LoRA-expert deltas"
-            + (", and the gate's" if strategy == "ddome" else "")
-            + ")",
+            "what": strategy.update,
             "mechanism": "DP-SGD: Poisson sampling, per-block clipping, Gaussian noise",
             "to_whom": update_to,
         }
     ]
-    if strategy == "fedamole":
-        releases += [
-            {
-                "what": "expert keys (mean LoRA-A output of each held expert)",
-                "mechanism": "Gaussian mechanism on per-block clipped means",
-                "to_whom": "masked (SecAgg+) inside the update's sum; the averaged keys go "
-                "to every institution",
-            },
-            {
-                "what": "affinity scores (every expert's key against the institution's mean "
-                "token projection), from the second round on",
-                "mechanism": "Gaussian mechanism on per-block clipped means",
-                "to_whom": "the coordinator, in the clear (it solves the assignment from them)",
-            },
-        ]
-    elif strategy != "ddome":
+    releases += [msgspec.structs.asdict(extra) for extra in strategy.extra_releases]
+    if strategy.releases_routing:
         releases.append(
             {
                 "what": "routing statistics (per-layer expert counts, router probabilities, "
@@ -211,6 +183,12 @@ def build_report(
 ) -> dict[str, Any]:
     """The report of ``run_dir`` as one JSON-able dict (see module docstring)."""
     run_dir = Path(run_dir)
+    strategy = facts.strategy_facts
+    if strategy is None:
+        raise ContextError(
+            f"the audit context of {run_dir} does not state what strategy "
+            f"{facts.strategy!r} releases; build the report with `sealmoe audit report`"
+        )
     n = len(facts.institutions)
     holders = facts.secagg_neighbours + 1
     ckks_routing = facts.routing_statistics == "ckks"
@@ -254,16 +232,16 @@ def build_report(
             "(add-or-remove-one; both accountants use it)"
         ),
         "strategy": facts.strategy,
-        "releases": _releases(facts.strategy, update_to, routing_to),
+        "releases": _releases(strategy, update_to, routing_to),
         "trust_model": {
             "coordinator_sees": (
                 sees_updates
                 + ", who took part in each round, message sizes and timing; never a single "
                 "institution's update"
-                + STRATEGY_SEES.get(facts.strategy, "")
+                + strategy.coordinator_sees
                 + (
                     "; routing statistics only as ciphertexts"
-                    if ckks_routing and facts.strategy not in OWN_ADAPTERS
+                    if ckks_routing and strategy.releases_routing
                     else ""
                 )
             ),

@@ -13,6 +13,8 @@ from clients.contract.keys import ROSTER_FILE
 
 def audit_facts(config: FederationConfig) -> FederationFacts:
     """The public facts about ``config``'s run that its privacy report cites."""
+    from coordinator.strategies.registry import strategy_facts  # lazy: imports torch
+
     threshold, neighbours = config.secagg.resolved(len(config.institutions))
     return FederationFacts(
         federation=config.federation.name,
@@ -39,5 +41,6 @@ def audit_facts(config: FederationConfig) -> FederationFacts:
         secagg_check_survivors=config.secagg.check_survivors,
         roster=str(config.keys_dir / ROSTER_FILE),
         strategy=config.aggregation.strategy,
+        strategy_facts=strategy_facts(config.aggregation.strategy),
         software=software_versions(),
     )

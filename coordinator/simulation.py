@@ -3,7 +3,7 @@
 :func:`simulate` drives the SAME parts the federation processes run, over an in-memory link
 (direct calls instead of sockets): every institution's learner
 (``clients.strategies.registry.CLIENT_HALVES[name].learner``, as ``sealmoe institution`` builds
-it) and the strategy's server half (``coordinator.strategies.registry.COORDINATOR_STRATEGIES``,
+it) and the strategy's server half (``coordinator.strategies.registry.SERVER_HALVES``,
 as ``coordinator.service`` builds it). One round, as in the runtime:
 
 1. a selection stage when the server half wants one (FedAMoLE's reverse selection): each
@@ -15,7 +15,7 @@ as ``coordinator.service`` builds it). One round, as in the runtime:
 3. the submissions are packed by the round's layout and securely summed
    (:func:`coordinator.strategies.base.aggregate_locally`: SecAgg+ for the mask channel, CKKS
    for the other), the server half forms the next state, and the CKKS routing sum is decoded on
-   the institutions' side as they do (:func:`clients.runtime.institution.routing_from_channel`).
+   the institutions' side as they do (:func:`clients.runtime.broadcast.routing_from_channel`).
 
 ``local`` is the no-federation baseline: each institution trains its own MoE-LoRA adapters for
 the same steps (FedAvg's learner, whose session changes nothing) and nothing leaves.
@@ -43,7 +43,7 @@ from clients.contract.config import FederationConfig
 from clients.contract.keys import client_id
 from clients.contract.layout import ROUTING, GlobalState, NoContribution, Submission
 from clients.contract.routing import RoutingStats
-from clients.runtime.institution import routing_from_channel
+from clients.runtime.broadcast import routing_from_channel
 from clients.strategies.base import ClientHalf, Learner, SelectsExperts
 from clients.strategies.ddome import EXPERT_COUNTS
 from clients.strategies.fedamole import ASSIGNMENT
@@ -55,7 +55,7 @@ from coordinator.strategies.base import (
     SelectionStage,
     aggregate_locally,
 )
-from coordinator.strategies.registry import COORDINATOR_STRATEGIES
+from coordinator.strategies.registry import SERVER_HALVES
 from privacy import ADAPTER_UPDATE, DPConfig, PrivacyBudget, Release, plan_dp_sgd
 from secagg.ckks import CkksKeyHolder
 
@@ -96,7 +96,7 @@ class SimulationResult:
 
 def strategy_names() -> list[str]:
     """Every name :func:`simulate` accepts."""
-    return [LOCAL, *sorted(set(CLIENT_HALVES) & set(COORDINATOR_STRATEGIES))]
+    return [LOCAL, *sorted(set(CLIENT_HALVES) & set(SERVER_HALVES))]
 
 
 def simulate(
@@ -147,7 +147,7 @@ class Federation:
         half = client_half or CLIENT_HALVES[LOCAL_HALF if strategy == LOCAL else strategy]
         self.learners: dict[str, Learner] = {name: half.learner(config, name) for name in names}
         self.server: CoordinatorStrategy | None = (
-            None if strategy == LOCAL else COORDINATOR_STRATEGIES[strategy](config)
+            None if strategy == LOCAL else SERVER_HALVES[strategy].build(config)
         )
         self.state = half.initial_state(config)
         if isinstance(self.server, Initialises):

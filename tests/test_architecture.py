@@ -39,7 +39,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("clients.runtime", ("secagg", "privacy", "clients")),
     ("clients", ("secagg", "privacy")),
-    ("coordinator.strategies", ("secagg", "privacy", "clients")),
+    ("coordinator.strategies", ("secagg", "privacy", "clients", "audit.context")),
     ("coordinator.app", ("secagg", "privacy", "clients", "audit", "coordinator")),
     # the core (service, transport, store, simulation, facts): never the application layer
     ("coordinator", ("secagg", "privacy", "clients", "audit", "coordinator.strategies")),

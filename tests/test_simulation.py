@@ -25,8 +25,9 @@ from clients.strategies.fedamole import KEY_COUNTS, fedamole_config
 from clients.strategies.fedavg import FedAvgClient, fedavg_config, moe_lora_half
 from clients.strategies.registry import CLIENT_HALVES
 from coordinator.simulation import simulate, strategy_names
+from coordinator.strategies.base import ServerHalf
 from coordinator.strategies.fedavg import FedAvgCoordinator
-from coordinator.strategies.registry import COORDINATOR_STRATEGIES
+from coordinator.strategies.registry import SERVER_HALVES
 from privacy import BudgetExceeded, Release
 from privacy import epsilon as composed_epsilon
 
@@ -103,7 +104,9 @@ def test_a_registered_strategy_plugs_in_by_name(config, monkeypatch):
         CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c: FedAvgClient(fedavg_config(c)))
     )
     monkeypatch.setitem(
-        COORDINATOR_STRATEGIES, "fedavg-copy", lambda c: FedAvgCoordinator(fedavg_config(c))
+        SERVER_HALVES,
+        "fedavg-copy",
+        ServerHalf(lambda c: FedAvgCoordinator(fedavg_config(c)), SERVER_HALVES["fedavg"].facts),
     )
     assert "fedavg-copy" in strategy_names()
     result = simulate(copy.deepcopy(config), "fedavg-copy", private=False)

@@ -41,6 +41,7 @@ from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator, CoordinatorError
 from coordinator.store import RoutingRelay, RunStore, StoreError
 from coordinator.strategies import registry
+from coordinator.strategies.base import ServerHalf
 from coordinator.strategies.registry import coordinator_strategy
 from secagg import FixedPointCodec
 from secagg.ckks import (
@@ -312,7 +313,8 @@ def test_ckks_updates_with_a_strategy_that_cannot_scale_them_are_refused(tmp_pat
             raise AssertionError("not reached")
 
     config = strategy_config(tmp_path, "fedmoe", expert_updates="ckks")
-    monkeypatch.setitem(registry.COORDINATOR_STRATEGIES, "fedmoe", lambda config: PlainOnly())
+    plain_only = ServerHalf(lambda config: PlainOnly(), registry.SERVER_HALVES["fedmoe"].facts)
+    monkeypatch.setitem(registry.SERVER_HALVES, "fedmoe", plain_only)
     with pytest.raises(CoordinatorError, match="expert_updates = 'ckks' does not work with"):
         Coordinator(config)
 

@@ -121,11 +121,17 @@ def produce_report(run_dir: Path, roster_path: Path | None = None) -> list[Path]
     Ledgers are verified with the identity keys of ``roster_path`` (default: the roster the
     run's audit context names), when it exists.
     """
+    import msgspec
+
     from audit.context import read_context
     from audit.render import write_report
     from audit.report import build_report
 
     facts = read_context(run_dir)
+    if facts.strategy_facts is None:  # a context written before strategies stated their facts
+        from coordinator.strategies.registry import strategy_facts  # lazy: imports torch
+
+        facts = msgspec.structs.replace(facts, strategy_facts=strategy_facts(facts.strategy))
     path = roster_path or Path(facts.roster)
     keys = None
     if roster_path is not None or path.exists():

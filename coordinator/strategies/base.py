@@ -7,13 +7,15 @@ only ratios of sums. :func:`aggregate_locally` runs the secure sums of one round
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from audit.context import StrategyFacts
+from clients.contract.config import FederationConfig
 from clients.contract.layout import (
     CHANNEL_BOUND,
     DELTA_PREFIX,
@@ -288,3 +290,12 @@ class PerExpertCoordinator:
     @property
     def _min_weight(self) -> float:
         return 0.5 / self.config.max_examples
+
+
+@dataclass(frozen=True)
+class ServerHalf:
+    """A strategy's server half as the registry holds it: how to build it from the config, and
+    what the strategy releases and its coordinator sees (the privacy report's facts)."""
+
+    build: Callable[[FederationConfig], CoordinatorStrategy]
+    facts: StrategyFacts

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from audit.context import StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
     WEIGHT,
@@ -21,8 +22,9 @@ from clients.contract.layout import (
     SubmissionLayout,
 )
 from clients.models.ddome_lora import expert_of
-from clients.strategies.ddome import DDOMEConfig, DDOMEState
+from clients.strategies.ddome import DDOMEConfig, DDOMEState, ddome_config
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
+from coordinator.strategies.base import ServerHalf
 
 
 def next_state(
@@ -71,3 +73,15 @@ class DDOMEStrategy:
 
     def aggregate(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         return next_state(self.config, self._state(state), sums).to_global()
+
+
+SERVER_HALF = ServerHalf(
+    build=lambda config: DDOMEStrategy(ddome_config(config)),
+    facts=StrategyFacts(
+        update="adapter update (weighted LoRA-expert deltas, and the gate's)",
+        releases_routing=False,
+        coordinator_sees="; per expert, how many institutions trained it in a round (never which)",
+    ),
+)
+"""DDOME's server half and what its coordinator sees besides the sums (own adapters: no
+routing statistics)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.context import StrategyFacts
 from clients.contract.layout import GlobalState, StrategyError
 from clients.strategies.fedalign import (
     ALIGN_MEAN,
@@ -25,8 +26,9 @@ from clients.strategies.fedalign import (
     ALIGN_SQUARE,
     ALIGN_STD,
     FedAlignConfig,
+    fedalign_config,
 )
-from coordinator.strategies.base import PerExpertCoordinator, summed_routing
+from coordinator.strategies.base import PerExpertCoordinator, ServerHalf, summed_routing
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,10 @@ def alignment_statistics(
     mean = np.where(enough, total / safe, 0.0)
     variance = np.where(enough, squares / safe - mean**2, 0.0)
     return {ALIGN_MEAN: mean, ALIGN_STD: np.sqrt(np.maximum(variance, 0.0)), ALIGN_N: n}
+
+
+SERVER_HALF = ServerHalf(
+    build=lambda config: FedAlignCoordinator(fedalign_config(config)), facts=StrategyFacts()
+)
+"""FedAlign-MoE's server half; it releases what FedAvg does (the alignment scores travel
+inside the update's secure sum)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from audit.context import ReleaseFacts, StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
     WEIGHT,
@@ -37,8 +38,10 @@ from clients.strategies.fedamole import (
     check_assignment_feasible,
     decode_scores,
     encode_assignment,
+    fedamole_config,
     state_from_global,
 )
+from coordinator.strategies.base import ServerHalf
 
 
 def solve_assignment(
@@ -197,3 +200,29 @@ class FedAMoLEStrategy:
 
     def selection(self, state: GlobalState) -> bytes:
         return encode_assignment(self._state(state).assignment)
+
+
+SERVER_HALF = ServerHalf(
+    build=lambda config: FedAMoLEStrategy(fedamole_config(config)),
+    facts=StrategyFacts(
+        releases_routing=False,
+        extra_releases=(
+            ReleaseFacts(
+                what="expert keys (mean LoRA-A output of each held expert)",
+                mechanism="Gaussian mechanism on per-block clipped means",
+                to_whom="masked (SecAgg+) inside the update's sum; the averaged keys go to every "
+                "institution",
+            ),
+            ReleaseFacts(
+                what="affinity scores (every expert's key against the institution's mean token "
+                "projection), from the second round on",
+                mechanism="Gaussian mechanism on per-block clipped means",
+                to_whom="the coordinator, in the clear (it solves the assignment from them)",
+            ),
+        ),
+        coordinator_sees="; each institution's noised affinity scores (in the clear) and the "
+        "expert assignment it solves from them; per expert, how many institutions held it",
+    ),
+)
+"""FedAMoLE's server half, its releases besides the update (own adapters: no routing
+statistics) and what its coordinator sees besides the sums."""

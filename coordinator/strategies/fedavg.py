@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from audit.context import StrategyFacts
 from clients.contract.layout import (
     CHANNEL_BOUND,
     DELTA_PREFIX,
@@ -17,8 +18,8 @@ from clients.contract.layout import (
     StrategyError,
     SubmissionLayout,
 )
-from clients.strategies.fedavg import FedAvgConfig
-from coordinator.strategies.base import leading_deltas, summed_routing
+from clients.strategies.fedavg import FedAvgConfig, fedavg_config
+from coordinator.strategies.base import ServerHalf, leading_deltas, summed_routing
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,9 @@ class FedAvgCoordinator:
                 f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
             )
         return total
+
+
+SERVER_HALF = ServerHalf(
+    build=lambda config: FedAvgCoordinator(fedavg_config(config)), facts=StrategyFacts()
+)
+"""FedAvg's server half; it releases the update and the routing statistics."""

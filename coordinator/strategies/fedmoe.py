@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clients.strategies.fedmoe import FedMoEConfig
-from coordinator.strategies.base import PerExpertCoordinator
+from audit.context import StrategyFacts
+from clients.strategies.fedmoe import FedMoEConfig, fedmoe_config
+from coordinator.strategies.base import PerExpertCoordinator, ServerHalf
 
 
 @dataclass(frozen=True)
@@ -21,3 +22,12 @@ class FedMoECoordinator(PerExpertCoordinator):
     """Coordinator side of FedMoE (the same :class:`FedMoEConfig` as the clients)."""
 
     config: FedMoEConfig
+
+
+SERVER_HALF = ServerHalf(
+    build=lambda config: FedMoECoordinator(fedmoe_config(config)),
+    facts=StrategyFacts(
+        coordinator_sees="; per expert, how many institutions hold it (never which)"
+    ),
+)
+"""FedMoE's server half, and what its coordinator sees besides the sums."""

@@ -1,35 +1,31 @@
-"""The coordinator side of every strategy ``[aggregation].strategy`` can name.
+"""The one registry of the strategies' server halves: ``[aggregation].strategy`` -> its half.
 
-The client halves are in ``clients.strategies.registry.CLIENT_HALVES``; a new strategy registers
-in both. The service and the simulation build their server half from here.
+The client halves are in :mod:`clients.strategies.registry`; a new strategy adds one module on
+each side (its ``SERVER_HALF`` here: how to build it, and its privacy-report facts) and one line
+in each registry. The service and the simulation build their server half from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from audit.context import StrategyFacts
 from clients.contract.config import FederationConfig
-from clients.strategies.ddome import ddome_config
-from clients.strategies.fedalign import fedalign_config
-from clients.strategies.fedamole import fedamole_config
-from clients.strategies.fedavg import fedavg_config
-from clients.strategies.fedmoe import fedmoe_config
-from coordinator.strategies.base import CoordinatorStrategy
-from coordinator.strategies.ddome import DDOMEStrategy
-from coordinator.strategies.fedalign import FedAlignCoordinator
-from coordinator.strategies.fedamole import FedAMoLEStrategy
-from coordinator.strategies.fedavg import FedAvgCoordinator
-from coordinator.strategies.fedmoe import FedMoECoordinator
+from coordinator.strategies import ddome, fedalign, fedamole, fedavg, fedmoe
+from coordinator.strategies.base import CoordinatorStrategy, ServerHalf
 
-COORDINATOR_STRATEGIES: dict[str, Callable[[FederationConfig], CoordinatorStrategy]] = {
-    "fedavg": lambda config: FedAvgCoordinator(fedavg_config(config)),
-    "fedalign": lambda config: FedAlignCoordinator(fedalign_config(config)),
-    "fedmoe": lambda config: FedMoECoordinator(fedmoe_config(config)),
-    "fedamole": lambda config: FedAMoLEStrategy(fedamole_config(config)),
-    "ddome": lambda config: DDOMEStrategy(ddome_config(config)),
+SERVER_HALVES: dict[str, ServerHalf] = {
+    "fedavg": fedavg.SERVER_HALF,
+    "fedalign": fedalign.SERVER_HALF,
+    "fedmoe": fedmoe.SERVER_HALF,
+    "fedamole": fedamole.SERVER_HALF,
+    "ddome": ddome.SERVER_HALF,
 }
 
 
 def coordinator_strategy(config: FederationConfig) -> CoordinatorStrategy:
-    """The coordinator side of the configured strategy."""
-    return COORDINATOR_STRATEGIES[config.aggregation.strategy](config)
+    """The server half of the configured strategy."""
+    return SERVER_HALVES[config.aggregation.strategy].build(config)
+
+
+def strategy_facts(name: str) -> StrategyFacts:
+    """The privacy-report facts of strategy ``name`` (``KeyError`` if it is not registered)."""
+    return SERVER_HALVES[name].facts
