@@ -44,6 +44,7 @@ from clients.contract.keys import client_id
 from clients.contract.layout import ROUTING, GlobalState, NoContribution, Submission
 from clients.contract.routing import RoutingStats
 from clients.runtime.broadcast import routing_from_channel
+from clients.strategies import fedavg
 from clients.strategies.base import ClientHalf, Learner, SelectsExperts
 from clients.strategies.ddome import EXPERT_COUNTS
 from clients.strategies.fedamole import ASSIGNMENT
@@ -61,10 +62,10 @@ from secagg.ckks import CkksKeyHolder
 
 LOCAL = "local"
 """The no-federation baseline's name."""
-LOCAL_HALF = "fedavg"
-"""The client half the local baseline trains with (plain MoE-LoRA training)."""
 NO_NOISE = 1e-9
 """The noise multiplier of the non-DP-SGD releases in runs without DP."""
+LOCAL_HALF = fedavg.CLIENT_HALF
+"""The local baseline trains FedAvg's learner (a session that changes nothing); nothing leaves."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Federation:
     ) -> None:
         self.config, self.private = config, private
         names = config.institution_names
-        half = client_half or CLIENT_HALVES[LOCAL_HALF if strategy == LOCAL else strategy]
+        half = client_half or (LOCAL_HALF if strategy == LOCAL else CLIENT_HALVES[strategy])
         self.learners: dict[str, Learner] = {name: half.learner(config, name) for name in names}
         self.server: CoordinatorStrategy | None = (
             None if strategy == LOCAL else SERVER_HALVES[strategy].build(config)
