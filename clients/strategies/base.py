@@ -267,8 +267,25 @@ def own_adapters_half(
     return ClientHalf(build_model=build_model, initial_state=initial_state, learner=learner)
 
 
-class Stateless:
-    """The memory of a learner whose rounds derive from the broadcast alone (DDOME, FedAMoLE)."""
+class OwnAdaptersLearner:
+    """What the learners of strategies with their own adapters (FedAMoLE, DDOME) share: the
+    global adapters are the parameters ``state_of`` lists (loaded back with ``load_state``),
+    there are no routing statistics, and nothing is remembered between rounds (every round
+    derives from the broadcast alone)."""
+
+    model: nn.Module
+    num_experts: int
+    state_of: Callable[[nn.Module], dict[str, torch.Tensor]]
+    load_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        return self.state_of(self.model)
+
+    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
+        self.load_state(self.model, adapters)
+
+    def local_state(self) -> GlobalState:
+        return GlobalState.initial(self.adapters(), (), self.num_experts)
 
     def memory(self) -> dict[str, np.ndarray]:
         return {}

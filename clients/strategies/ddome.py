@@ -22,7 +22,6 @@ depend on the expert choice: docs/fedamole-ddome.md, "Known limits").
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import dp_accounting
@@ -61,7 +60,7 @@ from clients.models.ddome_lora import (
 from clients.strategies.base import (
     SPLITS,
     LocalRound,
-    Stateless,
+    OwnAdaptersLearner,
     adapters_builder,
     device_of,
     own_adapters_half,
@@ -341,12 +340,16 @@ def ddome_anchor(config: FederationConfig, name: str) -> int | None:
     return index if index < config.aggregation.ddome.anchors else None
 
 
-class DDOMELearner(Stateless):
+class DDOMELearner(OwnAdaptersLearner):
     """Institution ``name``'s DDOME gate and experts, its data and their common embeddings."""
+
+    state_of = staticmethod(ddome_state)
+    load_state = staticmethod(load_ddome_state)
 
     def __init__(self, config: FederationConfig, name: str) -> None:
         self.config = config
         self.ddome = ddome_config(config)
+        self.num_experts = self.ddome.adapter.num_experts
         self.model, self.tokenizer = build_ddome_model(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.client = DDOMEClient(self.ddome, self.model, ddome_anchor(config, name))
@@ -358,15 +361,6 @@ class DDOMELearner(Stateless):
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
         return []
-
-    def adapters(self) -> dict[str, torch.Tensor]:
-        return ddome_state(self.model)
-
-    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
-        load_ddome_state(self.model, adapters)
-
-    def local_state(self) -> GlobalState:
-        return GlobalState.initial(self.adapters(), (), self.ddome.adapter.num_experts)
 
     def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
         return {EXPERT_COUNTS: (self.ddome.adapter.num_experts,)}

@@ -63,8 +63,8 @@ from clients.models.fedamole_lora import (
 )
 from clients.strategies.base import (
     LocalRound,
+    OwnAdaptersLearner,
     RecordedCharges,
-    Stateless,
     adapters_builder,
     device_of,
     own_adapters_half,
@@ -569,12 +569,16 @@ KEY_BASIS = (
 )
 
 
-class FedAMoLELearner(Stateless):
+class FedAMoLELearner(OwnAdaptersLearner):
     """Institution ``name``'s FedAMoLE adapters and data; its client id is its index."""
+
+    state_of = staticmethod(amole_state)
+    load_state = staticmethod(load_amole_state)
 
     def __init__(self, config: FederationConfig, name: str) -> None:
         self.config = config
         self.fedamole = fedamole_config(config)
+        self.num_experts = self.fedamole.adapter.num_experts
         self.model, self.tokenizer = build_fedamole_model(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.client_id = client_id(config, name)
@@ -599,15 +603,6 @@ class FedAMoLELearner(Stateless):
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
         """Scores (none in the first round: planned for every round, an upper bound) and keys."""
         return [self._score_mechanism().dp_event(), self._key_mechanism(1).dp_event()]
-
-    def adapters(self) -> dict[str, torch.Tensor]:
-        return amole_state(self.model)
-
-    def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
-        load_amole_state(self.model, adapters)
-
-    def local_state(self) -> GlobalState:
-        return GlobalState.initial(self.adapters(), (), self.fedamole.adapter.num_experts)
 
     def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
         return state_shapes(self.fedamole, self.num_modules)
