@@ -253,6 +253,25 @@ def aggregate_locally(
     return LocalAggregate(sums=sums, included=included)
 
 
+def contributed_weight(values: Mapping[str, np.ndarray], max_examples: int) -> float:
+    """The summed example weight ``sum(w)`` of the included clients.
+
+    Raises :class:`~clients.contract.layout.NoContribution` when it is below half of one
+    example's weight (``0.5 / max_examples``): nobody contributed (every honest non-zero weight
+    is at least ``1 / max_examples``) and any ratio would be quantisation noise.
+    """
+    if WEIGHT not in values:
+        raise StrategyError("the aggregate needs the sum of the mask channel, which carries w")
+    total = float(values[WEIGHT][0])
+    floor = 0.5 / max_examples
+    if total < floor:
+        raise NoContribution(
+            f"summed weight {total:.3g} is below half an example's weight ({floor:.3g}): "
+            "no client contributed; keep the state"
+        )
+    return total
+
+
 @dataclass(frozen=True)
 class PerExpertCoordinator:
     """Server half of a strategy that moves each expert by the weighted mean over the

@@ -16,15 +16,13 @@ import torch
 from audit.context import StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
-    WEIGHT,
     GlobalState,
-    NoContribution,
     SubmissionLayout,
 )
 from clients.models.ddome_lora import expert_of
 from clients.strategies.ddome import DDOMEConfig, DDOMEState, ddome_config
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
-from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import ServerHalf, contributed_weight
 
 
 def next_state(
@@ -32,10 +30,8 @@ def next_state(
 ) -> DDOMEState:
     """The next state from the decoded mask-channel sum over the included clients."""
     values = config.layout(state).unpack(sums)
-    floor = 0.5 / config.max_examples  # below half an example's weight: nobody
-    total = float(values[WEIGHT][0])
-    if total < floor:
-        raise NoContribution(f"summed weight {total:.3g} is below {floor:.3g}: keep the state")
+    total = contributed_weight(values, config.max_examples)
+    floor = 0.5 / config.max_examples
     counts = np.rint(values[EXPERT_COUNT])
     expert_weight = values[EXPERT_WEIGHT]
     moves = (counts >= config.min_count) & (expert_weight >= floor)

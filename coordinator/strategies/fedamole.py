@@ -22,9 +22,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from audit.context import ReleaseFacts, StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
-    WEIGHT,
     GlobalState,
-    NoContribution,
     StrategyError,
     SubmissionLayout,
 )
@@ -41,7 +39,7 @@ from clients.strategies.fedamole import (
     fedamole_config,
     state_from_global,
 )
-from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import ServerHalf, contributed_weight
 
 
 def solve_assignment(
@@ -136,10 +134,8 @@ def next_state(
 ) -> FedAMoLEState:
     """The next state from the decoded mask-channel sum over the included clients."""
     values = config.layout(state).unpack(sums)
-    floor = 0.5 / config.max_examples  # below half an example's weight: nobody
-    total = float(values[WEIGHT][0])
-    if total < floor:
-        raise NoContribution(f"summed weight {total:.3g} is below {floor:.3g}: keep the state")
+    total = contributed_weight(values, config.max_examples)
+    floor = 0.5 / config.max_examples
     shape = state.key_counts.shape
     expert_weight = values[EXPERT_WEIGHT].reshape(shape)
     counts = np.rint(values[KEY_COUNT].reshape(shape))

@@ -12,14 +12,17 @@ from audit.context import StrategyFacts
 from clients.contract.layout import (
     CHANNEL_BOUND,
     DELTA_PREFIX,
-    WEIGHT,
     GlobalState,
-    NoContribution,
     StrategyError,
     SubmissionLayout,
 )
 from clients.strategies.fedavg import FedAvgConfig, fedavg_config
-from coordinator.strategies.base import ServerHalf, leading_deltas, summed_routing
+from coordinator.strategies.base import (
+    ServerHalf,
+    contributed_weight,
+    leading_deltas,
+    summed_routing,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class FedAvgCoordinator:
         values = self.layout(state).unpack(sums, partial=True)
         if any(DELTA_PREFIX + name not in values for name in state.adapters):
             raise StrategyError("FedAvg needs the sum of the channel that carries w*delta")
-        total = self._total_weight(values)
+        total = contributed_weight(values, self.config.max_examples)
         adapters: dict[str, torch.Tensor] = {}
         for name, current in state.adapters.items():
             delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
@@ -61,7 +64,7 @@ class FedAvgCoordinator:
         """
         layout = self.layout(state)
         deltas = leading_deltas(layout, state)
-        total = self._total_weight(layout.unpack(sums, partial=True))
+        total = contributed_weight(layout.unpack(sums, partial=True), self.config.max_examples)
         return np.concatenate(
             [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
         )
@@ -69,17 +72,6 @@ class FedAvgCoordinator:
     def public_update(self, state: GlobalState, sums: Mapping[str, np.ndarray]) -> GlobalState:
         values = self.layout(state).unpack(sums, partial=True)
         return GlobalState(state.adapters, summed_routing(state.routing, values), state.extras)
-
-    def _total_weight(self, values: Mapping[str, np.ndarray]) -> float:
-        if WEIGHT not in values:
-            raise StrategyError("FedAvg needs the sum of the mask channel, which carries w")
-        total = float(values[WEIGHT][0])
-        if total < 0.5 / self.config.max_examples:
-            raise NoContribution(
-                f"summed weight {total:.3g} is below half an example's weight "
-                f"({0.5 / self.config.max_examples:.3g}): no client contributed; keep the state"
-            )
-        return total
 
 
 SERVER_HALF = ServerHalf(
