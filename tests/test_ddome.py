@@ -33,32 +33,26 @@ from clients.strategies.ddome import (
     zero_shot,
     zero_shot_loss,
 )
+from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.ddome import DDOMEStrategy, next_state
 from privacy import DPConfig, assert_per_sample_gradients, dp_sgd_event
 from secagg import FixedPointCodec
+from tests import adapter_fixtures
+from tests.adapter_fixtures import seeded_model
+from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = DDOMEAdapterConfig(num_experts=4, top_k=2, rank=4, gate_hidden=16)
 BITS = 16
 DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
 
 
-def ids(batch: int, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def model() -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        return attach_ddome(tiny_dense_model(), ADAPTER)
+    return seeded_model(lambda base: attach_ddome(base, ADAPTER), seed=5)
 
 
 def exercised(m: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in ddome_parameters(m):
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return m
+    return adapter_fixtures.exercised(m, (p for _, p in ddome_parameters(m)))
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -121,9 +115,7 @@ class Federation:
 
     def round(self, state, dropouts=None):
         updates = [
-            c.train(
-                state, self.blocks[i], self.emb[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=i
-            )
+            c.train(state, self.blocks[i], self.emb[i], StepSettings(DP, 2, 4, 1e-2, seed=i))
             for i, c in enumerate(self.clients)
         ]
         subs = [
@@ -218,8 +210,7 @@ def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds
     for r, dropouts in enumerate([{}, {1: "masked_input"}]):
         local = DDOMEState.from_global(state, 4, r)
         updates = [
-            c.train(local, fed.blocks[i], fed.emb[i], dp=DP, steps=2, batch_size=4, lr=1e-2,
-                    seed=r + i)
+            c.train(local, fed.blocks[i], fed.emb[i], StepSettings(DP, 2, 4, 1e-2, seed=r + i))
             for i, c in enumerate(fed.clients)
         ]  # fmt: skip
         # the DP-SGD update is each client's only release (the submission charges nothing)
@@ -280,7 +271,7 @@ def test_an_anchor_client_pulls_the_gate_towards_its_expert():
 
     before = anchor_probability()
     client = DDOMEClient(DDOMEConfig(ADAPTER, anchor_coef=1.0), m, anchor=3)
-    update = client.train(state, blocks, emb, dp=None, steps=10, batch_size=8, lr=1e-2, seed=0)
+    update = client.train(state, blocks, emb, StepSettings(None, 10, 8, 1e-2, seed=0))
     assert update.chosen[0] == 3
     assert anchor_probability() > before + 0.2
 

@@ -42,6 +42,7 @@ from clients.strategies.fedamole import (
     state_from_global,
 )
 from clients.training.release import gaussian_release, noise_generator
+from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.fedamole import (
     FedAMoLEStrategy,
@@ -53,29 +54,21 @@ from coordinator.strategies.fedamole import (
 )
 from privacy import DPConfig, assert_per_sample_gradients
 from secagg import FixedPointCodec
+from tests import adapter_fixtures
+from tests.adapter_fixtures import seeded_model
+from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = AMoLEConfig(num_experts=4, top_k=2, rank=4, load_balance_coef=0.01)
 BITS = 16
 DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
 
 
-def ids(batch: int, length: int = 12, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def model() -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        return attach_amole(tiny_dense_model(), ADAPTER)
+    return seeded_model(lambda base: attach_amole(base, ADAPTER), seed=3)
 
 
 def exercised(m: torch.nn.Module) -> torch.nn.Module:
-    """Random adapter weights (B factors start at zero), so every parameter gets a gradient."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in amole_parameters(m):
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return m
+    return adapter_fixtures.exercised(m, (p for _, p in amole_parameters(m)))
 
 
 class Ledger:
@@ -232,9 +225,7 @@ class Federation:
 
     def local(self, state: FedAMoLEState) -> list[FedAMoLEUpdate]:
         return [
-            c.train(
-                state, self.train[i], self.aux[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=i
-            )
+            c.train(state, self.train[i], self.aux[i], StepSettings(DP, 2, 4, 1e-2, seed=i))
             for i, c in enumerate(self.clients)
         ]
 
@@ -419,9 +410,7 @@ def test_rounds_through_the_server_half_charge_every_score_that_reaches_it():
         local = state_from_global(fed.config, state, r)
         subs = []
         for i, c in enumerate(fed.clients):
-            u = c.train(
-                local, fed.train[i], fed.aux[i], dp=DP, steps=2, batch_size=4, lr=1e-2, seed=r + i
-            )
+            u = c.train(local, fed.train[i], fed.aux[i], StepSettings(DP, 2, 4, 1e-2, seed=r + i))
             trained[i].append(u.facts.dp_event())
             fed.ledgers[i](u.facts.dp_event(), f"fedamole expert updates (DP-SGD), round {r}")
             subs.append(c.submit(local, u, int(fed.train[i].shape[0]), fed.ledgers[i]))

@@ -24,20 +24,16 @@ from privacy import (
     assert_per_sample_gradients,
     check_per_sample_gradients,
 )
+from tests import adapter_fixtures
+from tests.adapter_fixtures import token_ids
 
 
-def ids(batch: int = 3, length: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+def ids(batch: int = 3) -> torch.Tensor:
+    return token_ids(batch, length=10)
 
 
 def exercised(model: nn.Module) -> nn.Module:
-    """Random adapter weights (B factors start at zero), so every parameter gets a gradient."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
+    return adapter_fixtures.exercised(model, scale=0.05)
 
 
 def dense_model(coef: float = 0.01) -> nn.Module:

@@ -234,6 +234,11 @@ class TrainingSection(_Section):
     lr: Annotated[float, msgspec.Meta(gt=0.0)] = 1e-3
     device: Device = "auto"
 
+    @property
+    def torch_device(self) -> str | None:
+        """The device torch should use; None: CUDA when available."""
+        return None if self.device == "auto" else self.device
+
 
 class PrivacyBudget(_Section):
     """[institutions.privacy]: one institution's own (epsilon, delta) budget for the whole run."""

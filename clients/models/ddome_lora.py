@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
+from clients.models.lora_experts import ExpertShape, expert_factors
 
 GATE = "ddome_gate"
 
@@ -33,33 +35,18 @@ class DDOMEError(ValueError):
 
 
 @dataclass(frozen=True)
-class DDOMEAdapterConfig:
+class DDOMEAdapterConfig(ExpertShape):
     """``num_experts`` LoRA experts (rank, alpha) on ``target_modules``; each client trains
     ``top_k`` of them (paper: K = 2); the gate has one hidden layer of ``gate_hidden``."""
 
-    num_experts: int = 4
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    error: ClassVar[type[Exception]] = DDOMEError
+    field_prefix: ClassVar[str] = "ddome."
+
     gate_hidden: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_experts", "top_k", "rank", "gate_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DDOMEError(f"ddome.{name} must be a positive int, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise DDOMEError(f"ddome.top_k ({self.top_k}) must be <= num_experts")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise DDOMEError(f"ddome.alpha must be a positive number, got {self.alpha!r}")
-        if not self.target_modules:
-            raise DDOMEError("ddome.target_modules must name at least one linear layer")
-
-    @property
-    def scaling(self) -> float:
-        return float(self.alpha) / self.rank
+        super().__post_init__()
+        self._check_positive_int("gate_hidden")
 
 
 class DDOMELinear(nn.Module):
@@ -67,18 +54,9 @@ class DDOMELinear(nn.Module):
 
     def __init__(self, base: nn.Linear, config: DDOMEAdapterConfig) -> None:
         super().__init__()
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        d, out, r = base.in_features, base.out_features, config.rank
         self.base = base
         self.scaling = config.scaling
-        self.experts_A = nn.ModuleList(
-            nn.Linear(d, r, bias=False, **kw) for _ in range(config.num_experts)
-        )
-        self.experts_B = nn.ModuleList(
-            nn.Linear(r, out, bias=False, **kw) for _ in range(config.num_experts)
-        )
-        for b in self.experts_B:
-            nn.init.zeros_(b.weight)
+        self.experts_A, self.experts_B = expert_factors(base, config.rank, config.num_experts)
         self.gates: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,14 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
+from clients.models.lora_experts import ExpertShape, expert_factors
 
 
 class AMoLEError(ValueError):
@@ -34,37 +36,20 @@ class AMoLEError(ValueError):
 
 
 @dataclass(frozen=True)
-class AMoLEConfig:
+class AMoLEConfig(ExpertShape):
     """Adapter shape: ``num_experts`` domain experts of rank ``rank`` per target, top-``top_k``.
 
     Paper defaults are 30 experts, rank 8, alpha 16, top-2 and a load-balance weight of 0.001.
     """
 
+    error: ClassVar[type[Exception]] = AMoLEError
+
     num_experts: int = 8
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     load_balance_coef: float = 0.001
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_experts", "top_k", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AMoLEError(f"{name} must be a positive int, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise AMoLEError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise AMoLEError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not self.target_modules:
-            raise AMoLEError("target_modules must name at least one linear layer")
-        if not (isinstance(self.load_balance_coef, (int, float)) and self.load_balance_coef >= 0):
-            raise AMoLEError(f"load_balance_coef must be >= 0, got {self.load_balance_coef!r}")
-
-    @property
-    def scaling(self) -> float:
-        return float(self.alpha) / self.rank
+        super().__post_init__()
+        self._check_nonnegative("load_balance_coef")
 
 
 class AMoLELinear(nn.Module):
@@ -81,14 +66,8 @@ class AMoLELinear(nn.Module):
         self.token_proj = nn.Linear(d, r, bias=False, **kw)
         self.shared_A = nn.Linear(d, r, bias=False, **kw)
         self.shared_B = nn.Linear(r, out, bias=False, **kw)
-        self.experts_A = nn.ModuleList(
-            nn.Linear(d, r, bias=False, **kw) for _ in range(config.num_experts)
-        )
-        self.experts_B = nn.ModuleList(
-            nn.Linear(r, out, bias=False, **kw) for _ in range(config.num_experts)
-        )
-        for b in (self.shared_B, *self.experts_B):
-            nn.init.zeros_(b.weight)
+        self.experts_A, self.experts_B = expert_factors(base, r, config.num_experts)
+        nn.init.zeros_(self.shared_B.weight)
         self.held: tuple[int, ...] = tuple(range(config.num_experts))
         self.last_load_balance: torch.Tensor | None = None
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from torch import nn
 
 from clients.contract.routing import RoutingStats
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
+from clients.models.lora_experts import ExpertShape
 
 Mode = Literal["auto", "dense", "native"]
 
@@ -75,7 +76,7 @@ class AdapterStateError(MoELoRAError, ValueError):
 
 
 @dataclass(frozen=True)
-class MoELoRAConfig:
+class MoELoRAConfig(ExpertShape):
     """What to attach, and how.
 
     ``mode``: "auto" picks "native" when the model has a supported sparse MoE block, else "dense".
@@ -84,45 +85,18 @@ class MoELoRAConfig:
     not used. ``load_balance_coef`` is the weight a trainer gives :func:`load_balance_loss`.
     """
 
-    num_experts: int = 4
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
+    error: ClassVar[type[Exception]] = MoELoRAConfigError
+
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
     shared_expert: bool = False
     load_balance_coef: float = 0.01
     mode: Mode = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_experts", "top_k", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MoELoRAConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise MoELoRAConfigError(
-                f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
-            )
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise MoELoRAConfigError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not self.target_modules or not all(
-            isinstance(t, str) and t for t in self.target_modules
-        ):
-            raise MoELoRAConfigError(
-                f"target_modules must be a non-empty sequence of module names, "
-                f"got {self.target_modules!r}"
-            )
-        if not (isinstance(self.load_balance_coef, (int, float)) and self.load_balance_coef >= 0):
-            raise MoELoRAConfigError(
-                f"load_balance_coef must be a number >= 0, got {self.load_balance_coef!r}"
-            )
+        super().__post_init__()
+        self._check_nonnegative("load_balance_coef")
         if self.mode not in ("auto", "dense", "native"):
-            raise MoELoRAConfigError(f"mode must be 'auto', 'dense' or 'native', got {self.mode!r}")
-
-    @property
-    def scaling(self) -> float:
-        """LoRA scale ``alpha / rank``."""
-        return float(self.alpha) / self.rank
+            self._fail(f"mode must be 'auto', 'dense' or 'native', got {self.mode!r}")
 
 
 class _RoutedLayer(nn.Module):

@@ -26,6 +26,7 @@ from torch import nn
 
 from clients.contract.config import FederationConfig
 from clients.contract.layout import GlobalState, StrategyError, Submission, SubmissionLayout
+from clients.data.sources import institution_data
 from clients.models.build import build_model_with
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
 from privacy import DPConfig, DPTrainingFacts, Release
@@ -220,8 +221,7 @@ class SelectsExperts(Protocol):
 
 def device_of(config: FederationConfig) -> str | None:
     """``[training].device`` for the trainers (None: CUDA when available)."""
-    device = config.training.device
-    return None if device == "auto" else device
+    return config.training.torch_device
 
 
 @dataclass(frozen=True)
@@ -277,6 +277,20 @@ class OwnAdaptersLearner:
     num_experts: int
     state_of: Callable[[nn.Module], dict[str, torch.Tensor]]
     load_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
+
+    def __init__(
+        self,
+        config: FederationConfig,
+        name: str,
+        build: Callable[[FederationConfig], tuple[nn.Module, Any]],
+        num_experts: int,
+    ) -> None:
+        """Build the seeded model with ``build`` and load institution ``name``'s data with its
+        tokenizer."""
+        self.config = config
+        self.num_experts = num_experts
+        self.model, self.tokenizer = build(config)
+        self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return self.state_of(self.model)

@@ -42,7 +42,6 @@ from clients.contract.layout import (
     Submission,
     SubmissionLayout,
 )
-from clients.data.sources import institution_data
 from clients.models.ddome_lora import (
     DDOMEAdapterConfig,
     attach_ddome,
@@ -67,7 +66,13 @@ from clients.strategies.base import (
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
-from clients.training.trainer import Metrics, select_device, train_steps
+from clients.training.trainer import (
+    Metrics,
+    StepSettings,
+    evaluate_with,
+    select_device,
+    train_steps,
+)
 from privacy import DPConfig, DPTrainingFacts, Release
 
 
@@ -188,13 +193,7 @@ class DDOMEClient:
         state: DDOMEState,
         blocks: torch.Tensor,
         embeddings: torch.Tensor,
-        *,
-        dp: DPConfig | None,
-        steps: int,
-        batch_size: int,
-        lr: float = 1e-3,
-        seed: int | None = None,
-        device: str | None = None,
+        settings: StepSettings,
     ) -> DDOMEUpdate:
         """Choose the experts, then train the gate and them jointly (``embeddings`` from
         :func:`common_embedding` of the same ``blocks``)."""
@@ -207,12 +206,7 @@ class DDOMEClient:
             self.model,
             TensorDataset(blocks, embeddings),
             lambda b: per_sample_loss(self.model, b[0], b[1], chosen, self.anchor, coef),
-            dp=dp,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            device=device,
-            seed=seed,
+            settings,
         )
         after = ddome_state(self.model)
         delta = {n: (after[n] - state.adapters[n].to(after[n].device)).cpu() for n in after}
@@ -281,7 +275,6 @@ def zero_shot_loss(
     return total / tokens
 
 
-@torch.no_grad()
 def evaluate_choice(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -292,26 +285,15 @@ def evaluate_choice(
     """Next-token metrics of the MoE output as trained: per block, the gate's softmax over the
     institution's ``chosen`` experts (``embeddings``: :func:`common_embedding` of ``blocks``)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ce_sum, correct = 0.0, 0
-    try:
-        for i in range(0, blocks.shape[0], batch_size):
-            ids = blocks[i : i + batch_size].to(device)
-            gates = chosen_gates(
-                gate_logits(model, embeddings[i : i + batch_size].to(device)), chosen
-            )
-            logits = mixture_logits(model, ids, gates)[:, :-1]
-            ce = torch.nn.functional.cross_entropy(
-                logits.transpose(1, 2), ids[:, 1:], reduction="sum"
-            )
-            ce_sum += float(ce)
-            correct += int((logits.argmax(-1) == ids[:, 1:]).sum())
-    finally:
-        model.train(was_training)
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    loss = ce_sum / tokens
-    return Metrics(loss, math.exp(min(loss, 700.0)), correct / tokens, tokens)
+
+    def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = blocks[rows].to(device)
+        gates = chosen_gates(gate_logits(model, embeddings[rows].to(device)), chosen)
+        logits = mixture_logits(model, ids, gates)[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum")
+        return ce, logits.argmax(-1) == ids[:, 1:]
+
+    return evaluate_with(model, blocks, score, batch_size)
 
 
 def ddome_config(config: FederationConfig) -> DDOMEConfig:
@@ -347,11 +329,8 @@ class DDOMELearner(OwnAdaptersLearner):
     load_state = staticmethod(load_ddome_state)
 
     def __init__(self, config: FederationConfig, name: str) -> None:
-        self.config = config
         self.ddome = ddome_config(config)
-        self.num_experts = self.ddome.adapter.num_experts
-        self.model, self.tokenizer = build_ddome_model(config)
-        self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
+        super().__init__(config, name, build_ddome_model, self.ddome.adapter.num_experts)
         self.client = DDOMEClient(self.ddome, self.model, ddome_anchor(config, name))
         self.model.to(select_device(device_of(config)))
         self.embeddings = {s: common_embedding(self.model, self.data[s]) for s in SPLITS}
@@ -376,13 +355,11 @@ class DDOMELearner(OwnAdaptersLearner):
     def train(
         self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
     ) -> LocalRound:
-        train = self.config.training
+        settings = StepSettings.of(self.config.training, dp)
         ddome_state_ = self._state(state, federation_round)
         update = self.client.train(
-            ddome_state_, self.data["train"], self.embeddings["train"], dp=dp,
-            steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
-            device=device_of(self.config),
-        )  # fmt: skip
+            ddome_state_, self.data["train"], self.embeddings["train"], settings
+        )
         submission = self.client.submit(ddome_state_, update, len(self.data["train"]))
         releases = (
             [] if update.facts is None

@@ -50,7 +50,6 @@ from clients.contract.layout import (
     Submission,
     SubmissionLayout,
 )
-from clients.data.sources import institution_data
 from clients.models.fedamole_lora import (
     AMoLEConfig,
     amole_layers,
@@ -72,7 +71,7 @@ from clients.strategies.base import (
 from clients.strategies.experts import EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
 from clients.training.release import Charge, gaussian_release
-from clients.training.trainer import Metrics, evaluate, train_steps
+from clients.training.trainer import Metrics, StepSettings, evaluate, train_steps
 from privacy import (
     AFFINITY_SCORES,
     EXPERT_KEYS,
@@ -445,13 +444,7 @@ class FedAMoLEClient:
         state: FedAMoLEState,
         train_blocks: torch.Tensor,
         aux: torch.Tensor,
-        *,
-        dp: DPConfig | None,
-        steps: int,
-        batch_size: int,
-        lr: float = 1e-3,
-        seed: int | None = None,
-        device: str | None = None,
+        settings: StepSettings,
     ) -> FedAMoLEUpdate:
         """Train the held experts and shared parts; return the delta and the (not yet DP) keys."""
         held = state.held(self.client)
@@ -463,12 +456,7 @@ class FedAMoLEClient:
             self.model,
             TensorDataset(train_blocks),
             lambda batch: per_sample_loss(self.model, batch[0]),
-            dp=dp,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            device=device,
-            seed=seed,
+            settings,
         )
         after = amole_state(self.model)
         delta = {n: (after[n] - state.adapters[n].to(after[n].device)).cpu() for n in after}
@@ -576,11 +564,8 @@ class FedAMoLELearner(OwnAdaptersLearner):
     load_state = staticmethod(load_amole_state)
 
     def __init__(self, config: FederationConfig, name: str) -> None:
-        self.config = config
         self.fedamole = fedamole_config(config)
-        self.num_experts = self.fedamole.adapter.num_experts
-        self.model, self.tokenizer = build_fedamole_model(config)
-        self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
+        super().__init__(config, name, build_fedamole_model, self.fedamole.adapter.num_experts)
         self.client_id = client_id(config, name)
         self.client = FedAMoLEClient(self.fedamole, self.client_id, self.model)
         self.num_modules = len(amole_layers(self.model))
@@ -664,13 +649,11 @@ class FedAMoLELearner(OwnAdaptersLearner):
     def train(
         self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
     ) -> LocalRound:
-        train = self.config.training
+        settings = StepSettings.of(self.config.training, dp)
         fedamole_state = self._state(state, federation_round)
         update = self.client.train(
-            fedamole_state, self.data["train"], self.data["validation"], dp=dp,
-            steps=train.local_steps, batch_size=train.batch_size, lr=train.lr,
-            device=device_of(self.config),
-        )  # fmt: skip
+            fedamole_state, self.data["train"], self.data["validation"], settings
+        )
         # The runtime charges the DP-SGD update and the keys (recorded here) together.
         recorded = RecordedCharges()
         submission = self.client.submit(fedamole_state, update, len(self.data["train"]), recorded)

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients.contract.config import TrainingSection
 from clients.contract.routing import RoutingStats
 from clients.models.moe_lora import (
     adapter_parameters,
@@ -136,23 +137,48 @@ class LocalRun:
     mean_loss: float
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How one round of local training runs: DP-SGD (None: plain SGD), the number of Adam
+    steps, the (expected, under DP Poisson) batch size, learning rate, device (None: CUDA when
+    available) and seed. Checked when made, so a bad value fails before any model work."""
+
+    dp: DPConfig | None
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    device: str | torch.device | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainerError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainerError(f"lr must be a finite number > 0, got {self.lr!r}")
+
+    @classmethod
+    def of(cls, training: TrainingSection, dp: DPConfig | None) -> StepSettings:
+        """A federation round's settings: ``[training]`` with the institution's DP-SGD plan."""
+        return cls(
+            dp, training.local_steps, training.batch_size, training.lr, training.torch_device
+        )
+
+
 def train_steps(
     model: nn.Module,
     data: TensorDataset,
     loss: BatchLoss,
+    settings: StepSettings,
     *,
-    dp: DPConfig | None,
-    steps: int,
-    batch_size: int,
-    lr: float = 1e-3,
-    device: str | torch.device | None = None,
-    seed: int | None = None,
     progress: bool | None = False,
     after_step: Callable[[], None] | None = None,
 ) -> LocalRun:
-    """The one local (DP-)SGD loop: ``steps`` Adam steps on the model's trainable parameters.
+    """The one local (DP-)SGD loop: ``settings.steps`` Adam steps on the model's trainable
+    parameters.
 
-    With ``dp``: DP-SGD through :func:`privacy.make_private` (Poisson sampling at rate
+    With ``settings.dp``: DP-SGD through :func:`privacy.make_private` (Poisson sampling at rate
     ``batch_size / len(data)``, per-sample clipping over every trainable parameter, Gaussian
     noise at ``dp.noise_multiplier``, calibrated by the caller for all rounds); an empty
     Poisson batch still takes the noise-only step the accounting assumes. Without: shuffled
@@ -160,28 +186,22 @@ def train_steps(
     trained again next round. ``after_step`` runs after every step (e.g. to put held entries
     back). ``progress=None`` shows a transient bar only on a terminal; ``False`` never.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise TrainerError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise TrainerError(f"lr must be a finite number > 0, got {lr!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainerError("the model has no trainable parameters")
-    dev = select_device(device)
+    dev = select_device(settings.device)
     model.to(dev)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
     was_training = model.training
     model.train()
     total, count = 0.0, 0
-    training = make_private(model, optimizer, loader, dp, seed=seed)
+    training = make_private(model, optimizer, loader, settings.dp, seed=settings.seed)
     try:
         batches = training.batches()
-        with _progress("local training", steps, progress) as advance:
-            for _ in range(steps):
+        with _progress("local training", settings.steps, progress) as advance:
+            for _ in range(settings.steps):
                 batch = tuple(t.to(dev) for t in next(batches))
                 if batch[0].shape[0] == 0:
                     training.step(None)
@@ -223,6 +243,7 @@ def train_local(
     gradients nor DP noise move them and their delta is exactly zero. The routing counters are
     reset first, so the result's routing statistics are those of the training forwards.
     """
+    settings = StepSettings(dp, steps, batch_size, lr, device, seed)
     _check_blocks(blocks, "blocks")
     config = get_config(model)
     adapters = dict(adapter_parameters(model))
@@ -250,8 +271,7 @@ def train_local(
         return loss
 
     run = train_steps(
-        model, TensorDataset(blocks), block_loss, dp=dp, steps=steps, batch_size=batch_size,
-        lr=lr, device=device, seed=seed, progress=progress,
+        model, TensorDataset(blocks), block_loss, settings, progress=progress,
         after_step=lambda: _restore(adapters, held),
     )  # fmt: skip
     after = adapter_state(model)
@@ -303,7 +323,33 @@ def _checked_extra(term: torch.Tensor, batch: int) -> torch.Tensor:
     return term
 
 
+BatchScore = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+"""``score(rows)`` -> the summed next-token cross-entropy of those rows of the evaluated blocks
+and their correct predictions (tensors of any shape; both are summed)."""
+
+
 @torch.no_grad()
+def evaluate_with(
+    model: nn.Module, blocks: torch.Tensor, score: BatchScore, batch_size: int = 8
+) -> Metrics:
+    """Next-token loss, perplexity and accuracy of ``blocks`` [N, T], scored ``batch_size`` rows
+    at a time by ``score`` with the model in eval mode (its mode is restored afterwards)."""
+    _check_blocks(blocks, "blocks")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    ce_sum, correct = 0.0, 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ce, hits = score(slice(start, start + batch_size))
+            ce_sum += float(ce.sum())
+            correct += int(hits.sum())
+    finally:
+        model.train(was_training)
+    return _metrics(ce_sum, correct, blocks.shape[0] * (blocks.shape[1] - 1))
+
+
 def evaluate(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -314,20 +360,11 @@ def evaluate(
 
     Adds the evaluated tokens to the model's routing counters.
     """
-    _check_blocks(blocks, "blocks")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
     dev = select_device(device)
     model.to(dev)
-    was_training = model.training
-    model.eval()
-    ce_sum, correct = 0.0, 0
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start : start + batch_size].to(dev)
-            _, ce, hits = _forward(model, ids, 0.0)
-            ce_sum += float(ce.sum())
-            correct += int(hits.sum())
-    finally:
-        model.train(was_training)
-    return _metrics(ce_sum, correct, blocks.shape[0] * (blocks.shape[1] - 1))
+
+    def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        _, ce, hits = _forward(model, blocks[rows].to(dev), 0.0)
+        return ce, hits
+
+    return evaluate_with(model, blocks, score, batch_size)

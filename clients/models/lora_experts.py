@@ -1,0 +1,67 @@
+"""What every adapter family (MoE-LoRA, FedAMoLE's, DDOME's) shares: the shape of its LoRA
+experts, checked once, and zero-started expert factors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """``num_experts`` LoRA experts of ``rank`` (scale ``alpha / rank``) on the linear layers
+    named ``target_modules``; ``top_k`` of them act at a time. Checked when made: a bad field
+    raises ``error`` with a message that names it (prefixed by ``field_prefix``)."""
+
+    error: ClassVar[type[Exception]] = ValueError
+    field_prefix: ClassVar[str] = ""
+
+    num_experts: int = 4
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("num_experts", "top_k", "rank"):
+            self._check_positive_int(name)
+        if self.top_k > self.num_experts:
+            self._fail(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            self._fail(f"alpha must be a positive number, got {self.alpha!r}")
+        if not self.target_modules or not all(
+            isinstance(t, str) and t for t in self.target_modules
+        ):
+            self._fail(f"target_modules must name at least one layer, got {self.target_modules!r}")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scale ``alpha / rank``."""
+        return float(self.alpha) / self.rank
+
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self._fail(f"{name} must be a positive int, got {value!r}")
+
+    def _check_nonnegative(self, name: str) -> None:
+        value = getattr(self, name)
+        if not (isinstance(value, (int, float)) and value >= 0):
+            self._fail(f"{name} must be a number >= 0, got {value!r}")
+
+    def _fail(self, message: str) -> None:
+        raise self.error(f"{self.field_prefix}{message}")
+
+
+def expert_factors(base: nn.Linear, rank: int, count: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``count`` LoRA factor pairs (A: in -> rank, B: rank -> out) on ``base``'s device and
+    dtype; every B starts at zero, so the experts start as the identity change."""
+    kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+    a = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False, **kw) for _ in range(count))
+    b = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False, **kw) for _ in range(count))
+    for layer in b:
+        nn.init.zeros_(layer.weight)
+    return a, b
