@@ -3,6 +3,8 @@ tests."""
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 
@@ -10,6 +12,11 @@ from clients.contract.layout import GlobalState
 from clients.contract.routing import RoutingStats
 from clients.training.trainer import LocalTrainingResult, Metrics
 
+C = TypeVar("C")
+
+BITS = 16
+BOUND = 0.05
+CAP = 100
 LAYERS = ("m.l0.up_proj", "m.l1.up_proj")
 EXPERTS = 3
 RANK = 2
@@ -69,3 +76,12 @@ def expert_entries(name: str) -> np.ndarray:
 
 def layer_of(name: str) -> int:
     return next(i for i, layer in enumerate(LAYERS) if name.startswith(layer + "."))
+
+
+def synthetic_config(config_type: type[C], params: Any, **fields: Any) -> C:
+    """A per-expert strategy's config for the synthetic states: their bounds, the example cap
+    ``CAP``, routing statistics on the mask channel, and ``params`` as its section."""
+    fields = {"routing_channel": "mask", **fields}
+    return config_type(
+        max_examples=CAP, delta_bound=BOUND, routing_bound=5000.0, params=params, **fields
+    )

@@ -26,6 +26,9 @@ from privacy import DPConfig
 from secagg import FixedPointCodec
 from secagg.ckks import CkksKeyHolder
 from tests.expert_fixtures import (
+    BITS,
+    BOUND,
+    CAP,
     EXPERTS,
     LAYERS,
     expert_entries,
@@ -33,11 +36,9 @@ from tests.expert_fixtures import (
     make_result,
     make_routing,
     make_state,
+    synthetic_config,
 )
 
-BITS = 16
-BOUND = 0.05
-CAP = 100
 EXAMPLES = [40, 100, 70, 250]
 PROBS = [(0.5, 0.3, 0.2), (0.2, 0.3, 0.5), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1)]
 
@@ -109,11 +110,10 @@ def central_update(state, results, omegas, counts, dense_w, min_count):
 @pytest.mark.parametrize("consistency", ["js", "expert_kl"])
 def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, consistency):
     rng = np.random.default_rng(11)
-    config = FedAlignConfig(
-        max_examples=CAP,
-        delta_bound=BOUND,
-        routing_bound=5000.0,
-        params=FedAlignSection(consistency=consistency, temperature=0.5, beta=1.0, min_count=2),
+    config = synthetic_config(
+        FedAlignConfig,
+        FedAlignSection(consistency=consistency, temperature=0.5, beta=1.0, min_count=2),
+        routing_channel="ckks",
     )
     clients = [FedAlignClient(config) for _ in EXAMPLES]
     coordinator = FedAlignCoordinator(config)
@@ -195,13 +195,7 @@ def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, cons
 
 def test_an_expert_kept_by_one_client_only_is_not_updated(ckks):
     rng = np.random.default_rng(5)
-    config = FedAlignConfig(
-        max_examples=CAP,
-        delta_bound=BOUND,
-        routing_channel="mask",
-        routing_bound=5000.0,
-        params=FedAlignSection(min_count=2, beta=0.0),
-    )
+    config = synthetic_config(FedAlignConfig, FedAlignSection(min_count=2, beta=0.0))
     state0 = make_state(rng)
     clients = [FedAlignClient(config) for _ in range(3)]
     for c in clients:  # a first round, to give every client the memory of state0

@@ -19,6 +19,9 @@ from coordinator.strategies.fedmoe import FedMoECoordinator
 from privacy import DPConfig
 from secagg import FixedPointCodec
 from tests.expert_fixtures import (
+    BITS,
+    BOUND,
+    CAP,
     EXPERTS,
     LAYERS,
     expert_entries,
@@ -26,11 +29,8 @@ from tests.expert_fixtures import (
     make_result,
     make_routing,
     make_state,
+    synthetic_config,
 )
-
-BITS = 16
-BOUND = 0.05
-CAP = 100
 
 
 def test_search_finds_the_largest_coverage_within_budget():
@@ -79,12 +79,9 @@ def clients_with_patterns(config, state, rng, patterns):
 
 def test_modular_aggregation_through_secagg_equals_the_plaintext_per_holder_means():
     rng = np.random.default_rng(3)
-    config = FedMoEConfig(
-        max_examples=CAP,
-        delta_bound=BOUND,
-        routing_channel="mask",
-        routing_bound=5000.0,
-        params=FedMoESection(
+    config = synthetic_config(
+        FedMoEConfig,
+        FedMoESection(
             memory_fraction=0.7,  # 2 of 3 experts per layer
             warmup_rounds=1,
             recommend_weight=0.0,
@@ -134,12 +131,8 @@ def test_modular_aggregation_through_secagg_equals_the_plaintext_per_holder_mean
 
 def test_the_coordinator_cannot_tell_who_holds_what():
     rng = np.random.default_rng(8)
-    config = FedMoEConfig(
-        max_examples=CAP,
-        delta_bound=BOUND,
-        routing_channel="mask",
-        routing_bound=5000.0,
-        params=FedMoESection(memory_fraction=0.7, recommend_weight=0.0),
+    config = synthetic_config(
+        FedMoEConfig, FedMoESection(memory_fraction=0.7, recommend_weight=0.0)
     )
     state0 = make_state(rng)
     state = GlobalState(state0.adapters, make_routing(rng, (0.4, 0.4, 0.2)))

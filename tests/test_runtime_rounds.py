@@ -215,13 +215,18 @@ def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(
 # ------------------------------------------------------------------------------ refusals
 
 
-def test_a_round_over_budget_sends_the_head_then_a_decline_and_nothing_else(config):
-    name = NAMES[2]  # a budget of epsilon 4, already spent by an earlier run
+def spend_earlier_run(config: FederationConfig, name: str) -> None:
+    """Charge ``name``'s ledger with an earlier run's release that uses up its epsilon-4 budget."""
     spent = Ledger(ledger_path(config.run_dir, name), institution=name, delta=DELTA,
                    identity=load_institution_keys(config.keys_dir, name).identity,
                    budget_epsilon=100.0, accountant="rdp")  # fmt: skip
     spent.charge([DPTrainingFacts(noise_multiplier=0.6, sample_rate=1.0, steps=20,
                                   max_grad_norm=1.0, delta=DELTA).release(0, 1)])  # fmt: skip
+
+
+def test_a_round_over_budget_sends_the_head_then_a_decline_and_nothing_else(config):
+    name = NAMES[2]  # a budget of epsilon 4, already spent by an earlier run
+    spend_earlier_run(config, name)
     inst = make_institution(config, name)
     start = round_start(config, inst)
 
@@ -379,11 +384,7 @@ def test_fedamole_malformed_assignment_is_declined_and_serving_goes_on(fedamole,
 def test_fedamole_scores_over_budget_send_the_head_then_a_decline(fedamole):
     config = fedamole
     name = NAMES[2]
-    spent = Ledger(ledger_path(config.run_dir, name), institution=name, delta=DELTA,
-                   identity=load_institution_keys(config.keys_dir, name).identity,
-                   budget_epsilon=100.0, accountant="rdp")  # fmt: skip
-    spent.charge([DPTrainingFacts(noise_multiplier=0.6, sample_rate=1.0, steps=20,
-                                  max_grad_norm=1.0, delta=DELTA).release(0, 1)])  # fmt: skip
+    spend_earlier_run(config, name)
     inst = make_institution(config, name)
     start, _ = fedamole_round_with_keys(config, inst, federation_round=2)
     outputs = inst.rounds.handle(start)

@@ -90,50 +90,10 @@ def test_ddome_parameters_and_anchors_reach_its_config(raw):
         ({"fedalign": {"typo": 1}}, "$.aggregation.fedalign", "typo"),
         ({"fedmoe": {"min_count": 1}}, "$.aggregation.fedmoe.min_count", ">= 2"),
         ({"fedmoe": {"memory_fraction": 1.5}}, "$.aggregation.fedmoe.memory_fraction", "<= 1.0"),
-        (
-            {"strategy": "fedmoe", "fedmoe": {"min_count": 4}},
-            "$.aggregation.fedmoe.min_count",
-            "exceeds the 3 institutions",
-        ),
         ({"fedamole": {"key_clip": 0.0}}, "$.aggregation.fedamole.key_clip", "> 0.0"),
         ({"fedamole": {"typo": 1}}, "$.aggregation.fedamole", "typo"),
-        (
-            {"strategy": "fedamole", "fedamole": {"clients_per_expert": 4}},
-            "$.aggregation.fedamole.clients_per_expert",
-            "exceeds the 3 institutions",
-        ),
-        (
-            {"strategy": "fedamole", "fedamole": {"min_experts": 1}},
-            "$.aggregation.fedamole.min_experts",
-            "top_k=2",
-        ),
-        (
-            {"strategy": "fedamole", "fedamole": {"min_experts": 3}},
-            "$.aggregation.fedamole.min_experts",
-            "8 slots cannot give",
-        ),
-        (
-            {"strategy": "fedamole", "fedamole": {"clients_per_expert": 3, "max_experts": 3}},
-            "$.aggregation.fedamole.max_experts",
-            "12 slots do not fit",
-        ),
         ({"ddome": {"anchor_coef": -1.0}}, "$.aggregation.ddome.anchor_coef", ">= 0.0"),
         ({"ddome": {"gate_hidden": 0}}, "$.aggregation.ddome.gate_hidden", ">= 1"),
-        (
-            {"strategy": "ddome", "ddome": {"anchors": 4}},
-            "$.aggregation.ddome.anchors",
-            "at most",
-        ),
-        (
-            {"strategy": "ddome", "ddome": {"min_count": 4}},
-            "$.aggregation.ddome.min_count",
-            "exceeds the 3 institutions",
-        ),
-        (
-            {"strategy": "fedamole", "fedamole": {"affinity_blocks": 9}},
-            "$.aggregation.fedamole.affinity_blocks",
-            "exceeds the 8 validation blocks",
-        ),
         (
             {"strategy": "ddome", "expert_updates": "ckks"},
             "$.aggregation.expert_updates",
@@ -145,4 +105,25 @@ def test_bad_strategy_fields_are_named(raw, fields, field, text):
     with pytest.raises(ConfigFileError) as info:
         parse_config(with_aggregation(raw, **fields), "/x/fed.toml")
     assert info.value.field == field
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "text"),
+    [
+        ("fedmoe", {"min_count": 4}, "exceeds the 3 institutions"),
+        ("fedamole", {"clients_per_expert": 4}, "exceeds the 3 institutions"),
+        ("fedamole", {"min_experts": 1}, "top_k=2"),
+        ("fedamole", {"min_experts": 3}, "8 slots cannot give"),
+        ("fedamole", {"clients_per_expert": 3, "max_experts": 3}, "12 slots do not fit"),
+        ("ddome", {"anchors": 4}, "at most"),
+        ("ddome", {"min_count": 4}, "exceeds the 3 institutions"),
+        ("fedamole", {"affinity_blocks": 9}, "exceeds the 8 validation blocks"),
+    ],
+)
+def test_the_chosen_strategys_unusable_parameters_are_named(raw, strategy, params, text):
+    """Checks that need the roster or the model: the last parameter given is the one named."""
+    with pytest.raises(ConfigFileError) as info:
+        parse_config(with_aggregation(raw, strategy=strategy, **{strategy: params}), "/x/fed.toml")
+    assert info.value.field == f"$.aggregation.{strategy}.{list(params)[-1]}"
     assert text in str(info.value)

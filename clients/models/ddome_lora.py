@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
-from clients.models.lora_experts import ExpertShape, expert_factors
+from clients.models.lora_experts import ExpertShape, expert_factors, wrap_targets
 
 GATE = "ddome_gate"
 
@@ -41,12 +41,9 @@ class DDOMEAdapterConfig(ExpertShape):
 
     error: ClassVar[type[Exception]] = DDOMEError
     field_prefix: ClassVar[str] = "ddome."
+    positive_ints: ClassVar[tuple[str, ...]] = ("gate_hidden",)
 
     gate_hidden: int = 64
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_positive_int("gate_hidden")
 
 
 class DDOMELinear(nn.Module):
@@ -78,19 +75,8 @@ def attach_ddome(model: nn.Module, config: DDOMEAdapterConfig) -> nn.Module:
     place, freeze the base model, and return it."""
     if ddome_layers(model):
         raise DDOMEError("model already carries DDOME adapters")
-    targets = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n.rpartition(".")[2] in config.target_modules
-    ]
-    if not targets:
-        raise DDOMEError(f"no nn.Linear named any of {config.target_modules} in the model")
+    wrap_targets(model, config, lambda base: DDOMELinear(base, config))
     hidden = model.get_input_embeddings().embedding_dim
-    model.requires_grad_(False)
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, DDOMELinear(model.get_submodule(name), config))
     weight = model.get_input_embeddings().weight
     gate = nn.Sequential(
         nn.Linear(hidden, config.gate_hidden),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
-from clients.models.lora_experts import ExpertShape, expert_factors
+from clients.models.lora_experts import ExpertShape, expert_factors, wrap_targets
 
 
 class AMoLEError(ValueError):
@@ -43,13 +43,10 @@ class AMoLEConfig(ExpertShape):
     """
 
     error: ClassVar[type[Exception]] = AMoLEError
+    nonnegative: ClassVar[tuple[str, ...]] = ("load_balance_coef",)
 
     num_experts: int = 8
     load_balance_coef: float = 0.001
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_nonnegative("load_balance_coef")
 
 
 class AMoLELinear(nn.Module):
@@ -102,18 +99,7 @@ def attach_amole(model: nn.Module, config: AMoLEConfig) -> nn.Module:
     """Wrap every target ``nn.Linear`` in place, freeze the base model, and return the model."""
     if amole_layers(model):
         raise AMoLEError("model already carries FedAMoLE adapters")
-    targets = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n.rpartition(".")[2] in config.target_modules
-    ]
-    if not targets:
-        raise AMoLEError(f"no nn.Linear named any of {config.target_modules} in the model")
-    model.requires_grad_(False)
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, AMoLELinear(model.get_submodule(name), config))
+    wrap_targets(model, config, lambda base: AMoLELinear(base, config))
     model.amole_config = config
     return model
 

@@ -3,6 +3,7 @@ experts, checked once, and zero-started expert factors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,10 +14,13 @@ from torch import nn
 class ExpertShape:
     """``num_experts`` LoRA experts of ``rank`` (scale ``alpha / rank``) on the linear layers
     named ``target_modules``; ``top_k`` of them act at a time. Checked when made: a bad field
-    raises ``error`` with a message that names it (prefixed by ``field_prefix``)."""
+    raises ``error`` with a message that names it (prefixed by ``field_prefix``). A family
+    names its own further fields in ``positive_ints`` and ``nonnegative``."""
 
     error: ClassVar[type[Exception]] = ValueError
     field_prefix: ClassVar[str] = ""
+    positive_ints: ClassVar[tuple[str, ...]] = ()
+    nonnegative: ClassVar[tuple[str, ...]] = ()
 
     num_experts: int = 4
     top_k: int = 2
@@ -26,8 +30,14 @@ class ExpertShape:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_experts", "top_k", "rank"):
-            self._check_positive_int(name)
+        for name in ("num_experts", "top_k", "rank", *self.positive_ints):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self._fail(f"{name} must be a positive int, got {value!r}")
+        for name in self.nonnegative:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                self._fail(f"{name} must be a number >= 0, got {value!r}")
         if self.top_k > self.num_experts:
             self._fail(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
@@ -42,16 +52,6 @@ class ExpertShape:
         """LoRA scale ``alpha / rank``."""
         return float(self.alpha) / self.rank
 
-    def _check_positive_int(self, name: str) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self._fail(f"{name} must be a positive int, got {value!r}")
-
-    def _check_nonnegative(self, name: str) -> None:
-        value = getattr(self, name)
-        if not (isinstance(value, (int, float)) and value >= 0):
-            self._fail(f"{name} must be a number >= 0, got {value!r}")
-
     def _fail(self, message: str) -> None:
         raise self.error(f"{self.field_prefix}{message}")
 
@@ -65,3 +65,34 @@ def expert_factors(base: nn.Linear, rank: int, count: int) -> tuple[nn.ModuleLis
     for layer in b:
         nn.init.zeros_(layer.weight)
     return a, b
+
+
+def target_linears(
+    model: nn.Module, target_modules: tuple[str, ...], error: type[Exception]
+) -> list[str]:
+    """Names of the ``nn.Linear`` layers whose last name part is one of ``target_modules``, in
+    model order; none raises ``error`` naming the linear layers the model does have."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [n for n in linears if n.rpartition(".")[2] in target_modules]
+    if not targets:
+        raise error(
+            f"no nn.Linear named any of {target_modules} in {type(model).__name__}; "
+            f"its linear layers are named {sorted({n.rpartition('.')[2] for n in linears})}"
+        )
+    return targets
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``root``'s submodule ``name`` was."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def wrap_targets(
+    model: nn.Module, shape: ExpertShape, wrap: Callable[[nn.Linear], nn.Module]
+) -> None:
+    """Freeze the base model and replace every target linear layer ``l`` by ``wrap(l)``."""
+    targets = target_linears(model, shape.target_modules, shape.error)
+    model.requires_grad_(False)
+    for name in targets:
+        replace_module(model, name, wrap(model.get_submodule(name)))

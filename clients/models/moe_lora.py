@@ -42,7 +42,7 @@ from torch import nn
 
 from clients.contract.routing import RoutingStats
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
-from clients.models.lora_experts import ExpertShape
+from clients.models.lora_experts import ExpertShape, replace_module, target_linears
 
 Mode = Literal["auto", "dense", "native"]
 
@@ -86,6 +86,7 @@ class MoELoRAConfig(ExpertShape):
     """
 
     error: ClassVar[type[Exception]] = MoELoRAConfigError
+    nonnegative: ClassVar[tuple[str, ...]] = ("load_balance_coef",)
 
     target_modules: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj")
     shared_expert: bool = False
@@ -94,7 +95,6 @@ class MoELoRAConfig(ExpertShape):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_nonnegative("load_balance_coef")
         if self.mode not in ("auto", "dense", "native"):
             self._fail(f"mode must be 'auto', 'dense' or 'native', got {self.mode!r}")
 
@@ -305,11 +305,6 @@ def _adapter_layers(model: nn.Module) -> Iterator[tuple[str, _RoutedLayer]]:
             yield name, module
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
 def _resolve_mode(model: nn.Module, config: MoELoRAConfig) -> Literal["dense", "native"]:
     has_native = any(type(m).__name__ in _NATIVE_BLOCKS for m in model.modules())
     if config.mode == "auto":
@@ -333,24 +328,12 @@ def attach(model: nn.Module, config: MoELoRAConfig | None = None) -> nn.Module:
     if mode == "native":
         blocks = [n for n, m in model.named_modules() if type(m).__name__ in _NATIVE_BLOCKS]
         for name in blocks:
-            _set_submodule(model, name, NativeMoELoRA(model.get_submodule(name), config))
+            replace_module(model, name, NativeMoELoRA(model.get_submodule(name), config))
     else:
         native_prefixes = tuple(
             f"{n}." for n, m in model.named_modules() if type(m).__name__ in _NATIVE_BLOCKS
         )
-        targets = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in config.target_modules
-        ]
-        if not targets:
-            linears = sorted(
-                {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-            )
-            raise UnsupportedModelError(
-                f"no nn.Linear named any of {config.target_modules} in {type(model).__name__}; "
-                f"its linear layers are named {linears}"
-            )
+        targets = target_linears(model, config.target_modules, UnsupportedModelError)
         inside = [n for n in targets if n.startswith(native_prefixes)]
         if inside:
             raise UnsupportedModelError(
@@ -358,7 +341,7 @@ def attach(model: nn.Module, config: MoELoRAConfig | None = None) -> nn.Module:
                 "flattened tokens break per-sample gradients; use mode='native' or other targets"
             )
         for name in targets:
-            _set_submodule(model, name, MoELoRALinear(model.get_submodule(name), config))
+            replace_module(model, name, MoELoRALinear(model.get_submodule(name), config))
     model.moe_lora_config = config
     return model
 

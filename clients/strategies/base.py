@@ -28,6 +28,7 @@ from clients.contract.config import FederationConfig
 from clients.contract.layout import GlobalState, StrategyError, Submission, SubmissionLayout
 from clients.data.sources import institution_data
 from clients.models.build import build_model_with
+from clients.models.lora_experts import ExpertShape
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
 from privacy import DPConfig, DPTrainingFacts, Release
 
@@ -239,64 +240,51 @@ class ClientHalf:
     adapters and learner."""
 
 
-def adapters_builder(
-    adapter_of: Callable[[FederationConfig], Any], attach: Callable[[nn.Module, Any], object]
-) -> Callable[[FederationConfig], tuple[nn.Module, Any]]:
-    """The model builder of a strategy with its own adapters: the seeded base model with
-    ``attach(model, adapter_of(config))`` applied, and its tokenizer."""
+@dataclass(frozen=True)
+class OwnAdapters:
+    """The adapter family of a strategy that brings its own (FedAMoLE, DDOME): ``shape_of``
+    gives its shape from the config, ``attach`` adds it to a base model, ``state`` lists its
+    parameters (the global adapters) and ``load`` puts them back."""
 
-    def build(config: FederationConfig) -> tuple[nn.Module, Any]:
-        adapter = adapter_of(config)
-        return build_model_with(config, lambda model: attach(model, adapter))
+    shape_of: Callable[[FederationConfig], ExpertShape]
+    attach: Callable[[nn.Module, Any], object]
+    state: Callable[[nn.Module], dict[str, torch.Tensor]]
+    load: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
 
-    return build
+    def build(self, config: FederationConfig) -> tuple[nn.Module, Any]:
+        """The seeded base model with these adapters, and its tokenizer."""
+        shape = self.shape_of(config)
+        return build_model_with(config, lambda model: self.attach(model, shape))
 
+    def client_half(self, learner: Callable[[FederationConfig, str], Learner]) -> ClientHalf:
+        """The strategy's client half: round 0 is the seeded adapters with no routing
+        statistics (the model does not route per token)."""
 
-def own_adapters_half(
-    build_model: Callable[[FederationConfig], tuple[nn.Module, Any]],
-    adapter_state: Callable[[nn.Module], dict[str, torch.Tensor]],
-    learner: Callable[[FederationConfig, str], Learner],
-) -> ClientHalf:
-    """The client half of a strategy with its own adapters (FedAMoLE, DDOME): round 0 is the
-    seeded adapters with no routing statistics (the model does not route per token)."""
+        def initial_state(config: FederationConfig) -> GlobalState:
+            model, _ = self.build(config)
+            return GlobalState.initial(self.state(model), (), config.model.moe.num_experts)
 
-    def initial_state(config: FederationConfig) -> GlobalState:
-        model, _ = build_model(config)
-        return GlobalState.initial(adapter_state(model), (), config.model.moe.num_experts)
-
-    return ClientHalf(build_model=build_model, initial_state=initial_state, learner=learner)
+        return ClientHalf(build_model=self.build, initial_state=initial_state, learner=learner)
 
 
 class OwnAdaptersLearner:
     """What the learners of strategies with their own adapters (FedAMoLE, DDOME) share: the
-    global adapters are the parameters ``state_of`` lists (loaded back with ``load_state``),
-    there are no routing statistics, and nothing is remembered between rounds (every round
+    model with the family's adapters (the global adapters are their state), institution
+    ``name``'s data, no routing statistics, and nothing remembered between rounds (every round
     derives from the broadcast alone)."""
 
-    model: nn.Module
-    num_experts: int
-    state_of: Callable[[nn.Module], dict[str, torch.Tensor]]
-    load_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
-
-    def __init__(
-        self,
-        config: FederationConfig,
-        name: str,
-        build: Callable[[FederationConfig], tuple[nn.Module, Any]],
-        num_experts: int,
-    ) -> None:
-        """Build the seeded model with ``build`` and load institution ``name``'s data with its
-        tokenizer."""
+    def __init__(self, config: FederationConfig, name: str, family: OwnAdapters) -> None:
         self.config = config
-        self.num_experts = num_experts
-        self.model, self.tokenizer = build(config)
+        self.family = family
+        self.num_experts = family.shape_of(config).num_experts
+        self.model, self.tokenizer = family.build(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
 
     def adapters(self) -> dict[str, torch.Tensor]:
-        return self.state_of(self.model)
+        return self.family.state(self.model)
 
     def load_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
-        self.load_state(self.model, adapters)
+        self.family.load(self.model, adapters)
 
     def local_state(self) -> GlobalState:
         return GlobalState.initial(self.adapters(), (), self.num_experts)

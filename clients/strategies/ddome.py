@@ -59,10 +59,9 @@ from clients.models.ddome_lora import (
 from clients.strategies.base import (
     SPLITS,
     LocalRound,
+    OwnAdapters,
     OwnAdaptersLearner,
-    adapters_builder,
     device_of,
-    own_adapters_half,
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
@@ -325,12 +324,9 @@ def ddome_anchor(config: FederationConfig, name: str) -> int | None:
 class DDOMELearner(OwnAdaptersLearner):
     """Institution ``name``'s DDOME gate and experts, its data and their common embeddings."""
 
-    state_of = staticmethod(ddome_state)
-    load_state = staticmethod(load_ddome_state)
-
     def __init__(self, config: FederationConfig, name: str) -> None:
+        super().__init__(config, name, DDOME_ADAPTERS)
         self.ddome = ddome_config(config)
-        super().__init__(config, name, build_ddome_model, self.ddome.adapter.num_experts)
         self.client = DDOMEClient(self.ddome, self.model, ddome_anchor(config, name))
         self.model.to(select_device(device_of(config)))
         self.embeddings = {s: common_embedding(self.model, self.data[s]) for s in SPLITS}
@@ -372,7 +368,9 @@ class DDOMELearner(OwnAdaptersLearner):
         return evaluate_choice(self.model, self.data[split], self.embeddings[split], chosen)
 
 
-build_ddome_model = adapters_builder(lambda config: ddome_config(config).adapter, attach_ddome)
-"""The base model with DDOME's adapters (shape from ``[model.moe]``), and its tokenizer."""
+DDOME_ADAPTERS = OwnAdapters(
+    lambda config: ddome_config(config).adapter, attach_ddome, ddome_state, load_ddome_state
+)
+"""DDOME's adapters, shaped by ``[model.moe]``."""
 
-CLIENT_HALF = own_adapters_half(build_ddome_model, ddome_state, DDOMELearner)
+CLIENT_HALF = DDOME_ADAPTERS.client_half(DDOMELearner)

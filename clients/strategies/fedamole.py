@@ -62,11 +62,10 @@ from clients.models.fedamole_lora import (
 )
 from clients.strategies.base import (
     LocalRound,
+    OwnAdapters,
     OwnAdaptersLearner,
     RecordedCharges,
-    adapters_builder,
     device_of,
-    own_adapters_half,
 )
 from clients.strategies.experts import EXPERT_WEIGHT
 from clients.strategies.fedavg import fedavg_config
@@ -560,12 +559,9 @@ KEY_BASIS = (
 class FedAMoLELearner(OwnAdaptersLearner):
     """Institution ``name``'s FedAMoLE adapters and data; its client id is its index."""
 
-    state_of = staticmethod(amole_state)
-    load_state = staticmethod(load_amole_state)
-
     def __init__(self, config: FederationConfig, name: str) -> None:
+        super().__init__(config, name, FEDAMOLE_ADAPTERS)
         self.fedamole = fedamole_config(config)
-        super().__init__(config, name, build_fedamole_model, self.fedamole.adapter.num_experts)
         self.client_id = client_id(config, name)
         self.client = FedAMoLEClient(self.fedamole, self.client_id, self.model)
         self.num_modules = len(amole_layers(self.model))
@@ -674,9 +670,9 @@ class FedAMoLELearner(OwnAdaptersLearner):
         return evaluate(self.model, self.data[split], device=device_of(self.config))
 
 
-build_fedamole_model = adapters_builder(
-    lambda config: fedamole_config(config).adapter, attach_amole
+FEDAMOLE_ADAPTERS = OwnAdapters(
+    lambda config: fedamole_config(config).adapter, attach_amole, amole_state, load_amole_state
 )
-"""The base model with FedAMoLE's adapters (shape from ``[model.moe]``), and its tokenizer."""
+"""FedAMoLE's adapters, shaped by ``[model.moe]``."""
 
-CLIENT_HALF = own_adapters_half(build_fedamole_model, amole_state, FedAMoLELearner)
+CLIENT_HALF = FEDAMOLE_ADAPTERS.client_half(FedAMoLELearner)
