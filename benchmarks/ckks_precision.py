@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import write_rows
+from results_file import Column, print_header, print_row, write_rows
 
 from secagg.ckks import CkksAggregator, CkksKeyHolder, CkksParams
 
@@ -72,6 +72,21 @@ def measure(params: CkksParams, n: int, n_values: int, rng: np.random.Generator)
     }
 
 
+PRECISION_COLUMNS = [
+    Column("set", "set", 9, align="<"),
+    Column("poly_modulus_degree", "N", 5),
+    Column("coeff_mod_bit_sizes", "coeff bits", 16, align="<"),
+    Column("global_scale_bits", "scale", 5),
+    Column("n", "n", 4),
+    Column("max_abs_error", "max err", 9, ".2e"),
+    Column("rms_abs_error", "rms err", 9, ".2e"),
+    Column("encrypt_s_per_1e5", "enc s", 7, ".3f"),
+    Column("add_s_per_1e5", "add s", 7, ".3f"),
+    Column("decrypt_s_per_1e5", "dec s", 7, ".3f"),
+    Column("ciphertext_bytes_per_value", "B/value", 7, ".1f"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--values", type=int, default=100_000, help="values per batch")
@@ -80,24 +95,13 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(20240601)
     rows = []
-    header = (
-        f"{'set':<9} {'N':>5} {'coeff bits':<16} {'scale':>5} {'n':>4} {'max err':>9} "
-        f"{'rms err':>9} {'enc s':>7} {'add s':>7} {'dec s':>7} {'B/value':>7}"
-    )
-    print(header)
+    print_header(PRECISION_COLUMNS)
     for name, params in PARAM_SETS:
         for n in args.ns:
             r = measure(params, n, args.values, rng)
             r["set"] = name
             rows.append(r)
-            print(
-                f"{name:<9} {r['poly_modulus_degree']:>5} "
-                f"{tuple(r['coeff_mod_bit_sizes'])!s:<16} 2^{r['global_scale_bits']:<3} "
-                f"{n:>4} {r['max_abs_error']:>9.2e} {r['rms_abs_error']:>9.2e} "
-                f"{r['encrypt_s_per_1e5']:>7.3f} {r['add_s_per_1e5']:>7.3f} "
-                f"{r['decrypt_s_per_1e5']:>7.3f} {r['ciphertext_bytes_per_value']:>7.1f}",
-                flush=True,
-            )
+            print_row(PRECISION_COLUMNS, r)
     write_rows(args.out, rows)
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import write_rows
+from results_file import Column, print_header, print_row, write_rows
 
 from secagg.ckks import CkksAggregator, CkksEvaluator, CkksKeyHolder
 
@@ -53,6 +53,15 @@ def measure(n: int, factor: float, n_values: int, rng: np.random.Generator) -> d
     }
 
 
+SCALING_COLUMNS = [
+    Column("n", "n", 4),
+    Column("factor", "factor", 7, "g"),
+    Column("max_abs_error", "max err", 9, ".2e"),
+    Column("error_per_factor_and_summand", "err/(f*n)", 10, ".2e"),
+    Column("scale_and_add_s_per_1e5", "s/1e5", 6, ".3f"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--values", type=int, default=20_000, help="values per batch")
@@ -60,16 +69,12 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(20261201)
     rows = []
-    print(f"{'n':>4} {'factor':>7} {'max err':>9} {'err/(f*n)':>10} {'s/1e5':>6}")
+    print_header(SCALING_COLUMNS)
     for n in (1, 10, 30):
         for factor in (0.01, 0.1, 1.0, 10.0):
             r = measure(n, factor, args.values, rng)
             rows.append(r)
-            print(
-                f"{n:>4} {factor:>7g} {r['max_abs_error']:>9.2e} "
-                f"{r['error_per_factor_and_summand']:>10.2e} {r['scale_and_add_s_per_1e5']:>6.3f}",
-                flush=True,
-            )
+            print_row(SCALING_COLUMNS, r)
     write_rows(args.out, rows)
 
 

@@ -133,14 +133,27 @@ def run_plaintext(inputs: list[np.ndarray], dropped: set[int], clock: Clock) -> 
     for blob in blobs:
         total += np.frombuffer(blob, dtype=np.float32)
     server = clock() - start
+    return _measured(client, server, [len(b) for b in blobs], total.astype(np.float64))
+
+
+def _measured(
+    client: dict[int, float],
+    server: float,
+    sent: list[int],
+    result: np.ndarray,
+    extra: dict[str, float] | None = None,
+) -> Measure:
+    """A baseline's measure: ``client`` seconds per surviving client, the server's seconds,
+    the bytes each client sent and the sum it computed."""
     included = sorted(client)
     return Measure(
         client_s=_survivor_mean(client, included),
         server_s=server,
-        bytes_per_client=float(np.mean([len(b) for b in blobs])),
+        bytes_per_client=float(np.mean(sent)),
         total_compute_s=sum(client.values()) + server,
-        result=total.astype(np.float64),
+        result=result,
         included=included,
+        extra=extra or {},
     )
 
 
@@ -215,16 +228,8 @@ def run_ckks(
     decrypt = clock() - start
     for i in client:
         client[i] += decrypt
-    included = sorted(client)
-    return Measure(
-        client_s=_survivor_mean(client, included),
-        server_s=server,
-        bytes_per_client=float(np.mean([len(w) for w in wires])),
-        total_compute_s=sum(client.values()) + server,
-        result=total,
-        included=included,
-        extra={"decrypt_s": decrypt, "aggregate_bytes": float(len(summed))},
-    )
+    extra = {"decrypt_s": decrypt, "aggregate_bytes": float(len(summed))}
+    return _measured(client, server, [len(w) for w in wires], total, extra)
 
 
 def _check(method: str, m: Measure, inputs: list[np.ndarray], dropped: set[int]) -> float:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from clients.contract.config import DDOMESection
 from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
 from clients.models.ddome_lora import (
     GATE,
@@ -104,7 +105,7 @@ def test_choice_is_the_gates_top_k_and_anchor_comes_first():
 
 class Federation:
     def __init__(self, n: int, **kwargs) -> None:
-        self.config = DDOMEConfig(ADAPTER, max_examples=32, **kwargs)
+        self.config = DDOMEConfig(ADAPTER, max_examples=32, params=DDOMESection(**kwargs))
         # Half anchors (the paper's stabiliser): clients 2 and 3 are tied to experts 2 and 3.
         anchors = [None, None, 2, 3][:n]
         self.clients = [DDOMEClient(self.config, model(), anchor=a) for a in anchors]
@@ -141,11 +142,15 @@ def plaintext(fed, state, updates, included):
         m = expert_of(name)
         who = [i for i in included if m is None or m in updates[i].chosen]
         base = current.double().numpy()
-        if len(who) < cfg.min_count:
+        if len(who) < cfg.params.min_count:
             out[name] = base
             continue
         clipped = [
-            np.clip(updates[i].delta[name].double().numpy(), -cfg.delta_bound, cfg.delta_bound)
+            np.clip(
+                updates[i].delta[name].double().numpy(),
+                -cfg.params.delta_bound,
+                cfg.params.delta_bound,
+            )
             for i in who
         ]
         out[name] = base + sum(w[i] * d for i, d in zip(who, clipped)) / sum(w[i] for i in who)
@@ -178,7 +183,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts, min_count):
             np.testing.assert_array_equal(got, current.double().numpy())
             continue
         total = sum(w[i] for i in who)
-        tol = (n * fed.config.delta_bound * q + np.abs(update) * n * q) / (total - n * q)
+        tol = (n * fed.config.params.delta_bound * q + np.abs(update) * n * q) / (total - n * q)
         assert np.all(np.abs(got - want[name]) <= tol + 1e-6 * np.abs(want[name]) + 1e-7), name
         moved += int(np.max(np.abs(update)) > 100 * np.max(tol))
     assert moved > 0  # the test would see a wrong ratio: the updates dwarf the tolerance
@@ -270,7 +275,7 @@ def test_an_anchor_client_pulls_the_gate_towards_its_expert():
             return float(torch.softmax(gate_logits(m, emb), -1)[:, 3].mean())
 
     before = anchor_probability()
-    client = DDOMEClient(DDOMEConfig(ADAPTER, anchor_coef=1.0), m, anchor=3)
+    client = DDOMEClient(DDOMEConfig(ADAPTER, params=DDOMESection(anchor_coef=1.0)), m, anchor=3)
     update = client.train(state, blocks, emb, StepSettings(None, 10, 8, 1e-2, seed=0))
     assert update.chosen[0] == 3
     assert anchor_probability() > before + 0.2

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from clients.contract.config import FedAMoLESection
 from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
 from clients.models.fedamole_lora import (
     AMoLEConfig,
@@ -84,11 +85,13 @@ class Ledger:
         self.entries.append((event, what))
 
 
-def config(num_clients: int = 4, **kwargs) -> FedAMoLEConfig:
-    base = dict(
-        adapter=ADAPTER, num_clients=num_clients, max_experts=4, affinity_blocks=8, max_examples=32
+def config(num_clients: int = 4, **params) -> FedAMoLEConfig:
+    """Four experts held two to four per client, scores and keys at noise multiplier 1."""
+    defaults = dict(
+        max_experts=4, affinity_blocks=8, score_noise_multiplier=1.0, key_noise_multiplier=1.0
     )
-    return FedAMoLEConfig(**{**base, **kwargs})
+    section = FedAMoLESection(**{**defaults, **params})
+    return FedAMoLEConfig(ADAPTER, num_clients, max_examples=32, params=section)
 
 
 # --- the adapter ----------------------------------------------------------------------------
@@ -242,7 +245,11 @@ def plaintext_round(fed, state, updates, submissions, included):
             out[name] = current.double().numpy()
             continue
         clip = [
-            np.clip(updates[i].delta[name].double().numpy(), -cfg.delta_bound, cfg.delta_bound)
+            np.clip(
+                updates[i].delta[name].double().numpy(),
+                -cfg.params.delta_bound,
+                cfg.params.delta_bound,
+            )
             for i in who
         ]
         total = sum(w[i] for i in who)
@@ -278,7 +285,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts):
     q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=4).max_error_per_client
     n = len(included)
     e_w = n * q  # weight sums are packed with bound 1
-    bound = fed.config.delta_bound
+    bound = fed.config.params.delta_bound
     holder_mean_differs = False
     for name, current in state.adapters.items():
         role = state.expert_of.get(name)
@@ -295,7 +302,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts):
             )
     assert holder_mean_differs  # averaging over every client (a plausible bug) would fail
 
-    key_tol = n * fed.config.key_clip * q + 1e-12
+    key_tol = n * fed.config.params.key_clip * q + 1e-12
     np.testing.assert_allclose(new.keys, want_keys, rtol=0, atol=key_tol)
     assert np.abs(new.keys).max() > 100 * key_tol
     held_included = np.stack([updates[i].held for i in included]).sum(0)
@@ -329,7 +336,7 @@ def test_two_rounds_every_released_score_and_key_is_charged():
             released[i] = c.affinity_scores(state, fed.aux[i], fed.ledgers[i])
             event, what = fed.ledgers[i].entries[before]
             assert len(fed.ledgers[i].entries) == before + 1
-            assert event == dp_accounting.GaussianDpEvent(fed.config.score_noise_multiplier)
+            assert event == dp_accounting.GaussianDpEvent(fed.config.params.score_noise_multiplier)
             assert "affinity scores" in what
             assert released[i].shape == state.key_counts.shape
         state = assign(fed.config, state, released)

@@ -195,9 +195,9 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
         for cid, name in enumerate(NAMES):  # the coordinator got exactly what was computed
             assert scores_in[cid].tobytes() == computed[(federation_round, name)]
         assignment = state_from_global(fed, chosen).assignment  # [M, E, C]
-        assert np.all(assignment.sum(-1) == fed.clients_per_expert)
+        assert np.all(assignment.sum(-1) == fed.params.clients_per_expert)
         held = assignment.sum(1)
-        assert np.all((fed.min_experts <= held) & (held <= fed.max_experts))
+        assert np.all((fed.params.min_experts <= held) & (held <= fed.params.max_experts))
         solved = assign(fed, state_from_global(fed, before), scores_in)
         np.testing.assert_array_equal(assignment, solved.assignment)
     # each institution received the assignment, as bytes of the public shape

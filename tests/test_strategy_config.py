@@ -67,9 +67,9 @@ def test_fedamole_parameters_reach_its_config(raw):
         fedamole={"affinity_blocks": 4, "score_noise_multiplier": 3.0, "max_experts": 8},
     )
     config = fedamole_config(parse_config(doc, "/x/fed.toml"))
-    assert (config.affinity_blocks, config.score_noise_multiplier) == (4, 3.0)
+    assert (config.params.affinity_blocks, config.params.score_noise_multiplier) == (4, 3.0)
     assert config.num_clients == 3 and config.max_examples == 64
-    assert config.max_experts == 4  # capped at [model.moe].num_experts
+    assert config.params.max_experts == 4  # capped at [model.moe].num_experts
     assert (config.adapter.num_experts, config.adapter.rank) == (4, 4)  # [model.moe]'s shape
 
 

@@ -424,7 +424,7 @@ class FedAMoLESection(StrategySection):
       and of the expert keys (they bound the sensitivities).
     - ``score_noise_multiplier``, ``key_noise_multiplier``: Gaussian noise on the released
       affinity scores and expert keys, in units of their sensitivity. The default, 10, is
-      ``[privacy].routing_noise_multiplier``'s: at 1 (``FedAMoLEConfig``'s) two releases a
+      ``[privacy].routing_noise_multiplier``'s: at 1 two releases a
       round spend more than a budget of 8 within a few rounds.
     - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.
     - ``public_seed``: draws the public round-0 assignment.

@@ -32,6 +32,9 @@ from clients.models.lora_experts import ExpertShape
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
 from privacy import DPConfig, DPTrainingFacts, Release
 
+ChargeRelease = Callable[[Release], object]
+"""Charges a release to the institution's ledger before it happens (raises if refused)."""
+
 
 @dataclass(frozen=True)
 class TrainingPlan:
@@ -205,11 +208,7 @@ class SelectsExperts(Protocol):
         ...
 
     def scores(
-        self,
-        state: GlobalState,
-        federation_round: int,
-        round_id: int,
-        charge: Callable[[Release], object],
+        self, state: GlobalState, federation_round: int, round_id: int, charge: ChargeRelease
     ) -> np.ndarray:
         """The noised scores (float64) to send. ``charge(release)`` runs before any noise is
         drawn; if it raises (a refusal), nothing is computed."""

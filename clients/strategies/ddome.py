@@ -21,8 +21,7 @@ depend on the expert choice: docs/fedamole-ddome.md, "Known limits").
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dp_accounting
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.contract.config import FederationConfig
+from clients.contract.config import DDOMESection, FederationConfig
 from clients.contract.keys import client_id
 from clients.contract.layout import (
     DELTA_PREFIX,
@@ -64,7 +63,7 @@ from clients.strategies.base import (
     device_of,
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
-from clients.strategies.fedavg import fedavg_config
+from clients.strategies.fedavg import checked_section, fedavg_config
 from clients.training.trainer import (
     Metrics,
     StepSettings,
@@ -77,25 +76,21 @@ from privacy import DPConfig, DPTrainingFacts, Release
 
 @dataclass(frozen=True)
 class DDOMEConfig:
-    """Public parameters: the adapter, the FedAvg weight cap ``max_examples``, the delta clip
-    ``delta_bound``, ``min_count`` (an expert moves only when at least this many clients trained
-    it in the round) and ``anchor_coef`` (weight of an anchor client's gate loss)."""
+    """Public parameters: the adapter, the FedAvg weight cap ``max_examples``, and ``params``,
+    the ``[aggregation.ddome]`` section (fields and ranges declared once in
+    :class:`~clients.contract.config.DDOMESection`: ``delta_bound`` clips the deltas,
+    ``min_count`` is how many clients must train an expert in a round for it to move,
+    ``anchor_coef`` weighs an anchor client's gate loss)."""
 
     adapter: DDOMEAdapterConfig
     max_examples: int = 4096
-    delta_bound: float = 0.1
-    min_count: int = 1
-    anchor_coef: float = 1.0
+    params: DDOMESection = field(default_factory=DDOMESection)
 
     def __post_init__(self) -> None:
-        for name in ("max_examples", "min_count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StrategyError(f"ddome.{name} must be an int >= 1, got {value!r}")
-        if not (isinstance(self.delta_bound, (int, float)) and 0 < self.delta_bound < math.inf):
-            raise StrategyError(f"ddome.delta_bound must be finite and > 0, got {self.delta_bound}")
-        if not (isinstance(self.anchor_coef, (int, float)) and self.anchor_coef >= 0):
-            raise StrategyError(f"ddome.anchor_coef must be >= 0, got {self.anchor_coef!r}")
+        n = self.max_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise StrategyError(f"ddome max_examples must be an int >= 1, got {n!r}")
+        object.__setattr__(self, "params", checked_section(self.params))
 
     def weight(self, num_examples: int) -> float:
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
@@ -110,7 +105,7 @@ class DDOMEConfig:
             (
                 Segment(WEIGHT, 1, "mask", 1.0),
                 *(
-                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.delta_bound)
+                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.params.delta_bound)
                     for n, t in state.adapters.items()
                 ),
                 Segment(EXPERT_WEIGHT, experts, "mask", 1.0),
@@ -200,7 +195,7 @@ class DDOMEClient:
             raise StrategyError("embeddings must have one row per training block")
         chosen = self.choose(state, embeddings)
         set_trainable(self.model, chosen)
-        coef = self.config.anchor_coef
+        coef = self.config.params.anchor_coef
         run = train_steps(
             self.model,
             TensorDataset(blocks, embeddings),
@@ -231,7 +226,7 @@ class DDOMEClient:
             deltas[DELTA_PREFIX + name] = d.double().numpy() * float(keep)
         raw = {WEIGHT: np.array([w]), **deltas, EXPERT_WEIGHT: w * trained, EXPERT_COUNT: trained}
         clipped = self.layout(state).clipped_fraction(raw)
-        bound = cfg.delta_bound
+        bound = cfg.params.delta_bound
         values = {**raw, **{n: w * np.clip(d, -bound, bound) for n, d in deltas.items()}}
         return Submission(values=values, clipped=clipped)
 
@@ -309,9 +304,7 @@ def ddome_config(config: FederationConfig) -> DDOMEConfig:
     return DDOMEConfig(
         adapter=adapter,
         max_examples=fedavg_config(config).max_examples,
-        delta_bound=section.delta_bound,
-        min_count=section.min_count,
-        anchor_coef=section.anchor_coef,
+        params=section,
     )
 
 

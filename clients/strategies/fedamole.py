@@ -27,8 +27,8 @@ they are drawn, and the DP-SGD update with the keys before the masked input leav
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import dp_accounting
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.contract.config import FederationConfig
+from clients.contract.config import FedAMoLESection, FederationConfig
 from clients.contract.keys import client_id
 from clients.contract.layout import (
     DELTA_PREFIX,
@@ -61,6 +61,7 @@ from clients.models.fedamole_lora import (
     set_held,
 )
 from clients.strategies.base import (
+    ChargeRelease,
     LocalRound,
     OwnAdapters,
     OwnAdaptersLearner,
@@ -68,7 +69,7 @@ from clients.strategies.base import (
     device_of,
 )
 from clients.strategies.experts import EXPERT_WEIGHT
-from clients.strategies.fedavg import fedavg_config
+from clients.strategies.fedavg import checked_section, fedavg_config
 from clients.training.release import Charge, gaussian_release
 from clients.training.trainer import Metrics, StepSettings, evaluate, train_steps
 from privacy import (
@@ -99,11 +100,6 @@ ASSIGNMENT = "assignment"
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise StrategyError(f"fedamole.{name} must be an int >= 1, got {value!r}")
-
-
-def _positive_float(name: str, value: object) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-        raise StrategyError(f"fedamole.{name} must be finite and > 0, got {value!r}")
 
 
 def check_assignment_feasible(
@@ -138,7 +134,9 @@ def check_assignment_feasible(
 
 @dataclass(frozen=True)
 class FedAMoLEConfig:
-    """Public parameters every party shares.
+    """Public parameters every party shares: the adapter, the number of clients, the FedAvg
+    weight cap ``max_examples``, and ``params``, the ``[aggregation.fedamole]`` section (fields
+    and ranges declared once in :class:`~clients.contract.config.FedAMoLESection`).
 
     Assignment: each expert goes to exactly ``clients_per_expert`` clients, each client holds
     ``min_experts``..``max_experts`` per module (paper: 2, 2..8). Reverse selection: embeddings
@@ -151,47 +149,25 @@ class FedAMoLEConfig:
 
     adapter: AMoLEConfig
     num_clients: int
-    clients_per_expert: int = 2
-    min_experts: int = 2
-    max_experts: int = 8
-    affinity_blocks: int = 16
-    embedding_clip: float = 1.0
-    key_clip: float = 1.0
-    score_noise_multiplier: float = 1.0
-    key_noise_multiplier: float = 1.0
     max_examples: int = 4096
-    delta_bound: float = 0.1
-    public_seed: int = 0
+    params: FedAMoLESection = field(default_factory=FedAMoLESection)
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_clients",
-            "clients_per_expert",
-            "min_experts",
-            "max_experts",
-            "affinity_blocks",
-            "max_examples",
-        ):
+        for name in ("num_clients", "max_examples"):
             _positive_int(name, getattr(self, name))
-        for name in (
-            "embedding_clip",
-            "key_clip",
-            "score_noise_multiplier",
-            "key_noise_multiplier",
-            "delta_bound",
-        ):
-            _positive_float(name, getattr(self, name))
-        if self.min_experts < self.adapter.top_k:
+        object.__setattr__(self, "params", checked_section(self.params))
+        p = self.params
+        if p.min_experts < self.adapter.top_k:
             raise StrategyError(
-                f"fedamole.min_experts={self.min_experts} is below the router's top_k="
+                f"fedamole.min_experts={p.min_experts} is below the router's top_k="
                 f"{self.adapter.top_k}: a client could not route"
             )
         check_assignment_feasible(
             self.adapter.num_experts,
             self.num_clients,
-            self.clients_per_expert,
-            self.min_experts,
-            self.max_experts,
+            p.clients_per_expert,
+            p.min_experts,
+            p.max_experts,
         )
 
     def score_sensitivity(self, num_modules: int) -> float:
@@ -202,13 +178,15 @@ class FedAMoLEConfig:
         K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k.
         """
         a = self.adapter
-        move = 2 * self.embedding_clip / self.affinity_blocks
-        return math.sqrt(num_modules * a.num_experts) * self.key_clip * move / math.sqrt(a.rank)
+        move = 2 * self.params.embedding_clip / self.params.affinity_blocks
+        return (
+            math.sqrt(num_modules * a.num_experts) * self.params.key_clip * move / math.sqrt(a.rank)
+        )
 
     def key_sensitivity(self, held_keys: int) -> float:
         """L2 sensitivity of one client's ``held_keys`` key vectors (per-block clipped to C_k,
         averaged over ``affinity_blocks``): 2 C_k / n each, as for the scores."""
-        return math.sqrt(held_keys) * 2 * self.key_clip / self.affinity_blocks
+        return math.sqrt(held_keys) * 2 * self.params.key_clip / self.params.affinity_blocks
 
     def weight(self, num_examples: int) -> float:
         """The public FedAvg weight of a client with ``num_examples`` training blocks."""
@@ -224,12 +202,12 @@ class FedAMoLEConfig:
             (
                 Segment(WEIGHT, 1, "mask", 1.0),
                 *(
-                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.delta_bound)
+                    Segment(DELTA_PREFIX + n, int(t.numel()), "mask", self.params.delta_bound)
                     for n, t in state.adapters.items()
                 ),
                 Segment(EXPERT_WEIGHT, m * e, "mask", 1.0),
                 Segment(KEY_COUNT, m * e, "mask", 1.0),
-                Segment(KEY_SUM, m * e * r, "mask", self.key_clip),
+                Segment(KEY_SUM, m * e * r, "mask", self.params.key_clip),
             )
         )
 
@@ -396,7 +374,7 @@ class FedAMoLEClient:
     model: nn.Module
 
     def _aux(self, aux: torch.Tensor) -> torch.Tensor:
-        n = self.config.affinity_blocks
+        n = self.config.params.affinity_blocks
         if aux.dim() != 2 or aux.shape[0] < n:
             raise StrategyError(
                 f"the auxiliary split needs >= fedamole.affinity_blocks={n} blocks, "
@@ -423,16 +401,16 @@ class FedAMoLEClient:
             return None
         cfg = self.config
         embedded = self._embed(state, aux)
-        keys = _clip_rows(torch.from_numpy(state.keys), cfg.key_clip)
+        keys = _clip_rows(torch.from_numpy(state.keys), cfg.params.key_clip)
         scores = np.zeros(state.key_counts.shape)
         for m, module in enumerate(state.modules):
             q, _ = embedded[module]
-            t = _clip_rows(q.double(), cfg.embedding_clip).mean(0)
+            t = _clip_rows(q.double(), cfg.params.embedding_clip).mean(0)
             scores[m] = (keys[m] @ t / math.sqrt(cfg.adapter.rank)).numpy()
         return gaussian_release(
             scores,
             sensitivity=cfg.score_sensitivity(len(state.modules)),
-            noise_multiplier=cfg.score_noise_multiplier,
+            noise_multiplier=cfg.params.score_noise_multiplier,
             charge=charge,
             what=f"fedamole affinity scores, round {state.round}",
             generator=generator,
@@ -465,7 +443,7 @@ class FedAMoLEClient:
         for m, module in enumerate(state.modules):
             _, k = embedded[module]  # [n, h, r] per-block means of the held experts' keys
             keys[m, list(held[module])] = (
-                _clip_rows(k.double(), self.config.key_clip).mean(0).numpy()
+                _clip_rows(k.double(), self.config.params.key_clip).mean(0).numpy()
             )
             mask[m, list(held[module])] = True
         return FedAMoLEUpdate(delta, keys, mask, run.facts, run.steps, run.mean_loss)
@@ -490,7 +468,7 @@ class FedAMoLEClient:
         noised = gaussian_release(
             update.keys[update.held],
             sensitivity=cfg.key_sensitivity(held),
-            noise_multiplier=cfg.key_noise_multiplier,
+            noise_multiplier=cfg.params.key_noise_multiplier,
             charge=charge,
             what=f"fedamole expert keys (inside the secure sum), round {state.round}",
             generator=generator,
@@ -508,11 +486,11 @@ class FedAMoLEClient:
         }
         layout = self.layout(state)
         clipped = layout.clipped_fraction(raw)
-        bound = cfg.delta_bound
+        bound = cfg.params.delta_bound
         values = {
             **raw,
             **{n: w * np.clip(d, -bound, bound) for n, d in deltas.items()},
-            KEY_SUM: np.clip(keys, -cfg.key_clip, cfg.key_clip).ravel(),
+            KEY_SUM: np.clip(keys, -cfg.params.key_clip, cfg.params.key_clip).ravel(),
         }
         return Submission(values=values, clipped=clipped)
 
@@ -530,13 +508,13 @@ def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
         target_modules=moe.target_modules,
         load_balance_coef=moe.load_balance_coef,
     )
-    fields = msgspec.structs.asdict(section)
-    fields["max_experts"] = min(section.max_experts, moe.num_experts)
     return FedAMoLEConfig(
         adapter=adapter,
         num_clients=len(config.institutions),
         max_examples=fedavg_config(config).max_examples,
-        **fields,
+        params=msgspec.structs.replace(
+            section, max_experts=min(section.max_experts, moe.num_experts)
+        ),
     )
 
 
@@ -572,13 +550,15 @@ class FedAMoLELearner(OwnAdaptersLearner):
     def _score_mechanism(self) -> GaussianMechanism:
         cfg = self.fedamole
         return GaussianMechanism(
-            cfg.score_noise_multiplier, cfg.score_sensitivity(self.num_modules), AFFINITY_SCORES
+            cfg.params.score_noise_multiplier,
+            cfg.score_sensitivity(self.num_modules),
+            AFFINITY_SCORES,
         )
 
     def _key_mechanism(self, held_keys: int) -> GaussianMechanism:
         cfg = self.fedamole
         return GaussianMechanism(
-            cfg.key_noise_multiplier, cfg.key_sensitivity(held_keys), EXPERT_KEYS
+            cfg.params.key_noise_multiplier, cfg.key_sensitivity(held_keys), EXPERT_KEYS
         )
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
@@ -612,11 +592,7 @@ class FedAMoLELearner(OwnAdaptersLearner):
         return self._score_mechanism().release(federation_round, round_id, SCORE_BASIS)
 
     def scores(
-        self,
-        state: GlobalState,
-        federation_round: int,
-        round_id: int,
-        charge: Callable[[Release], object],
+        self, state: GlobalState, federation_round: int, round_id: int, charge: ChargeRelease
     ) -> np.ndarray:
         release = self.score_release(state, federation_round, round_id)
 

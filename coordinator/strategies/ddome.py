@@ -34,7 +34,7 @@ def next_state(
     floor = 0.5 / config.max_examples
     counts = np.rint(values[EXPERT_COUNT])
     expert_weight = values[EXPERT_WEIGHT]
-    moves = (counts >= config.min_count) & (expert_weight >= floor)
+    moves = (counts >= config.params.min_count) & (expert_weight >= floor)
     adapters: dict[str, torch.Tensor] = {}
     for name, current in state.adapters.items():
         m = expert_of(name)

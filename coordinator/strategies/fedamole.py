@@ -81,8 +81,8 @@ def client_affinity(scores: np.ndarray) -> np.ndarray:
 
 
 def _solve(config: FedAMoLEConfig, affinity: np.ndarray) -> np.ndarray:
-    c = config
-    return solve_assignment(affinity, c.clients_per_expert, c.min_experts, c.max_experts)
+    p = config.params
+    return solve_assignment(affinity, p.clients_per_expert, p.min_experts, p.max_experts)
 
 
 def public_state(
@@ -96,7 +96,7 @@ def public_state(
     """
     c = config
     m, e, r = len(modules), c.adapter.num_experts, c.adapter.rank
-    rng = np.random.default_rng(c.public_seed)
+    rng = np.random.default_rng(c.params.public_seed)
     assignment = np.stack([_solve(c, rng.random((e, c.num_clients))) for _ in range(m)])
     return FedAMoLEState(
         adapters={n: t.detach().clone() for n, t in adapters.items()},
