@@ -29,6 +29,21 @@ PARAM_SETS = [
 RESULTS = Path(__file__).parent / "results" / "ckks_precision.json"
 
 
+PRECISION_COLUMNS = [
+    Column("set", "set", 9, align="<"),
+    Column("poly_modulus_degree", "N", 5),
+    Column("coeff_mod_bit_sizes", "coeff bits", 16, align="<"),
+    Column("global_scale_bits", "scale", 5),
+    Column("n", "n", 4),
+    Column("max_abs_error", "max err", 9, ".2e"),
+    Column("rms_abs_error", "rms err", 9, ".2e"),
+    Column("encrypt_s_per_1e5", "enc s", 7, ".3f"),
+    Column("add_s_per_1e5", "add s", 7, ".3f"),
+    Column("decrypt_s_per_1e5", "dec s", 7, ".3f"),
+    Column("ciphertext_bytes_per_value", "B/value", 7, ".1f"),
+]
+
+
 def measure(params: CkksParams, n: int, n_values: int, rng: np.random.Generator) -> dict:
     """Encrypt n batches, aggregate them, decrypt the sum and compare with float64."""
     holder = CkksKeyHolder.generate(params)
@@ -70,21 +85,6 @@ def measure(params: CkksParams, n: int, n_values: int, rng: np.random.Generator)
         "ciphertext_bytes_per_value": ct_bytes / n_values,
         "ciphertexts_per_batch": len(total.ciphertexts),
     }
-
-
-PRECISION_COLUMNS = [
-    Column("set", "set", 9, align="<"),
-    Column("poly_modulus_degree", "N", 5),
-    Column("coeff_mod_bit_sizes", "coeff bits", 16, align="<"),
-    Column("global_scale_bits", "scale", 5),
-    Column("n", "n", 4),
-    Column("max_abs_error", "max err", 9, ".2e"),
-    Column("rms_abs_error", "rms err", 9, ".2e"),
-    Column("encrypt_s_per_1e5", "enc s", 7, ".3f"),
-    Column("add_s_per_1e5", "add s", 7, ".3f"),
-    Column("decrypt_s_per_1e5", "dec s", 7, ".3f"),
-    Column("ciphertext_bytes_per_value", "B/value", 7, ".1f"),
-]
 
 
 def main() -> None:

@@ -24,6 +24,15 @@ from secagg.ckks import CkksAggregator, CkksEvaluator, CkksKeyHolder
 RESULTS = Path(__file__).parent / "results" / "ckks_scaling.json"
 
 
+SCALING_COLUMNS = [
+    Column("n", "n", 4),
+    Column("factor", "factor", 7, "g"),
+    Column("max_abs_error", "max err", 9, ".2e"),
+    Column("error_per_factor_and_summand", "err/(f*n)", 10, ".2e"),
+    Column("scale_and_add_s_per_1e5", "s/1e5", 6, ".3f"),
+]
+
+
 def measure(n: int, factor: float, n_values: int, rng: np.random.Generator) -> dict:
     """Error of Enc(factor * sum of n batches + base), base a plaintext in [-1, 1]."""
     holder = CkksKeyHolder.generate()
@@ -51,15 +60,6 @@ def measure(n: int, factor: float, n_values: int, rng: np.random.Generator) -> d
         "error_per_factor_and_summand": float(err) / (abs(factor) * n),
         "scale_and_add_s_per_1e5": seconds * 1e5 / n_values,
     }
-
-
-SCALING_COLUMNS = [
-    Column("n", "n", 4),
-    Column("factor", "factor", 7, "g"),
-    Column("max_abs_error", "max err", 9, ".2e"),
-    Column("error_per_factor_and_summand", "err/(f*n)", 10, ".2e"),
-    Column("scale_and_add_s_per_1e5", "s/1e5", 6, ".3f"),
-]
 
 
 def main() -> None:

@@ -397,6 +397,17 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _cells(r: Row) -> tuple[str, ...]:
+    """One row's cells, formatted alike for the console and the Markdown table."""
+    return (
+        str(r.n), f"{r.d:.0e}", f"{r.dropout:.0%}", r.method,
+        f"{r.client_s * 1e3:.1f}", f"{r.server_s * 1e3:.1f}",
+        f"{r.client_plus_server_s * 1e3:.1f}", f"{r.bytes_per_client:,.0f}",
+        f"{r.client_over_plain:.1f}", f"{r.server_over_plain:.1f}",
+        f"{r.bytes_over_plain:.3f}", f"{r.speedup_vs_flower:.2f}", f"{r.cpu_s:.2f}",
+    )  # fmt: skip
+
+
 def print_table(rows: list[Row], console: Console) -> None:
     table = Table(title="Secure aggregation: per round, mean over surviving clients")
     for col in (
@@ -406,13 +417,7 @@ def print_table(rows: list[Row], console: Console) -> None:
     ):  # fmt: skip
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(
-            str(r.n), f"{r.d:.0e}", f"{r.dropout:.0%}", r.method,
-            f"{r.client_s * 1e3:.1f}", f"{r.server_s * 1e3:.1f}",
-            f"{r.client_plus_server_s * 1e3:.1f}", f"{r.bytes_per_client:,.0f}",
-            f"{r.client_over_plain:.1f}", f"{r.server_over_plain:.1f}",
-            f"{r.bytes_over_plain:.3f}", f"{r.speedup_vs_flower:.2f}", f"{r.cpu_s:.2f}",
-        )  # fmt: skip
+        table.add_row(*_cells(r))
     console.print(table)
 
 
@@ -424,14 +429,7 @@ def markdown_table(rows: list[Row]) -> str:
     )
     lines = [head, "|" + "---:|" * 3 + ":---|" + "---:|" * 9]
     for r in rows:
-        cells = (
-            str(r.n), f"{r.d:.0e}", f"{r.dropout:.0%}", r.method,
-            f"{r.client_s * 1e3:.1f}", f"{r.server_s * 1e3:.1f}",
-            f"{r.client_plus_server_s * 1e3:.1f}", f"{r.bytes_per_client:,.0f}",
-            f"{r.client_over_plain:.1f}", f"{r.server_over_plain:.1f}",
-            f"{r.bytes_over_plain:.3f}", f"{r.speedup_vs_flower:.2f}", f"{r.cpu_s:.2f}",
-        )  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cells(r)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
+
+from clients.contract.config import MoESection
+
+Shape = TypeVar("Shape", bound="ExpertShape")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,18 @@ class ExpertShape:
             isinstance(t, str) and t for t in self.target_modules
         ):
             self._fail(f"target_modules must name at least one layer, got {self.target_modules!r}")
+
+    @classmethod
+    def from_moe(cls: type[Shape], moe: MoESection, **fields: Any) -> Shape:
+        """This family's shape as ``[model.moe]`` declares it, with its own further fields."""
+        return cls(
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            rank=moe.rank,
+            alpha=moe.alpha,
+            target_modules=moe.target_modules,
+            **fields,
+        )
 
     @property
     def scaling(self) -> float:

@@ -293,19 +293,8 @@ def evaluate_choice(
 def ddome_config(config: FederationConfig) -> DDOMEConfig:
     """DDOME's parameters from ``[aggregation.ddome]``, its experts' shape from ``[model.moe]``."""
     moe, section = config.model.moe, config.aggregation.ddome
-    adapter = DDOMEAdapterConfig(
-        num_experts=moe.num_experts,
-        top_k=moe.top_k,
-        rank=moe.rank,
-        alpha=moe.alpha,
-        target_modules=moe.target_modules,
-        gate_hidden=section.gate_hidden,
-    )
-    return DDOMEConfig(
-        adapter=adapter,
-        max_examples=fedavg_config(config).max_examples,
-        params=section,
-    )
+    adapter = DDOMEAdapterConfig.from_moe(moe, gate_hidden=section.gate_hidden)
+    return DDOMEConfig(adapter, fedavg_config(config).max_examples, section)
 
 
 def ddome_anchor(config: FederationConfig, name: str) -> int | None:

@@ -500,14 +500,7 @@ def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
     ``[model.moe]`` (``max_experts`` capped at ``num_experts``); client ids are the indices of
     ``[[institutions]]``."""
     moe, section = config.model.moe, config.aggregation.fedamole
-    adapter = AMoLEConfig(
-        num_experts=moe.num_experts,
-        top_k=moe.top_k,
-        rank=moe.rank,
-        alpha=moe.alpha,
-        target_modules=moe.target_modules,
-        load_balance_coef=moe.load_balance_coef,
-    )
+    adapter = AMoLEConfig.from_moe(moe, load_balance_coef=moe.load_balance_coef)
     return FedAMoLEConfig(
         adapter=adapter,
         num_clients=len(config.institutions),
