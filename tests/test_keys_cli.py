@@ -26,7 +26,7 @@ from clients.contract.keys import (
     load_institution_keys,
     load_roster,
 )
-from coordinator.app.cli import main
+from coordinator.app.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["alpha", "beta", "gamma"]
@@ -240,8 +240,32 @@ def test_ckks_updates_with_fedamole_or_ddome_are_refused_naming_the_field(
 
 def test_cli_usage_error_exits_2(capsys):
     assert main([]) == 2
-    assert main(["keys"]) == 2  # --config is required
-    assert "--config" in capsys.readouterr().err
+    assert main(["keys"]) == 2  # the config is required
+    assert "no federation config given" in capsys.readouterr().err
+
+
+def test_every_config_command_takes_the_config_positionally_or_as_an_option(
+    config_file, tmp_path, capsys
+):
+    config = config_file
+    assert main(["check-config", str(config)]) == 0
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert main(["keys", str(config)]) == 0
+    assert main(["check-config", str(config), "--config", str(tmp_path / "other.toml")]) == 2
+    assert "two different configs" in capsys.readouterr().err
+
+
+def test_an_unknown_institution_is_a_user_error_naming_the_option(config_file, capsys):
+    assert main(["client", str(config_file), "--institution", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "--institution: no institution 'nosuch'" in err and "comedies" in err
+
+
+def test_version_names_the_package(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("sealmoe ")
 
 
 def test_cli_error_via_subprocess(tmp_path):
@@ -279,3 +303,17 @@ def test_coordinator_without_keys_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["coordinator", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "sealmoe keys" in err and "Traceback" not in err
+
+
+def test_check_config_refuses_a_model_no_party_could_load(config_file, tmp_path, capsys):
+    text = config_file.read_text()
+    assert 'name = "tiny-dense"' in text
+    config_file.write_text(text.replace('name = "tiny-dense"', 'name = "smolm2"'))
+    assert main(["check-config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "$.model.name" in err and "not a built-in model" in err
+    (tmp_path / "weightless").mkdir()
+    (tmp_path / "weightless" / "config.json").write_text("{}")
+    config_file.write_text(text.replace('name = "tiny-dense"', 'name = "weightless"'))
+    assert main(["check-config", str(config_file)]) == 2  # the folder, relative to the config
+    assert "lacks model.safetensors" in capsys.readouterr().err

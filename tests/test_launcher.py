@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from clients.contract.config import load_config
+from clients.runtime.institution import METRICS_FILE
+from coordinator.app.launcher import _last_words, _waiting, round_table
 from tests.test_federation import NAMES, ROOT, write_config
 
 
@@ -67,6 +70,16 @@ def test_run_prints_every_round_and_writes_a_verified_report(tmp_path):
         assert [r["round"] for r in inst["rounds"]] == [1, 2]
         assert 0 < inst["spent"]["rdp"] <= inst["budget"]["epsilon"] + 1e-9
 
+    # Running it again without --fresh starts no party: it shows the finished run's results.
+    coordinator_log = config.run_dir / "logs" / "coordinator.log"
+    logged = coordinator_log.stat().st_size
+    again = _sealmoe("run", str(path))
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, output[-3000:]
+    assert "already finished its 2 rounds" in output and "round 2 of 2: completed" in output
+    assert "privacy report:" in output
+    assert coordinator_log.stat().st_size == logged
+
 
 def test_sigterm_stops_every_party(tmp_path):
     path = write_config(tmp_path, rounds=2, stage_timeout_s=60.0)
@@ -92,3 +105,38 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _console() -> Console:
+    return Console(width=80, record=True, force_terminal=False)
+
+
+def test_the_round_table_fits_80_columns_with_whole_names(tmp_path):
+    config = load_config(write_config(tmp_path, rounds=2))
+    line = {"event": "round", "round": 2, "included": True, "train": {"loss": 4.123},
+            "validation": {"loss": 4.6, "perplexity": 102.3}, "epsilon_spent": 5.43,
+            "bytes_sent": 25_165_824, "seconds_training": 123.4, "seconds_crypto": 12.3,
+            "seconds_network": 3.2}  # fmt: skip
+    metrics = config.run_dir / "institutions" / NAMES[0] / METRICS_FILE
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps(line) + "\n")
+    console = _console()
+    console.print(round_table(config, {"round": 2, "event": "completed"}))
+    text = console.export_text()
+    assert max(len(row) for row in text.splitlines()) <= 80
+    assert all(name in text for name in NAMES)
+    assert "102" in text and "25.2" in text  # perplexity, megabytes
+
+
+def test_the_status_line_says_why_it_waits_and_never_passes_the_last_round(tmp_path):
+    config = load_config(write_config(tmp_path, rounds=2))
+    assert "0 of 3 institutions have loaded the model" in _waiting(config, set())
+    assert _waiting(config, {1}).startswith("round 2 of 2")
+    assert "final evaluation" in _waiting(config, {1, 2})
+
+
+def test_a_failed_party_is_shown_with_the_last_line_of_its_log(tmp_path):
+    log = tmp_path / "comedies.log"
+    log.write_text("Traceback (most recent call last):\n  File x\nValueError: bad shard\n\n")
+    assert _last_words(log) == "ValueError: bad shard"
+    assert _last_words(tmp_path / "none.log") == "no log"

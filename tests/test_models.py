@@ -8,16 +8,21 @@ import pytest
 import torch
 
 import clients.models.loaders as models
+import clients.models.locate as locate
 from clients.models.loaders import (
-    SMOLLM2_INSTALL,
-    AssetMissingError,
     default_cache_dir,
     load_model,
     load_smollm2,
     load_tokenizer,
-    smollm2_gguf_path,
     tiny_dense_model,
     tiny_moe_model,
+)
+from clients.models.locate import (
+    SMOLLM2_INSTALL,
+    AssetMissingError,
+    ModelNotFoundError,
+    locate_model,
+    smollm2_gguf_path,
 )
 from clients.models.moe_lora import MoELoRAConfig, adapter_parameters, attach
 
@@ -75,7 +80,7 @@ def test_smollm2_asset_is_found_without_importing_it():
 
 
 def test_missing_asset_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(locate.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AssetMissingError) as info:
         smollm2_gguf_path()
     assert SMOLLM2_INSTALL in str(info.value)
@@ -121,3 +126,45 @@ def test_real_smollm2_trains_through_moe_lora_adapters(monkeypatch):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None and not p.requires_grad, name
+
+
+def test_a_model_folder_is_found_and_one_without_weights_or_a_typo_is_refused(tmp_path):
+    folder = tmp_path / "my-llm"
+    tiny_dense_model().save_pretrained(folder)  # config.json + model.safetensors
+    assert locate_model(str(folder)) == folder
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match=r"lacks model\.safetensors"):
+        locate_model(str(folder))
+    with pytest.raises(ModelNotFoundError, match="not a built-in model"):
+        locate_model("smolm2")  # a typo: neither built in, a folder, nor in the HF cache
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        locate_model("nobody/no-such-model")
+    assert locate_model("tiny-dense") is None
+
+
+def test_a_local_model_folder_loads_with_its_own_tokenizer_and_dtype(tmp_path):
+    folder = tmp_path / "my-llm"
+    model = tiny_dense_model()
+    model.save_pretrained(folder)
+    save_word_tokenizer(folder, vocab_size=model.config.vocab_size)
+    loaded, tokenizer = load_model(str(folder), dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert tokenizer("a b").input_ids and max(tokenizer("a b").input_ids) < 256
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        expected = model(input_ids=ids).logits
+        again, _ = load_model(str(folder))
+        assert torch.equal(again(input_ids=ids).logits, expected)
+
+
+def save_word_tokenizer(folder, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer over ``vocab_size`` ids, saved as a transformers
+    tokenizer in ``folder`` (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{chr(ord("a") + i): i + 1 for i in range(26)}}
+    assert len(vocab) <= vocab_size
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]").save_pretrained(folder)

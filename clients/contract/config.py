@@ -51,13 +51,20 @@ Address = Annotated[str, msgspec.Meta(pattern=ADDRESS_PATTERN)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
-Epsilon = Annotated[float, msgspec.Meta(gt=0.0)]
+Epsilon = Annotated[float, msgspec.Meta(gt=0.0, le=100.0)]
+"""A privacy budget's epsilon: beyond 100 the bound e^epsilon says nothing (and a typo such as
+1e9 would otherwise pass silently)."""
 
 
-Delta = Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)]
+Delta = Annotated[float, msgspec.Meta(gt=0.0, lt=0.01)]
+"""A privacy budget's delta: the probability that the epsilon bound fails. It must be far below
+1 / records (check-config warns when it is not); 0.01 or more protects no dataset."""
 
 
 Device = Literal["auto", "cpu", "cuda"]
+
+
+ModelDtype = Literal["float32", "bfloat16", "float16"]
 
 
 AccountantName = Literal["rdp", "pld"]
@@ -83,6 +90,7 @@ DataSource = Literal["shakespeare"]
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "device": get_args(Device),
+    "dtype": get_args(ModelDtype),
     "accountant": get_args(AccountantName),
     "expert_updates": get_args(Protection),
     "routing_statistics": get_args(Protection),
@@ -179,11 +187,17 @@ class ModelSection(_Section):
     """[model]: the base language model and its adapters.
 
     - ``name``: "smollm2" (offline SmolLM2-135M-Instruct), "tiny-dense" (2-layer random Llama
-      for tests), "tiny-moe-mixtral" (2-layer random Mixtral), or any Hugging Face id or path.
+      for tests), "tiny-moe-mixtral" (2-layer random Mixtral), or any causal LM: a folder
+      (relative to this file) with ``config.json``, safetensors weights and its tokenizer, or a
+      Hugging Face id already in the local cache (nothing is downloaded).
+    - ``revision``: the cached revision of a Hugging Face id (default: the cached main).
+    - ``dtype``: the base model's weights in memory; the adapters train in it too.
     - ``moe``: the adapters, see :class:`MoESection`.
     """
 
     name: Annotated[str, msgspec.Meta(min_length=1)] = "tiny-dense"
+    revision: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    dtype: ModelDtype = "float32"
     moe: MoESection = msgspec.field(default_factory=MoESection)
 
 
@@ -788,9 +802,15 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
 
 
 def _resolve_paths(config: FederationConfig, base: Path) -> FederationConfig:
-    """Make run_dir and keys_dir absolute, relative to the config file's directory."""
+    """Make run_dir, keys_dir and a local model folder absolute, relative to the config file's
+    directory."""
     run_dir = base / (config.federation.run_dir or Path("runs") / config.federation.name)
     keys_dir = base / config.coordinator.keys_dir
+    model_dir = base / Path(config.model.name).expanduser()
+    if model_dir.is_dir():  # a local model folder; else a built-in name or a hub id
+        config = msgspec.structs.replace(
+            config, model=msgspec.structs.replace(config.model, name=str(model_dir.resolve()))
+        )
     return msgspec.structs.replace(
         config,
         federation=msgspec.structs.replace(config.federation, run_dir=str(run_dir.resolve())),

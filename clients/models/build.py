@@ -21,7 +21,7 @@ from clients.models.loaders import (
 )
 from clients.models.moe_lora import MoELoRAConfig, attach
 
-TINY_MOE_KINDS = {
+TINY_MOE_KINDS = {  # with "tiny-dense", the names in clients.models.locate.TINY_MODELS
     "tiny-moe-mixtral": "mixtral",
     "tiny-moe-qwen2_moe": "qwen2_moe",
     "tiny-moe-olmoe": "olmoe",
@@ -61,15 +61,17 @@ def build_model_with(
     ``federation.seed`` (a strategy with its own adapters, e.g. FedAMoLE's), and its tokenizer."""
     name = config.model.name
     seed = config.federation.seed
+    dtype = getattr(torch, config.model.dtype)
     if name == "smollm2":
-        model, tokenizer = load_smollm2()
+        model, tokenizer = load_smollm2(dtype=dtype)
     elif name == "tiny-dense":
         model, tokenizer = tiny_dense_model(vocab_size=BYTE_VOCAB, seed=seed), ByteTokenizer()
     elif name in TINY_MOE_KINDS:
         model = tiny_moe_model(TINY_MOE_KINDS[name], vocab_size=BYTE_VOCAB, seed=seed)
         tokenizer = ByteTokenizer()
     else:
-        model, tokenizer = load_model(name)
+        model, tokenizer = load_model(name, dtype=dtype, revision=config.model.revision)
+    model.to(dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         attach_adapters(model)

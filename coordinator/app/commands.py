@@ -9,6 +9,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from privacy.errors import UserError
+
 Handler = Callable[[argparse.Namespace], int]
 Argument = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -18,7 +20,27 @@ def arg(*flags: str, **options: Any) -> Argument:
     return flags, options
 
 
-CONFIG = arg("--config", required=True, metavar="F", help="federation config (TOML)")
+CONFIG = (
+    arg("config", nargs="?", metavar="CONFIG", help="federation config (TOML)"),
+    arg("--config", dest="config_option", metavar="CONFIG", help="the same, as an option"),
+)
+"""Every command that reads the federation config takes it as ``sealmoe CMD CONFIG`` (or,
+as earlier releases did for some commands, ``--config CONFIG``): pass ``*CONFIG``."""
+
+
+class MissingConfigError(UserError):
+    """A command that needs the federation config was given none (or two different ones)."""
+
+
+def config_path(args: argparse.Namespace) -> str:
+    """The config file the command was given, positionally or with ``--config``."""
+    given = {p for p in (args.config, args.config_option) if p is not None}
+    if len(given) != 1:
+        problem = "two different configs" if given else "no federation config"
+        raise MissingConfigError(
+            f"{problem} given: name one, e.g. `sealmoe {args.command} examples/tiny.toml`"
+        )
+    return given.pop()
 
 
 def add_command(

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -33,6 +34,10 @@ POLL_S = 0.5
 METRICS_GRACE_S = 30.0
 
 
+EXIT_GRACE_S = 120.0
+"""How long the institutions may take to finish (final evaluation) after the coordinator."""
+
+
 def run_federation(
     config_path: Path, config: FederationConfig, console: Console, *, fresh: bool = False
 ) -> int:
@@ -43,6 +48,15 @@ def run_federation(
     """
     if fresh and config.run_dir.exists():
         shutil.rmtree(config.run_dir)
+    elif _rounds_done(config) >= config.federation.rounds:
+        console.print(
+            f"the run in {config.run_dir} already finished its {config.federation.rounds} "
+            "rounds; its results follow (--fresh starts over)"
+        )
+        for entry in _ready_rounds(config, set(), wait=False):
+            console.print(round_table(config, entry))
+        console.print(before_after_table(config))
+        return _print_report(config, console)
     elif (config.run_dir / JOURNAL).exists():
         console.print(f"resuming the run in {config.run_dir} (--fresh starts over)")
     if not (config.keys_dir / ROSTER_FILE).exists():
@@ -75,16 +89,22 @@ def run_federation(
     # A SIGTERM (kill, a CI timeout) must not orphan the parties: exit through ``finally``.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        with console.status("waiting for the first round") as status:
+        with console.status(_waiting(config, shown)) as status:
             while coordinator.poll() is None:
                 for entry in _ready_rounds(config, shown, wait=True):
                     console.print(round_table(config, entry))
                     shown.add(entry["round"])
-                    status.update(f"round {entry['round'] + 1} of {config.federation.rounds}")
+                status.update(_waiting(config, shown))
                 time.sleep(POLL_S)
-        deadline = time.monotonic() + 120
-        for proc in processes.values():
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        deadline = time.monotonic() + EXIT_GRACE_S
+        for party, proc in processes.items():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                console.print(
+                    f"[red]{party} did not exit {EXIT_GRACE_S:.0f} s after the coordinator; "
+                    "stopping it[/red]"
+                )
         for entry in _ready_rounds(config, shown, wait=False):
             console.print(round_table(config, entry))
     finally:
@@ -92,16 +112,67 @@ def run_federation(
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
+        for proc in processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     console.print(before_after_table(config))
+    report_status = _print_report(config, console)
+    failed = {p: proc.returncode for p, proc in processes.items() if proc.returncode}
+    for party, status in failed.items():
+        console.print(
+            f"[red]{party} failed (exit status {status}): {_last_words(logs / f'{party}.log')}"
+            f"[/red]",
+            highlight=False,
+        )
+    if failed:
+        console.print(f"full logs: {logs}")
+    return coordinator.returncode or (1 if failed else report_status)
+
+
+def _print_report(config: FederationConfig, console: Console) -> int:
+    """Write the run's privacy report and say where; 1 if it cannot be written."""
     try:
         written = produce_report(config.run_dir, config.keys_dir / ROSTER_FILE)
-        console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
     except ContextError as exc:
         console.print(f"[red]no privacy report: {exc}[/red]")
-    failed = {p: proc.returncode for p, proc in processes.items() if proc.returncode}
-    if failed:
-        console.print(f"[red]parties that failed (exit status): {failed}; see {logs}[/red]")
-    return coordinator.returncode or (1 if failed else 0)
+        return 1
+    console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    return 0
+
+
+def _rounds_done(config: FederationConfig) -> int:
+    """The last round the run's journal records as completed or aborted (0: none)."""
+    done = [e["round"] for e in _journal(config) if e["event"] in ("completed", "aborted")]
+    return max(done, default=0)
+
+
+def _waiting(config: FederationConfig, shown: set[int]) -> str:
+    """What the federation is doing now, for the status line."""
+    rounds = config.federation.rounds
+    if not shown:
+        names = config.institution_names
+        ready = sum(
+            any(m.get("event") == "initial" for m in _metrics_lines(config, n)) for n in names
+        )
+        return (
+            f"waiting for round 1: {ready} of {len(names)} institutions have loaded the model "
+            "and scored it (the baseline)"
+        )
+    last = max(shown)
+    if last >= rounds:
+        return f"all {rounds} rounds done: final evaluation at the institutions"
+    return f"round {last + 1} of {rounds}: local DP training, then the secure sum"
+
+
+def _last_words(log: Path) -> str:
+    """The last non-empty line of a party's log: its error, for a party that failed."""
+    if not log.exists():
+        return "no log"
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    return next((line for line in reversed(lines) if line), "empty log")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -111,16 +182,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def _ready_rounds(config: FederationConfig, shown: set[int], *, wait: bool) -> list[dict]:
     """Finished rounds not shown yet; with ``wait``, only once every institution of the round
     has written its metrics for it (or ``METRICS_GRACE_S`` passed)."""
-    journal = config.run_dir / JOURNAL
-    if not journal.exists():
-        return []
     started: dict[int, list[str]] = {}
     out = []
-    for line in journal.read_text(encoding="utf-8").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for entry in _journal(config):
         if entry["event"] == "started":
             started[entry["round"]] = entry["institutions"]
         elif entry["event"] in ("completed", "aborted") and entry["round"] not in shown:
@@ -132,8 +196,8 @@ def _ready_rounds(config: FederationConfig, shown: set[int], *, wait: bool) -> l
     return out
 
 
-def _metrics_lines(config: FederationConfig, name: str) -> list[dict]:
-    path = config.run_dir / "institutions" / name / METRICS_FILE
+def _json_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of a file another process appends to (a torn one is skipped)."""
     if not path.exists():
         return []
     lines = []
@@ -145,6 +209,14 @@ def _metrics_lines(config: FederationConfig, name: str) -> list[dict]:
     return lines
 
 
+def _journal(config: FederationConfig) -> list[dict]:
+    return _json_lines(config.run_dir / JOURNAL)
+
+
+def _metrics_lines(config: FederationConfig, name: str) -> list[dict]:
+    return _json_lines(config.run_dir / "institutions" / name / METRICS_FILE)
+
+
 def _round_line(config: FederationConfig, name: str, federation_round: int) -> dict | None:
     return next(
         (m for m in reversed(_metrics_lines(config, name))
@@ -154,33 +226,35 @@ def _round_line(config: FederationConfig, name: str, federation_round: int) -> d
 
 
 def round_table(config: FederationConfig, entry: dict) -> Table:
-    """One round: per institution loss/perplexity, epsilon so far, bytes, time split."""
+    """One round, fitting 80 columns: per institution whether its update is in the sum, its
+    training loss, validation perplexity, epsilon so far, megabytes sent, and seconds in
+    training, cryptography and the network."""
     r = entry["round"]
     status = "completed" if entry["event"] == "completed" else f"ABORTED: {entry['reason']}"
-    table = Table(title=f"round {r} of {config.federation.rounds} — {status}")
-    for column in ("institution", "in sum", "train loss", "val loss", "val ppl", "ε spent",
-                   "bytes", "train s", "crypto s", "net s"):  # fmt: skip
-        table.add_column(column, justify="right" if column != "institution" else "left")
+    table = Table(title=f"round {r} of {config.federation.rounds}: {status}", box=box.SIMPLE_HEAD)
+    table.add_column("institution", no_wrap=True)
+    for column in ("in sum", "train\nloss", "val\nppl", "ε\nspent", "MB\nsent", "train\ns",
+                   "crypto\ns", "net\ns"):  # fmt: skip
+        table.add_column(column, justify="right")
     for name in config.institution_names:
         line = _round_line(config, name, r)
         if line is None:
-            table.add_row(name, "—", *["" for _ in range(8)])
+            table.add_row(name, "—", *["" for _ in range(7)])
             continue
         train, val = line.get("train") or {}, line.get("validation") or {}
         table.add_row(
             name,
             "declined" if line.get("declined") else ("yes" if line.get("included") else "no"),
-            _num(train.get("loss")), _num(val.get("loss")), _num(val.get("perplexity")),
-            _num(line.get("epsilon_spent")), f"{line.get('bytes_sent', 0):,}",
-            _num(line.get("seconds_training")), _num(line.get("seconds_crypto")),
-            _num(line.get("seconds_network")),
+            _num(train.get("loss")), _num(val.get("perplexity")), _num(line.get("epsilon_spent")),
+            f"{line.get('bytes_sent', 0) / 1e6:.1f}", _num(line.get("seconds_training")),
+            _num(line.get("seconds_crypto")), _num(line.get("seconds_network")),
         )  # fmt: skip
     return table
 
 
 def before_after_table(config: FederationConfig) -> Table:
     """Test perplexity of each institution before the first round and after the last."""
-    table = Table(title="test perplexity per institution")
+    table = Table(title="test perplexity per institution", box=box.SIMPLE_HEAD)
     for column in ("institution", "before", "after", "ε spent", "ε budget"):
         table.add_column(column, justify="right" if column != "institution" else "left")
     for name in config.institution_names:
