@@ -24,6 +24,7 @@ from clients.contract.config import load_config
 from clients.contract.keys import generate_keys, load_ckks_key_holder, load_institution_keys
 from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT
 from clients.models.moe_lora import adapter_state
+from clients.runtime.trained_model import MODEL_DIR, from_pretrained
 from clients.strategies.fedavg import FedAvgClient, fedavg_config
 from coordinator.app.wiring import make_institution, open_ledger
 from coordinator.service import Coordinator
@@ -162,8 +163,10 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
         previous = decrypted
     for inst in institutions:  # Shutdown carried the encrypted final state; each decrypted it
         final = adapter_state(inst.model)
+        kept, _ = from_pretrained(inst.dir / MODEL_DIR)  # and keeps it, in its own folder
         for name in names:
             np.testing.assert_allclose(final[name].double().numpy(), previous[name], atol=1e-6)
+            np.testing.assert_array_equal(adapter_state(kept)[name], final[name])
 
 
 def test_run_store_keeps_an_encrypted_state_without_plaintext(tmp_path):

@@ -192,12 +192,15 @@ class ModelSection(_Section):
       Hugging Face id already in the local cache (nothing is downloaded).
     - ``revision``: the cached revision of a Hugging Face id (default: the cached main).
     - ``dtype``: the base model's weights in memory; the adapters train in it too.
+    - ``init_adapter``: a PEFT LoRA adapter folder (relative to this file) that starts every
+      MoE-LoRA expert (its rank must be ``moe.rank``); omit for LoRA's usual start (B = 0).
     - ``moe``: the adapters, see :class:`MoESection`.
     """
 
     name: Annotated[str, msgspec.Meta(min_length=1)] = "tiny-dense"
     revision: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     dtype: ModelDtype = "float32"
+    init_adapter: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     moe: MoESection = msgspec.field(default_factory=MoESection)
 
 
@@ -356,6 +359,8 @@ class StrategySection(_Section):
     """Whether the strategy releases per-token routing statistics (not with its own adapters)."""
     ckks_updates: ClassVar[bool] = True
     """Whether its coordinator can move the adapters without reading the update sums."""
+    moe_lora_adapters: ClassVar[bool] = True
+    """Whether it trains ``[model.moe]``'s MoE-LoRA adapters (False: its own adapter family)."""
 
     def problems(self, config: FederationConfig) -> list[Problem]:
         """The cross-field rules this section breaks in ``config`` (none by default)."""
@@ -457,6 +462,7 @@ class FedAMoLESection(StrategySection):
 
     releases_routing: ClassVar[bool] = False
     ckks_updates: ClassVar[bool] = False
+    moe_lora_adapters: ClassVar[bool] = False
 
     def problems(self, config: FederationConfig) -> list[Problem]:
         """Every expert to exactly clients_per_expert institutions, each holding min..max
@@ -526,6 +532,7 @@ class DDOMESection(_MinCountSection):
 
     releases_routing: ClassVar[bool] = False
     ckks_updates: ClassVar[bool] = False
+    moe_lora_adapters: ClassVar[bool] = False
 
     def problems(self, config: FederationConfig) -> list[Problem]:
         """Besides ``min_count``: institution i anchors expert i, so the anchors must exist."""
@@ -732,6 +739,15 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             f"top_k={moe.top_k} exceeds num_experts={moe.num_experts}; lower top_k",
             "$.model.moe.top_k",
         )
+    if config.model.init_adapter is not None and (
+        not config.aggregation.section.moe_lora_adapters or moe.mode == "native"
+    ):
+        raise ConfigFileError(
+            path,
+            f"a PEFT LoRA adapter can start only dense MoE-LoRA experts, not strategy "
+            f"{config.aggregation.strategy!r} with mode {moe.mode!r}; remove init_adapter",
+            "$.model.init_adapter",
+        )
     split = config.data.split
     if any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-9:
         raise ConfigFileError(
@@ -802,15 +818,18 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
 
 
 def _resolve_paths(config: FederationConfig, base: Path) -> FederationConfig:
-    """Make run_dir, keys_dir and a local model folder absolute, relative to the config file's
-    directory."""
+    """Make run_dir, keys_dir, a local model folder and the initial adapter absolute, relative
+    to the config file's directory."""
     run_dir = base / (config.federation.run_dir or Path("runs") / config.federation.name)
     keys_dir = base / config.coordinator.keys_dir
-    model_dir = base / Path(config.model.name).expanduser()
+    model = config.model
+    model_dir = base / Path(model.name).expanduser()
     if model_dir.is_dir():  # a local model folder; else a built-in name or a hub id
-        config = msgspec.structs.replace(
-            config, model=msgspec.structs.replace(config.model, name=str(model_dir.resolve()))
-        )
+        model = msgspec.structs.replace(model, name=str(model_dir.resolve()))
+    if model.init_adapter is not None:
+        init = (base / Path(model.init_adapter).expanduser()).resolve()
+        model = msgspec.structs.replace(model, init_adapter=str(init))
+    config = msgspec.structs.replace(config, model=model)
     return msgspec.structs.replace(
         config,
         federation=msgspec.structs.replace(config.federation, run_dir=str(run_dir.resolve())),

@@ -33,6 +33,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 """What a model folder must hold: safetensors weights (no pickled checkpoints)."""
 
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""What a PEFT adapter folder holds (``[model] init_adapter``)."""
+
+
 class AssetMissingError(UserError, FileNotFoundError):
     """An offline asset package is not installed; the message says the command that installs it."""
 

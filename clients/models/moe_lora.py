@@ -299,7 +299,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _adapter_layers(model: nn.Module) -> Iterator[tuple[str, _RoutedLayer]]:
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, _RoutedLayer]]:
+    """``(name, layer)`` of every MoE-LoRA layer, in model order."""
     for name, module in _unwrap(model).named_modules():
         if isinstance(module, _ADAPTERS):
             yield name, module
@@ -320,7 +321,7 @@ def _resolve_mode(model: nn.Module, config: MoELoRAConfig) -> Literal["dense", "
 def attach(model: nn.Module, config: MoELoRAConfig | None = None) -> nn.Module:
     """Add MoE-LoRA adapters in place, freeze every base parameter, and return the model."""
     config = config or MoELoRAConfig()
-    if any(True for _ in _adapter_layers(model)):
+    if any(True for _ in adapter_layers(model)):
         raise UnsupportedModelError("model already carries MoE-LoRA adapters")
     mode = _resolve_mode(model, config)
     for p in model.parameters():
@@ -356,7 +357,7 @@ def get_config(model: nn.Module) -> MoELoRAConfig:
 
 def adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(name, parameter)`` of every adapter parameter, in a stable order (names as in state)."""
-    yield from layer_parameters(_adapter_layers(model))
+    yield from layer_parameters(adapter_layers(model))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -418,7 +419,7 @@ def load_balance_loss(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    losses = [layer.last_load_balance for _, layer in _adapter_layers(model)]
+    losses = [layer.last_load_balance for _, layer in adapter_layers(model)]
     if not losses:
         raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
     if any(loss is None for loss in losses):
@@ -432,7 +433,7 @@ def router_probabilities(model: nn.Module) -> list[torch.Tensor]:
     forward, differentiable: a strategy's per-sample term on the routers (e.g. a KL regularizer)
     builds on them, and its gradient reaches the router through the module output that Opacus'
     per-sample hooks watch."""
-    probs = [layer.last_router_probs for _, layer in _adapter_layers(model)]
+    probs = [layer.last_router_probs for _, layer in adapter_layers(model)]
     if not probs:
         raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
     if any(p is None for p in probs):
@@ -442,7 +443,7 @@ def router_probabilities(model: nn.Module) -> list[torch.Tensor]:
 
 def routing_statistics(model: nn.Module) -> RoutingStats:
     """Routing counts accumulated since attach or the last :func:`reset_routing_statistics`."""
-    layers = list(_adapter_layers(model))
+    layers = list(adapter_layers(model))
     if not layers:
         raise NotAttachedError("model has no MoE-LoRA adapters; call attach() first")
     return RoutingStats(
@@ -456,5 +457,5 @@ def routing_statistics(model: nn.Module) -> RoutingStats:
 
 def reset_routing_statistics(model: nn.Module) -> None:
     """Zero every layer's routing counters."""
-    for _, layer in _adapter_layers(model):
+    for _, layer in adapter_layers(model):
         layer.reset_routing()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
@@ -43,6 +44,7 @@ from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
 from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
 from clients.runtime.rounds import InstitutionRounds, RoundSettings
+from clients.runtime.trained_model import MODEL_DIR, keep_trained_model
 from clients.runtime.transport import InstitutionEndpoint
 from clients.strategies.registry import learner_for
 from privacy.budget import plan_dp_sgd
@@ -214,10 +216,23 @@ class Institution:
                 with self.metrics_path.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(output.line, sort_keys=True) + "\n")
             elif isinstance(output, Finished):
+                self._keep_trained_model(output.extras)
                 finished = True
             else:
                 raise TypeError(f"unknown output {output!r}")
         return finished
+
+    def _keep_trained_model(self, extras: dict[str, np.ndarray]) -> None:
+        """Write the model this institution ends with under its run directory (a failure is
+        logged: the federation is over either way)."""
+        personal = {**self.learner.memory(), **{f"extras.{k}": v for k, v in extras.items()}}
+        directory = self.dir / MODEL_DIR
+        try:
+            keep_trained_model(directory, self.config, self.name, self.learner.adapters(), personal)
+        except Exception:
+            log.exception("%s: cannot keep the trained model in %s", self.name, directory)
+            return
+        log.info("%s: trained model kept in %s", self.name, directory)
 
     def _send(self, message: msgspec.Struct) -> None:
         """Send, counting bytes for this round's metrics; transport errors are logged."""

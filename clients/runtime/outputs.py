@@ -9,10 +9,11 @@ before the releases it accounts for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class AppendMetrics:
 
 @dataclass(frozen=True)
 class Finished:
-    """The federation is over: the loop stops serving."""
+    """The federation is over: the loop keeps the trained model (the learner's adapters, its
+    memory and the public ``extras`` of the final state) and stops serving."""
+
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 Output = Send | PersistMemory | AppendMetrics | Finished

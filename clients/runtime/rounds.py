@@ -431,8 +431,9 @@ class InstitutionRounds:
 
     def _on_shutdown(self, goodbye: Shutdown) -> None:
         log.info("%s: coordinator shut the federation down: %s", self.name, goodbye.reason)
-        self._record("final", None, self._final_state(goodbye), validation=False, test=True)
-        self._emit(Finished())
+        final = self._final_state(goodbye)
+        self._record("final", None, final, validation=False, test=True)
+        self._emit(Finished(dict(final.extras)))
 
     # ------------------------------------------------------------------------------ broadcasts
 

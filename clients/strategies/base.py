@@ -226,17 +226,22 @@ def device_of(config: FederationConfig) -> str | None:
 
 @dataclass(frozen=True)
 class ClientHalf:
-    """A strategy's client half as the registry holds it: the model it trains (base model with
-    its adapters, and the tokenizer), the round-0 state every party derives from the config,
-    and institution ``name``'s learner."""
+    """A strategy's client half as the registry holds it: how its adapters go onto a base
+    model (``attach``) and load a state (``load_adapters``), the round-0 state every party
+    derives from the config, and institution ``name``'s learner."""
 
-    build_model: Callable[[FederationConfig], tuple[nn.Module, Any]]
+    attach: Callable[[nn.Module, FederationConfig], object]
+    load_adapters: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
     initial_state: Callable[[FederationConfig], GlobalState]
     learner: Callable[[FederationConfig, str], Learner]
     sum_strategy: Callable[[FederationConfig], ClientStrategy] | None = None
     """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
     institution: strategies keep memory between rounds); None for a strategy with its own
     adapters and learner."""
+
+    def build_model(self, config: FederationConfig) -> tuple[nn.Module, Any]:
+        """The seeded base model of ``[model]`` with these adapters, and its tokenizer."""
+        return build_model_with(config, lambda model: self.attach(model, config))
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,12 @@ class OwnAdapters:
             model, _ = self.build(config)
             return GlobalState.initial(self.state(model), (), config.model.moe.num_experts)
 
-        return ClientHalf(build_model=self.build, initial_state=initial_state, learner=learner)
+        return ClientHalf(
+            attach=lambda model, config: self.attach(model, self.shape_of(config)),
+            load_adapters=self.load,
+            initial_state=initial_state,
+            learner=learner,
+        )
 
 
 class OwnAdaptersLearner:

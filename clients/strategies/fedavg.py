@@ -35,12 +35,14 @@ from clients.contract.layout import (
     check_routing_matches,
 )
 from clients.data.sources import institution_data
-from clients.models.build import build_model
+from clients.models.build import build_model, moe_lora_config
 from clients.models.moe_lora import (
     adapter_state,
+    attach,
     load_adapter_state,
     routing_statistics,
 )
+from clients.models.peft_bridge import init_from_peft
 from clients.strategies.base import (
     ClientHalf,
     ClientStrategy,
@@ -262,8 +264,11 @@ class MoELoRALearner:
 
 
 def moe_lora_initial_state(config: FederationConfig) -> GlobalState:
-    """Round 0 of the MoE-LoRA strategies: the seeded adapters, zero routing, no extras."""
+    """Round 0 of the MoE-LoRA strategies: the seeded adapters (every expert started from
+    ``[model] init_adapter`` if given), zero routing, no extras."""
     model, _ = build_model(config)
+    if config.model.init_adapter is not None:
+        init_from_peft(model, config.model.init_adapter, config.model)
     stats = routing_statistics(model)
     return GlobalState.initial(
         adapter_state(model), stats.layer_names, stats.num_experts, stats.top_k
@@ -274,7 +279,8 @@ def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> Cli
     """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
     new client-side object per institution (strategies keep memory between rounds)."""
     return ClientHalf(
-        build_model=build_model,
+        attach=lambda model, config: attach(model, moe_lora_config(config.model.moe)),
+        load_adapters=load_adapter_state,
         initial_state=moe_lora_initial_state,
         learner=lambda config, name: MoELoRALearner(config, name, strategy(config)),
         sum_strategy=strategy,

@@ -20,7 +20,12 @@ from rich.text import Text
 
 from clients.contract.config import ConfigFileError, FederationConfig, load_config
 from clients.contract.keys import ROSTER_FILE, generate_keys
-from clients.models.locate import AssetMissingError, ModelNotFoundError, locate_model
+from clients.models.locate import (
+    PEFT_FILES,
+    AssetMissingError,
+    ModelNotFoundError,
+    locate_model,
+)
 from coordinator.app.audit_commands import add_audit_parser
 from coordinator.app.commands import CONFIG, add_command, arg, config_path
 from privacy.errors import UserError
@@ -60,6 +65,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         locate_model(config.model.name, config.model.revision)
     except (ModelNotFoundError, AssetMissingError) as exc:
         raise ConfigFileError(path, str(exc), "$.model.name") from None
+    init = config.model.init_adapter
+    if init is not None and not all((Path(init) / f).is_file() for f in PEFT_FILES):
+        raise ConfigFileError(
+            path, f"{init} lacks {' or '.join(PEFT_FILES)}", "$.model.init_adapter"
+        )
     console = Console()
     console.print(summary_table(config))
     console.print(Text(f"OK: {config_path(args)} is a valid federation config.", style="green"))
@@ -102,6 +112,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a log file or CI: wide enough for the round tables
         console = Console(width=max(console.width, 120))
     return run_federation(Path(config_path(args)), config, console, fresh=args.fresh)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from clients.runtime.trained_model import MODEL_DIR, export_model
+
+    kept = Path(args.run_dir) / "institutions" / args.institution / MODEL_DIR
+    out, kind = export_model(kept, args.out)
+    how = (
+        "load it with peft.PeftModel.from_pretrained(base_model, DIR)"
+        if kind == "peft"
+        else "load it with clients.runtime.trained_model.from_pretrained(DIR)"
+    )
+    print(f"wrote {out} ({kind} format); {how}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from clients.runtime.trained_model import generate
+
+    print(args.prompt + generate(args.model, args.prompt, args.max_new_tokens))
+    return 0
 
 
 def _log_to_stderr(level: str) -> None:
@@ -291,6 +322,37 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="delete the run directory first (default: resume the run it holds)",
         ),
+    )
+
+    add_command(
+        commands,
+        "export",
+        _cmd_export,
+        "write an institution's trained adapters as a self-describing directory",
+        (
+            "Write the adapters an institution ended a federation with (kept under "
+            "RUN_DIR/institutions/NAME/model, decrypted there under CKKS) to OUT: "
+            "adapter_config.json (base model named and hashed, federation config) and "
+            "adapter_model.safetensors. A run whose adapters are plain LoRA (one expert, top-1, "
+            "no shared expert) is written in PEFT's own format instead."
+        ),
+        arg("run_dir", metavar="RUN_DIR", help="a federation's run directory"),
+        arg("--institution", required=True, metavar="NAME", help="whose model"),
+        arg("--out", required=True, metavar="DIR", help="where to write it"),
+    )
+
+    add_command(
+        commands,
+        "generate",
+        _cmd_generate,
+        "continue a prompt with a trained model (a quick look)",
+        (
+            "Load a kept or exported sealmoe model directory onto its base model (the base "
+            "model's files must hash as recorded) and print a greedy continuation of PROMPT."
+        ),
+        arg("model", metavar="DIR", help="RUN_DIR/institutions/NAME/model or an export"),
+        arg("--prompt", required=True, help="text to continue"),
+        arg("--max-new-tokens", type=int, default=40, metavar="N", help="(default: 40)"),
     )
 
     add_audit_parser(commands)
