@@ -89,7 +89,7 @@ class PrivacyBudget:
         self,
         epsilon: float,
         delta: float,
-        accountant: str = "rdp",
+        accountant: str = "pld",
         spent: Composition | None = None,
     ) -> None:
         if accountant not in ACCOUNTANTS:

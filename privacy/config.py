@@ -40,7 +40,7 @@ class DPConfig:
     target_delta: float
     max_grad_norm: float
     noise_multiplier: float | None = None
-    accountant: Accountant = "rdp"
+    accountant: Accountant = "pld"
     grad_sample_mode: GradSampleMode = "hooks"
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ class DPTrainingFacts:
             return dp_accounting.NoOpDpEvent()
         return dp_sgd_event(self.noise_multiplier, self.sample_rate, self.steps)
 
-    def epsilon(self, accountant: str = "rdp") -> float:
+    def epsilon(self, accountant: str = "pld") -> float:
         """Epsilon of this run alone at ``delta``."""
         return epsilon([self.dp_event()], self.delta, accountant)
 

@@ -47,7 +47,8 @@ def run_dir(tmp_path_factory) -> Path:
         ledger = Ledger(
             ledger_path(config.run_dir, name), institution=name,
             identity=load_institution_keys(config.keys_dir, name).identity,
-            budget_epsilon=budget.target_epsilon, delta=budget.target_delta, accountant="rdp",
+            budget_epsilon=budget.target_epsilon, delta=budget.target_delta,
+            accountant=config.privacy.accountant,
         )  # fmt: skip
         facts = DPTrainingFacts(1.2, 0.125, 3, 1.0, budget.target_delta)
         for r in (1, 2, 3) if name == "histories" else (1,):  # fewer: pricing takes 0.4 s each
@@ -76,7 +77,7 @@ def test_report_json_holds_every_required_field(run_dir):
     assert "sum" in trust["coordinator_sees"]
     assert {r["what"].split(" ")[0] for r in report["releases"]} >= {"adapter", "routing"}
     assert all(r["to_whom"] for r in report["releases"])
-    assert report["accountant"]["enforcing"] == "rdp"
+    assert report["accountant"]["enforcing"] == "pld"
     assert report["accountant"]["reported"] == ["rdp", "pld"]
     assert report["software"]["dp-accounting"] and report["software"]["python"]
     assert report["dp_sgd"]["max_grad_norm"] == 1.0
@@ -85,8 +86,9 @@ def test_report_json_holds_every_required_field(run_dir):
     assert histories["verification"]["status"] == "verified"
     assert "coordinator's signed head" in histories["verification"]["detail"]
     assert [r["round"] for r in histories["rounds"]] == [1, 2, 3]
-    cumulative = [r["epsilon_cumulative"]["rdp"] for r in histories["rounds"]]
-    assert cumulative == sorted(cumulative) and cumulative[-1] == histories["spent"]["rdp"]
+    enforcing = report["accountant"]["enforcing"]
+    cumulative = [r["epsilon_cumulative"][enforcing] for r in histories["rounds"]]
+    assert cumulative == sorted(cumulative) and cumulative[-1] == histories["spent"][enforcing]
     assert histories["remaining_epsilon"] == pytest.approx(4.0 - cumulative[-1])
     assert histories["rounds"][0]["epsilon_round"]["pld"] < histories["rounds"][0][
         "epsilon_round"]["rdp"]  # fmt: skip

@@ -234,5 +234,5 @@ def test_conversions_to_runtime_configs():
     assert (lora.num_experts, lora.top_k, lora.rank) == (4, 2, 8)
     assert lora.target_modules == ("q_proj", "v_proj", "up_proj", "down_proj")
     dp = config.dp_config("romances")
-    assert (dp.target_epsilon, dp.target_delta, dp.accountant) == (8.0, 1e-5, "rdp")
+    assert (dp.target_epsilon, dp.target_delta, dp.accountant) == (8.0, 1e-5, "pld")
     assert dp.noise_multiplier is None

@@ -112,7 +112,7 @@ def test_config_is_immutable_and_calibrated_copy_spends_the_budget():
         config.require_noise_multiplier()
     calibrated = config.calibrated(sample_rate=0.02, total_steps=500)
     assert config.noise_multiplier is None
-    assert calibrated.noise_multiplier == calibrate_noise(2.0, 1e-5, 0.02, 500, "rdp")
+    assert calibrated.noise_multiplier == calibrate_noise(2.0, 1e-5, 0.02, 500, config.accountant)
 
 
 # --- calibration and accounting, checked against dp-accounting directly -----------------

@@ -270,8 +270,8 @@ class PrivacySection(_Section):
     - ``target_epsilon``, ``target_delta``: the default budget of an institution for all
       rounds together (an institution may override it in its own entry).
     - ``max_grad_norm``: per-example clipping bound C.
-    - ``accountant``: "rdp" or "pld", used to calibrate the noise and enforce the budget
-      (every ledger entry records both).
+    - ``accountant``: "pld" (the default: the tighter bound) or "rdp"; it calibrates the noise
+      and enforces the budget (every ledger entry records both).
     - ``routing_noise_multiplier``: the Gaussian noise on each round's routing statistics, in
       units of their L2 sensitivity to one training block (``clients.training.routing_release``).
     - ``spare_rounds``: extra rounds' worth of releases the DP-SGD noise is calibrated for. A
@@ -282,7 +282,7 @@ class PrivacySection(_Section):
     target_epsilon: Epsilon = 8.0
     target_delta: Delta = 1e-5
     max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
-    accountant: AccountantName = "rdp"
+    accountant: AccountantName = "pld"
     routing_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
     spare_rounds: Annotated[int, msgspec.Meta(ge=0)] = 1
 
