@@ -16,6 +16,8 @@ from clients.contract.config import FederationConfig, MoESection
 from clients.models.loaders import (
     load_model,
     load_smollm2,
+    load_tokenizer,
+    model_skeleton,
     tiny_dense_model,
     tiny_moe_model,
 )
@@ -81,3 +83,26 @@ def build_model_with(
 def moe_lora_config(section: MoESection) -> MoELoRAConfig:
     """``[model.moe]`` as the :class:`~clients.models.moe_lora.MoELoRAConfig` it describes."""
     return MoELoRAConfig(**msgspec.structs.asdict(section))
+
+
+def build_tokenizer(config: FederationConfig) -> Any:
+    """``[model]``'s tokenizer alone (no weights are read)."""
+    if config.model.name == "tiny-dense" or config.model.name in TINY_MOE_KINDS:
+        return ByteTokenizer()
+    return load_tokenizer(config.model.name, revision=config.model.revision)
+
+
+def trainable_parameter_count(
+    config: FederationConfig, attach_adapters: Callable[[torch.nn.Module], object]
+) -> int:
+    """How many parameters training updates: ``attach_adapters`` on ``[model]``'s
+    architecture, built with no weights (the tiny models are built, they are small)."""
+    name, seed = config.model.name, config.federation.seed
+    if name == "tiny-dense":
+        model = tiny_dense_model(vocab_size=BYTE_VOCAB, seed=seed)
+    elif name in TINY_MOE_KINDS:
+        model = tiny_moe_model(TINY_MOE_KINDS[name], vocab_size=BYTE_VOCAB, seed=seed)
+    else:
+        model = model_skeleton(name, config.model.revision)
+    attach_adapters(model)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -97,7 +98,9 @@ def load_smollm2(
     return model, tokenizer
 
 
-def load_tokenizer(name_or_path: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, cache_dir: Path | None = None, revision: str | None = None
+) -> PreTrainedTokenizerBase:
     """A tokenizer alone; ``"smollm2"`` reads the cache if present, else the GGUF (slower)."""
     if name_or_path.lower() == "smollm2":
         directory = _smollm2_dir(cache_dir)
@@ -105,7 +108,23 @@ def load_tokenizer(name_or_path: str, cache_dir: Path | None = None) -> PreTrain
             return AutoTokenizer.from_pretrained(directory)
         gguf = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, revision=revision)
+
+
+def model_skeleton(name_or_path: str, revision: str | None = None) -> PreTrainedModel:
+    """The model's architecture with no weights (every tensor on the "meta" device): enough
+    to count parameters, read nothing but its config."""
+    if name_or_path.lower() == "smollm2":
+        directory = _smollm2_dir(None)
+        if _is_complete(directory):
+            config = AutoConfig.from_pretrained(directory)
+        else:
+            gguf = smollm2_gguf_path()
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, revision=revision)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(

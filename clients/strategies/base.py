@@ -234,6 +234,9 @@ class ClientHalf:
     load_adapters: Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
     initial_state: Callable[[FederationConfig], GlobalState]
     learner: Callable[[FederationConfig, str], Learner]
+    round_releases: Callable[[FederationConfig], list[dp_accounting.DpEvent]]
+    """What one round releases besides DP-SGD (the learner's ``per_round_events``), known from
+    the config alone: the privacy plan is made before any model is loaded."""
     sum_strategy: Callable[[FederationConfig], ClientStrategy] | None = None
     """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
     institution: strategies keep memory between rounds); None for a strategy with its own
@@ -260,7 +263,11 @@ class OwnAdapters:
         shape = self.shape_of(config)
         return build_model_with(config, lambda model: self.attach(model, shape))
 
-    def client_half(self, learner: Callable[[FederationConfig, str], Learner]) -> ClientHalf:
+    def client_half(
+        self,
+        learner: Callable[[FederationConfig, str], Learner],
+        round_releases: Callable[[FederationConfig], list[dp_accounting.DpEvent]],
+    ) -> ClientHalf:
         """The strategy's client half: round 0 is the seeded adapters with no routing
         statistics (the model does not route per token)."""
 
@@ -273,6 +280,7 @@ class OwnAdapters:
             load_adapters=self.load,
             initial_state=initial_state,
             learner=learner,
+            round_releases=round_releases,
         )
 
 

@@ -355,4 +355,4 @@ DDOME_ADAPTERS = OwnAdapters(
 )
 """DDOME's adapters, shaped by ``[model.moe]``."""
 
-CLIENT_HALF = DDOME_ADAPTERS.client_half(DDOMELearner)
+CLIENT_HALF = DDOME_ADAPTERS.client_half(DDOMELearner, lambda config: [])

@@ -555,8 +555,7 @@ class FedAMoLELearner(OwnAdaptersLearner):
         )
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
-        """Scores (none in the first round: planned for every round, an upper bound) and keys."""
-        return [self._score_mechanism().dp_event(), self._key_mechanism(1).dp_event()]
+        return fedamole_round_releases(self.config)
 
     def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
         return state_shapes(self.fedamole, self.num_modules)
@@ -644,4 +643,14 @@ FEDAMOLE_ADAPTERS = OwnAdapters(
 )
 """FedAMoLE's adapters, shaped by ``[model.moe]``."""
 
-CLIENT_HALF = FEDAMOLE_ADAPTERS.client_half(FedAMoLELearner)
+
+def fedamole_round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
+    """Scores (none in the first round: planned for every round, an upper bound) and keys."""
+    params = config.aggregation.fedamole
+    return [
+        dp_accounting.GaussianDpEvent(params.score_noise_multiplier),
+        dp_accounting.GaussianDpEvent(params.key_noise_multiplier),
+    ]
+
+
+CLIENT_HALF = FEDAMOLE_ADAPTERS.client_half(FedAMoLELearner, fedamole_round_releases)

@@ -200,7 +200,7 @@ class MoELoRALearner:
         self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
-        return [self.routing.dp_event()]
+        return moe_lora_round_releases(self.config)
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
@@ -275,6 +275,11 @@ def moe_lora_initial_state(config: FederationConfig) -> GlobalState:
     )
 
 
+def moe_lora_round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
+    """The MoE-LoRA strategies' other release each round: the noised routing statistics."""
+    return [dp_accounting.GaussianDpEvent(config.privacy.routing_noise_multiplier)]
+
+
 def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> ClientHalf:
     """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
     new client-side object per institution (strategies keep memory between rounds)."""
@@ -282,6 +287,7 @@ def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> Cli
         attach=lambda model, config: attach(model, moe_lora_config(config.model.moe)),
         load_adapters=load_adapter_state,
         initial_state=moe_lora_initial_state,
+        round_releases=moe_lora_round_releases,
         learner=lambda config, name: MoELoRALearner(config, name, strategy(config)),
         sum_strategy=strategy,
     )

@@ -114,6 +114,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_federation(Path(config_path(args)), config, console, fresh=args.fresh)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from coordinator.app.plan_table import print_plan
+
+    config = load_config(config_path(args))
+    console = Console()
+    with console.status("planning: tokenising each institution's data (no model weights)"):
+        from clients.runtime.plan import privacy_plan
+
+        plans = privacy_plan(config)
+    return print_plan(console, config, plans)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from clients.runtime.trained_model import MODEL_DIR, export_model
 
@@ -322,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="delete the run directory first (default: resume the run it holds)",
         ),
+    )
+
+    add_command(
+        commands,
+        "plan",
+        _cmd_plan,
+        "show each institution's privacy plan and whether it can learn, before any training",
+        (
+            "Without loading model weights: per institution its training records, Poisson "
+            "sampling rate, DP-SGD steps of the whole plan (spare rounds included), the noise "
+            "multiplier that spends its budget, epsilon under PLD and RDP, and the expected "
+            "noise-to-signal ratio of an averaged gradient, with suggestions when the plan "
+            "cannot learn. Exit status 0, or 1 when some institution's plan cannot learn."
+        ),
+        *CONFIG,
     )
 
     add_command(

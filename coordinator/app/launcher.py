@@ -25,7 +25,9 @@ from audit.context import ContextError
 from clients.contract.config import FederationConfig
 from clients.contract.keys import ROSTER_FILE, generate_keys
 from clients.runtime.institution import METRICS_FILE
+from clients.runtime.plan import privacy_plan
 from coordinator.app.audit_commands import produce_report
+from coordinator.app.plan_table import print_plan
 from coordinator.store import JOURNAL
 
 POLL_S = 0.5
@@ -59,6 +61,9 @@ def run_federation(
         return _print_report(config, console)
     elif (config.run_dir / JOURNAL).exists():
         console.print(f"resuming the run in {config.run_dir} (--fresh starts over)")
+    with console.status("planning: tokenising each institution's data (no model weights)"):
+        plans = privacy_plan(config)
+    print_plan(console, config, plans)
     if not (config.keys_dir / ROSTER_FILE).exists():
         generate_keys(
             config.keys_dir, config.institution_names, ckks=config.aggregation.ckks.params()
