@@ -130,7 +130,7 @@ def test_the_round_table_fits_80_columns_with_whole_names(tmp_path):
 
 def test_the_status_line_says_why_it_waits_and_never_passes_the_last_round(tmp_path):
     config = load_config(write_config(tmp_path, rounds=2))
-    assert "0 of 3 institutions have loaded the model" in _waiting(config, set())
+    assert "0 of 3 institutions loaded and scored the model" in _waiting(config, set())
     assert _waiting(config, {1}).startswith("round 2 of 2")
     assert "final evaluation" in _waiting(config, {1, 2})
 

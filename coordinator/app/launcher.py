@@ -19,6 +19,14 @@ from pathlib import Path
 
 from rich import box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from audit.context import ContextError
@@ -94,12 +102,13 @@ def run_federation(
     # A SIGTERM (kill, a CI timeout) must not orphan the parties: exit through ``finally``.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        with console.status(_waiting(config, shown)) as status:
+        with _rounds_progress(console) as progress:
+            bar = progress.add_task(_waiting(config, shown), total=config.federation.rounds)
             while coordinator.poll() is None:
                 for entry in _ready_rounds(config, shown, wait=True):
-                    console.print(round_table(config, entry))
+                    progress.console.print(round_table(config, entry))
                     shown.add(entry["round"])
-                status.update(_waiting(config, shown))
+                progress.update(bar, completed=len(shown), description=_waiting(config, shown))
                 time.sleep(POLL_S)
         deadline = time.monotonic() + EXIT_GRACE_S
         for party, proc in processes.items():
@@ -154,6 +163,19 @@ def _rounds_done(config: FederationConfig) -> int:
     return max(done, default=0)
 
 
+def _rounds_progress(console: Console) -> Progress:
+    """A bar of finished rounds under what the federation is doing now (transient)."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 def _waiting(config: FederationConfig, shown: set[int]) -> str:
     """What the federation is doing now, for the status line."""
     rounds = config.federation.rounds
@@ -162,14 +184,11 @@ def _waiting(config: FederationConfig, shown: set[int]) -> str:
         ready = sum(
             any(m.get("event") == "initial" for m in _metrics_lines(config, n)) for n in names
         )
-        return (
-            f"waiting for round 1: {ready} of {len(names)} institutions have loaded the model "
-            "and scored it (the baseline)"
-        )
+        return f"round 1: {ready} of {len(names)} institutions loaded and scored the model"
     last = max(shown)
     if last >= rounds:
-        return f"all {rounds} rounds done: final evaluation at the institutions"
-    return f"round {last + 1} of {rounds}: local DP training, then the secure sum"
+        return "all rounds done: final evaluation at the institutions"
+    return f"round {last + 1} of {rounds}: local DP-SGD, then the secure sum"
 
 
 def _last_words(log: Path) -> str:
