@@ -162,11 +162,15 @@ class PrivateTraining:
         while True:
             yield from self.data_loader
 
-    def step(self, per_sample_loss: torch.Tensor | None) -> float | None:
+    def step(
+        self, per_sample_loss: torch.Tensor | None, logical_size: int | None = None
+    ) -> float | None:
         """Backpropagate per-sample losses [B], clip, noise and update; return the batch loss.
 
         ``None`` marks an empty batch: the private path takes a noise-only step, the baseline
-        skips the update. Every call counts as one step of the accounting.
+        skips the update. Every call counts as one step of the accounting. After
+        :meth:`accumulate` calls, these are the logical batch's last part and ``logical_size``
+        its size.
         """
         if self._hooks is None and self.dp is not None:
             raise PrivacyError("this PrivateTraining is closed")
@@ -175,7 +179,33 @@ class PrivateTraining:
             if self.dp is not None:
                 self._empty_private_step()
             return None
-        loss = reduce_per_sample_loss(per_sample_loss)
+        loss = self._backward(per_sample_loss, logical_size)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def accumulate(self, per_sample_loss: torch.Tensor, logical_size: int) -> None:
+        """One physical part of a logical (Poisson) batch too large to compute at once: clip
+        its per-sample gradients and add them up (the baseline: add its share of the mean
+        gradient). No noise, no update, no step counted: :meth:`step` with the last part does
+        those once for the whole logical batch, exactly as if it had been computed at once."""
+        if self._hooks is None and self.dp is not None:
+            raise PrivacyError("this PrivateTraining is closed")
+        if per_sample_loss.numel() == 0:
+            return
+        self._backward(per_sample_loss, logical_size)
+        if self.dp is None:
+            return  # plain gradients add up in p.grad until the step
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()  # clips and adds to the running sum only
+        self.optimizer.zero_grad(set_to_none=True)  # keeps the running sum
+
+    def _backward(self, per_sample_loss: torch.Tensor, logical_size: int | None) -> torch.Tensor:
+        """Backpropagate one (part of a) batch; the reduced loss."""
+        if self.dp is None and logical_size is not None:  # this part's share of the mean
+            loss = per_sample_loss.sum() / logical_size
+        else:
+            loss = reduce_per_sample_loss(per_sample_loss)
         if self.dp is not None and self.dp.grad_sample_mode == "ghost":
             ghost_clipped_backward(self._hooks, self._params, per_sample_loss)  # type: ignore[arg-type]
         else:
@@ -183,9 +213,7 @@ class PrivateTraining:
                 loss.backward()
             if self.dp is not None:
                 self._check_grad_samples(len(per_sample_loss))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return loss
 
     def _check_grad_samples(self, batch_size: int) -> None:
         """Zero per-sample gradients for parameters the batch did not use; refuse a gradient

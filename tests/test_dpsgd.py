@@ -355,3 +355,51 @@ def test_reduce_refuses_non_per_sample_losses():
     with pytest.raises(PrivacyError, match="per_sample_loss"):
         reduce_per_sample_loss(torch.ones(()))
     assert reduce_per_sample_loss(torch.tensor([1.0, 3.0])).item() == 2.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", None])
+def test_a_batch_in_physical_parts_is_one_step_equal_to_the_whole_batch(mode):
+    """Clipped per-sample gradients of the parts add up to the whole batch's (no noise here);
+    the baseline's part shares add up to the batch mean; one step is counted."""
+    blocks = pattern_blocks(6)
+    config = (
+        None
+        if mode is None
+        else dataclasses.replace(dp(sigma=1e-12, clip=0.5), grad_sample_mode=mode)
+    )
+
+    def update(parts: int) -> tuple[torch.Tensor, int]:
+        model = TinyAdapterLM()
+        params = trainable(model)
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        opt = torch.optim.SGD(params, lr=1.0)
+        with make_private(model, opt, loader(blocks, 6), config, seed=0) as training:
+            (ids,) = next(training.batches())
+            chunks = ids.split(len(ids) // parts)
+            for chunk in chunks[:-1]:
+                training.accumulate(50 * lm_loss(model, chunk), len(ids))
+            training.step(50 * lm_loss(model, chunks[-1]), len(ids))
+            steps = training.steps
+        return torch.cat([p.detach().reshape(-1) for p in params]) - before, steps
+
+    whole, one = update(1)
+    split, counted = update(3)
+    assert one == counted == 1
+    assert whole.abs().max() > 1e-3  # a real update
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_physical_parts_add_the_noise_once():
+    model = TinyAdapterLM()
+    params = trainable(model)
+    blocks = pattern_blocks(40)
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    opt = torch.optim.SGD(params, lr=1.0)
+    with make_private(model, opt, loader(blocks, 10), dp(sigma=2.0, clip=3.0), seed=5) as tr:
+        (ids,) = next(tr.batches())
+        first, rest = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+        tr.accumulate(0 * lm_loss(model, first), len(ids))
+        tr.step(0 * lm_loss(model, rest), len(ids))  # zero gradient: the update is the noise
+    update = torch.cat([p.detach().reshape(-1) for p in params]) - before
+    scale = 2.0 * 3.0 / 10  # sigma * C / expected batch size, once per logical batch
+    assert update.std().item() == pytest.approx(scale, rel=7 / (2 * update.numel()) ** 0.5)

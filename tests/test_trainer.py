@@ -3,6 +3,7 @@ the result carries the delta, routing statistics, metrics and DP facts, the base
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -135,6 +136,21 @@ def test_non_private_baseline_has_the_same_interface():
     assert result.steps == 4
     assert result.metrics.tokens == 4 * 8 * 15
     assert list(result.delta) == list(adapter_state(model))
+
+
+def test_physical_parts_train_exactly_as_the_whole_batch():
+    """The loss has a per-block load-balance term too: parts must not change any block's loss."""
+    blocks = pattern_blocks(32)
+    model = dense()
+    twin = copy.deepcopy(model)
+    whole = train_local(model, blocks, dp=None, steps=3, batch_size=8, seed=0)
+    parts = train_local(twin, blocks, dp=None, steps=3, batch_size=8, seed=0,
+                        physical_batch_size=3)  # fmt: skip
+    assert parts.steps == whole.steps == 3
+    assert parts.metrics.tokens == whole.metrics.tokens
+    for name, delta in whole.delta.items():
+        torch.testing.assert_close(parts.delta[name], delta, rtol=1e-4, atol=1e-6)
+    assert any(d.abs().max() > 0 for d in whole.delta.values())
 
 
 def test_evaluate_reports_token_metrics_and_restores_mode():

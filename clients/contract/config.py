@@ -243,11 +243,14 @@ class TrainingSection(_Section):
 
     - ``local_steps``: optimiser steps per round; ``batch_size``: expected blocks per step
       (with DP-SGD the Poisson sampling rate is batch_size / number of training blocks).
+    - ``physical_batch_size``: blocks computed at once; a larger logical batch is split and its
+      clipped gradients added up into one step (memory, not privacy; omit: all at once).
     - ``lr``: Adam learning rate; ``device``: "auto" (CUDA when available), "cpu" or "cuda".
     """
 
     local_steps: PositiveInt = 4
     batch_size: PositiveInt = 8
+    physical_batch_size: PositiveInt | None = None
     lr: Annotated[float, msgspec.Meta(gt=0.0)] = 1e-3
     device: Device = "auto"
 

@@ -238,6 +238,7 @@ class MoELoRALearner:
             result = train_local(
                 self.model, blocks, dp=dp, steps=train.local_steps,
                 batch_size=train.batch_size, lr=train.lr, device=device_of(self.config),
+                physical_batch_size=train.physical_batch_size,
                 extra_loss=plan.extra_loss, frozen=plan.frozen,
             )  # fmt: skip
             routing = private_routing_statistics(self.model, blocks, self.routing)

@@ -149,10 +149,15 @@ class StepSettings:
     lr: float = 1e-3
     device: str | torch.device | None = None
     seed: int | None = None
+    physical_batch_size: int | None = None
+    """Rows computed at once; a larger (logical) batch is split into parts of this size, whose
+    clipped gradients add up to one step (None: the whole batch at once)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "physical_batch_size"):
             value = getattr(self, name)
+            if value is None and name == "physical_batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrainerError(f"{name} must be an int >= 1, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -162,7 +167,12 @@ class StepSettings:
     def of(cls, training: TrainingSection, dp: DPConfig | None) -> StepSettings:
         """A federation round's settings: ``[training]`` with the institution's DP-SGD plan."""
         return cls(
-            dp, training.local_steps, training.batch_size, training.lr, training.torch_device
+            dp,
+            training.local_steps,
+            training.batch_size,
+            training.lr,
+            training.torch_device,
+            physical_batch_size=training.physical_batch_size,
         )
 
 
@@ -203,13 +213,20 @@ def train_steps(
         with _progress("local training", settings.steps, progress) as advance:
             for _ in range(settings.steps):
                 batch = tuple(t.to(dev) for t in next(batches))
-                if batch[0].shape[0] == 0:
+                size = batch[0].shape[0]
+                if size == 0:
                     training.step(None)
+                    parts = []
                 else:
-                    per_sample = loss(batch)
-                    training.step(per_sample)
+                    parts = _physical_parts(batch, settings.physical_batch_size)
+                for i, part in enumerate(parts):
+                    per_sample = loss(part)
+                    if i < len(parts) - 1:
+                        training.accumulate(per_sample, size)
+                    else:
+                        training.step(per_sample, size)
                     total += float(per_sample.detach().sum())
-                    count += batch[0].shape[0]
+                    count += part[0].shape[0]
                 if after_step is not None:
                     after_step()
                 advance(f"loss {total / count:.3f}" if count else "empty batch")
@@ -219,6 +236,15 @@ def train_steps(
         model.train(was_training)
     mean_loss = total / count if count else math.nan
     return LocalRun(facts=facts, steps=training.steps, mean_loss=mean_loss)
+
+
+def _physical_parts(
+    batch: tuple[torch.Tensor, ...], size: int | None
+) -> list[tuple[torch.Tensor, ...]]:
+    """``batch``'s rows in consecutive parts of at most ``size`` (one part for None)."""
+    if size is None or batch[0].shape[0] <= size:
+        return [batch]
+    return list(zip(*(t.split(size) for t in batch), strict=True))
 
 
 def train_local(
@@ -231,6 +257,7 @@ def train_local(
     lr: float = 1e-3,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    physical_batch_size: int | None = None,
     progress: bool | None = None,
     extra_loss: ExtraLoss | None = None,
     frozen: Mapping[str, torch.Tensor] | None = None,
@@ -243,7 +270,7 @@ def train_local(
     gradients nor DP noise move them and their delta is exactly zero. The routing counters are
     reset first, so the result's routing statistics are those of the training forwards.
     """
-    settings = StepSettings(dp, steps, batch_size, lr, device, seed)
+    settings = StepSettings(dp, steps, batch_size, lr, device, seed, physical_batch_size)
     _check_blocks(blocks, "blocks")
     config = get_config(model)
     adapters = dict(adapter_parameters(model))
