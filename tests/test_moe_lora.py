@@ -366,3 +366,11 @@ def test_opacus_per_sample_gradients_match_brute_force(kind):
                 torch.testing.assert_close(per_sample[name][i], g, rtol=1e-4, atol=1e-6)
     finally:
         gsm._close()
+
+
+def test_layers_limit_the_adapters_to_chosen_decoder_layers():
+    model = attach(tiny_dense_model(VOCAB), MoELoRAConfig(target_modules=("q_proj",), layers=(-1,)))
+    names = {n.rsplit(".", 2)[0] for n, _ in adapter_parameters(model)}
+    assert names == {"model.layers.1.self_attn.q_proj"}  # the last of the two layers
+    with pytest.raises(UnsupportedModelError, match="not a layer of a model with 2 layers"):
+        attach(tiny_dense_model(VOCAB), MoELoRAConfig(layers=(5,)))

@@ -166,6 +166,9 @@ class MoESection(_Section):
       (dense bases; a native MoE base brings its own).
     - ``rank``, ``alpha``: LoRA rank r and scale numerator (scale = alpha / r).
     - ``target_modules``: names of the linear layers that get adapters (dense bases).
+    - ``layers``: indices of the decoder layers whose target modules get adapters (negative
+      ones count from the last, e.g. [-4, -3, -2, -1]); omit for every layer. Fewer trainable
+      parameters mean less DP noise per parameter, and backward passes stop at the lowest one.
     - ``shared_expert``: add an always-on LoRA expert beside the routed ones.
     - ``load_balance_coef``: weight of the router's load-balance loss.
     - ``mode``: "auto" (native when the base is a supported MoE), "dense" or "native".
@@ -178,6 +181,7 @@ class MoESection(_Section):
     target_modules: Annotated[
         tuple[Annotated[str, msgspec.Meta(min_length=1)], ...], msgspec.Meta(min_length=1)
     ] = ("q_proj", "v_proj", "up_proj", "down_proj")
+    layers: Annotated[tuple[int, ...], msgspec.Meta(min_length=1)] | None = None
     shared_expert: bool = False
     load_balance_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 0.01
     mode: MoEMode = "auto"

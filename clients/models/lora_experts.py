@@ -3,6 +3,7 @@ experts, checked once, and zero-started expert factors."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -31,9 +32,15 @@ class ExpertShape:
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] | None = None
+    """Decoder layers whose target modules get experts (negative: from the last; None: all)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if not self.layers or not all(isinstance(i, int) for i in self.layers):
+                self._fail(f"layers must be a non-empty list of ints, got {self.layers!r}")
         for name in ("num_experts", "top_k", "rank", *self.positive_ints):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,6 +67,7 @@ class ExpertShape:
             rank=moe.rank,
             alpha=moe.alpha,
             target_modules=moe.target_modules,
+            layers=moe.layers,
             **fields,
         )
 
@@ -84,18 +92,47 @@ def expert_factors(base: nn.Linear, rank: int, count: int) -> tuple[nn.ModuleLis
 
 
 def target_linears(
-    model: nn.Module, target_modules: tuple[str, ...], error: type[Exception]
+    model: nn.Module,
+    target_modules: tuple[str, ...],
+    error: type[Exception],
+    layers: tuple[int, ...] | None = None,
 ) -> list[str]:
     """Names of the ``nn.Linear`` layers whose last name part is one of ``target_modules``, in
-    model order; none raises ``error`` naming the linear layers the model does have."""
+    model order, within the decoder layers ``layers`` (indices; negative ones count from the
+    last; None: every layer); none raises ``error`` naming the linear layers the model has."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = [n for n in linears if n.rpartition(".")[2] in target_modules]
+    if layers is not None:
+        chosen = _resolved(layers, model, error)
+        targets = [n for n in targets if _layer_index(n) in chosen]
     if not targets:
         raise error(
             f"no nn.Linear named any of {target_modules} in {type(model).__name__}; "
             f"its linear layers are named {sorted({n.rpartition('.')[2] for n in linears})}"
         )
     return targets
+
+
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+"""Where a decoder layer's index sits in a module name (Llama, Mistral, Qwen, OLMo, ...)."""
+
+
+def _layer_index(name: str) -> int | None:
+    match = LAYER_INDEX.search(f".{name}")
+    return None if match is None else int(match.group(1))
+
+
+def _resolved(layers: tuple[int, ...], model: nn.Module, error: type[Exception]) -> set[int]:
+    """``layers`` as non-negative indices of the model's decoder layers."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if count is None:
+        raise error("layers needs a model whose config gives num_hidden_layers")
+    out = set()
+    for i in layers:
+        if not -count <= i < count:
+            raise error(f"layers: {i} is not a layer of a model with {count} layers")
+        out.add(i % count)
+    return out
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -108,7 +145,7 @@ def wrap_targets(
     model: nn.Module, shape: ExpertShape, wrap: Callable[[nn.Linear], nn.Module]
 ) -> None:
     """Freeze the base model and replace every target linear layer ``l`` by ``wrap(l)``."""
-    targets = target_linears(model, shape.target_modules, shape.error)
+    targets = target_linears(model, shape.target_modules, shape.error, shape.layers)
     model.requires_grad_(False)
     for name in targets:
         replace_module(model, name, wrap(model.get_submodule(name)))

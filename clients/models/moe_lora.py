@@ -334,7 +334,7 @@ def attach(model: nn.Module, config: MoELoRAConfig | None = None) -> nn.Module:
         native_prefixes = tuple(
             f"{n}." for n, m in model.named_modules() if type(m).__name__ in _NATIVE_BLOCKS
         )
-        targets = target_linears(model, config.target_modules, UnsupportedModelError)
+        targets = target_linears(model, config.target_modules, UnsupportedModelError, config.layers)
         inside = [n for n in targets if n.startswith(native_prefixes)]
         if inside:
             raise UnsupportedModelError(
