@@ -65,10 +65,12 @@ def check_epsilon_composes_the_charges(config, result, unspent) -> None:
         budget = config.budget(name)
         charged = events(result, name)
         assert result.epsilon[name] == pytest.approx(
-            composed_epsilon(charged, budget.target_delta, "rdp")
+            composed_epsilon(charged, budget.target_delta, config.privacy.accountant)
         )
         assert result.epsilon[name] <= budget.target_epsilon
-        planned = composed_epsilon([*charged, *unspent(name)], budget.target_delta, "rdp")
+        planned = composed_epsilon(
+            [*charged, *unspent(name)], budget.target_delta, config.privacy.accountant
+        )
         assert budget.target_epsilon * 0.98 <= planned <= budget.target_epsilon * 1.001
 
 
