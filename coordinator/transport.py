@@ -46,7 +46,15 @@ from clients.contract.messages import (
     decode_from_client,
 )
 from secagg.errors import ConfigError, SecAggError
-from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
+from secagg.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AdvertiseKeys,
+    MaskedInput,
+    ShareKeys,
+    SurvivorSignature,
+    UnmaskShares,
+    encode,
+)
 from secagg.server import SecAggServer
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,9 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "sealmoe"
 
 OtherMessage = Callable[[str, int, msgspec.Struct], bool]
+
+SECAGG_FROM_CLIENT = (AdvertiseKeys, ShareKeys, MaskedInput, SurvivorSignature, UnmaskShares)
+"""The messages :class:`~secagg.server.SecAggServer` takes; anything else mid-round is ignored."""
 
 
 def key_fingerprint(public_key: bytes | str) -> str:
@@ -299,6 +310,10 @@ def _collect(
             if message.round_id == server.params.round_id and message.client_id == client_id:
                 log.info("%s declined round %d: %s", name, message.round_id, message.reason)
                 server.give_up_on(client_id)
+            continue
+        if not isinstance(message, SECAGG_FROM_CLIENT):  # e.g. scores sent mid-round
+            log.warning("ignored %s from %s during round %d", type(message).__name__, name,
+                        server.params.round_id)  # fmt: skip
             continue
         try:
             server.receive(client_id, message)
