@@ -32,7 +32,7 @@ from clients.contract.framing import (
     FrameRejected,
     PeerUnreachable,
     TransportError,
-    configure_socket,
+    curve_socket,
     decode_frame,
     poll_frames,
     send_frames,
@@ -118,7 +118,10 @@ class CoordinatorEndpoint:
 
     ``bind`` may use a wildcard port (``tcp://127.0.0.1:*``); :attr:`address` is the real one.
     Keys are CurveZMQ keys in Z85 (``zmq.curve_keypair()``); ``roster`` maps each institution's
-    name to its public key. Like any ZeroMQ socket, use one endpoint from one thread.
+    name to its public key. ``max_queued_bytes`` bounds what each institution can make the
+    socket buffer (one receive queue per connection,
+    :func:`~clients.contract.framing.receive_queue_depth`). Like any ZeroMQ socket, use one
+    endpoint from one thread.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class CoordinatorEndpoint:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
         decode: Decoder = decode_from_client,
+        max_queued_bytes: int | None = None,
     ) -> None:
         by_key = _raw_roster(roster)
         self.max_message_bytes = max_message_bytes
@@ -138,17 +142,20 @@ class CoordinatorEndpoint:
         self._routes: dict[str, bytes] = {}
         self._context = zmq.Context()
         self._auth = _RosterAuthenticator(self._context, by_key)
-        self._socket = self._context.socket(zmq.ROUTER)
+        try:
+            self._socket = curve_socket(
+                self._context, zmq.ROUTER, secret_key, public_key, max_message_bytes,
+                max_queued_bytes=max_queued_bytes,
+            )  # fmt: skip
+        except Exception:
+            self._context.term()
+            raise
         try:
             self._auth.start()
             self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._auth)
-            configure_socket(self._socket, max_message_bytes)
             self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._socket.zap_domain = ZAP_DOMAIN.encode()
-            self._socket.curve_server = True
-            self._socket.curve_secretkey = secret_key
-            self._socket.curve_publickey = public_key
             self._socket.bind(bind)
         except Exception:
             self.close()

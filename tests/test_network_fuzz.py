@@ -21,6 +21,7 @@ import pytest
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from clients.contract.framing import SEND_HWM, receive_queue_depth
 from clients.contract.keys import (
     ROSTER_FILE,
     generate_keys,
@@ -364,3 +365,24 @@ def test_the_fuzzer_makes_the_frames_it_promises():
     assert any(f[:5] == b"\xdd\xff\xff\xff\xff" for f in frames)  # huge declared lengths
     assert 0 < refused(frames, decode_from_client) < len(frames)  # some still decode
     assert nesting_bomb(__import__("random").Random(0)).endswith(b"\xc0")
+
+
+def test_the_receive_queue_per_peer_is_sized_from_the_byte_cap(curve_keys):
+    assert receive_queue_depth(LIMIT, None) == SEND_HWM
+    assert receive_queue_depth(LIMIT, 8 * LIMIT) == 4  # frames of up to 2 * LIMIT
+    assert receive_queue_depth(LIMIT, LIMIT) == 1  # never zero: one message always fits
+    with pytest.raises(ValueError, match="max_queued_bytes"):
+        receive_queue_depth(LIMIT, 0)
+    public, secret = curve_keys["coordinator"]
+    roster = {"alice": curve_keys["alice"][0]}
+    with CoordinatorEndpoint(
+        "tcp://127.0.0.1:*", secret, public, roster, LIMIT, max_queued_bytes=8 * LIMIT
+    ) as coordinator:
+        assert coordinator._socket.getsockopt(zmq.RCVHWM) == 4
+        assert coordinator._socket.getsockopt(zmq.MAXMSGSIZE) == 2 * LIMIT
+        with InstitutionEndpoint(
+            coordinator.address, curve_keys["alice"][1], curve_keys["alice"][0], public, LIMIT,
+            max_queued_bytes=8 * LIMIT,
+        ) as alice:  # fmt: skip
+            alice.send(Hello())
+            assert coordinator.recv(WAIT) == ("alice", Hello())  # the caps let traffic through
