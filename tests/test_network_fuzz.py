@@ -43,7 +43,6 @@ from clients.runtime.transport import InstitutionEndpoint
 from coordinator.app.wiring import make_institution
 from coordinator.transport import CoordinatorEndpoint, run_secagg_round
 from privacy.head import LedgerHead
-from secagg.client import SecAggClient
 from secagg.errors import MalformedMessage
 from secagg.messages import (
     AdvertiseKeys,
@@ -64,6 +63,7 @@ from secagg.server import SecAggServer
 from tests.frame_fuzzer import mutated_frames, nesting_bomb
 from tests.test_runtime import NAMES as RUNTIME_NAMES
 from tests.test_runtime import write_config
+from tests.test_transport import institution  # an honest one (its spoofed copies are refused)
 
 LIMIT = 1 << 16
 FRAMES = int(os.environ.get("FUZZ_FRAMES", 10_000))
@@ -169,26 +169,6 @@ def curve_dealer(context: zmq.Context, keys, name: str, address: str) -> zmq.Soc
     return socket
 
 
-def honest_institution(endpoint, values, identity_key, identities, outcome) -> None:
-    """Answer every coordinator message with the real SecAgg+ client until RoundEnd."""
-    try:
-        endpoint.send(Hello())
-        client = None
-        while (message := endpoint.recv(WAIT)) is not None:
-            if isinstance(message, RoundEnd):
-                outcome["end"] = message
-                return
-            if isinstance(message, RoundStart):
-                client = SecAggClient(
-                    message.params, message.client_id, values, identity_key, identities
-                )
-                endpoint.send(client.advertise())
-            else:
-                endpoint.send(client.handle(message))
-    except Exception as exc:  # reported by the test
-        outcome["error"] = exc
-
-
 def fuzzing_participant(socket: zmq.Socket, frames: list[bytes], outcome: dict) -> None:
     """Mallory in the round: on RoundStart, spray ``frames``, then decline (so nobody waits)."""
     try:
@@ -262,7 +242,7 @@ def test_the_coordinator_survives_ten_thousand_hostile_frames_and_runs_a_correct
                 for name in HONEST
             ]  # fmt: skip
             threads = [
-                threading.Thread(target=honest_institution,
+                threading.Thread(target=institution,
                                  args=(endpoints[i], inputs[i], identity[i], identities,
                                        outcomes[i]))
                 for i in range(3)
