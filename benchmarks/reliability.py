@@ -74,6 +74,13 @@ def shakespeare_adapter_values(
     return layers * sum(experts * rank * (i + o) + experts * i for i, o in shapes)
 
 
+SIZES = {
+    shakespeare_adapter_values(): "the MoE-LoRA adapters of examples/shakespeare.toml",
+    shakespeare_adapter_values(("q_proj", "v_proj")): "the MoE-LoRA adapters of "
+    "examples/shakespeare.toml on q_proj and v_proj only (all four modules: 6.3 M values)",
+}
+
+
 def synthetic_input(round_id: int, client_id: int, length: int) -> np.ndarray:
     """The institution's update for a round: grid values (k / 2^SCALE_BITS) from a public seed."""
     rng = np.random.default_rng([round_id, client_id])
@@ -454,14 +461,18 @@ def analyse(work: Path, args: argparse.Namespace, wall: float, restarts: int,
 
 def write_results(result: dict) -> None:
     out = HERE / "results"
+    size = SIZES.get(result["vector_values"], "a size chosen on the command line")
     (out / "reliability.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Reliability under load", "",
         f"{result['institutions']} institution processes (torch-free, real SecAgg+ client, "
         f"signed ledger, CurveZMQ) and one coordinator on loopback; {result['machine']}.",
         f"Each update: {result['vector_values']:,} values "
-        f"({result['masked_input_mib']:.1f} MiB masked), the MoE-LoRA adapter size of "
-        "examples/shakespeare.toml.", "",
+        f"({result['masked_input_mib']:.1f} MiB masked), {size}; SecAgg+ with k = "
+        f"{NEIGHBOURS} neighbours.",
+        "Every round, one institution SIGKILLs itself at each of the stages "
+        f"{', '.join(STAGES)} and is restarted; the coordinator is SIGKILLed once mid-round "
+        "and resumes from its store under a new attempt.", "",
         "| measure | value |", "|---|---|",
     ]  # fmt: skip
     for key in ["rounds_planned", "round_attempts", "rounds_completed", "rounds_aborted",
