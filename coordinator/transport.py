@@ -32,7 +32,7 @@ from clients.contract.framing import (
     FrameRejected,
     PeerUnreachable,
     TransportError,
-    configure_socket,
+    curve_socket,
     decode_frame,
     poll_frames,
     send_frames,
@@ -46,7 +46,15 @@ from clients.contract.messages import (
     decode_from_client,
 )
 from secagg.errors import ConfigError, SecAggError
-from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
+from secagg.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    AdvertiseKeys,
+    MaskedInput,
+    ShareKeys,
+    SurvivorSignature,
+    UnmaskShares,
+    encode,
+)
 from secagg.server import SecAggServer
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,9 @@ log = logging.getLogger(__name__)
 ZAP_DOMAIN = "sealmoe"
 
 OtherMessage = Callable[[str, int, msgspec.Struct], bool]
+
+SECAGG_FROM_CLIENT = (AdvertiseKeys, ShareKeys, MaskedInput, SurvivorSignature, UnmaskShares)
+"""The messages :class:`~secagg.server.SecAggServer` takes; anything else mid-round is ignored."""
 
 
 def key_fingerprint(public_key: bytes | str) -> str:
@@ -107,7 +118,10 @@ class CoordinatorEndpoint:
 
     ``bind`` may use a wildcard port (``tcp://127.0.0.1:*``); :attr:`address` is the real one.
     Keys are CurveZMQ keys in Z85 (``zmq.curve_keypair()``); ``roster`` maps each institution's
-    name to its public key. Like any ZeroMQ socket, use one endpoint from one thread.
+    name to its public key. ``max_queued_bytes`` bounds what each institution can make the
+    socket buffer (one receive queue per connection,
+    :func:`~clients.contract.framing.receive_queue_depth`). Like any ZeroMQ socket, use one
+    endpoint from one thread.
     """
 
     def __init__(
@@ -119,6 +133,7 @@ class CoordinatorEndpoint:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
         decode: Decoder = decode_from_client,
+        max_queued_bytes: int | None = None,
     ) -> None:
         by_key = _raw_roster(roster)
         self.max_message_bytes = max_message_bytes
@@ -127,17 +142,20 @@ class CoordinatorEndpoint:
         self._routes: dict[str, bytes] = {}
         self._context = zmq.Context()
         self._auth = _RosterAuthenticator(self._context, by_key)
-        self._socket = self._context.socket(zmq.ROUTER)
+        try:
+            self._socket = curve_socket(
+                self._context, zmq.ROUTER, secret_key, public_key, max_message_bytes,
+                max_queued_bytes=max_queued_bytes,
+            )  # fmt: skip
+        except Exception:
+            self._context.term()
+            raise
         try:
             self._auth.start()
             self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self._auth)
-            configure_socket(self._socket, max_message_bytes)
             self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
             self._socket.zap_domain = ZAP_DOMAIN.encode()
-            self._socket.curve_server = True
-            self._socket.curve_secretkey = secret_key
-            self._socket.curve_publickey = public_key
             self._socket.bind(bind)
         except Exception:
             self.close()
@@ -299,6 +317,10 @@ def _collect(
             if message.round_id == server.params.round_id and message.client_id == client_id:
                 log.info("%s declined round %d: %s", name, message.round_id, message.reason)
                 server.give_up_on(client_id)
+            continue
+        if not isinstance(message, SECAGG_FROM_CLIENT):  # e.g. scores sent mid-round
+            log.warning("ignored %s from %s during round %d", type(message).__name__, name,
+                        server.params.round_id)  # fmt: skip
             continue
         try:
             server.receive(client_id, message)

@@ -192,10 +192,18 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
 def decode_with(
     decoder: msgspec.msgpack.Decoder, data: bytes | memoryview, max_bytes: int, what: str
 ) -> msgspec.Struct:
-    """``decoder.decode(data)`` under a size limit; :class:`MalformedMessage` on anything else."""
+    """``decoder.decode(data)`` under a size limit; :class:`MalformedMessage` on anything else.
+
+    Every failure becomes :class:`MalformedMessage`, not only msgspec's own errors: a nesting
+    bomb (~1000 nested maps, 3 KB) raises ``RecursionError``, a declared length the process
+    cannot allocate ``MemoryError``, and a ``__post_init__`` may raise whatever it checks with.
+    Bytes from the network must never raise anything a receive loop does not expect.
+    """
     if len(data) > max_bytes:
         raise MalformedMessage(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
         return decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedMessage(f"not a valid {what}: {exc}") from exc
+    except Exception as exc:  # RecursionError, MemoryError, ...: the peer's fault, not ours
+        raise MalformedMessage(f"not a valid {what}: {type(exc).__name__}: {exc}") from exc

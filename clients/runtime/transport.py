@@ -22,7 +22,7 @@ import zmq
 from clients.contract.framing import (
     Decoder,
     FrameRejected,
-    configure_socket,
+    curve_socket,
     decode_frame,
     poll_frames,
     send_frames,
@@ -38,6 +38,8 @@ class InstitutionEndpoint:
 
     Keys are CurveZMQ keys in Z85 (``zmq.curve_keypair()``). :meth:`recv` returns the next
     valid message from the coordinator, or ``None`` when ``timeout_s`` passes first.
+    ``max_queued_bytes`` bounds what the coordinator can make this socket buffer
+    (:func:`~clients.contract.framing.receive_queue_depth`).
     """
 
     def __init__(
@@ -49,20 +51,24 @@ class InstitutionEndpoint:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
         decode: Decoder = decode_from_server,
+        max_queued_bytes: int | None = None,
         reconnect_ivl_s: float = 0.1,
         reconnect_ivl_max_s: float = 5.0,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self._decode = decode
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
         try:
-            configure_socket(self._socket, max_message_bytes)
+            self._socket = curve_socket(
+                self._context, zmq.DEALER, secret_key, public_key, max_message_bytes,
+                server_key=server_public_key, max_queued_bytes=max_queued_bytes,
+            )  # fmt: skip
+        except Exception:
+            self._context.term()
+            raise
+        try:
             self._socket.setsockopt(zmq.RECONNECT_IVL, round(reconnect_ivl_s * 1000))
             self._socket.setsockopt(zmq.RECONNECT_IVL_MAX, round(reconnect_ivl_max_s * 1000))
-            self._socket.curve_secretkey = secret_key
-            self._socket.curve_publickey = public_key
-            self._socket.curve_serverkey = server_public_key
             self._socket.connect(connect)
         except Exception:
             self.close()
