@@ -20,6 +20,7 @@ from secagg import kex, shamir
 from secagg.client import pairwise_mask_sign
 from secagg.errors import (
     DuplicateMessage,
+    InconsistentShares,
     MalformedMessage,
     ProtocolError,
     TooFewSurvivors,
@@ -80,6 +81,7 @@ class SecAggServer:
         self.unmasking: dict[int, UnmaskShares] = {}
         self._masked_sum = np.zeros(params.vector_length, dtype=params.codec.dtype)
         self.result: np.ndarray | None = None
+        self.wrong_shares: set[int] = set()  # holders that sent a share off the polynomial
         self.error: TooFewSurvivors | None = None
 
     # ------------------------------------------------------------------------------ intake
@@ -124,8 +126,17 @@ class SecAggServer:
         self._inbox[sender] = message
 
     def _check_advertisement(self, sender: int, msg: AdvertiseKeys) -> None:
+        """Signature, key order and uniqueness: a party failing any is left out of the round."""
         payload = kex.advertisement_payload(msg.round_id, sender, msg.enc_pk, msg.mask_pk)
         kex.verify(self._identities[sender], msg.signature, payload, who=sender, what="public keys")
+        for key in (msg.enc_pk, msg.mask_pk):
+            kex.check_public(key, who=sender)
+        taken = {k for m in self._inbox.values() for k in (m.enc_pk, m.mask_pk)}
+        if msg.enc_pk == msg.mask_pk or {msg.enc_pk, msg.mask_pk} & taken:
+            raise DuplicateMessage(
+                f"client {sender} advertised a public key that is its other key or another "
+                f"party's; it is left out of this round"
+            )
 
     def _check_shares(self, sender: int, msg: ShareKeys) -> None:
         recipients = [s.peer for s in msg.shares]
@@ -271,7 +282,19 @@ class SecAggServer:
                 f"only {len(shares)} of the {threshold} shares needed to unmask client {owner} "
                 f"arrived; no sum is released"
             )
-        return shamir.combine(shares, threshold)
+        try:
+            secret, wrong = shamir.robust_combine(shares, threshold)
+        except shamir.ShamirError as exc:
+            raise InconsistentShares(
+                f"shares of client {owner}'s {field.replace('_', ' ')[:-1]} are inconsistent "
+                f"({exc}); no sum is released"
+            ) from exc
+        if wrong:
+            holders = sorted(x - 1 for x in wrong)  # share point x is holder id + 1 (intake check)
+            log.warning("round %d: holders %s sent wrong shares of client %d; excluded",
+                        self.params.round_id, holders, owner)  # fmt: skip
+            self.wrong_shares.update(holders)
+        return secret
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:

@@ -112,7 +112,7 @@ target_epsilon = 8.0
 target_delta = 1e-5
 
 [secagg]
-threshold = 2
+threshold = 3
 
 [aggregation]
 expert_updates = "mask"

@@ -278,3 +278,107 @@ def test_honest_round_at_the_bound_still_sums_exactly_with_a_dropout():
     assert r.server.stage is None
     total = r.params.codec.decode(r.server.result)
     np.testing.assert_allclose(total, sum(r.inputs[i] for i in live), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- institutions
+
+
+def _advertise_with(r: ManualRound, bad: int, enc_pk: bytes, mask_pk: bytes) -> None:
+    """Every honest client advertises; ``bad`` sends validly signed keys of its choice."""
+    for i, client in enumerate(r.clients):
+        if i != bad:
+            r.send(i, client.advertise())
+    honest = r.clients[bad].advertise()
+    payload = kex.advertisement_payload(honest.round_id, bad, enc_pk, mask_pk)
+    forged = type(honest)(
+        round_id=honest.round_id, client_id=bad, enc_pk=enc_pk, mask_pk=mask_pk,
+        signature=r.keys[bad].sign(payload),
+    )  # fmt: skip
+    r.send(bad, forged)
+
+
+def _finish(r: ManualRound, live: list[int]) -> np.ndarray:
+    r.advance()
+    for _ in range(4):
+        r.respond(live)
+    assert r.server.stage is None
+    return r.params.codec.decode(r.server.result)
+
+
+@pytest.mark.parametrize("attack", ["low_order", "copied_key", "bad_signature"])
+def test_one_malicious_institution_among_five_is_left_out_and_the_others_sum(attack):
+    r = ManualRound(n=5, threshold=4, d=16)
+    bad, live = 4, [0, 1, 2, 3]
+    mine = r.clients[bad].advertise()
+    if attack == "bad_signature":
+        for i in live:
+            r.send(i, r.clients[i].advertise())
+        forged = type(mine)(
+            round_id=mine.round_id, client_id=bad, enc_pk=mine.enc_pk, mask_pk=mine.mask_pk,
+            signature=bytes(64),
+        )  # fmt: skip
+        with pytest.raises(secagg.BadSignature):
+            r.send(bad, forged)
+    else:
+        r.clients[bad] = SecAggClient(
+            r.params, bad, r.inputs[bad], r.keys[bad], r.identities
+        )  # a fresh state machine: the one above already advertised
+        if attack == "low_order":
+            error, enc_pk, mask_pk = secagg.MalformedMessage, mine.enc_pk, bytes(32)
+        else:
+            error, enc_pk, mask_pk = secagg.DuplicateMessage, mine.enc_pk, None
+        with pytest.raises(error):
+            if mask_pk is None:  # a copy of an honest party's advertised mask key
+                for i in live:
+                    r.send(i, r.clients[i].advertise())
+                copied = r.server._inbox[0].mask_pk
+                payload = kex.advertisement_payload(mine.round_id, bad, enc_pk, copied)
+                r.send(bad, type(mine)(
+                    round_id=mine.round_id, client_id=bad, enc_pk=enc_pk, mask_pk=copied,
+                    signature=r.keys[bad].sign(payload),
+                ))  # fmt: skip
+            else:
+                _advertise_with(r, bad, enc_pk, mask_pk)
+    total = _finish(r, live)
+    assert r.server.included == live
+    np.testing.assert_allclose(total, sum(r.inputs[i] for i in live), atol=1e-3)
+
+
+def _shifted(blob: bytes) -> bytes:
+    share = shamir.decode_share(blob)
+    return shamir.encode_share(shamir.Share(share.x, (share.y + 1) % shamir.P))
+
+
+def _unmask_with_one_liar(n: int, t: int, liar: int) -> ManualRound:
+    """An honest round in which ``liar`` shifts every share it reveals at unmasking."""
+    r = ManualRound(n=n, threshold=t, d=16)
+    r.advertise()
+    for _ in range(3):
+        r.respond()
+    for i in range(n):
+        reply = r.clients[i].handle(r.outgoing[i])
+        if i == liar:
+            reply = type(reply)(
+                round_id=reply.round_id, client_id=i,
+                self_mask_shares={o: _shifted(b) for o, b in reply.self_mask_shares.items()},
+                mask_key_shares={o: _shifted(b) for o, b in reply.mask_key_shares.items()},
+            )  # fmt: skip
+        r.send(i, reply)
+    return r
+
+
+def test_wrong_unmask_shares_are_corrected_and_their_sender_named():
+    """7 holders, t = 5: one wrong share per secret is within the correction radius."""
+    r = _unmask_with_one_liar(7, 5, liar=3)
+    r.advance()
+    assert r.server.wrong_shares == {3}
+    total = r.params.codec.decode(r.server.result)
+    np.testing.assert_allclose(total, sum(r.inputs), atol=1e-3)
+
+
+def test_wrong_unmask_shares_beyond_correction_release_no_sum():
+    """5 holders, t = 4: one wrong share is detected but cannot be corrected."""
+    r = _unmask_with_one_liar(5, 4, liar=2)
+    with pytest.raises(secagg.InconsistentShares):
+        r.advance()
+    assert r.server.result is None and r.server.stage is None
