@@ -29,7 +29,7 @@ from secagg.errors import (
     WrongRound,
     WrongStage,
 )
-from secagg.graph import neighbour_graph
+from secagg.graph import neighbour_graph, survivor_quorum
 from secagg.prg import add_keystream
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,14 @@ class SecAggServer:
         return self._unmask_requests(self.masked, [])
 
     def _close_consistency(self, inbox: dict[int, m.SurvivorSignature]) -> dict[int, m.Message]:
+        quorum = survivor_quorum(
+            len(self.params.client_ids), self.params.neighbours, self.params.threshold
+        )
+        if len(inbox) < quorum:  # the clients would refuse to unmask: end the round here
+            raise TooFewSurvivors(
+                f"round {self.params.round_id}: only {len(inbox)} clients signed the survivor "
+                f"set; {quorum} signatures are needed; no sum is released"
+            )
         self.attested = dict(sorted(inbox.items()))
         return self._unmask_requests(list(self.attested), list(self.attested.values()))
 

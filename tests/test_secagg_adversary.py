@@ -382,3 +382,14 @@ def test_wrong_unmask_shares_beyond_correction_release_no_sum():
     with pytest.raises(secagg.InconsistentShares):
         r.advance()
     assert r.server.result is None and r.server.stage is None
+
+
+def test_sparse_round_needs_signatures_from_more_than_two_thirds_of_the_round():
+    """On a sparse graph t signatures are local; the survivor set needs a round-wide quorum."""
+    r = ManualRound(n=12, threshold=4, neighbours=4, d=8)  # t = 4 > 2 * 5 / 3; quorum 9
+    r.advertise()
+    r.respond()
+    r.respond()
+    with pytest.raises(secagg.TooFewSurvivors, match="9 signatures"):
+        r.respond(list(range(8)))  # only 8 sign
+    assert r.server.result is None
