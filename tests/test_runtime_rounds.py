@@ -91,7 +91,7 @@ def round_start(
     layout = inst.learner.layout(inst.learner.local_state())
     params = config.secagg.round_params(
         round_id(federation_round, attempt),
-        list(range(len(NAMES))),
+        list(range(len(config.institution_names))),
         os.urandom(32),
         layout.length("mask"),
     )
@@ -206,7 +206,7 @@ def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(
 
     secagg = SecAggRound(config, inst, start.params)
     secagg.run(advertised)
-    assert secagg.server.included == [1, 2]  # the round went on without it
+    assert secagg.server.included == [1, 2, 3]  # the round went on without it
     released = secagg.replies["RelayedShares"]
     assert kinds(released) == ["LedgerHead", "Decline"]  # no CKKS input, no masked input
     head, decline = messages(released)
