@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from secagg import kex, shamir
 from secagg.errors import (
     ConfigError,
+    DecryptionError,
     DuplicateMessage,
+    InvalidShare,
     MalformedMessage,
     RefusedRequest,
     TooFewSurvivors,
@@ -206,16 +208,7 @@ class SecAggClient:
                 raise UnknownParty(f"relayed share from {sender}, who is not a roster neighbour")
             if sender in self._shares_from:
                 raise DuplicateMessage(f"two relayed shares from client {sender}")
-            plain = kex.decrypt_share(
-                self._share_key(sender), item.ciphertext,
-                round_id=self.params.round_id, sender=sender, recipient=self.client_id,
-            )  # fmt: skip
-            if len(plain) != _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES:
-                raise MalformedMessage(f"share from {sender} has the wrong length")
-            if _SHARE_HEADER.unpack_from(plain) != (sender, self.client_id):
-                raise RefusedRequest(f"share from {sender} names other parties inside")
-            body = plain[_SHARE_HEADER.size :]
-            self._shares_from[sender] = (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :])
+            self._shares_from[sender] = self._open_share(sender, item.ciphertext)
         self._require(len(self._shares_from), "neighbours shared keys")
 
         self._masked_with = frozenset(self._shares_from) - {self.client_id}
@@ -357,6 +350,29 @@ class SecAggClient:
                 f"and cannot move to {following.value}"
             )
         self.stage = following
+
+    def _open_share(self, sender: int, ciphertext: bytes) -> tuple[bytes, bytes]:
+        """(self-mask share, mask-key share) from ``sender``; :class:`InvalidShare` names it."""
+        try:
+            plain = kex.decrypt_share(
+                self._share_key(sender), ciphertext,
+                round_id=self.params.round_id, sender=sender, recipient=self.client_id,
+            )  # fmt: skip
+        except (DecryptionError, MalformedMessage) as exc:
+            raise InvalidShare(f"share from client {sender}: {exc}", sender=sender) from exc
+        if len(plain) != _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES:
+            raise InvalidShare(f"share from client {sender} has the wrong length", sender=sender)
+        if _SHARE_HEADER.unpack_from(plain) != (sender, self.client_id):
+            raise InvalidShare(f"share from client {sender} names other parties", sender=sender)
+        body = plain[_SHARE_HEADER.size :]
+        for part in (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :]):
+            try:
+                share = shamir.decode_share(part)
+            except MalformedMessage as exc:
+                raise InvalidShare(f"share from client {sender}: {exc}", sender=sender) from exc
+            if share.x != self.client_id + 1:
+                raise InvalidShare(f"client {sender} sent a share of another holder", sender=sender)
+        return body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :]
 
     def _share_key(self, peer: int) -> bytes:
         return kex.agree(

@@ -223,8 +223,9 @@ def test_tampered_relayed_share_fails_authentication():
         round_id=relayed.round_id,
         shares=[type(first)(peer=first.peer, ciphertext=flipped), *relayed.shares[1:]],
     )
-    with pytest.raises(secagg.DecryptionError):
+    with pytest.raises(secagg.InvalidShare) as info:  # a DecryptionError naming the sender
         r.clients[0].handle(tampered)
+    assert info.value.sender == first.peer
 
 
 # ---------------------------------------------------------------------------- bad input
