@@ -370,3 +370,18 @@ def test_sparse_round_needs_signatures_from_more_than_two_thirds_of_the_round():
     with pytest.raises(secagg.TooFewSurvivors, match="9 signatures"):
         r.respond(list(range(8)))  # only 8 sign
     assert r.server.result is None
+
+
+@pytest.mark.parametrize(("holders", "t"), [(2, 2), (3, 3), (4, 3), (5, 4), (6, 5), (9, 7)])
+def test_active_threshold_is_the_smallest_t_above_two_thirds(holders, t):
+    from secagg.graph import active_threshold
+
+    assert active_threshold(holders) == t
+    assert 3 * t > 2 * holders >= 3 * (t - 1)  # two t-sets overlap in more than a third
+
+
+def test_survivor_quorum_is_t_on_the_complete_graph_and_two_thirds_of_the_round_otherwise():
+    from secagg.graph import survivor_quorum
+
+    assert survivor_quorum(7, 6, 5) == 5
+    assert survivor_quorum(30, 8, 7) == 21
