@@ -3,7 +3,9 @@
 A client masks its encoded input with a self mask (seed b_u, Shamir-shared) and one pairwise
 mask per neighbour (seed from X25519 agreement; the mask key is Shamir-shared too), so the
 server can remove exactly the masks of the clients that dropped while learning nothing else.
-The client refuses every request that would let the server strip both masks from one input.
+The client refuses every request that would let the server strip both masks from one input,
+and checks every survivor set against its own view before it signs or reveals anything, so a
+coordinator that lies about who survived learns nothing (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import kex, shamir
 from secagg.errors import (
+    ConfigError,
+    DecryptionError,
     DuplicateMessage,
+    InvalidShare,
     MalformedMessage,
     RefusedRequest,
     TooFewSurvivors,
@@ -26,7 +31,7 @@ from secagg.errors import (
     WrongRound,
     WrongStage,
 )
-from secagg.graph import neighbour_graph
+from secagg.graph import active_threshold, neighbour_graph, survivor_quorum
 from secagg.messages import (
     AdvertiseKeys,
     EncryptedShare,
@@ -62,6 +67,9 @@ class SecAggClient:
 
     ``identities`` maps every client id of the round to its registered Ed25519 public key.
     Any violation raises a :class:`~secagg.errors.SecAggError` and leaves the client aborted.
+    With ``active_bound`` (the default) the client refuses round parameters that are not safe
+    against an active coordinator: a threshold at or below 2/3 of the share holders, or the
+    signed-survivor-set stage turned off. Only in-process runs with no adversary turn it off.
     """
 
     def __init__(
@@ -71,7 +79,11 @@ class SecAggClient:
         values: np.ndarray,
         identity_key: Ed25519PrivateKey,
         identities: Mapping[int, Ed25519PublicKey],
+        *,
+        active_bound: bool = True,
     ) -> None:
+        if active_bound:
+            check_active_bound(params)
         if client_id not in params.client_ids:
             raise UnknownParty(f"client {client_id} is not part of round {params.round_id}")
         missing = set(params.client_ids) - set(identities)
@@ -95,6 +107,7 @@ class SecAggClient:
         self._self_seed = random_seed()
         self._roster: dict[int, AdvertiseKeys] = {}
         self._shares_from: dict[int, tuple[bytes, bytes]] = {}
+        self._masked_with: frozenset[int] = frozenset()  # neighbours whose pairwise mask is in y_u
         self._signed_survivors: list[int] | None = None
         self.stage: Stage | None = None
         self.aborted = False
@@ -195,23 +208,13 @@ class SecAggClient:
                 raise UnknownParty(f"relayed share from {sender}, who is not a roster neighbour")
             if sender in self._shares_from:
                 raise DuplicateMessage(f"two relayed shares from client {sender}")
-            plain = kex.decrypt_share(
-                self._share_key(sender), item.ciphertext,
-                round_id=self.params.round_id, sender=sender, recipient=self.client_id,
-            )  # fmt: skip
-            if len(plain) != _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES:
-                raise MalformedMessage(f"share from {sender} has the wrong length")
-            if _SHARE_HEADER.unpack_from(plain) != (sender, self.client_id):
-                raise RefusedRequest(f"share from {sender} names other parties inside")
-            body = plain[_SHARE_HEADER.size :]
-            self._shares_from[sender] = (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :])
+            self._shares_from[sender] = self._open_share(sender, item.ciphertext)
         self._require(len(self._shares_from), "neighbours shared keys")
 
+        self._masked_with = frozenset(self._shares_from) - {self.client_id}
         masked, self._encoded = self._encoded, None  # the input is masked in place, once
         add_keystream(masked, self._self_seed)
-        for peer in self._shares_from:
-            if peer == self.client_id:
-                continue
+        for peer in sorted(self._masked_with):
             seed = kex.agree(
                 self._mask_key, self._roster[peer].mask_pk, purpose=kex.MASK_PURPOSE,
                 round_id=self.params.round_id, me=self.client_id, peer=peer,
@@ -226,6 +229,7 @@ class SecAggClient:
         if not self.params.check_survivors:
             raise RefusedRequest("this round has no consistency check")
         survivors = self._check_survivor_list(msg.survivors)
+        self._check_view(survivors, None)
         self._signed_survivors = survivors
         payload = kex.survivors_payload(self.params.round_id, survivors)
         return SurvivorSignature(
@@ -250,6 +254,7 @@ class SecAggClient:
             raise UnknownParty(
                 f"unmask request lists unknown or repeated dropped ids {msg.dropped}"
             )
+        self._check_view(survivors, sorted(dropped))
         if self.params.check_survivors:
             self._check_attestations(survivors, msg.signatures)
         self_mask_shares = {
@@ -280,10 +285,38 @@ class SecAggClient:
         self._require(len(ids), "clients survived masking")
         return ids
 
+    def _check_view(self, survivors: list[int], dropped: list[int] | None) -> None:
+        """Hold the coordinator's survivor (and dropped) lists to what this client saw.
+
+        Every neighbour named a survivor must be one this client masked with (else its input
+        would be unmasked without that neighbour's mask), every neighbour named dropped must
+        be one it masked with too (a dropped peer's mask key only removes masks it shares),
+        and at least t of its closed neighbourhood must survive. ``dropped`` is None when
+        signing (the request names survivors only). This stops a coordinator that
+        withholds shares and then declares the victim's only mask partners dropped.
+        """
+        near = self._neighbours & set(survivors)
+        strangers = near - self._masked_with
+        if strangers:
+            raise RefusedRequest(
+                f"client {self.client_id}: survivor set names neighbours {sorted(strangers)} "
+                f"whose shares never reached it (it did not mask with them)"
+            )
+        listed = near | (self._neighbours & set(dropped or ()))
+        if dropped is not None and listed != self._masked_with:
+            raise RefusedRequest(
+                f"client {self.client_id}: survivors and dropped name neighbours "
+                f"{sorted(listed)}, but it masked with {sorted(self._masked_with)}"
+            )
+        self._require(len(near) + 1, "of its neighbourhood (itself included) survived")
+
     def _check_attestations(
         self, survivors: list[int], signatures: list[SurvivorSignature]
     ) -> None:
-        """At least t survivors must have signed this exact set; checking t signatures suffices."""
+        """Enough survivors (:func:`~secagg.graph.survivor_quorum`) signed this exact set."""
+        quorum = survivor_quorum(
+            len(self.params.client_ids), self.params.neighbours, self.params.threshold
+        )
         payload = kex.survivors_payload(self.params.round_id, survivors)
         signers: set[int] = set()
         for sig in signatures:
@@ -296,9 +329,12 @@ class SecAggClient:
                 who=sig.client_id, what="survivor set",
             )  # fmt: skip
             signers.add(sig.client_id)
-            if len(signers) == self.params.threshold:
+            if len(signers) == quorum:
                 return
-        self._require(len(signers), "clients attested the survivor set")
+        raise TooFewSurvivors(
+            f"client {self.client_id}: only {len(signers)} clients attested the survivor set; "
+            f"{quorum} signatures are needed before it reveals any share"
+        )
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:
@@ -315,11 +351,50 @@ class SecAggClient:
             )
         self.stage = following
 
+    def _open_share(self, sender: int, ciphertext: bytes) -> tuple[bytes, bytes]:
+        """(self-mask share, mask-key share) from ``sender``; :class:`InvalidShare` names it."""
+        try:
+            plain = kex.decrypt_share(
+                self._share_key(sender), ciphertext,
+                round_id=self.params.round_id, sender=sender, recipient=self.client_id,
+            )  # fmt: skip
+        except (DecryptionError, MalformedMessage) as exc:
+            raise InvalidShare(f"share from client {sender}: {exc}", sender=sender) from exc
+        if len(plain) != _SHARE_HEADER.size + 2 * shamir.SHARE_BYTES:
+            raise InvalidShare(f"share from client {sender} has the wrong length", sender=sender)
+        if _SHARE_HEADER.unpack_from(plain) != (sender, self.client_id):
+            raise InvalidShare(f"share from client {sender} names other parties", sender=sender)
+        body = plain[_SHARE_HEADER.size :]
+        for part in (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :]):
+            try:
+                share = shamir.decode_share(part)
+            except MalformedMessage as exc:
+                raise InvalidShare(f"share from client {sender}: {exc}", sender=sender) from exc
+            if share.x != self.client_id + 1:
+                raise InvalidShare(f"client {sender} sent a share of another holder", sender=sender)
+        return body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :]
+
     def _share_key(self, peer: int) -> bytes:
         return kex.agree(
             self._enc_key, self._roster[peer].enc_pk, purpose=kex.SHARE_PURPOSE,
             round_id=self.params.round_id, me=self.client_id, peer=peer,
         )  # fmt: skip
+
+
+def check_active_bound(params: RoundParams) -> None:
+    """Refuse round parameters below the active-adversary bound; the message names the field."""
+    if not params.check_survivors:
+        raise ConfigError(
+            "check_survivors is off: without signed survivor sets a coordinator can show "
+            "clients different survivor sets and unmask one input; set check_survivors = true"
+        )
+    holders = params.neighbours + 1
+    needed = active_threshold(holders)
+    if params.threshold < needed:
+        raise ConfigError(
+            f"threshold={params.threshold} is below the active-adversary bound for "
+            f"{holders} share holders (more than 2/3 of them): set threshold >= {needed}"
+        )
 
 
 def _private_bytes(key: X25519PrivateKey) -> bytes:

@@ -53,3 +53,19 @@ class DecryptionError(ProtocolError):
 
 class TooFewSurvivors(SecAggError):
     """Fewer clients than the threshold remain, so no sum can be released."""
+
+
+class InconsistentShares(TooFewSurvivors):
+    """Unmasking shares that do not lie on one sharing polynomial and cannot be corrected.
+
+    No sum is released; a subclass of :class:`TooFewSurvivors` so that callers end the round
+    the same way (too few trustworthy shares remain).
+    """
+
+
+class InvalidShare(DecryptionError):
+    """A relayed share that does not decrypt or parse; ``sender`` names the party that sent it."""
+
+    def __init__(self, message: str, *, sender: int) -> None:
+        super().__init__(message)
+        self.sender = sender

@@ -97,3 +97,27 @@ def default_neighbours(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ConfigError(f"a neighbour graph needs at least 2 clients, got {n!r}")
     return min(2 * (n - 1).bit_length(), n - 1)
+
+
+def active_threshold(holders: int) -> int:
+    """Smallest threshold safe against an active server: more than 2/3 of the share holders.
+
+    Bonawitz et al. 2017 (section 6) need t > 2n/3 on the complete graph when the server may
+    deviate: two sets of t holders then overlap in more than n/3 parties, so a server that
+    colludes with fewer than 2t - n clients cannot get both of a client's secrets or two
+    conflicting survivor sets signed. SecAgg+ applies the same count to each closed
+    neighbourhood of ``holders = k + 1`` parties (see docs/security.md).
+    """
+    return 2 * holders // 3 + 1
+
+
+def survivor_quorum(n: int, neighbours: int, threshold: int) -> int:
+    """Signatures a survivor set needs before any client reveals a share for it.
+
+    On the complete graph the threshold itself (t > 2n/3 makes two signed sets impossible).
+    On a sparse graph t is local, so t signers elsewhere could vouch for a second set: the
+    set must also be signed by more than 2/3 of the round, so at most one set is ever signed.
+    """
+    if neighbours >= n - 1:
+        return threshold
+    return max(threshold, active_threshold(n))

@@ -60,6 +60,18 @@ def load_ed25519(data: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(data)
 
 
+def check_public(data: bytes, *, who: int) -> None:
+    """Refuse a low-order (or malformed) X25519 public key, which would fix the shared secret.
+
+    A party that advertises such a key would agree the all-zero secret with everybody, so the
+    check runs where keys are accepted, before any neighbour relies on them.
+    """
+    try:
+        X25519PrivateKey.generate().exchange(load_x25519(data))
+    except ValueError as exc:  # OpenSSL refuses low-order points (all-zero shared secret)
+        raise MalformedMessage(f"party {who} advertised a low-order X25519 public key") from exc
+
+
 def agree(
     private: X25519PrivateKey,
     peer_public: bytes,

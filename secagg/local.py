@@ -73,6 +73,7 @@ def run_local(
     seed: int | None = None,
     modulus_bits: int = 32,
     check_survivors: bool = True,
+    active_bound: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> LocalResult:
     """Securely sum ``inputs`` (one float array per client) in one process.
@@ -82,7 +83,10 @@ def run_local(
     "masked_input", "consistency" or "unmask". ``seed`` fixes the public neighbour graph only;
     masks and keys always come from the operating system's CSPRNG. Raises
     :class:`~secagg.errors.TooFewSurvivors` when fewer than ``threshold`` clients remain.
-    ``clock`` times the parties (e.g. ``time.thread_time`` for CPU time on a busy machine).
+    ``active_bound`` holds the clients to the active-adversary bound (see
+    :class:`~secagg.client.SecAggClient`); off by default because an in-process run has no
+    adversary and tests sum with small thresholds. ``clock`` times the parties (e.g.
+    ``time.thread_time`` for CPU time on a busy machine).
     """
     n = len(inputs)
     if n < 2:
@@ -118,7 +122,10 @@ def run_local(
     received = dict.fromkeys(range(n), 0)
     clients = {
         i: timer.run(
-            i, lambda i=i: SecAggClient(params, i, inputs[i], identity_keys[i], identities)
+            i,
+            lambda i=i: SecAggClient(
+                params, i, inputs[i], identity_keys[i], identities, active_bound=active_bound
+            ),
         )
         for i in range(n)
     }

@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import kex, shamir
+from secagg import messages as m
 from secagg.client import pairwise_mask_sign
 from secagg.errors import (
     DuplicateMessage,
+    InconsistentShares,
     MalformedMessage,
     ProtocolError,
     TooFewSurvivors,
@@ -27,31 +29,17 @@ from secagg.errors import (
     WrongRound,
     WrongStage,
 )
-from secagg.graph import neighbour_graph
-from secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    Message,
-    RelayedShares,
-    RoundParams,
-    ShareKeys,
-    Stage,
-    SurvivorSetRequest,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskShares,
-)
+from secagg.graph import neighbour_graph, survivor_quorum
 from secagg.prg import add_keystream
 
 log = logging.getLogger(__name__)
 
 _EXPECTED = {
-    Stage.ADVERTISE: AdvertiseKeys,
-    Stage.SHARE: ShareKeys,
-    Stage.MASKED_INPUT: MaskedInput,
-    Stage.CONSISTENCY: SurvivorSignature,
-    Stage.UNMASK: UnmaskShares,
+    m.Stage.ADVERTISE: m.AdvertiseKeys,
+    m.Stage.SHARE: m.ShareKeys,
+    m.Stage.MASKED_INPUT: m.MaskedInput,
+    m.Stage.CONSISTENCY: m.SurvivorSignature,
+    m.Stage.UNMASK: m.UnmaskShares,
 }
 
 
@@ -62,24 +50,25 @@ class SecAggServer:
     (see :attr:`result`) or aborted (see :attr:`error`).
     """
 
-    def __init__(self, params: RoundParams, identities: Mapping[int, Ed25519PublicKey]) -> None:
+    def __init__(self, params: m.RoundParams, identities: Mapping[int, Ed25519PublicKey]) -> None:
         missing = set(params.client_ids) - set(identities)
         if missing:
             raise UnknownParty(f"no identity key registered for clients {sorted(missing)}")
         self.params = params
         self._identities = dict(identities)
         self._graph = neighbour_graph(params.client_ids, params.neighbours, params.graph_seed)
-        self.stage: Stage | None = Stage.ADVERTISE
+        self.stage: m.Stage | None = m.Stage.ADVERTISE
         self._ids = frozenset(params.client_ids)
         self._awaiting: set[int] = set(self._ids)  # who was asked for the current stage
-        self._inbox: dict[int, Message] = {}
-        self.advertised: dict[int, AdvertiseKeys] = {}
-        self.shared: dict[int, ShareKeys] = {}
+        self._inbox: dict[int, m.Message] = {}
+        self.advertised: dict[int, m.AdvertiseKeys] = {}
+        self.shared: dict[int, m.ShareKeys] = {}
         self.masked: list[int] = []
-        self.attested: dict[int, SurvivorSignature] = {}
-        self.unmasking: dict[int, UnmaskShares] = {}
+        self.attested: dict[int, m.SurvivorSignature] = {}
+        self.unmasking: dict[int, m.UnmaskShares] = {}
         self._masked_sum = np.zeros(params.vector_length, dtype=params.codec.dtype)
         self.result: np.ndarray | None = None
+        self.wrong_shares: set[int] = set()  # holders that sent a share off the polynomial
         self.error: TooFewSurvivors | None = None
 
     # ------------------------------------------------------------------------------ intake
@@ -93,7 +82,7 @@ class SecAggServer:
         """Stop waiting for ``client_id`` at the current stage (it declined, or is known gone)."""
         self._awaiting.discard(client_id)
 
-    def receive(self, sender: int, message: Message) -> None:
+    def receive(self, sender: int, message: m.Message) -> None:
         """Validate and accept one client message; raise a typed error and change nothing if bad."""
         if message.round_id != self.params.round_id:
             raise WrongRound(
@@ -115,19 +104,28 @@ class SecAggServer:
         if sender not in self._awaiting:
             raise UnknownParty(f"client {sender} dropped out earlier and cannot rejoin this round")
         {
-            Stage.ADVERTISE: self._check_advertisement,
-            Stage.SHARE: self._check_shares,
-            Stage.MASKED_INPUT: self._add_masked_input,
-            Stage.CONSISTENCY: self._check_attestation,
-            Stage.UNMASK: self._check_unmask,
+            m.Stage.ADVERTISE: self._check_advertisement,
+            m.Stage.SHARE: self._check_shares,
+            m.Stage.MASKED_INPUT: self._add_masked_input,
+            m.Stage.CONSISTENCY: self._check_attestation,
+            m.Stage.UNMASK: self._check_unmask,
         }[self.stage](sender, message)
         self._inbox[sender] = message
 
-    def _check_advertisement(self, sender: int, msg: AdvertiseKeys) -> None:
+    def _check_advertisement(self, sender: int, msg: m.AdvertiseKeys) -> None:
+        """Signature, key order and uniqueness: a party failing any is left out of the round."""
         payload = kex.advertisement_payload(msg.round_id, sender, msg.enc_pk, msg.mask_pk)
         kex.verify(self._identities[sender], msg.signature, payload, who=sender, what="public keys")
+        for key in (msg.enc_pk, msg.mask_pk):
+            kex.check_public(key, who=sender)
+        taken = {k for m in self._inbox.values() for k in (m.enc_pk, m.mask_pk)}
+        if msg.enc_pk == msg.mask_pk or {msg.enc_pk, msg.mask_pk} & taken:
+            raise DuplicateMessage(
+                f"client {sender} advertised a public key that is its other key or another "
+                f"party's; it is left out of this round"
+            )
 
-    def _check_shares(self, sender: int, msg: ShareKeys) -> None:
+    def _check_shares(self, sender: int, msg: m.ShareKeys) -> None:
         recipients = [s.peer for s in msg.shares]
         wanted = self._graph[sender] & set(self.advertised)
         if len(set(recipients)) != len(recipients) or set(recipients) != wanted:
@@ -136,7 +134,7 @@ class SecAggServer:
                 f"each advertised neighbour {sorted(wanted)}"
             )
 
-    def _add_masked_input(self, sender: int, msg: MaskedInput) -> None:
+    def _add_masked_input(self, sender: int, msg: m.MaskedInput) -> None:
         dtype = self._masked_sum.dtype
         if msg.vector.nbytes != self.params.vector_length * dtype.itemsize:
             raise MalformedMessage(
@@ -145,11 +143,11 @@ class SecAggServer:
             )
         self._masked_sum += np.frombuffer(msg.vector, dtype=dtype)
 
-    def _check_attestation(self, sender: int, msg: SurvivorSignature) -> None:
+    def _check_attestation(self, sender: int, msg: m.SurvivorSignature) -> None:
         payload = kex.survivors_payload(self.params.round_id, self.masked)
         kex.verify(self._identities[sender], msg.signature, payload, who=sender, what="survivors")
 
-    def _check_unmask(self, sender: int, msg: UnmaskShares) -> None:
+    def _check_unmask(self, sender: int, msg: m.UnmaskShares) -> None:
         holds = {owner for owner in self.shared if sender in self._graph[owner]}
         holds.add(sender)
         survivors, dropped = set(self.masked), set(self.shared) - set(self.masked)
@@ -164,7 +162,7 @@ class SecAggServer:
 
     # ------------------------------------------------------------------------------ stages
 
-    def advance(self) -> dict[int, Message]:
+    def advance(self) -> dict[int, m.Message]:
         """Close the current stage; return the message for each client that goes on.
 
         Raises :class:`TooFewSurvivors` (and ends the round) when fewer than the threshold
@@ -174,11 +172,11 @@ class SecAggServer:
             raise WrongStage("the round is over")
         inbox, self._inbox = self._inbox, {}
         step = {
-            Stage.ADVERTISE: self._close_advertise,
-            Stage.SHARE: self._close_share,
-            Stage.MASKED_INPUT: self._close_masked_input,
-            Stage.CONSISTENCY: self._close_consistency,
-            Stage.UNMASK: self._close_unmask,
+            m.Stage.ADVERTISE: self._close_advertise,
+            m.Stage.SHARE: self._close_share,
+            m.Stage.MASKED_INPUT: self._close_masked_input,
+            m.Stage.CONSISTENCY: self._close_consistency,
+            m.Stage.UNMASK: self._close_unmask,
         }[self.stage]
         try:
             self._require(len(inbox), f"{self.stage.value} messages")
@@ -190,45 +188,53 @@ class SecAggServer:
         self._awaiting = set(outgoing)
         return outgoing
 
-    def _close_advertise(self, inbox: dict[int, AdvertiseKeys]) -> dict[int, Message]:
+    def _close_advertise(self, inbox: dict[int, m.AdvertiseKeys]) -> dict[int, m.Message]:
         self.advertised = dict(sorted(inbox.items()))
-        out: dict[int, Message] = {}
+        out: dict[int, m.Message] = {}
         for u in self.advertised:
             keys = [self.advertised[v] for v in sorted(self._graph[u] | {u}) if v in inbox]
             if len(keys) >= self.params.threshold:
-                out[u] = KeyRoster(round_id=self.params.round_id, keys=keys)
-        self.stage = Stage.SHARE
+                out[u] = m.KeyRoster(round_id=self.params.round_id, keys=keys)
+        self.stage = m.Stage.SHARE
         return out
 
-    def _close_share(self, inbox: dict[int, ShareKeys]) -> dict[int, Message]:
+    def _close_share(self, inbox: dict[int, m.ShareKeys]) -> dict[int, m.Message]:
         self.shared = dict(sorted(inbox.items()))
         relayed: dict[int, list] = {u: [] for u in self.shared}
         for sender, msg in self.shared.items():
             for item in msg.shares:
                 if item.peer in relayed:
                     relayed[item.peer].append(type(item)(peer=sender, ciphertext=item.ciphertext))
-        self.stage = Stage.MASKED_INPUT
+        self.stage = m.Stage.MASKED_INPUT
         return {
-            u: RelayedShares(round_id=self.params.round_id, shares=items)
+            u: m.RelayedShares(round_id=self.params.round_id, shares=items)
             for u, items in relayed.items()
         }
 
-    def _close_masked_input(self, inbox: dict[int, MaskedInput]) -> dict[int, Message]:
+    def _close_masked_input(self, inbox: dict[int, m.MaskedInput]) -> dict[int, m.Message]:
         self.masked = sorted(inbox)
         if self.params.check_survivors:
-            self.stage = Stage.CONSISTENCY
-            request = SurvivorSetRequest(round_id=self.params.round_id, survivors=self.masked)
+            self.stage = m.Stage.CONSISTENCY
+            request = m.SurvivorSetRequest(round_id=self.params.round_id, survivors=self.masked)
             return dict.fromkeys(self.masked, request)
         return self._unmask_requests(self.masked, [])
 
-    def _close_consistency(self, inbox: dict[int, SurvivorSignature]) -> dict[int, Message]:
+    def _close_consistency(self, inbox: dict[int, m.SurvivorSignature]) -> dict[int, m.Message]:
+        quorum = survivor_quorum(
+            len(self.params.client_ids), self.params.neighbours, self.params.threshold
+        )
+        if len(inbox) < quorum:  # the clients would refuse to unmask: end the round here
+            raise TooFewSurvivors(
+                f"round {self.params.round_id}: only {len(inbox)} clients signed the survivor "
+                f"set; {quorum} signatures are needed; no sum is released"
+            )
         self.attested = dict(sorted(inbox.items()))
         return self._unmask_requests(list(self.attested), list(self.attested.values()))
 
-    def _unmask_requests(self, recipients: list[int], signatures: list) -> dict[int, Message]:
-        self.stage = Stage.UNMASK
+    def _unmask_requests(self, recipients: list[int], signatures: list) -> dict[int, m.Message]:
+        self.stage = m.Stage.UNMASK
         dropped = sorted(set(self.shared) - set(self.masked))
-        request = UnmaskRequest(
+        request = m.UnmaskRequest(
             round_id=self.params.round_id,
             survivors=self.masked,
             dropped=dropped,
@@ -236,7 +242,7 @@ class SecAggServer:
         )
         return dict.fromkeys(recipients, request)
 
-    def _close_unmask(self, inbox: dict[int, UnmaskShares]) -> dict[int, Message]:
+    def _close_unmask(self, inbox: dict[int, m.UnmaskShares]) -> dict[int, m.Message]:
         self.unmasking = inbox
         t = self.params.threshold
         # Rebuild every secret before touching the sum, so a failure leaves nothing half-done.
@@ -271,7 +277,19 @@ class SecAggServer:
                 f"only {len(shares)} of the {threshold} shares needed to unmask client {owner} "
                 f"arrived; no sum is released"
             )
-        return shamir.combine(shares, threshold)
+        try:
+            secret, wrong = shamir.robust_combine(shares, threshold)
+        except shamir.ShamirError as exc:
+            raise InconsistentShares(
+                f"shares of client {owner}'s {field.replace('_', ' ')[:-1]} are inconsistent "
+                f"({exc}); no sum is released"
+            ) from exc
+        if wrong:
+            holders = sorted(x - 1 for x in wrong)  # share point x is holder id + 1 (intake check)
+            log.warning("round %d: holders %s sent wrong shares of client %d; excluded",
+                        self.params.round_id, holders, owner)  # fmt: skip
+            self.wrong_shares.update(holders)
+        return secret
 
     def _require(self, count: int, what: str) -> None:
         if count < self.params.threshold:

@@ -12,6 +12,7 @@ and are limited to 32 bits so that every share has one fixed-length encoding.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -137,12 +138,8 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(weights)
 
 
-def combine(shares: Sequence[Share], threshold: int) -> bytes:
-    """Rebuild the secret from the first ``threshold`` of ``shares`` (Lagrange interpolation at 0).
-
-    All given shares are validated. A result that does not fit in 32 bytes means the shares do not
-    lie on one sharing polynomial (corrupted or from different secrets) and raises ShamirError.
-    """
+def _validated(shares: Sequence[Share], threshold: int) -> list[Share]:
+    """The shares as a list once count, ranges and distinct points are checked."""
     _check_threshold(threshold)
     shares = list(shares)
     if len(shares) < threshold:
@@ -151,13 +148,69 @@ def combine(shares: Sequence[Share], threshold: int) -> bytes:
         _check_share(share)
     if len({share.x for share in shares}) != len(shares):
         raise ShamirError("two shares have the same point x")
+    return shares
 
+
+def combine(shares: Sequence[Share], threshold: int) -> bytes:
+    """Rebuild the secret from the first ``threshold`` of ``shares`` (Lagrange interpolation at 0).
+
+    All given shares are validated. A result that does not fit in 32 bytes means the shares do not
+    lie on one sharing polynomial (corrupted or from different secrets) and raises ShamirError.
+    """
+    shares = _validated(shares, threshold)
     used = shares[:threshold]
     weights = _lagrange_at_zero(tuple(share.x for share in used))
     secret = sum(share.y * w for share, w in zip(used, weights, strict=True)) % P
     if secret >= _SECRET_LIMIT:
         raise ShamirError("shares are inconsistent: the rebuilt value is not a 32-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+MAX_DECODING_SUBSETS = 4096
+"""Most threshold-sized subsets :func:`robust_combine` tries before it gives up."""
+
+
+def _evaluate(points: Sequence[Share], x: int) -> int:
+    """The value at ``x`` of the polynomial of degree < len(points) through ``points``."""
+    total = 0
+    for i, pi in enumerate(points):
+        num, den = 1, 1
+        for j, pj in enumerate(points):
+            if i != j:
+                num = num * (x - pj.x) % P
+                den = den * (pi.x - pj.x) % P
+        total += pi.y * num * pow(den, -1, P)
+    return total % P
+
+
+def robust_combine(shares: Sequence[Share], threshold: int) -> tuple[bytes, list[int]]:
+    """Rebuild the secret from ALL ``shares``, correcting wrong ones where that is unambiguous.
+
+    Returns the secret and the points ``x`` of the shares that do not lie on the sharing
+    polynomial. With m shares, up to e = (m - t) // 2 wrong ones are corrected (the polynomial
+    that agrees with at least m - e shares is unique); beyond that, or when the search exceeds
+    :data:`MAX_DECODING_SUBSETS`, raises ShamirError rather than guess. Every share is checked,
+    so one shifted share can never silently change the secret.
+    """
+    shares = _validated(shares, threshold)
+    m = len(shares)
+    agree_needed = m - (m - threshold) // 2
+    base = shares[:threshold]
+    if all(_evaluate(base, s.x) == s.y for s in shares[threshold:]):
+        return combine(base, threshold), []
+    for tried, subset in enumerate(itertools.combinations(shares, threshold)):
+        if tried >= MAX_DECODING_SUBSETS:
+            break
+        wrong = [s.x for s in shares if s not in subset and _evaluate(subset, s.x) != s.y]
+        if m - len(wrong) >= agree_needed:
+            try:
+                return combine(list(subset), threshold), wrong
+            except ShamirError:
+                continue  # agrees with enough shares but is not a 32-byte secret
+    raise ShamirError(
+        f"{m} shares do not lie on one polynomial of degree {threshold - 1} and no unique "
+        f"correction exists; the secret is not rebuilt"
+    )
 
 
 def encode_share(share: Share) -> bytes:

@@ -17,7 +17,7 @@ class ManualRound:
 
     def __init__(
         self, n: int = 5, *, threshold: int = 4, neighbours: int | None = None, d: int = 8,
-        round_id: int = 7, seed: int = 0,
+        round_id: int = 7, seed: int = 0, active_bound: bool = True,
     ) -> None:  # fmt: skip
         rng = np.random.default_rng(seed)
         self.inputs = [rng.uniform(-1, 1, d) for _ in range(n)]
@@ -32,7 +32,14 @@ class ManualRound:
         self.keys = [Ed25519PrivateKey.generate() for _ in range(n)]
         self.identities = {i: k.public_key() for i, k in enumerate(self.keys)}
         self.clients = [
-            SecAggClient(self.params, i, self.inputs[i], self.keys[i], self.identities)
+            SecAggClient(
+                self.params,
+                i,
+                self.inputs[i],
+                self.keys[i],
+                self.identities,
+                active_bound=active_bound,
+            )
             for i in range(n)
         ]
         self.server = SecAggServer(self.params, self.identities)

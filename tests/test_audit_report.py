@@ -72,7 +72,7 @@ def test_report_json_holds_every_required_field(run_dir):
     assert "one training block: 32 consecutive tokens" in report["unit_of_privacy"]
     assert "add or remove one training block" in report["neighbouring_relation"]
     trust = report["trust_model"]
-    assert trust["secagg_threshold"] == 2 and trust["secagg_share_holders"] == 3
+    assert trust["secagg_threshold"] == 3 and trust["secagg_share_holders"] == 3
     assert "shared-key" in trust["ckks_key_custody"]
     assert "sum" in trust["coordinator_sees"]
     assert {r["what"].split(" ")[0] for r in report["releases"]} >= {"adapter", "routing"}

@@ -37,7 +37,7 @@ def test_tiny_example_loads():
     assert config.federation.rounds == 2
     assert config.model.name == "tiny-dense"
     assert config.institution_names == ["comedies", "tragedies", "histories"]
-    assert config.secagg.resolved(3) == (2, 2)
+    assert config.secagg.resolved(3) == (3, 2)
     # paths are anchored at the config file, not the working directory
     assert config.run_dir == (EXAMPLES / "runs" / "tiny").resolve()
     assert config.keys_dir == (EXAMPLES / "keys" / "tiny").resolve()
@@ -140,12 +140,17 @@ def test_too_few_institutions(raw):
     assert error_of(raw).field == "$.institutions"
 
 
-@pytest.mark.parametrize("threshold", [1, 4])
-def test_threshold_outside_majority_of_holders(raw, threshold):
+@pytest.mark.parametrize("threshold", [1, 2, 4])
+def test_threshold_outside_the_active_bound_of_holders(raw, threshold):
     raw["secagg"]["threshold"] = threshold  # 3 institutions, complete graph: holders = 3
     err = error_of(raw)
     assert err.field == "$.secagg.threshold"
-    assert "[2, 3]" in str(err)
+    assert "[3, 3]" in str(err) and "2/3" in str(err)
+
+
+def test_survivor_check_off_is_refused(raw):
+    raw["secagg"]["check_survivors"] = False
+    assert error_of(raw).field == "$.secagg.check_survivors"
 
 
 def test_too_many_neighbours(raw):
@@ -158,9 +163,9 @@ def test_sparse_graph_threshold_follows_neighbours(raw):
     raw["institutions"] = [{"name": f"i{j}"} for j in range(10)]
     raw["secagg"] = {"neighbours": 4}
     config = parse_config(raw, "/x/fed.toml")
-    assert config.secagg.resolved(10) == (3, 4)
+    assert config.secagg.resolved(10) == (4, 4)  # more than 2/3 of the 5 share holders
     params = config.secagg.round_params(7, list(range(10)), bytes(32), 5)
-    assert (params.threshold, params.neighbours, params.round_id) == (3, 4, 7)
+    assert (params.threshold, params.neighbours, params.round_id) == (4, 4, 7)
 
 
 def test_overflowing_quantisation_is_refused(raw):

@@ -55,13 +55,20 @@ def write_config(
     *,
     rounds: int = 2,
     stage_timeout_s: float = 20.0,
-    threshold: int = 2,
+    threshold: int = 3,
     expert_updates: str = "mask",
+    romances: bool = False,
 ) -> Path:
-    """examples/tiny.toml with its own port, run and key folders, and shorter timeouts."""
+    """examples/tiny.toml with its own port, run and key folders, and shorter timeouts.
+
+    ``romances`` adds a fourth institution, so that 3 of 4 (the active-adversary bound) leave
+    room for one to drop out of a round.
+    """
     text = (ROOT / "examples" / "tiny.toml").read_text()
     text = text.replace('expert_updates = "mask"', f'expert_updates = "{expert_updates}"')
-    text = text.replace("threshold = 2 ", f"threshold = {threshold} ")
+    text = text.replace("threshold = 3 ", f"threshold = {threshold} ")
+    if romances:
+        text += '\n[[institutions]]\nname = "romances"\n'
     text = text.replace("tcp://127.0.0.1:5561", f"tcp://127.0.0.1:{_free_port()}")
     text = text.replace("rounds = 2", f"rounds = {rounds}")
     text = text.replace("stage_timeout_s = 30.0", f"stage_timeout_s = {stage_timeout_s}")
@@ -242,10 +249,11 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 def _start_parties(path: Path, logs: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
     """The coordinator and every institution of the config, each its own process."""
     logs.mkdir(exist_ok=True)
+    names = load_config(path).institution_names
     coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
     clients = {
         name: _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
-        for name in NAMES
+        for name in names
     }
     return coordinator, clients
 
@@ -311,7 +319,7 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes, 
 
 
 def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
-    path = write_config(tmp_path, rounds=1, stage_timeout_s=10.0)
+    path = write_config(tmp_path, rounds=1, stage_timeout_s=10.0, romances=True)
     config = load_config(path)
     logs = tmp_path / "logs"
     coordinator, clients = _start_parties(path, logs)
@@ -325,7 +333,7 @@ def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
     assert coordinator.wait(timeout=120) == 0, (logs / "coordinator.log").read_text()[-3000:]
     done = [e for e in journal(config.run_dir) if e["event"] == "completed"]
     assert len(done) == 1
-    assert sorted(done[0]["included"]) == ["comedies", "tragedies"]
+    assert sorted(done[0]["included"]) == ["comedies", "romances", "tragedies"]
     assert os.path.exists(config.run_dir / "checkpoints" / "round-0001.safetensors")
     torch.testing.assert_close(
         load_file(config.run_dir / "checkpoints" / "round-0001.safetensors"),

@@ -215,7 +215,7 @@ def test_cli_keys_creates_files(config_file, capsys):
 def test_cli_check_config(config_file, capsys):
     assert main(["check-config", str(config_file)]) == 0
     out = capsys.readouterr().out
-    assert "comedies" in out and "t=2 of 3" in out and "OK" in out
+    assert "comedies" in out and "t=3 of 3" in out and "OK" in out
 
 
 def test_cli_bad_config_exits_2_with_the_field(config_file, capsys):

@@ -55,9 +55,14 @@ from tests.test_federation import NAMES, write_config
 Recorded = dict[tuple[int, str], dict[str, np.ndarray]]
 
 
-def own_config(tmp_path: Path, strategy: str, rounds: int) -> FederationConfig:
-    """The tiny federation with FedAMoLE (scores on its 8 validation blocks) or DDOME."""
-    path = write_config(tmp_path, rounds=rounds)
+def own_config(
+    tmp_path: Path, strategy: str, rounds: int, *, romances: bool = False
+) -> FederationConfig:
+    """The tiny federation with FedAMoLE (scores on its 8 validation blocks) or DDOME.
+
+    ``romances`` adds a fourth institution, so that a round can go on without one.
+    """
+    path = write_config(tmp_path, rounds=rounds, romances=romances)
     path.write_text(re.sub(r'(?m)^strategy = "\w+"', f'strategy = "{strategy}"', path.read_text()))
     return load_config(path)
 
@@ -237,7 +242,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
 def test_malformed_scores_are_refused_and_the_round_goes_on_without_their_sender(
     tmp_path, monkeypatch, caplog
 ):
-    config = own_config(tmp_path, "fedamole", rounds=2)
+    config = own_config(tmp_path, "fedamole", rounds=2, romances=True)
     original_scores = FedAMoLELearner.scores
 
     def short_scores(self, state, federation_round, round_id, charge):
@@ -248,7 +253,7 @@ def test_malformed_scores_are_refused_and_the_round_goes_on_without_their_sender
     with caplog.at_level(logging.WARNING, logger="coordinator.service"):
         outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
-    assert outcomes[1].included == NAMES[:2]
+    assert outcomes[1].included == [*NAMES[:2], "romances"]
     assert any(
         "refused the scores of histories" in r.getMessage() and "bytes" in r.getMessage()
         for r in caplog.records
@@ -272,7 +277,7 @@ def test_selection_messages_only_travel_in_their_direction():
 def test_an_institution_that_declines_at_the_scores_is_left_out_and_the_round_goes_on(
     tmp_path, monkeypatch
 ):
-    config = own_config(tmp_path, "fedamole", rounds=2)
+    config = own_config(tmp_path, "fedamole", rounds=2, romances=True)
     original_check = InstitutionRounds._on_round_start
 
     def refusing(self, start):  # histories' officer refuses every release from round 2 on
@@ -287,7 +292,7 @@ def test_an_institution_that_declines_at_the_scores_is_left_out_and_the_round_go
     monkeypatch.setattr(InstitutionRounds, "_on_round_start", refusing)
     outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
-    assert outcomes[1].included == NAMES[:2]
+    assert outcomes[1].included == [*NAMES[:2], "romances"]
     kinds = [
         (e["federation_round"], e["what"])
         for e in ledger_entries(config, NAMES[2])

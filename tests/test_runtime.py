@@ -57,7 +57,7 @@ from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
 from secagg.errors import SecAggError, TooFewSurvivors
 from secagg.server import SecAggServer
 
-NAMES = ["comedies", "tragedies", "histories"]
+NAMES = ["comedies", "tragedies", "histories", "romances"]  # t = 3 of 4: one may decline
 WAIT = 120.0  # generous bound for a stage; reached only if something is broken
 DELTA = 1e-5
 
@@ -112,7 +112,7 @@ target_epsilon = 8.0
 target_delta = 1e-5
 
 [secagg]
-threshold = 2
+threshold = 3
 
 [aggregation]
 expert_updates = "mask"
@@ -127,6 +127,9 @@ name = "tragedies"
 [[institutions]]
 name = "histories"
 privacy = {{ target_epsilon = 4.0, target_delta = 1e-5 }}
+
+[[institutions]]
+name = "romances"
 """
 
 
@@ -176,7 +179,7 @@ def test_fedavg_config_and_client_ids_follow_the_config(tmp_path):
     fedavg = fedavg_config(config)
     assert fedavg.max_examples == 32
     assert (fedavg.delta_channel, fedavg.routing_channel) == ("mask", "ckks")
-    assert [client_id(config, n) for n in NAMES] == [0, 1, 2]
+    assert [client_id(config, n) for n in NAMES] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("expert_updates", ["mask", "ckks"])
@@ -368,18 +371,18 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
 
     sums = coordinator.run_round(1)
     layout = coordinator.strategy.layout(coordinator.state)
-    assert coordinator.ends[-1].included == [0, 1, 2]
+    assert coordinator.ends[-1].included == [0, 1, 2, 3]
     assert sums["mask"].shape == (layout.length("mask"),)
     # every institution has >= 32 training blocks = max_examples, so each weight is 1
     values = layout.unpack(sums)
-    assert values[WEIGHT][0] == pytest.approx(3.0, abs=1e-3)
+    assert values[WEIGHT][0] == pytest.approx(4.0, abs=1e-3)
     # The noised routing sum came through CKKS (its noise, std 56.6 per value here, can push a
     # layer's token sum to the clamp at 0, so only check that something arrived).
     assert np.abs(coordinator.state.routing.as_vector()).max() > 0
     assert any(not torch.equal(initial[k], coordinator.state.adapters[k]) for k in initial)
 
     coordinator.run_round(2)  # institutions decrypt round 1's CKKS routing sum
-    assert coordinator.ends[-1].included == [0, 1, 2]
+    assert coordinator.ends[-1].included == [0, 1, 2, 3]
     coordinator.shutdown()
     for thread in threads:
         thread.join(WAIT)
@@ -424,10 +427,10 @@ def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation,
     coordinator.wait_for_hellos()
 
     sums = coordinator.run_round(1)
-    assert coordinator.ends[-1].included == [0, 1]
+    assert coordinator.ends[-1].included == [0, 1, 3]
     assert "budget exhausted" in coordinator.declines["histories"]
     layout = coordinator.strategy.layout(coordinator.state)
-    assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(2.0, abs=1e-3)
+    assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(3.0, abs=1e-3)
     coordinator.shutdown()
     for thread in threads:
         thread.join(WAIT)

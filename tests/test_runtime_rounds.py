@@ -87,10 +87,13 @@ def round_start(
     config: FederationConfig, inst: Institution, *, federation_round: int = 1, attempt: int = 0,
     **fields,
 ) -> RoundStart:  # fmt: skip
-    """A RoundStart for the three institutions, addressed to ``inst``."""
+    """A RoundStart for every institution of the config, addressed to ``inst``."""
     layout = inst.learner.layout(inst.learner.local_state())
     params = config.secagg.round_params(
-        round_id(federation_round, attempt), [0, 1, 2], os.urandom(32), layout.length("mask")
+        round_id(federation_round, attempt),
+        list(range(len(config.institution_names))),
+        os.urandom(32),
+        layout.length("mask"),
     )
     return RoundStart(
         params=params,
@@ -166,7 +169,7 @@ def test_a_round_charges_then_sends_the_head_before_the_ckks_and_masked_inputs(c
         (1, "adapter-update", start.params.round_id),
         (1, "routing-statistics", start.params.round_id),
     ]
-    assert secagg.server.included == [0, 1, 2]
+    assert secagg.server.included == [0, 1, 2, 3]
 
     # what was masked and encrypted is this institution's submission (the others sent zeros)
     ckks = messages(released)[1]
@@ -178,7 +181,7 @@ def test_a_round_charges_then_sends_the_head_before_the_ckks_and_masked_inputs(c
     }
     assert layout.unpack(sums)[WEIGHT][0] == pytest.approx(1.0, abs=1e-3)
 
-    ended = inst.rounds.handle(RoundEnd(round_id=start.params.round_id, included=[0, 1, 2]))
+    ended = inst.rounds.handle(RoundEnd(round_id=start.params.round_id, included=[0, 1, 2, 3]))
     assert kinds(ended) == ["AppendMetrics"]  # a metrics line, nothing sent
     line = ended[0].line
     assert (line["event"], line["round"], line["included"], line["declined"]) == (
@@ -203,7 +206,7 @@ def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(
 
     secagg = SecAggRound(config, inst, start.params)
     secagg.run(advertised)
-    assert secagg.server.included == [1, 2]  # the round went on without it
+    assert secagg.server.included == [1, 2, 3]  # the round went on without it
     released = secagg.replies["RelayedShares"]
     assert kinds(released) == ["LedgerHead", "Decline"]  # no CKKS input, no masked input
     head, decline = messages(released)

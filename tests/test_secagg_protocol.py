@@ -223,15 +223,16 @@ def test_tampered_relayed_share_fails_authentication():
         round_id=relayed.round_id,
         shares=[type(first)(peer=first.peer, ciphertext=flipped), *relayed.shares[1:]],
     )
-    with pytest.raises(secagg.DecryptionError):
+    with pytest.raises(secagg.InvalidShare) as info:  # a DecryptionError naming the sender
         r.clients[0].handle(tampered)
+    assert info.value.sender == first.peer
 
 
 # ---------------------------------------------------------------------------- bad input
 
 
 def test_garbage_and_truncated_frames_raise_malformed_message():
-    good = encode(ManualRound(n=3, threshold=2).clients[0].advertise())
+    good = encode(ManualRound(n=3, threshold=3).clients[0].advertise())
     for frame in (b"", b"\xff\xfe", good[:-5], good + b"\x00", b"\x81\xa4type\xa3bad"):
         with pytest.raises(secagg.MalformedMessage):
             decode(frame)
@@ -242,7 +243,7 @@ def test_garbage_and_truncated_frames_raise_malformed_message():
 def test_wrong_field_types_and_out_of_range_ids_are_rejected():
     import msgspec
 
-    raw = msgspec.msgpack.decode(encode(ManualRound(n=3, threshold=2).clients[0].advertise()))
+    raw = msgspec.msgpack.decode(encode(ManualRound(n=3, threshold=3).clients[0].advertise()))
     for field, value in [("client_id", -1), ("client_id", 1 << 40), ("enc_pk", b"short"),
                          ("round_id", "seven"), ("signature", 5)]:  # fmt: skip
         bad = dict(raw, **{field: value})
@@ -283,7 +284,7 @@ def test_bad_messages_leave_the_server_serving_honest_clients():
 
 
 def test_client_rejects_input_of_the_wrong_length_and_unknown_ids():
-    r = ManualRound(n=3, threshold=2, d=4)
+    r = ManualRound(n=3, threshold=3, d=4)
     with pytest.raises(secagg.MalformedMessage, match="expects 4"):
         secagg.SecAggClient(r.params, 0, np.zeros(5), r.keys[0], r.identities)
     with pytest.raises(secagg.UnknownParty):

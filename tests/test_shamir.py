@@ -17,6 +17,7 @@ from secagg.shamir import (
     combine,
     decode_share,
     encode_share,
+    robust_combine,
     split,
 )
 
@@ -234,3 +235,45 @@ def test_combine_rejects_bad_shares():
 def test_errors_are_typed():
     assert issubclass(ShamirError, SecAggError)
     assert issubclass(ShamirError, ValueError)
+
+
+# ---------------------------------------------------------------------------- robust rebuild
+
+
+@FAST
+@given(secrets_, st.integers(1, 6), st.integers(0, 3), st.data())
+def test_robust_combine_corrects_up_to_half_the_spare_shares(secret, t, e, data):
+    """With t + 2e shares, any e wrong ones are found and the secret still comes out."""
+    xs = data.draw(
+        st.lists(st.integers(1, 1000), min_size=t + 2 * e, max_size=t + 2 * e, unique=True)
+    )
+    shares = split(secret, t, xs)
+    bad = data.draw(st.lists(st.sampled_from(range(len(shares))), max_size=e, unique=True))
+    for i in bad:
+        shift = data.draw(st.integers(1, P - 1))
+        shares[i] = Share(shares[i].x, (shares[i].y + shift) % P)
+    rebuilt, wrong = robust_combine(data.draw(st.permutations(shares)), t)
+    assert rebuilt == secret
+    assert sorted(wrong) == sorted(shares[i].x for i in bad)
+
+
+@FAST
+@given(secrets_, st.integers(2, 6), st.integers(1, 1 << 40), st.data())
+def test_robust_combine_never_returns_a_wrong_secret(secret, t, shift, data):
+    """Beyond the correction radius it raises; a shifted share never goes unnoticed."""
+    extra = data.draw(st.integers(0, 3))
+    shares = split(secret, t, range(1, t + extra + 1))
+    n_bad = extra // 2 + 1  # one more than can be corrected
+    for i in range(n_bad):
+        shares[i] = Share(shares[i].x, (shares[i].y + shift * (i + 1)) % P)
+    try:
+        rebuilt, wrong = robust_combine(shares, t)
+    except ShamirError:
+        return
+    # only possible when the wrong shares happen to lie on another valid sharing
+    assert rebuilt != secret or wrong
+
+
+def test_robust_combine_with_exactly_t_shares_is_plain_combine():
+    shares = split(bytes(range(32)), 3, [1, 2, 3])
+    assert robust_combine(shares, 3) == (bytes(range(32)), [])

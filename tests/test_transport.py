@@ -263,9 +263,10 @@ def institution(endpoint, values, identity_key, identities, outcome, *, stop_bef
                 outcome["end"] = message
                 return
             if isinstance(message, RoundStart):
-                client = SecAggClient(
-                    message.params, message.client_id, values, identity_key, identities
-                )
+                client = SecAggClient(  # the transport, not the threshold bound, is tested
+                    message.params, message.client_id, values, identity_key, identities,
+                    active_bound=False,
+                )  # fmt: skip
                 reply = client.advertise()
                 # misbehave: a copy that claims the next client's id, then a duplicate
                 spoof_id = (message.client_id + 1) % len(message.params.client_ids)

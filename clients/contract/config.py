@@ -23,6 +23,7 @@ import msgspec
 from privacy.errors import UserError
 from secagg import ConfigError, FixedPointCodec, RoundParams
 from secagg.ckks import CkksParams
+from secagg.graph import active_threshold
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES
 
 if sys.version_info >= (3, 11):
@@ -298,12 +299,14 @@ class SecAggSection(_Section):
     """[secagg]: pairwise-mask secure aggregation (SecAgg+), see ``secagg.RoundParams``.
 
     - ``threshold``: t, shares needed to rebuild a client's secrets; a round survives as long
-      as t institutions reach unmasking. Must be a strict majority of the k + 1 share holders.
-      Omit for the smallest safe value, floor((k + 1) / 2) + 1.
+      as t institutions reach unmasking. Must exceed 2/3 of the k + 1 share holders (the
+      bound against an active coordinator, docs/security.md). Omit for the smallest safe
+      value, floor(2 (k + 1) / 3) + 1.
     - ``neighbours``: k, degree of the SecAgg+ graph; omit for n - 1 (classic SecAgg).
     - ``clip``, ``bits``, ``modulus_bits``: values are clipped to [-clip, clip], quantised to
       signed ``bits``-bit integers and summed in Z_2^modulus_bits (32 or 64).
-    - ``check_survivors``: the signed-survivor-set stage (defends against a lying coordinator).
+    - ``check_survivors``: the signed-survivor-set stage (defends against a lying coordinator);
+      must stay on: institutions refuse rounds without it.
     """
 
     threshold: PositiveInt | None = None
@@ -316,7 +319,7 @@ class SecAggSection(_Section):
     def resolved(self, n_clients: int) -> tuple[int, int]:
         """(threshold, neighbours) for a round of ``n_clients``, defaults filled in."""
         k = n_clients - 1 if self.neighbours is None else self.neighbours
-        t = (k + 1) // 2 + 1 if self.threshold is None else self.threshold
+        t = active_threshold(k + 1) if self.threshold is None else self.threshold
         return t, k
 
     def round_params(
@@ -806,13 +809,20 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
             "$.secagg.neighbours",
         )
     holders = neighbours + 1
-    if not holders // 2 < threshold <= holders:
+    if not active_threshold(holders) <= threshold <= holders:
         raise ConfigFileError(
             path,
-            f"threshold={threshold} must be a strict majority of the {holders} share holders "
-            f"(an institution and its {neighbours} neighbours): choose threshold in "
-            f"[{holders // 2 + 1}, {holders}]",
+            f"threshold={threshold} must exceed 2/3 of the {holders} share holders (an "
+            f"institution and its {neighbours} neighbours), the bound against an active "
+            f"coordinator: choose threshold in [{active_threshold(holders)}, {holders}]",
             "$.secagg.threshold",
+        )
+    if not sec.check_survivors:
+        raise ConfigFileError(
+            path,
+            "check_survivors = false lets a coordinator show institutions different survivor "
+            "sets and unmask one update; institutions refuse such rounds: set it to true",
+            "$.secagg.check_survivors",
         )
     try:
         FixedPointCodec(sec.clip, sec.bits, sec.modulus_bits, max_clients=n)

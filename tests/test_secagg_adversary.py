@@ -1,0 +1,387 @@
+"""A scripted malicious coordinator against honest SecAgg+ clients.
+
+Each test plays one attack over the pure client state machines, collects every share the
+honest clients reveal, and then tries to unmask the victim's input with all of it. The
+assertion is on what the adversary can reconstruct, not only on the error the clients raise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+import secagg
+from secagg import kex, shamir
+from secagg.client import SecAggClient, pairwise_mask_sign
+from secagg.graph import neighbour_graph
+from secagg.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    RelayedShares,
+    ShareKeys,
+    SurvivorSetRequest,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from secagg.prg import add_keystream
+from tests.secagg_harness import ManualRound
+
+
+class Coordinator:
+    """A coordinator that follows the wire format but chooses freely what it relays and asks."""
+
+    def __init__(self, r: ManualRound) -> None:
+        self.r = r
+        self.params = r.params
+        self.t = r.params.threshold
+        self.graph = neighbour_graph(r.params.client_ids, r.params.neighbours, r.params.graph_seed)
+        self.adverts = {c.client_id: c.advertise() for c in r.clients}
+        self.share_msgs: dict[int, ShareKeys] = {}
+        self.masked: dict[int, np.ndarray] = {}
+        self.signatures: dict[frozenset[int], list[SurvivorSignature]] = {}
+        self.self_mask_shares: dict[int, dict[int, shamir.Share]] = {}
+        self.mask_key_shares: dict[int, dict[int, shamir.Share]] = {}
+        self.refusals: dict[int, secagg.SecAggError] = {}
+
+    def ask(self, who: int, message) -> object | None:
+        """Send one message to an honest client; record its first refusal instead of raising."""
+        try:
+            return self.r.clients[who].handle(message)
+        except secagg.SecAggError as exc:
+            self.refusals.setdefault(who, exc)  # the first refusal; later ones say "aborted"
+            return None
+
+    def share_stage(self) -> None:
+        rid = self.params.round_id
+        for u, client in enumerate(self.r.clients):
+            keys = [self.adverts[v] for v in sorted(self.graph[u] | {u})]
+            reply = self.ask(u, KeyRoster(round_id=rid, keys=keys))
+            assert isinstance(reply, ShareKeys)
+            self.share_msgs[u] = reply
+
+    def masked_stage(self, withheld: dict[int, set[int]] | None = None) -> None:
+        """Relay shares, except those from ``withheld[u]`` to ``u``; collect masked inputs."""
+        withheld = withheld or {}
+        rid, dtype = self.params.round_id, self.params.codec.dtype
+        for u in range(len(self.r.clients)):
+            items = [
+                type(s)(peer=sender, ciphertext=s.ciphertext)
+                for sender, msg in self.share_msgs.items()
+                for s in msg.shares
+                if s.peer == u and sender not in withheld.get(u, set())
+            ]
+            reply = self.ask(u, RelayedShares(round_id=rid, shares=items))
+            if isinstance(reply, MaskedInput):
+                self.masked[u] = np.frombuffer(reply.vector, dtype=dtype).copy()
+
+    def sign_stage(self, views: dict[int, list[int]]) -> None:
+        """Show each client its own survivor set; collect signatures per set."""
+        for u, survivors in views.items():
+            reply = self.ask(
+                u, SurvivorSetRequest(round_id=self.params.round_id, survivors=survivors)
+            )
+            if isinstance(reply, SurvivorSignature):
+                self.signatures.setdefault(frozenset(survivors), []).append(reply)
+
+    def unmask_stage(self, views: dict[int, tuple[list[int], list[int]]]) -> None:
+        """Ask each client for shares under its own (survivors, dropped); keep all it reveals."""
+        for u, (survivors, dropped) in views.items():
+            sigs = self.signatures.get(frozenset(survivors), [])
+            request = UnmaskRequest(
+                round_id=self.params.round_id, survivors=survivors, dropped=dropped, signatures=sigs
+            )
+            reply = self.ask(u, request)
+            if isinstance(reply, UnmaskShares):
+                for owner, blob in reply.self_mask_shares.items():
+                    self.self_mask_shares.setdefault(owner, {})[u] = shamir.decode_share(blob)
+                for owner, blob in reply.mask_key_shares.items():
+                    self.mask_key_shares.setdefault(owner, {})[u] = shamir.decode_share(blob)
+
+    def _secret(self, table: dict[int, dict[int, shamir.Share]], owner: int) -> bytes | None:
+        shares = list(table.get(owner, {}).values())
+        return shamir.combine(shares, self.t) if len(shares) >= self.t else None
+
+    def unmask_alone(self, victim: int, partners: set[int]) -> np.ndarray | None:
+        """The victim's encoded input from its masked input alone, or None if a secret is missing.
+
+        ``partners`` are the peers the victim masked with (the adversary chose them by what it
+        relayed). Each pairwise mask goes with the partner's mask key or the victim's own.
+        """
+        if victim not in self.masked:
+            return None
+        seed = self._secret(self.self_mask_shares, victim)
+        if seed is None:
+            return None
+        y = self.masked[victim].copy()
+        add_keystream(y, seed, -1)
+        own = self._secret(self.mask_key_shares, victim)
+        for w in sorted(partners):
+            key = self._secret(self.mask_key_shares, w)
+            if key is not None:
+                private, me, public = key, w, self.adverts[victim].mask_pk
+            elif own is not None:
+                private, me, public = own, victim, self.adverts[w].mask_pk
+            else:
+                return None
+            pair = kex.agree(
+                X25519PrivateKey.from_private_bytes(private), public, purpose=kex.MASK_PURPOSE,
+                round_id=self.params.round_id, me=me, peer=victim if me == w else w,
+            )  # fmt: skip
+            add_keystream(y, pair, -pairwise_mask_sign(victim, w))
+        return y
+
+
+def _survivor_set_attack(r: ManualRound, victim: int) -> tuple[Coordinator, set[int]]:
+    """Relay the victim only t-1 peers' shares, then declare exactly those peers dropped."""
+    adv = Coordinator(r)
+    adv.share_stage()
+    neighbours = sorted(adv.graph[victim])
+    partners = set(neighbours[: adv.t - 1])
+    adv.masked_stage({victim: set(neighbours) - partners})
+    everyone = set(range(len(r.clients)))
+    survivors = sorted(everyone - partners)
+    adv.sign_stage(dict.fromkeys(survivors, survivors))
+    adv.unmask_stage({u: (survivors, sorted(partners)) for u in survivors})
+    return adv, partners
+
+
+# (n, k, t): the issue's defaults (strict majority) and the README's 4 institutions at k=2, t=2,
+# then the same graphs at the active bound.
+WEAK = [(5, 4, 3), (4, 2, 2), (7, 6, 4)]
+AT_BOUND = [(5, 4, 4), (7, 6, 5), (16, 8, 7)]
+
+
+@pytest.mark.parametrize(("n", "k", "t"), WEAK)
+def test_survivor_set_attack_recovers_the_input_from_a_client_without_the_view_check(
+    n, k, t, monkeypatch
+):
+    """The attack as found: without the check the victim's encoded input comes out exactly."""
+    monkeypatch.setattr(SecAggClient, "_check_view", lambda self, survivors, dropped: None)
+    r = ManualRound(n=n, threshold=t, neighbours=k, active_bound=False)
+    adv, partners = _survivor_set_attack(r, victim=0)
+    recovered = adv.unmask_alone(0, partners)
+    assert recovered is not None
+    step = r.params.clip / (2 ** (r.params.bits - 1) - 1)  # stochastic rounding: one step
+    np.testing.assert_allclose(r.params.codec.decode(recovered), r.inputs[0], atol=step)
+
+
+@pytest.mark.parametrize(("n", "k", "t"), WEAK + AT_BOUND)
+def test_survivor_set_attack_recovers_nothing(n, k, t):
+    r = ManualRound(n=n, threshold=t, neighbours=k, active_bound=False)
+    adv, partners = _survivor_set_attack(r, victim=0)
+    # the victim saw the lie (or, at the bound, that too few of its neighbourhood remain)
+    assert isinstance(adv.refusals[0], secagg.RefusedRequest | secagg.TooFewSurvivors)
+    assert 0 not in adv.self_mask_shares  # nobody revealed the victim's self-mask share
+    assert adv.unmask_alone(0, partners) is None
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(5, 4, 3), (7, 6, 5)])
+def test_inconsistent_survivor_sets_recover_nothing(n, k, t):
+    """Fork: tell some clients the victim survived and others that it dropped."""
+    r = ManualRound(n=n, threshold=t, neighbours=k, active_bound=False)
+    adv = Coordinator(r)
+    adv.share_stage()
+    adv.masked_stage()
+    victim, everyone = 0, list(range(n))
+    others = everyone[1:]
+    half = others[: len(others) // 2]
+    with_victim, without = everyone, others
+    views = {u: with_victim for u in [victim, *half]} | {u: without for u in others[len(half) :]}
+    adv.sign_stage(views)
+    adv.unmask_stage(
+        {u: (with_victim, []) for u in [victim, *half]}
+        | {u: (without, [victim]) for u in others[len(half) :]}
+    )
+    assert adv.refusals  # at least one side lacked the signatures it needs
+    assert adv.unmask_alone(victim, set(adv.graph[victim])) is None
+    # and the victim's own secrets are never both rebuildable
+    both = (
+        len(adv.self_mask_shares.get(victim, {})) >= t
+        and len(adv.mask_key_shares.get(victim, {})) >= t
+    )
+    assert not both
+
+
+def test_request_for_both_shares_of_one_client_recovers_nothing():
+    r = ManualRound(n=5, threshold=4)
+    adv = Coordinator(r)
+    adv.share_stage()
+    adv.masked_stage()
+    everyone = list(range(5))
+    adv.sign_stage(dict.fromkeys(everyone, everyone))
+    adv.unmask_stage(dict.fromkeys(everyone, (everyone, [0])))
+    assert all(isinstance(e, secagg.RefusedRequest) for e in adv.refusals.values())
+    assert len(adv.refusals) == 5
+    assert adv.unmask_alone(0, set(adv.graph[0])) is None
+
+
+def test_replayed_round_recovers_nothing():
+    """An earlier round's request and signatures unlock nothing in the current round."""
+    everyone = list(range(5))
+    old = Coordinator(ManualRound(n=5, threshold=4, round_id=3))
+    old.share_stage()
+    old.masked_stage()
+    old.sign_stage(dict.fromkeys(everyone, everyone))
+    stale = old.signatures[frozenset(everyone)]
+    adv = Coordinator(ManualRound(n=5, threshold=4, round_id=4))
+    adv.share_stage()
+    adv.masked_stage()
+    adv.sign_stage(dict.fromkeys([1, 2, 3], everyone))  # 3 fresh signatures, t = 4
+    replay = UnmaskRequest(round_id=3, survivors=everyone, dropped=[], signatures=stale)
+    for u in everyone:
+        with pytest.raises(secagg.WrongRound):
+            adv.r.clients[u].handle(replay)
+    # The old round's signatures of 0 and 4, relabelled for this round, complete the quorum.
+    fresh = adv.signatures[frozenset(everyone)]
+    relabelled = [
+        SurvivorSignature(round_id=4, client_id=s.client_id, signature=s.signature)
+        for s in stale
+        if s.client_id in (0, 4)
+    ]
+    adv.signatures[frozenset(everyone)] = fresh + relabelled
+    adv.unmask_stage({u: (everyone, []) for u in [1, 2, 3]})
+    assert {type(e) for e in adv.refusals.values()} == {secagg.BadSignature}
+    assert adv.self_mask_shares == {} and adv.mask_key_shares == {}
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "t", "check", "field"),
+    [
+        (5, 4, 3, True, "threshold"),
+        (4, 2, 2, True, "threshold"),
+        (5, 4, 4, False, "check_survivors"),
+    ],
+)
+def test_weakened_round_settings_are_refused_so_nothing_is_revealed(n, k, t, check, field):
+    """Clients with the active bound (the default) refuse weak parameters before any key."""
+    from secagg.messages import RoundParams
+
+    params = RoundParams(
+        round_id=1, client_ids=list(range(n)), threshold=t, neighbours=k,
+        graph_seed=bytes(32), vector_length=4, check_survivors=check,
+    )  # fmt: skip
+    r = ManualRound(n=n, threshold=max(t, 2 * (k + 1) // 3 + 1), neighbours=k)
+    with pytest.raises(secagg.ConfigError, match=field):
+        SecAggClient(params, 0, np.zeros(4), r.keys[0], r.identities)
+
+
+def test_honest_round_at_the_bound_still_sums_exactly_with_a_dropout():
+    r = ManualRound(n=7, threshold=5, d=16)
+    r.advertise()
+    r.respond()
+    live = [0, 1, 2, 3, 4, 5]
+    r.respond(live)  # client 6 drops before masking
+    r.respond(live)
+    r.respond(live)
+    assert r.server.stage is None
+    total = r.params.codec.decode(r.server.result)
+    np.testing.assert_allclose(total, sum(r.inputs[i] for i in live), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- institutions
+
+
+def _finish(r: ManualRound, live: list[int]) -> np.ndarray:
+    r.advance()
+    for _ in range(4):
+        r.respond(live)
+    assert r.server.stage is None
+    return r.params.codec.decode(r.server.result)
+
+
+@pytest.mark.parametrize(
+    ("attack", "error"),
+    [
+        ("low_order", secagg.MalformedMessage),
+        ("copied_key", secagg.DuplicateMessage),
+        ("bad_signature", secagg.BadSignature),
+    ],
+)
+def test_one_malicious_institution_among_five_is_left_out_and_the_others_sum(attack, error):
+    r = ManualRound(n=5, threshold=4, d=16)
+    bad, live = 4, [0, 1, 2, 3]
+    adverts = {i: r.clients[i].advertise() for i in live}
+    for i in live:
+        r.send(i, adverts[i])
+    own = r.clients[bad].advertise()
+    mask_pk = {"low_order": bytes(32), "copied_key": adverts[0].mask_pk}.get(attack, own.mask_pk)
+    payload = kex.advertisement_payload(own.round_id, bad, own.enc_pk, mask_pk)
+    signature = bytes(64) if attack == "bad_signature" else r.keys[bad].sign(payload)
+    forged = AdvertiseKeys(
+        round_id=own.round_id, client_id=bad, enc_pk=own.enc_pk, mask_pk=mask_pk,
+        signature=signature,
+    )  # fmt: skip
+    with pytest.raises(error):
+        r.send(bad, forged)
+    total = _finish(r, live)
+    assert r.server.included == live
+    np.testing.assert_allclose(total, sum(r.inputs[i] for i in live), atol=1e-3)
+
+
+def _shifted(blob: bytes) -> bytes:
+    share = shamir.decode_share(blob)
+    return shamir.encode_share(shamir.Share(share.x, (share.y + 1) % shamir.P))
+
+
+def _unmask_with_one_liar(n: int, t: int, liar: int) -> ManualRound:
+    """An honest round in which ``liar`` shifts every share it reveals at unmasking."""
+    r = ManualRound(n=n, threshold=t, d=16)
+    r.advertise()
+    for _ in range(3):
+        r.respond()
+    for i in range(n):
+        reply = r.clients[i].handle(r.outgoing[i])
+        if i == liar:
+            reply = type(reply)(
+                round_id=reply.round_id, client_id=i,
+                self_mask_shares={o: _shifted(b) for o, b in reply.self_mask_shares.items()},
+                mask_key_shares={o: _shifted(b) for o, b in reply.mask_key_shares.items()},
+            )  # fmt: skip
+        r.send(i, reply)
+    return r
+
+
+def test_wrong_unmask_shares_are_corrected_and_their_sender_named():
+    """7 holders, t = 5: one wrong share per secret is within the correction radius."""
+    r = _unmask_with_one_liar(7, 5, liar=3)
+    r.advance()
+    assert r.server.wrong_shares == {3}
+    total = r.params.codec.decode(r.server.result)
+    np.testing.assert_allclose(total, sum(r.inputs), atol=1e-3)
+
+
+def test_wrong_unmask_shares_beyond_correction_release_no_sum():
+    """5 holders, t = 4: one wrong share is detected but cannot be corrected."""
+    r = _unmask_with_one_liar(5, 4, liar=2)
+    with pytest.raises(secagg.InconsistentShares):
+        r.advance()
+    assert r.server.result is None and r.server.stage is None
+
+
+def test_sparse_round_needs_signatures_from_more_than_two_thirds_of_the_round():
+    """On a sparse graph t signatures are local; the survivor set needs a round-wide quorum."""
+    r = ManualRound(n=12, threshold=4, neighbours=4, d=8)  # t = 4 > 2 * 5 / 3; quorum 9
+    r.advertise()
+    r.respond()
+    r.respond()
+    with pytest.raises(secagg.TooFewSurvivors, match="9 signatures"):
+        r.respond(list(range(8)))  # only 8 sign
+    assert r.server.result is None
+
+
+@pytest.mark.parametrize(("holders", "t"), [(2, 2), (3, 3), (4, 3), (5, 4), (6, 5), (9, 7)])
+def test_active_threshold_is_the_smallest_t_above_two_thirds(holders, t):
+    from secagg.graph import active_threshold
+
+    assert active_threshold(holders) == t
+    assert 3 * t > 2 * holders >= 3 * (t - 1)  # two t-sets overlap in more than a third
+
+
+def test_survivor_quorum_is_t_on_the_complete_graph_and_two_thirds_of_the_round_otherwise():
+    from secagg.graph import survivor_quorum
+
+    assert survivor_quorum(7, 6, 5) == 5
+    assert survivor_quorum(30, 8, 7) == 21
