@@ -30,7 +30,7 @@ from clients.contract.messages import (
     decode_from_server,
 )
 from clients.runtime.rounds import InstitutionRounds
-from clients.strategies.ddome import EXPERT_COUNTS, DDOMEClient
+from clients.strategies.ddome import CHOICE_SENSITIVITY, EXPERT_COUNTS, DDOMEClient
 from clients.strategies.fedamole import (
     ASSIGNMENT,
     KEY_COUNTS,
@@ -147,9 +147,12 @@ def test_ddome_rounds_equal_plaintext_and_every_institution_evaluates_the_result
         lines = [json.loads(x) for x in inst.metrics_path.read_text().splitlines()]
         assert [x["event"] for x in lines] == ["initial", "round", "round", "final"]
         assert np.isfinite(lines[-1]["test"]["perplexity"])
-        # DDOME releases its DP-SGD update only, once per round
-        kinds = [e["what"] for e in ledger_entries(config, inst.name) if e["kind"] == "release"]
-        assert kinds == ["adapter-update", "adapter-update"]
+        # DDOME releases its noised expert choice, then its DP-SGD update, once per round
+        entries = [e for e in ledger_entries(config, inst.name) if e["kind"] == "release"]
+        assert [e["what"] for e in entries] == ["expert-choice", "adapter-update"] * 2
+        choice = entries[0]["parameters"]
+        assert choice["l2_sensitivity"] == CHOICE_SENSITIVITY == 1.0
+        assert choice["noise_std"] == config.aggregation.ddome.choice_noise_multiplier
 
 
 def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_assignment(
