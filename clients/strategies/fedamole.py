@@ -170,18 +170,22 @@ class FedAMoLEConfig:
             p.max_experts,
         )
 
-    def score_sensitivity(self, num_modules: int) -> float:
-        """L2 sensitivity of one client's score matrix [M, E] to adding or removing a record.
-
-        A record changes at most one of the ``n = affinity_blocks`` blocks behind t (it may
-        push another block out), so each t[m] moves by at most 2 C_t / n; each score row is
-        K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k.
-        """
-        a = self.adapter
+    def embedding_sensitivity(self, num_modules: int) -> float:
+        """L2 sensitivity of one client's released data embedding t [M, r] to adding or
+        removing a record: a record changes at most one of the ``n = affinity_blocks`` blocks
+        behind t (it may push another block out), so each t[m] moves by at most 2 C_t / n, and
+        the M modules together by sqrt(M) 2 C_t / n."""
         move = 2 * self.params.embedding_clip / self.params.affinity_blocks
-        return (
-            math.sqrt(num_modules * a.num_experts) * self.params.key_clip * move / math.sqrt(a.rank)
-        )
+        return math.sqrt(num_modules) * move
+
+    def score_sensitivity(self, num_modules: int) -> float:
+        """L2 sensitivity the score matrix [M, E] would have if released instead of the
+        embedding (for the comparison in docs/fedamole-ddome.md): each score row is
+        K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k, a
+        sqrt(E) C_k / sqrt(r) multiple of :meth:`embedding_sensitivity`."""
+        a = self.adapter
+        scale = math.sqrt(a.num_experts) * self.params.key_clip / math.sqrt(a.rank)
+        return scale * self.embedding_sensitivity(num_modules)
 
     def key_sensitivity(self, held_keys: int) -> float:
         """L2 sensitivity of one client's ``held_keys`` key vectors (per-block clipped to C_k,
@@ -334,16 +338,25 @@ def decode_assignment(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape).astype(bool)
 
 
-def decode_scores(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """Affinity scores from little-endian float64 bytes; :class:`StrategyError` unless exactly
-    ``shape``'s entries, all finite."""
+def decode_embedding(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A noised data embedding from little-endian float64 bytes; :class:`StrategyError` unless
+    exactly ``shape``'s entries, all finite."""
     if len(data) != 8 * math.prod(shape):
-        raise StrategyError(f"scores of shape {shape} need {8 * math.prod(shape)} bytes, "
-                            f"got {len(data)}")  # fmt: skip
-    scores = np.frombuffer(bytes(data), dtype="<f8").reshape(shape).astype(np.float64)
-    if not np.all(np.isfinite(scores)):
-        raise StrategyError("scores must be finite")
-    return scores
+        raise StrategyError(f"an embedding of shape {shape} needs {8 * math.prod(shape)} "
+                            f"bytes, got {len(data)}")  # fmt: skip
+    embedding = np.frombuffer(bytes(data), dtype="<f8").reshape(shape).astype(np.float64)
+    if not np.all(np.isfinite(embedding)):
+        raise StrategyError("an embedding must be finite")
+    return embedding
+
+
+def score_embedding(
+    config: FedAMoLEConfig, state: FedAMoLEState, embedding: np.ndarray
+) -> np.ndarray:
+    """Affinity scores [M, E]: s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r) of a (noised)
+    embedding t [M, r] against the broadcast averaged keys (post-processing of the release)."""
+    keys = _clip_rows(torch.from_numpy(state.keys), config.params.key_clip).numpy()
+    return np.einsum("mer,mr->me", keys, embedding) / math.sqrt(config.adapter.rank)
 
 
 @dataclass(frozen=True)
@@ -389,30 +402,32 @@ class FedAMoLEClient:
         set_held(self.model, state.held(self.client))
         return projections(self.model, self._aux(aux))
 
-    def affinity_scores(
+    def data_embedding(
         self,
         state: FedAMoLEState,
         aux: torch.Tensor,
         charge: Charge,
         generator: torch.Generator | None = None,
     ) -> np.ndarray | None:
-        """Noised scores [M, E] against the broadcast keys, charged first; None in round 0."""
+        """The noised data embedding t [M, r] (per module, the mean over the auxiliary blocks
+        of each block's clipped mean token projection), charged first; None in round 0. The
+        coordinator scores it against the public averaged keys (:func:`score_embedding`)."""
         if not state.has_keys:
             return None
         cfg = self.config
         embedded = self._embed(state, aux)
-        keys = _clip_rows(torch.from_numpy(state.keys), cfg.params.key_clip)
-        scores = np.zeros(state.key_counts.shape)
-        for m, module in enumerate(state.modules):
-            q, _ = embedded[module]
-            t = _clip_rows(q.double(), cfg.params.embedding_clip).mean(0)
-            scores[m] = (keys[m] @ t / math.sqrt(cfg.adapter.rank)).numpy()
+        t = np.stack(
+            [
+                _clip_rows(embedded[module][0].double(), cfg.params.embedding_clip).mean(0).numpy()
+                for module in state.modules
+            ]
+        )
         return gaussian_release(
-            scores,
-            sensitivity=cfg.score_sensitivity(len(state.modules)),
+            t,
+            sensitivity=cfg.embedding_sensitivity(len(state.modules)),
             noise_multiplier=cfg.params.score_noise_multiplier,
             charge=charge,
-            what=f"fedamole affinity scores, round {state.round}",
+            what=f"fedamole data embedding (for the affinity scores), round {state.round}",
             generator=generator,
         )
 
@@ -512,11 +527,10 @@ def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
 
 
 SCORE_BASIS = (
-    "unit of privacy: one validation block among the affinity_blocks the embedding averages; "
-    "each module's mean token projection (blocks clipped to embedding_clip) moves by at most "
-    "2 embedding_clip / affinity_blocks, and each score row is the clipped keys (key_clip each) "
-    "times it over sqrt(rank): L2 sensitivity sqrt(modules * experts) key_clip 2 "
-    "embedding_clip / (affinity_blocks sqrt(rank))"
+    "the data embedding the coordinator scores against the public keys; unit of privacy: one "
+    "validation block among the affinity_blocks it averages; each module's mean token "
+    "projection (blocks clipped to embedding_clip) moves by at most 2 embedding_clip / "
+    "affinity_blocks: L2 sensitivity sqrt(modules) 2 embedding_clip / affinity_blocks"
 )
 
 
@@ -544,7 +558,7 @@ class FedAMoLELearner(OwnAdaptersLearner):
         cfg = self.fedamole
         return GaussianMechanism(
             cfg.params.score_noise_multiplier,
-            cfg.score_sensitivity(self.num_modules),
+            cfg.embedding_sensitivity(self.num_modules),
             AFFINITY_SCORES,
         )
 
@@ -594,12 +608,12 @@ class FedAMoLELearner(OwnAdaptersLearner):
             charge(release)
 
         fedamole_state = self._state(state, federation_round)
-        scores = self.client.affinity_scores(
+        embedding = self.client.data_embedding(
             fedamole_state, self.data["validation"], charge_release
         )
-        if scores is None:
+        if embedding is None:
             raise StrategyError("no expert has a key yet: this round has no selection stage")
-        return scores
+        return embedding
 
     def with_selection(self, state: GlobalState, selection: bytes) -> GlobalState:
         shape = state_shapes(self.fedamole, self.num_modules)[ASSIGNMENT]
