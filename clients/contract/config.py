@@ -449,7 +449,8 @@ class FedAMoLESection(StrategySection):
     - ``embedding_clip``, ``key_clip``: per-block L2 clips of the token-projection embedding
       and of the expert keys (they bound the sensitivities).
     - ``score_noise_multiplier``, ``key_noise_multiplier``: Gaussian noise on the released
-      affinity scores and expert keys, in units of their sensitivity. The default, 10, is
+      data embedding (the coordinator scores it against the keys) and on the expert keys, in
+      units of their sensitivity. The default, 10, is
       ``[privacy].routing_noise_multiplier``'s: at 1 two releases a
       round spend more than a budget of 8 within a few rounds.
     - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.

@@ -2,26 +2,46 @@
 
 A round (``coordinator.strategies.fedamole`` is the other half):
 
-1. Scores. The state broadcasts the averaged expert keys k̄ (from the last round's secure sum)
-   and the assignment that round used. With the broadcast adapters and the experts it held, the
-   client embeds the first ``affinity_blocks`` blocks of its auxiliary split, t = mean over
-   blocks of clip(mean_tokens W_tp x, C_t) per module, and scores every expert,
-   s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r). The scores are a release: charged to the
-   ledger (Gaussian mechanism, :meth:`FedAMoLEConfig.score_sensitivity`), then noised and sent
-   in the clear. Round 0 has no keys yet: no scores, the assignment is drawn from a public seed.
-2. The coordinator solves the expert-to-client assignment from the noised scores.
+1. Embedding. The state broadcasts the averaged expert keys k̄ (from the last round's secure
+   sum) and the assignment that round used. With the broadcast adapters and the experts it
+   held, the client embeds the first ``affinity_blocks`` blocks of its auxiliary split,
+   t = mean over blocks of clip(mean_tokens W_tp x, C_t) per module. It releases t [M, r]
+   with Gaussian noise (:meth:`FedAMoLEConfig.embedding_sensitivity`, charged to the ledger
+   first; logged as ``affinity-scores``) in the clear. Round 0 has no keys yet: no release,
+   the assignment is drawn from a public seed.
+2. The coordinator scores the noised embedding against the public averaged keys,
+   s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r) (:func:`score_embedding`), and solves the
+   expert-to-client assignment from the scores. Releasing t rather than the scores costs
+   sqrt(E) less noise per score at the same epsilon (docs/fedamole-ddome.md).
 3. Training. The client trains the shared expert, the token projections and its assigned
    experts with DP-SGD, then computes each held expert's key (mean LoRA-A output over the same
    auxiliary blocks, per-block clipped to C_k), DP-noises the keys (charged) and submits, in one
    secure sum: ``w`` and ``w * delta`` for every adapter tensor (zeros for experts it does not
    hold), per-expert ``w`` and holder count, and the keys. The coordinator forms only ratios.
 
+The paper's mechanisms (``../shared/STRATEGIES.md``), one line each:
+
+- Domain LoRA experts plus a shared expert per module, shared token projection: as in the paper
+  (expert count, rank and alpha from ``[model.moe]``).
+- Per-token routing, key k_e = A_e x against query W_tp x over held experts, top-2: as in the paper.
+- Switch-style load-balance loss: as in the paper (``[model.moe].load_balance_coef``).
+- Data embedding t_c and per-expert keys on an auxiliary split: adapted for privacy: per-block
+  clipped means over ``affinity_blocks`` validation blocks, Gaussian-noised and charged.
+- Keys averaged over holders: adapted for privacy: inside the masked secure sum, noised keys.
+- P = softmax over clients of k̄ . t_c / sqrt(r): adapted for privacy: the coordinator computes it
+  from the noised embedding (post-processing), not from un-noised scores.
+- Integer program, each expert exactly 2 clients, 2-8 experts per client: as in the paper
+  (exact ``milp``; ``clients_per_expert``, ``min_experts``, ``max_experts``).
+- Random round-0 assignment: as in the paper, from a public seed anyone can redraw.
+- W_tp averaged over all clients, each expert over its holders: adapted for privacy: ratios of
+  one secure sum of weighted, clipped DP-SGD deltas.
+
 Client ids are the public indices 0..num_clients-1 of the federation.
 
 :class:`FedAMoLELearner` is what drives those steps (a :class:`~clients.strategies.base.Learner`
 with a selection stage, :class:`~clients.strategies.base.SelectsExperts`): its auxiliary split
-is the institution's validation split, and whoever drives the round charges the scores before
-they are drawn, and the DP-SGD update with the keys before the masked input leaves.
+is the institution's validation split, and whoever drives the round charges the embedding
+before it is drawn, and the DP-SGD update with the keys before the masked input leaves.
 """
 
 from __future__ import annotations
