@@ -68,20 +68,28 @@ PRIVACY = {
     "routing_noise_multiplier": 10.0,
     "spare_rounds": 0,  # nothing is retried in one process: every strategy spends its budget
 }
+FEDAMOLE_MOE = {"num_experts": 8, "top_k": 2}
+"""FedAMoLE's experts: 8, so that with 4 held per institution its top-2 router chooses (the
+paper's code uses 30; with 4 experts and 2 held the router had nothing to choose)."""
+FEDAMOLE = {"clients_per_expert": 2, "min_experts": 4, "max_experts": 4}
+"""Each expert goes to 2 of the 4 institutions (the paper's 2), so each holds 4 of the 8."""
 DDOME = {"anchors": 2}
 """Two of the four institutions are anchors (institution i -> expert i): the paper's 30-50 %."""
 
 
-def federation(setting: str, seed: int) -> FederationConfig:
-    """The setting's federation with model seed ``seed`` (the data partition stays fixed)."""
+def federation(setting: str, seed: int, strategy: str | None = None) -> FederationConfig:
+    """The setting's federation with model seed ``seed`` (the data partition stays fixed);
+    for ``strategy`` "fedamole" with :data:`FEDAMOLE_MOE`'s experts."""
     doc = json.loads(json.dumps(SETTINGS[setting]))
+    if strategy == "fedamole":
+        doc["model"]["moe"].update(FEDAMOLE_MOE)
     doc["federation"]["seed"] = seed
     doc["institutions"] = [{"name": genre} for genre in GENRES]
     doc["privacy"] = dict(PRIVACY)
     doc["aggregation"] = {
         "expert_updates": "mask",
         "routing_statistics": "ckks",
-        "fedamole": doc.pop("fedamole"),
+        "fedamole": {**FEDAMOLE, **doc.pop("fedamole")},
         "ddome": dict(DDOME),
     }
     return parse_config(doc, ROOT / "benchmarks" / "strategies.toml")
@@ -223,8 +231,8 @@ def main() -> None:
     runs = []
     for private in (True, False) if args.no_dp_too else (True,):
         for seed in args.seeds:
-            config = federation(args.setting, seed)
             for strategy in strategies:
+                config = federation(args.setting, seed, strategy)
                 start = time.perf_counter()
                 result = simulate(config, strategy, private=private)
                 runs.append(record(result, seed, time.perf_counter() - start))
@@ -244,6 +252,7 @@ def main() -> None:
     settings = {
         "setting": SETTINGS[args.setting],
         "privacy": PRIVACY,
+        "fedamole": {"moe": FEDAMOLE_MOE, **FEDAMOLE},
         "ddome": DDOME,
         "institutions": institutions,
         "seeds": args.seeds,
