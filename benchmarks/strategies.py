@@ -5,10 +5,10 @@ each (and once without DP), several seeds (model initialisation; DP noise and sa
 come from the OS). Every run is :func:`coordinator.simulation.simulate`: real Opacus DP-SGD,
 real SecAgg+ for the updates and CKKS for the routing statistics, in one process; every release
 (DP-SGD, noised routing statistics, FedAMoLE's noised embedding and keys, DDOME's noised expert
-choice) is charged and the reported epsilon is their composition. Reports each institution's test next-token accuracy and
-perplexity after the last round (mean and standard deviation over seeds), as a table, a plot
-and JSON under ``benchmarks/results/``; with DDOME also its zero-shot selection for the last
-genre, trained by the other three only.
+choice) is charged and the reported epsilon is their composition. Reports each institution's
+test next-token accuracy and perplexity after the last round (mean and standard deviation over
+seeds), as a table, a plot and JSON under ``benchmarks/results/``; with DDOME also its
+zero-shot selection for the last genre, trained by the other three only.
 
     python benchmarks/strategies.py                       # quick: tiny model, 15-20 minutes
     python benchmarks/strategies.py --setting smollm2     # SmolLM2-135M (hours on a CPU)
