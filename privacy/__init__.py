@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from privacy.release import (
         ADAPTER_UPDATE,
         AFFINITY_SCORES,
+        EXPERT_CHOICE,
         EXPERT_KEYS,
         ROUTING_STATISTICS,
         Release,
@@ -52,6 +53,7 @@ _EXPORTS = {
     "Composition": "privacy.budget",
     "DPConfig": "privacy.config",
     "DPTrainingFacts": "privacy.events",
+    "EXPERT_CHOICE": "privacy.release",
     "EXPERT_KEYS": "privacy.release",
     "Epsilons": "privacy.budget",
     "GaussianMechanism": "privacy.gaussian",
@@ -91,6 +93,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ADAPTER_UPDATE",
     "AFFINITY_SCORES",
+    "EXPERT_CHOICE",
     "EXPERT_KEYS",
     "LOSS_REDUCTION",
     "ROUTING_STATISTICS",

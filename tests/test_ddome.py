@@ -25,15 +25,20 @@ from clients.models.ddome_lora import (
     set_trainable,
 )
 from clients.models.loaders import tiny_dense_model
+from clients.strategies.base import RecordedCharges
 from clients.strategies.ddome import (
+    CHOICE_SENSITIVITY,
     EXPERT_COUNTS,
     DDOMEClient,
     DDOMEConfig,
     DDOMEState,
+    choice_mechanism,
     evaluate_choice,
+    gate_probability_sum,
     zero_shot,
     zero_shot_loss,
 )
+from clients.training.release import noise_generator
 from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.ddome import DDOMEStrategy, next_state
@@ -89,18 +94,61 @@ def test_common_embedding_is_the_frozen_base():
     torch.testing.assert_close(common_embedding(m, blocks), emb)  # experts play no part
 
 
-def test_choice_is_the_gates_top_k_and_anchor_comes_first():
+def test_choice_is_the_top_k_of_the_noised_probability_sum_and_anchor_comes_first():
     m = model()
     state = DDOMEState(adapters=ddome_state(m), expert_counts=np.zeros(4))
     emb = common_embedding(m, ids(6))
     with torch.no_grad():
-        mean = torch.softmax(gate_logits(m, emb), -1).mean(0)
-    best = tuple(int(i) for i in torch.argsort(mean, descending=True))
+        total = torch.softmax(gate_logits(m, emb).double(), -1).sum(0).numpy()
+    noised = (
+        total
+        + 4.0
+        * torch.normal(
+            0.0, 1.0, size=(4,), generator=noise_generator(3), dtype=torch.float64
+        ).numpy()
+    )
+    best = tuple(int(i) for i in np.argsort(-noised))
     config = DDOMEConfig(ADAPTER)
-    assert DDOMEClient(config, m).choose(state, emb) == best[:2]
-    assert DDOMEClient(config, m, anchor=best[3]).choose(state, emb) == (best[3], best[0])
+    assert (
+        DDOMEClient(config, m).choose(state, emb, RecordedCharges(), noise_generator(3))
+        == (best[:2])
+    )
+    anchored = DDOMEClient(config, m, anchor=best[3])
+    assert anchored.choose(state, emb, RecordedCharges(), noise_generator(3)) == (best[3], best[0])
     with pytest.raises(StrategyError, match="anchor"):
         DDOMEClient(config, m, anchor=4)
+
+
+def test_choice_noise_has_the_stated_sensitivity_and_is_charged_before_it_is_drawn():
+    m = model()
+    state = DDOMEState(adapters=ddome_state(m), expert_counts=np.zeros(4))
+    emb = common_embedding(m, ids(8))
+    client = DDOMEClient(DDOMEConfig(ADAPTER, params=DDOMESection(choice_noise_multiplier=2.5)), m)
+    exact = gate_probability_sum(m, emb)
+    # adding or removing one block moves the sum by one probability vector: L2 <= 1
+    one_more = gate_probability_sum(m, common_embedding(m, ids(9)))
+    assert np.linalg.norm(one_more - gate_probability_sum(m, emb[:8])) <= CHOICE_SENSITIVITY
+    charges = RecordedCharges()
+    draws = np.stack([client.noised_totals(state, emb, charges) for _ in range(4000)])
+    assert [e for e, _ in charges.events] == [
+        choice_mechanism(client.config.params).dp_event()
+    ] * 4000
+    std = draws.std(0, ddof=1)
+    np.testing.assert_allclose(std, 2.5 * CHOICE_SENSITIVITY, rtol=0.05)
+    np.testing.assert_allclose(draws.mean(0), exact, atol=5 * 2.5 / np.sqrt(4000))
+
+    class Refuse(Exception):
+        pass
+
+    def refuse(event, what):
+        raise Refuse(what)
+
+    with pytest.raises(Refuse, match="expert choice"):
+        client.choose(state, emb, refuse)
+
+
+CHOICE_SEED = 1
+"""Seeds the choice noise (reproducible rounds; with it some expert has a single trainer)."""
 
 
 class Federation:
@@ -116,7 +164,14 @@ class Federation:
 
     def round(self, state, dropouts=None):
         updates = [
-            c.train(state, self.blocks[i], self.emb[i], StepSettings(DP, 2, 4, 1e-2, seed=i))
+            c.train(
+                state,
+                self.blocks[i],
+                self.emb[i],
+                StepSettings(DP, 2, 4, 1e-2, seed=i),
+                RecordedCharges(),
+                noise_generator(CHOICE_SEED + i),
+            )
             for i, c in enumerate(self.clients)
         ]
         subs = [
@@ -157,7 +212,7 @@ def plaintext(fed, state, updates, included):
     return out, w
 
 
-@pytest.mark.parametrize(("dropouts", "min_count"), [({}, 1), ({2: "masked_input"}, 1), ({}, 2)])
+@pytest.mark.parametrize(("dropouts", "min_count"), [({}, 2), ({2: "masked_input"}, 2), ({}, 3)])
 def test_round_through_secure_sums_equals_plaintext(dropouts, min_count):
     fed = Federation(4, min_count=min_count)
     state = fed.state
@@ -215,10 +270,13 @@ def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds
     for r, dropouts in enumerate([{}, {1: "masked_input"}]):
         local = DDOMEState.from_global(state, 4, r)
         updates = [
-            c.train(local, fed.blocks[i], fed.emb[i], StepSettings(DP, 2, 4, 1e-2, seed=r + i))
+            c.train(
+                local, fed.blocks[i], fed.emb[i], StepSettings(DP, 2, 4, 1e-2, seed=r + i),
+                RecordedCharges(), noise_generator(r + i),
+            )
             for i, c in enumerate(fed.clients)
         ]  # fmt: skip
-        # the DP-SGD update is each client's only release (the submission charges nothing)
+        # the choice was charged in train; the submission charges nothing beyond DP-SGD
         assert all(u.facts.dp_event() == dp_sgd_event(0.8, 4 / 12, 2) for u in updates)
         subs = [c.submit(local, u, 12) for c, u in zip(fed.clients, updates)]
         layout = server.layout(state)
@@ -276,7 +334,9 @@ def test_an_anchor_client_pulls_the_gate_towards_its_expert():
 
     before = anchor_probability()
     client = DDOMEClient(DDOMEConfig(ADAPTER, params=DDOMESection(anchor_coef=1.0)), m, anchor=3)
-    update = client.train(state, blocks, emb, StepSettings(None, 10, 8, 1e-2, seed=0))
+    update = client.train(
+        state, blocks, emb, StepSettings(None, 10, 8, 1e-2, seed=0), RecordedCharges()
+    )
     assert update.chosen[0] == 3
     assert anchor_probability() > before + 0.2
 

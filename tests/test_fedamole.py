@@ -38,8 +38,9 @@ from clients.strategies.fedamole import (
     FedAMoLEUpdate,
     amole_modules,
     decode_assignment,
-    decode_scores,
+    decode_embedding,
     encode_assignment,
+    score_embedding,
     state_from_global,
 )
 from clients.training.release import gaussian_release, noise_generator
@@ -314,7 +315,7 @@ def test_two_rounds_every_released_score_and_key_is_charged():
     fed = Federation(3)
     state = fed.state
     assert all(
-        c.affinity_scores(state, fed.aux[i], fed.ledgers[i]) is None
+        c.data_embedding(state, fed.aux[i], fed.ledgers[i]) is None
         for i, c in enumerate(fed.clients)
     )
     assert all(not ledger.entries for ledger in fed.ledgers)  # round 0: nothing released
@@ -333,12 +334,13 @@ def test_two_rounds_every_released_score_and_key_is_charged():
         released = {}
         for i, c in enumerate(fed.clients):
             before = len(fed.ledgers[i].entries)
-            released[i] = c.affinity_scores(state, fed.aux[i], fed.ledgers[i])
+            embedding = c.data_embedding(state, fed.aux[i], fed.ledgers[i])
             event, what = fed.ledgers[i].entries[before]
             assert len(fed.ledgers[i].entries) == before + 1
             assert event == dp_accounting.GaussianDpEvent(fed.config.params.score_noise_multiplier)
-            assert "affinity scores" in what
-            assert released[i].shape == state.key_counts.shape
+            assert "data embedding" in what
+            assert embedding.shape == (state.key_counts.shape[0], fed.config.adapter.rank)
+            released[i] = score_embedding(fed.config, state, embedding)
         state = assign(fed.config, state, released)
         a = state.assignment
         assert np.all(a.sum(2) == 2) and np.all((a.sum(1) >= 2) & (a.sum(1) <= 4))
@@ -346,7 +348,7 @@ def test_two_rounds_every_released_score_and_key_is_charged():
     for ledger in fed.ledgers:  # per round: keys (submit), scores (the DP-SGD is the caller's)
         whats = [what for _, what in ledger.entries]
         assert len(whats) == 4
-        assert sum("affinity scores" in x for x in whats) == 2
+        assert sum("data embedding" in x for x in whats) == 2
         assert sum("keys" in x for x in whats) == 2
 
 
@@ -362,7 +364,7 @@ def test_scores_without_budget_are_not_released():
     agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS)
     state = next_state(fed.config, state, agg.sums)
     with pytest.raises(RuntimeError, match="budget"):
-        fed.clients[0].affinity_scores(state, fed.aux[0], Ledger(0))
+        fed.clients[0].data_embedding(state, fed.aux[0], Ledger(0))
 
 
 def test_scores_follow_the_embedding():
@@ -381,8 +383,42 @@ def test_scores_follow_the_embedding():
         keys[m, 2] = t / np.linalg.norm(t)  # expert 2 points along the embedding
         keys[m, 0] = -t / np.linalg.norm(t)
     state = dataclasses.replace(state, keys=keys, key_counts=np.ones(state.key_counts.shape))
-    scores = client.affinity_scores(state, fed.aux[0], Ledger())
+    scores = score_embedding(fed.config, state, client.data_embedding(state, fed.aux[0], Ledger()))
     assert np.all(scores.argmax(1) == 2) and np.all(scores.argmin(1) == 0)
+
+
+def test_embedding_noise_has_the_stated_sensitivity_and_scores_carry_sqrt_e_less():
+    """The released embedding's noise std is sigma * sqrt(M) 2 C_t / n (many CSPRNG draws);
+    scored against keys of norm <= C_k, each score's noise is a sqrt(E) fraction of what
+    releasing the scores themselves at the same epsilon would need."""
+    fed = Federation(3, score_noise_multiplier=1.5)
+    cfg, client, state = fed.config, fed.clients[0], fed.state
+    keys = np.zeros(state.keys.shape)
+    keys[:, :, 0] = cfg.params.key_clip  # every key at the clip: the worst case
+    state = dataclasses.replace(state, keys=keys, key_counts=np.ones(state.key_counts.shape))
+    load_amole_state(client.model, state.adapters)
+    set_held(client.model, state.held(0))
+    emb = projections(client.model, fed.aux[0][: cfg.params.affinity_blocks])
+    exact = []
+    for module in state.modules:
+        q = emb[module][0].double()
+        scale = torch.clamp(cfg.params.embedding_clip / q.norm(dim=-1, keepdim=True), max=1.0)
+        exact.append((q * scale).mean(0).numpy())
+    modules = len(state.modules)
+    sensitivity = cfg.embedding_sensitivity(modules)
+    assert sensitivity == pytest.approx(
+        np.sqrt(modules) * 2 * cfg.params.embedding_clip / cfg.params.affinity_blocks
+    )
+    draws = np.stack([client.data_embedding(state, fed.aux[0], Ledger()) for _ in range(3000)])
+    np.testing.assert_allclose(draws.std(0, ddof=1), 1.5 * sensitivity, rtol=0.06)
+    np.testing.assert_allclose(
+        draws.mean(0), np.stack(exact), atol=6 * 1.5 * sensitivity / np.sqrt(3000)
+    )
+    scores = np.stack([score_embedding(cfg, state, d) for d in draws])
+    score_std = scores.std(0, ddof=1).max()
+    as_scores = 1.5 * cfg.score_sensitivity(modules)
+    experts = cfg.adapter.num_experts
+    assert score_std == pytest.approx(as_scores / np.sqrt(experts), rel=0.06)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +443,7 @@ def test_rounds_through_the_server_half_charge_every_score_that_reaches_it():
         if server.wants_scores(state):
             local = state_from_global(fed.config, state, r)
             scores = {
-                i: c.affinity_scores(local, fed.aux[i], fed.ledgers[i])
+                i: c.data_embedding(local, fed.aux[i], fed.ledgers[i])
                 for i, c in enumerate(fed.clients)
             }
             wire = {i: np.ascontiguousarray(s, dtype="<f8").tobytes() for i, s in scores.items()}
@@ -484,15 +520,15 @@ def test_assignment_bytes_round_trip(assignment):
 
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=80))
-def test_scores_from_the_wire_are_exactly_the_shape_and_finite(data):
+def test_embeddings_from_the_wire_are_exactly_the_shape_and_finite(data):
     shape = (2, 4)
     if len(data) != 64:
         with pytest.raises(StrategyError, match="bytes"):
-            decode_scores(data, shape)
+            decode_embedding(data, shape)
         return
     values = np.frombuffer(data, dtype="<f8")
     if not np.all(np.isfinite(values)):
         with pytest.raises(StrategyError, match="finite"):
-            decode_scores(data, shape)
+            decode_embedding(data, shape)
     else:
-        np.testing.assert_array_equal(decode_scores(data, shape), values.reshape(shape))
+        np.testing.assert_array_equal(decode_embedding(data, shape), values.reshape(shape))

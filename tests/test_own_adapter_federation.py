@@ -30,7 +30,7 @@ from clients.contract.messages import (
     decode_from_server,
 )
 from clients.runtime.rounds import InstitutionRounds
-from clients.strategies.ddome import EXPERT_COUNTS, DDOMEClient
+from clients.strategies.ddome import CHOICE_SENSITIVITY, EXPERT_COUNTS, DDOMEClient
 from clients.strategies.fedamole import (
     ASSIGNMENT,
     KEY_COUNTS,
@@ -39,7 +39,9 @@ from clients.strategies.fedamole import (
     FedAMoLELearner,
     amole_modules,
     decode_assignment,
+    decode_embedding,
     fedamole_config,
+    score_embedding,
     state_from_global,
 )
 from coordinator.service import Coordinator
@@ -152,9 +154,12 @@ def test_ddome_rounds_equal_plaintext_and_every_institution_evaluates_the_result
         lines = [json.loads(x) for x in inst.metrics_path.read_text().splitlines()]
         assert [x["event"] for x in lines] == ["initial", "round", "round", "final"]
         assert np.isfinite(lines[-1]["test"]["perplexity"])
-        # DDOME releases its DP-SGD update only, once per round
-        kinds = [e["what"] for e in ledger_entries(config, inst.name) if e["kind"] == "release"]
-        assert kinds == ["adapter-update", "adapter-update"]
+        # DDOME releases its noised expert choice, then its DP-SGD update, once per round
+        entries = [e for e in ledger_entries(config, inst.name) if e["kind"] == "release"]
+        assert [e["what"] for e in entries] == ["expert-choice", "adapter-update"] * 2
+        choice = entries[0]["parameters"]
+        assert choice["l2_sensitivity"] == CHOICE_SENSITIVITY == 1.0
+        assert choice["noise_std"] == config.aggregation.ddome.choice_noise_multiplier
 
 
 def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_assignment(
@@ -162,7 +167,7 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
 ):
     config = own_config(tmp_path, "fedamole", rounds=3)
     recorded = record_submissions(monkeypatch, FedAMoLEClient)
-    computed: dict[tuple[int, str], bytes] = {}  # what each institution sent as its scores
+    computed: dict[tuple[int, str], bytes] = {}  # the embedding each institution released
     received: list[tuple[GlobalState, dict[int, np.ndarray], GlobalState]] = []
     sent_assignments: list[bytes] = []
     original_scores, original_select = FedAMoLELearner.scores, FedAMoLEStrategy.select
@@ -197,8 +202,11 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
     np.testing.assert_array_equal(initial.extras[ASSIGNMENT], public.assignment)
     for federation_round, (before, scores_in, chosen) in enumerate(received, start=2):
         assert sorted(scores_in) == [0, 1, 2]
-        for cid, name in enumerate(NAMES):  # the coordinator got exactly what was computed
-            assert scores_in[cid].tobytes() == computed[(federation_round, name)]
+        sent_shape = (len(state_from_global(fed, before).modules), fed.adapter.rank)
+        for cid, name in enumerate(NAMES):  # the coordinator scored exactly what was released
+            embedding = decode_embedding(computed[(federation_round, name)], sent_shape)
+            expected = score_embedding(fed, state_from_global(fed, before), embedding)
+            np.testing.assert_array_equal(scores_in[cid], expected)
         assignment = state_from_global(fed, chosen).assignment  # [M, E, C]
         assert np.all(assignment.sum(-1) == fed.params.clients_per_expert)
         held = assignment.sum(1)

@@ -137,12 +137,16 @@ def test_fedamole_charges_its_scores_keys_and_updates_within_the_budget(config):
     assert np.all(result.state.extras[KEY_COUNTS] >= 1)
 
 
+CHOICE_THEN_UPDATE = ("expert-choice", "adapter-update")
+"""A DDOME round's releases: the noised expert choice first, then the DP-SGD update."""
+
+
 def test_ddome_charges_every_update_within_the_budget_and_trains_experts(config):
     result = simulate(config, "ddome")
     for name in config.institution_names:
-        expected = [f"adapter-update, round {i}" for i in range(2)]
+        expected = [f"{what}, round {i}" for i in range(2) for what in CHOICE_THEN_UPDATE]
         assert whats(result, name) == expected
-    check_epsilon_composes_the_charges(config, result, lambda name: events(result, name)[-1:])
+    check_epsilon_composes_the_charges(config, result, lambda name: events(result, name)[-2:])
     model, _ = build_model_with(config, lambda m: attach_ddome(m, ddome_config(config).adapter))
     start = ddome_state(model)
     moved = [n for n in start if not torch.equal(result.state.adapters[n], start[n])]

@@ -452,7 +452,8 @@ class FedAMoLESection(StrategySection):
     - ``embedding_clip``, ``key_clip``: per-block L2 clips of the token-projection embedding
       and of the expert keys (they bound the sensitivities).
     - ``score_noise_multiplier``, ``key_noise_multiplier``: Gaussian noise on the released
-      affinity scores and expert keys, in units of their sensitivity. The default, 10, is
+      data embedding (the coordinator scores it against the keys) and on the expert keys, in
+      units of their sensitivity. The default, 10, is
       ``[privacy].routing_noise_multiplier``'s: at 1 two releases a
       round spend more than a budget of 8 within a few rounds.
     - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.
@@ -528,7 +529,10 @@ class DDOMESection(_MinCountSection):
 
     - ``gate_hidden``: hidden width of the gating MLP.
     - ``delta_bound``: updates are clipped to +-delta_bound before the secure sum.
-    - ``min_count``: institutions that must train an expert in a round for it to move.
+    - ``min_count``: institutions that must train an expert in a round for it to move (>= 2:
+      an expert's update is never one institution's alone).
+    - ``choice_noise_multiplier``: Gaussian noise multiplier of the released sum of gate
+      probabilities each institution picks its experts from (L2 sensitivity 1).
     - ``anchors``: the first ``anchors`` institutions are anchor clients, institution i
       anchored to expert i (the paper needs about 30-50 % anchors for a stable gate).
     - ``anchor_coef``: weight of an anchor's gate loss towards its expert.
@@ -536,7 +540,8 @@ class DDOMESection(_MinCountSection):
 
     gate_hidden: PositiveInt = 64
     delta_bound: Annotated[float, msgspec.Meta(gt=0.0)] = 0.1
-    min_count: PositiveInt = 1
+    min_count: Annotated[int, msgspec.Meta(ge=2)] = 2
+    choice_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 4.0
     anchors: Annotated[int, msgspec.Meta(ge=0)] = 0
     anchor_coef: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
 

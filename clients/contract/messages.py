@@ -80,8 +80,9 @@ class CkksInput(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=Tru
 
 
 class AffinityScores(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):
-    """An institution's DP-noised expert scores for a selection stage (FedAMoLE), charged to
-    its ledger before they were sent: little-endian float64 bytes of the strategy's shape."""
+    """An institution's DP-noised release for a selection stage, charged to its ledger before
+    it was sent: little-endian float64 bytes of the strategy's shape (FedAMoLE: its data
+    embedding [modules, rank], which the coordinator scores against the averaged keys)."""
 
     round_id: RoundId
     client_id: ClientId

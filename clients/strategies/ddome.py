@@ -1,22 +1,39 @@
-"""DDOME under secure aggregation, client side: private expert choice, joint training, sums.
+"""DDOME under secure aggregation, client side: noised expert choice, joint training, sums.
 
-Every client downloads the gate and ALL experts, so which ones it picks stays on the client:
+Every client downloads the gate and ALL experts; which ones it picks is a DP release:
 
 1. It embeds its data once with the frozen common expert (:func:`common_embedding`).
-2. Each round it scores the experts with the broadcast gate on its embeddings, averages the
-   probabilities over its samples and takes the top-K (an anchor client, if configured, always
-   takes its anchor expert first and also pulls the gate towards it).
+2. Each round it sums the broadcast gate's probabilities over its training blocks, adds
+   Gaussian noise (L2 sensitivity :data:`CHOICE_SENSITIVITY` = 1, charged as an
+   ``expert-choice`` release before anything that depends on it leaves) and takes the top-K of
+   the noised sum (an anchor client, if configured, always takes its anchor expert first and
+   also pulls the gate towards it).
 3. It trains the gate and those K experts jointly with DP-SGD on the MoE output.
 4. It submits, in one secure sum, the FULL vector: ``w`` and ``w * delta`` for the gate and for
    every expert (exact zeros for experts it did not train), and per expert ``w`` and a 0/1
-   count. The coordinator learns how many clients trained each expert, never which.
+   count. The coordinator learns how many clients trained each expert, never which; an expert
+   moves only when at least ``min_count`` (>= 2) trained it.
 
 An institution that never trained picks its experts zero-shot (:func:`zero_shot`): top-K by
-the gate's mean probability on its embeddings, and per sample the best of those, no labels.
+the gate's mean probability on its embeddings, and per sample the best of those, no labels
+(nothing leaves it: no noise).
+
+The paper's mechanisms (``../shared/STRATEGIES.md``), one line each:
+
+- Frozen common expert embeds the data once: as in the paper (the frozen base model's hidden state).
+- M whole-model experts: adapted for privacy: LoRA experts on one shared base, so DP-SGD and the
+  secure sum cover every expert tensor.
+- Gate scores all experts, aggregated over samples, top-K per client: adapted for privacy: the
+  aggregate is the gate-probability sum, released with Gaussian noise (sensitivity 1, charged).
+- Joint gate-expert training on the MoE output: as in the paper, with DP-SGD.
+- Anchor clients train their expert and pull the gate towards it: as in the paper.
+- Server FedAvg of the gate over all clients, of each expert over its trainers: adapted for
+  privacy: one full-vector secure sum (zeros for untrained experts), ratios only, an expert moves
+  only with >= ``min_count`` trainers.
+- Zero-shot top-K for an unseen client, best expert per sample: as in the paper (local, no release).
 
 :class:`DDOMELearner` is what drives those steps (a :class:`~clients.strategies.base.Learner`):
-it embeds every split once, and its DP-SGD update is its only release (the per-expert counts
-depend on the expert choice: docs/fedamole-ddome.md, "Known limits").
+it embeds every split once; its releases are the noised choice and the DP-SGD update.
 """
 
 from __future__ import annotations
@@ -60,10 +77,12 @@ from clients.strategies.base import (
     LocalRound,
     OwnAdapters,
     OwnAdaptersLearner,
+    RecordedCharges,
     device_of,
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
 from clients.strategies.fedavg import checked_section, fedavg_config
+from clients.training.release import Charge, gaussian_release
 from clients.training.trainer import (
     Metrics,
     StepSettings,
@@ -71,7 +90,7 @@ from clients.training.trainer import (
     select_device,
     train_steps,
 )
-from privacy import DPConfig, DPTrainingFacts, Release
+from privacy import EXPERT_CHOICE, DPConfig, DPTrainingFacts, GaussianMechanism, Release
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,31 @@ class DDOMEState:
         return cls(dict(state.adapters), np.asarray(counts, dtype=np.float64), round)
 
 
+CHOICE_SENSITIVITY = 1.0
+"""L2 sensitivity of the released sum over training blocks of the gate's probability vectors
+under adding or removing one block: the sum gains or loses one probability vector p, and
+||p||_2 <= ||p||_1 = 1. (The sum, not the mean: the mean's divisor n is private and changes with
+the record; the ranking, all the choice uses, is the same for both.)"""
+
+CHOICE_BASIS = (
+    "sum over training blocks of the gate's softmax probabilities: adding or removing one block "
+    "adds or removes one probability vector, L2 norm <= L1 norm = 1"
+)
+
+
+@torch.no_grad()
+def gate_probability_sum(model: nn.Module, embeddings: torch.Tensor) -> np.ndarray:
+    """Sum over rows of ``embeddings`` of the gate's probability vector (float64, [E])."""
+    device = next(model.parameters()).device
+    logits = gate_logits(model, embeddings.to(device)).double()
+    return torch.softmax(logits, -1).sum(0).cpu().numpy()
+
+
+def choice_mechanism(params: DDOMESection) -> GaussianMechanism:
+    """The expert choice's release: Gaussian, sensitivity :data:`CHOICE_SENSITIVITY`."""
+    return GaussianMechanism(params.choice_noise_multiplier, CHOICE_SENSITIVITY, EXPERT_CHOICE)
+
+
 @dataclass(frozen=True)
 class DDOMEUpdate:
     """One client's round: ``delta`` (state order; zeros for untrained experts), the chosen
@@ -173,14 +217,50 @@ class DDOMEClient:
         if self.anchor is not None and not 0 <= self.anchor < experts:
             raise StrategyError(f"anchor expert {self.anchor} is not in [0, {experts})")
 
-    def choose(self, state: DDOMEState, embeddings: torch.Tensor) -> tuple[int, ...]:
-        """This round's top-K experts from the broadcast gate (anchor first, if any)."""
-        load_ddome_state(self.model, state.adapters)
+    def _ranked(self, totals: np.ndarray) -> tuple[int, ...]:
+        """The top-K experts by ``totals`` (best first; the anchor first, if any)."""
         k = self.config.adapter.top_k
+        ranked = [int(m) for m in np.argsort(-np.asarray(totals), kind="stable")]
         if self.anchor is None:
-            return top_experts(self.model, embeddings, k)
-        ranked = top_experts(self.model, embeddings, self.config.adapter.num_experts)
+            return tuple(ranked[:k])
         return (self.anchor, *[m for m in ranked if m != self.anchor][: k - 1])
+
+    def local_choice(self, state: DDOMEState, embeddings: torch.Tensor) -> tuple[int, ...]:
+        """The top-K experts by the un-noised gate probabilities: for local evaluation only,
+        never for anything that leaves the institution."""
+        load_ddome_state(self.model, state.adapters)
+        return self._ranked(gate_probability_sum(self.model, embeddings))
+
+    def noised_totals(
+        self,
+        state: DDOMEState,
+        embeddings: torch.Tensor,
+        charge: Charge,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """The DP-noised sum of the broadcast gate's probabilities over the training
+        ``embeddings`` (sensitivity :data:`CHOICE_SENSITIVITY`), charged through ``charge``
+        before the noise is drawn."""
+        load_ddome_state(self.model, state.adapters)
+        return gaussian_release(
+            gate_probability_sum(self.model, embeddings),
+            sensitivity=CHOICE_SENSITIVITY,
+            noise_multiplier=self.config.params.choice_noise_multiplier,
+            charge=charge,
+            what=f"ddome expert choice (noised gate-probability sum), round {state.round}",
+            generator=generator,
+        )
+
+    def choose(
+        self,
+        state: DDOMEState,
+        embeddings: torch.Tensor,
+        charge: Charge,
+        generator: torch.Generator | None = None,
+    ) -> tuple[int, ...]:
+        """This round's top-K experts (anchor first, if any) by :meth:`noised_totals`: the
+        choice, the zero pattern of the update and the counts are its post-processing."""
+        return self._ranked(self.noised_totals(state, embeddings, charge, generator))
 
     def train(
         self,
@@ -188,12 +268,14 @@ class DDOMEClient:
         blocks: torch.Tensor,
         embeddings: torch.Tensor,
         settings: StepSettings,
+        charge: Charge,
+        generator: torch.Generator | None = None,
     ) -> DDOMEUpdate:
-        """Choose the experts, then train the gate and them jointly (``embeddings`` from
-        :func:`common_embedding` of the same ``blocks``)."""
+        """Choose the experts (a charged release), then train the gate and them jointly
+        (``embeddings`` from :func:`common_embedding` of the same ``blocks``)."""
         if embeddings.shape[0] != blocks.shape[0]:
             raise StrategyError("embeddings must have one row per training block")
-        chosen = self.choose(state, embeddings)
+        chosen = self.choose(state, embeddings, charge, generator)
         set_trainable(self.model, chosen)
         coef = self.config.params.anchor_coef
         run = train_steps(
@@ -317,7 +399,7 @@ class DDOMELearner(OwnAdaptersLearner):
         return DDOMEState.from_global(state, self.ddome.adapter.num_experts, federation_round)
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
-        return []
+        return ddome_round_releases(self.config)
 
     def extras_shapes(self, state: GlobalState) -> dict[str, tuple[int, ...]]:
         return {EXPERT_COUNTS: (self.ddome.adapter.num_experts,)}
@@ -328,16 +410,24 @@ class DDOMELearner(OwnAdaptersLearner):
     def releases(
         self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
     ) -> list[Release]:
-        return [facts.release(federation_round, round_id)]
+        choice = choice_mechanism(self.ddome.params)
+        return [
+            choice.release(federation_round, round_id, CHOICE_BASIS),
+            facts.release(federation_round, round_id),
+        ]
 
     def train(
         self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
     ) -> LocalRound:
         settings = StepSettings.of(self.config.training, dp)
         ddome_state_ = self._state(state, federation_round)
+        recorded = RecordedCharges()
         update = self.client.train(
-            ddome_state_, self.data["train"], self.embeddings["train"], settings
+            ddome_state_, self.data["train"], self.embeddings["train"], settings, recorded
         )
+        planned = choice_mechanism(self.ddome.params).dp_event()
+        if [event for event, _ in recorded.events] != [planned]:
+            raise StrategyError(f"DDOME reported releases {recorded.events}, expected the choice")
         submission = self.client.submit(ddome_state_, update, len(self.data["train"]))
         releases = (
             [] if update.facts is None
@@ -346,8 +436,13 @@ class DDOMELearner(OwnAdaptersLearner):
         return LocalRound(submission, {"loss": update.mean_loss}, update.facts, releases)
 
     def evaluate(self, state: GlobalState, split: str) -> Metrics:
-        chosen = self.client.choose(self._state(state), self.embeddings["train"])
+        chosen = self.client.local_choice(self._state(state), self.embeddings["train"])
         return evaluate_choice(self.model, self.data[split], self.embeddings[split], chosen)
+
+
+def ddome_round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
+    """What a DDOME round releases besides DP-SGD: the noised expert choice."""
+    return [choice_mechanism(config.aggregation.ddome).dp_event()]
 
 
 DDOME_ADAPTERS = OwnAdapters(
@@ -355,4 +450,4 @@ DDOME_ADAPTERS = OwnAdapters(
 )
 """DDOME's adapters, shaped by ``[model.moe]``."""
 
-CLIENT_HALF = DDOME_ADAPTERS.client_half(DDOMELearner, lambda config: [])
+CLIENT_HALF = DDOME_ADAPTERS.client_half(DDOMELearner, ddome_round_releases)

@@ -2,26 +2,46 @@
 
 A round (``coordinator.strategies.fedamole`` is the other half):
 
-1. Scores. The state broadcasts the averaged expert keys k̄ (from the last round's secure sum)
-   and the assignment that round used. With the broadcast adapters and the experts it held, the
-   client embeds the first ``affinity_blocks`` blocks of its auxiliary split, t = mean over
-   blocks of clip(mean_tokens W_tp x, C_t) per module, and scores every expert,
-   s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r). The scores are a release: charged to the
-   ledger (Gaussian mechanism, :meth:`FedAMoLEConfig.score_sensitivity`), then noised and sent
-   in the clear. Round 0 has no keys yet: no scores, the assignment is drawn from a public seed.
-2. The coordinator solves the expert-to-client assignment from the noised scores.
+1. Embedding. The state broadcasts the averaged expert keys k̄ (from the last round's secure
+   sum) and the assignment that round used. With the broadcast adapters and the experts it
+   held, the client embeds the first ``affinity_blocks`` blocks of its auxiliary split,
+   t = mean over blocks of clip(mean_tokens W_tp x, C_t) per module. It releases t [M, r]
+   with Gaussian noise (:meth:`FedAMoLEConfig.embedding_sensitivity`, charged to the ledger
+   first; logged as ``affinity-scores``) in the clear. Round 0 has no keys yet: no release,
+   the assignment is drawn from a public seed.
+2. The coordinator scores the noised embedding against the public averaged keys,
+   s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r) (:func:`score_embedding`), and solves the
+   expert-to-client assignment from the scores. Releasing t rather than the scores costs
+   sqrt(E) less noise per score at the same epsilon (docs/fedamole-ddome.md).
 3. Training. The client trains the shared expert, the token projections and its assigned
    experts with DP-SGD, then computes each held expert's key (mean LoRA-A output over the same
    auxiliary blocks, per-block clipped to C_k), DP-noises the keys (charged) and submits, in one
    secure sum: ``w`` and ``w * delta`` for every adapter tensor (zeros for experts it does not
    hold), per-expert ``w`` and holder count, and the keys. The coordinator forms only ratios.
 
+The paper's mechanisms (``../shared/STRATEGIES.md``), one line each:
+
+- Domain LoRA experts plus a shared expert per module, shared token projection: as in the paper
+  (expert count, rank and alpha from ``[model.moe]``).
+- Per-token routing, key k_e = A_e x against query W_tp x over held experts, top-2: as in the paper.
+- Switch-style load-balance loss: as in the paper (``[model.moe].load_balance_coef``).
+- Data embedding t_c and per-expert keys on an auxiliary split: adapted for privacy: per-block
+  clipped means over ``affinity_blocks`` validation blocks, Gaussian-noised and charged.
+- Keys averaged over holders: adapted for privacy: inside the masked secure sum, noised keys.
+- P = softmax over clients of k̄ . t_c / sqrt(r): adapted for privacy: the coordinator computes it
+  from the noised embedding (post-processing), not from un-noised scores.
+- Integer program, each expert exactly 2 clients, 2-8 experts per client: as in the paper
+  (exact ``milp``; ``clients_per_expert``, ``min_experts``, ``max_experts``).
+- Random round-0 assignment: as in the paper, from a public seed anyone can redraw.
+- W_tp averaged over all clients, each expert over its holders: adapted for privacy: ratios of
+  one secure sum of weighted, clipped DP-SGD deltas.
+
 Client ids are the public indices 0..num_clients-1 of the federation.
 
 :class:`FedAMoLELearner` is what drives those steps (a :class:`~clients.strategies.base.Learner`
 with a selection stage, :class:`~clients.strategies.base.SelectsExperts`): its auxiliary split
-is the institution's validation split, and whoever drives the round charges the scores before
-they are drawn, and the DP-SGD update with the keys before the masked input leaves.
+is the institution's validation split, and whoever drives the round charges the embedding
+before it is drawn, and the DP-SGD update with the keys before the masked input leaves.
 """
 
 from __future__ import annotations
@@ -170,18 +190,22 @@ class FedAMoLEConfig:
             p.max_experts,
         )
 
-    def score_sensitivity(self, num_modules: int) -> float:
-        """L2 sensitivity of one client's score matrix [M, E] to adding or removing a record.
-
-        A record changes at most one of the ``n = affinity_blocks`` blocks behind t (it may
-        push another block out), so each t[m] moves by at most 2 C_t / n; each score row is
-        K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k.
-        """
-        a = self.adapter
+    def embedding_sensitivity(self, num_modules: int) -> float:
+        """L2 sensitivity of one client's released data embedding t [M, r] to adding or
+        removing a record: a record changes at most one of the ``n = affinity_blocks`` blocks
+        behind t (it may push another block out), so each t[m] moves by at most 2 C_t / n, and
+        the M modules together by sqrt(M) 2 C_t / n."""
         move = 2 * self.params.embedding_clip / self.params.affinity_blocks
-        return (
-            math.sqrt(num_modules * a.num_experts) * self.params.key_clip * move / math.sqrt(a.rank)
-        )
+        return math.sqrt(num_modules) * move
+
+    def score_sensitivity(self, num_modules: int) -> float:
+        """L2 sensitivity the score matrix [M, E] would have if released instead of the
+        embedding (for the comparison in docs/fedamole-ddome.md): each score row is
+        K̃_m t[m] / sqrt(r) with every key clipped to C_k, so ||K̃_m|| <= sqrt(E) C_k, a
+        sqrt(E) C_k / sqrt(r) multiple of :meth:`embedding_sensitivity`."""
+        a = self.adapter
+        scale = math.sqrt(a.num_experts) * self.params.key_clip / math.sqrt(a.rank)
+        return scale * self.embedding_sensitivity(num_modules)
 
     def key_sensitivity(self, held_keys: int) -> float:
         """L2 sensitivity of one client's ``held_keys`` key vectors (per-block clipped to C_k,
@@ -334,16 +358,25 @@ def decode_assignment(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return array.reshape(shape).astype(bool)
 
 
-def decode_scores(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """Affinity scores from little-endian float64 bytes; :class:`StrategyError` unless exactly
-    ``shape``'s entries, all finite."""
+def decode_embedding(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A noised data embedding from little-endian float64 bytes; :class:`StrategyError` unless
+    exactly ``shape``'s entries, all finite."""
     if len(data) != 8 * math.prod(shape):
-        raise StrategyError(f"scores of shape {shape} need {8 * math.prod(shape)} bytes, "
-                            f"got {len(data)}")  # fmt: skip
-    scores = np.frombuffer(bytes(data), dtype="<f8").reshape(shape).astype(np.float64)
-    if not np.all(np.isfinite(scores)):
-        raise StrategyError("scores must be finite")
-    return scores
+        raise StrategyError(f"an embedding of shape {shape} needs {8 * math.prod(shape)} "
+                            f"bytes, got {len(data)}")  # fmt: skip
+    embedding = np.frombuffer(bytes(data), dtype="<f8").reshape(shape).astype(np.float64)
+    if not np.all(np.isfinite(embedding)):
+        raise StrategyError("an embedding must be finite")
+    return embedding
+
+
+def score_embedding(
+    config: FedAMoLEConfig, state: FedAMoLEState, embedding: np.ndarray
+) -> np.ndarray:
+    """Affinity scores [M, E]: s[m, e] = clip(k̄[m, e], C_k) . t[m] / sqrt(r) of a (noised)
+    embedding t [M, r] against the broadcast averaged keys (post-processing of the release)."""
+    keys = _clip_rows(torch.from_numpy(state.keys), config.params.key_clip).numpy()
+    return np.einsum("mer,mr->me", keys, embedding) / math.sqrt(config.adapter.rank)
 
 
 @dataclass(frozen=True)
@@ -389,30 +422,32 @@ class FedAMoLEClient:
         set_held(self.model, state.held(self.client))
         return projections(self.model, self._aux(aux))
 
-    def affinity_scores(
+    def data_embedding(
         self,
         state: FedAMoLEState,
         aux: torch.Tensor,
         charge: Charge,
         generator: torch.Generator | None = None,
     ) -> np.ndarray | None:
-        """Noised scores [M, E] against the broadcast keys, charged first; None in round 0."""
+        """The noised data embedding t [M, r] (per module, the mean over the auxiliary blocks
+        of each block's clipped mean token projection), charged first; None in round 0. The
+        coordinator scores it against the public averaged keys (:func:`score_embedding`)."""
         if not state.has_keys:
             return None
         cfg = self.config
         embedded = self._embed(state, aux)
-        keys = _clip_rows(torch.from_numpy(state.keys), cfg.params.key_clip)
-        scores = np.zeros(state.key_counts.shape)
-        for m, module in enumerate(state.modules):
-            q, _ = embedded[module]
-            t = _clip_rows(q.double(), cfg.params.embedding_clip).mean(0)
-            scores[m] = (keys[m] @ t / math.sqrt(cfg.adapter.rank)).numpy()
+        t = np.stack(
+            [
+                _clip_rows(embedded[module][0].double(), cfg.params.embedding_clip).mean(0).numpy()
+                for module in state.modules
+            ]
+        )
         return gaussian_release(
-            scores,
-            sensitivity=cfg.score_sensitivity(len(state.modules)),
+            t,
+            sensitivity=cfg.embedding_sensitivity(len(state.modules)),
             noise_multiplier=cfg.params.score_noise_multiplier,
             charge=charge,
-            what=f"fedamole affinity scores, round {state.round}",
+            what=f"fedamole data embedding (for the affinity scores), round {state.round}",
             generator=generator,
         )
 
@@ -512,11 +547,10 @@ def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
 
 
 SCORE_BASIS = (
-    "unit of privacy: one validation block among the affinity_blocks the embedding averages; "
-    "each module's mean token projection (blocks clipped to embedding_clip) moves by at most "
-    "2 embedding_clip / affinity_blocks, and each score row is the clipped keys (key_clip each) "
-    "times it over sqrt(rank): L2 sensitivity sqrt(modules * experts) key_clip 2 "
-    "embedding_clip / (affinity_blocks sqrt(rank))"
+    "the data embedding the coordinator scores against the public keys; unit of privacy: one "
+    "validation block among the affinity_blocks it averages; each module's mean token "
+    "projection (blocks clipped to embedding_clip) moves by at most 2 embedding_clip / "
+    "affinity_blocks: L2 sensitivity sqrt(modules) 2 embedding_clip / affinity_blocks"
 )
 
 
@@ -544,7 +578,7 @@ class FedAMoLELearner(OwnAdaptersLearner):
         cfg = self.fedamole
         return GaussianMechanism(
             cfg.params.score_noise_multiplier,
-            cfg.score_sensitivity(self.num_modules),
+            cfg.embedding_sensitivity(self.num_modules),
             AFFINITY_SCORES,
         )
 
@@ -594,12 +628,12 @@ class FedAMoLELearner(OwnAdaptersLearner):
             charge(release)
 
         fedamole_state = self._state(state, federation_round)
-        scores = self.client.affinity_scores(
+        embedding = self.client.data_embedding(
             fedamole_state, self.data["validation"], charge_release
         )
-        if scores is None:
+        if embedding is None:
             raise StrategyError("no expert has a key yet: this round has no selection stage")
-        return scores
+        return embedding
 
     def with_selection(self, state: GlobalState, selection: bytes) -> GlobalState:
         shape = state_shapes(self.fedamole, self.num_modules)[ASSIGNMENT]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audit.context import StrategyFacts
+from audit.context import ReleaseFacts, StrategyFacts
 from clients.contract.layout import (
     DELTA_PREFIX,
     GlobalState,
@@ -76,6 +76,16 @@ SERVER_HALF = ServerHalf(
     facts=StrategyFacts(
         update="adapter update (weighted LoRA-expert deltas, and the gate's)",
         releases_routing=False,
+        extra_releases=(
+            ReleaseFacts(
+                what="expert choice (the gate's probabilities summed over the training blocks, "
+                "L2 sensitivity 1); the experts trained, the update's zero pattern and the "
+                "per-expert counts are its post-processing",
+                mechanism="Gaussian mechanism",
+                to_whom="nobody directly: its top-K shapes the masked (SecAgg+) update and the "
+                "per-expert counts every institution receives",
+            ),
+        ),
         coordinator_sees="; per expert, how many institutions trained it in a round (never which)",
     ),
 )

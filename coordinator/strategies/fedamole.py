@@ -1,7 +1,8 @@
 """FedAMoLE under secure aggregation, coordinator side: the exact assignment and the ratios.
 
-The coordinator sees the clients' DP-noised affinity scores (a charged release) and the secure
-sums of their updates, nothing else. From the scores it forms, per module, P[e, c] = softmax over
+The coordinator sees the clients' DP-noised data embeddings (a charged release; it scores each
+against the public averaged keys itself) and the secure sums of their updates, nothing else.
+From the scores it forms, per module, P[e, c] = softmax over
 clients of s_c[e] and solves the paper's integer program exactly with ``scipy.optimize.milp``:
 maximise sum P * X over X in {0, 1}^{E x C} with every expert held by exactly
 ``clients_per_expert`` clients and every client holding ``min_experts``..``max_experts``.
@@ -34,9 +35,10 @@ from clients.strategies.fedamole import (
     FedAMoLEState,
     amole_modules,
     check_assignment_feasible,
-    decode_scores,
+    decode_embedding,
     encode_assignment,
     fedamole_config,
+    score_embedding,
     state_from_global,
 )
 from coordinator.strategies.base import ServerHalf, contributed_weight
@@ -189,7 +191,11 @@ class FedAMoLEStrategy:
         return self._state(state).has_keys
 
     def decode_scores(self, state: GlobalState, data: bytes) -> np.ndarray:
-        return decode_scores(data, self._state(state).key_counts.shape)
+        """The scores [M, E] of an institution's noised data embedding [M, r] (``data``)
+        against the averaged keys."""
+        st = self._state(state)
+        shape = (st.key_counts.shape[0], self.config.adapter.rank)
+        return score_embedding(self.config, st, decode_embedding(data, shape))
 
     def select(self, state: GlobalState, scores: Mapping[int, np.ndarray]) -> GlobalState:
         return assign(self.config, self._state(state), scores).to_global()
@@ -210,13 +216,15 @@ SERVER_HALF = ServerHalf(
                 "institution",
             ),
             ReleaseFacts(
-                what="affinity scores (every expert's key against the institution's mean token "
-                "projection), from the second round on",
+                what="data embedding (the institution's mean token projection per module, "
+                "logged as affinity-scores), from the second round on",
                 mechanism="Gaussian mechanism on per-block clipped means",
-                to_whom="the coordinator, in the clear (it solves the assignment from them)",
+                to_whom="the coordinator, in the clear (it scores it against the averaged keys "
+                "and solves the assignment from the scores)",
             ),
         ),
-        coordinator_sees="; each institution's noised affinity scores (in the clear) and the "
+        coordinator_sees="; each institution's noised data embedding (in the clear), its "
+        "affinity scores against the averaged keys and the "
         "expert assignment it solves from them; per expert, how many institutions held it",
     ),
 )
