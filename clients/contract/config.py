@@ -399,10 +399,11 @@ class FedAvgSection(StrategySection):
 class FedAlignSection(_MinCountSection):
     """[aggregation.fedalign]: FedAlign-MoE's parameters (see ``clients.strategies.fedalign``).
 
-    - ``consistency``: routing-consistency score, "js" (1 - Jensen-Shannon divergence per
-      layer) or "expert_kl" (exp(-KL / temperature) of each expert's routing share).
+    - ``consistency``: per-expert routing-consistency score of each expert's routing share,
+      "js" (1 - Jensen-Shannon divergence) or "expert_kl" (exp(-KL / temperature)).
     - ``temperature``: of "expert_kl".
-    - ``regularization``: weight of the KL(p_i || p_global) term on the local routers (0: off).
+    - ``regularization``: weight of the KL(p_i || p_global) term on the local routers, both mean
+      softmax probabilities (0: off).
     - ``beta``: alignment threshold tau = mean - beta * std of last round's scores.
     - ``min_scorers``: scores needed before the threshold applies.
     - ``min_count``: institutions an expert's update must come from.
