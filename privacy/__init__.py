@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         AFFINITY_SCORES,
         EXPERT_KEYS,
         ROUTING_STATISTICS,
+        VALIDATION_SIGNAL,
         Release,
     )
 
@@ -68,6 +69,7 @@ _EXPORTS = {
     "Release": "privacy.release",
     "ReleaseRefused": "privacy.errors",
     "UserError": "privacy.errors",
+    "VALIDATION_SIGNAL": "privacy.release",
     "assert_per_sample_gradients": "privacy.gradcheck",
     "calibrate_noise": "privacy.accountant",
     "check_per_sample_gradients": "privacy.gradcheck",
@@ -94,6 +96,7 @@ __all__ = [
     "EXPERT_KEYS",
     "LOSS_REDUCTION",
     "ROUTING_STATISTICS",
+    "VALIDATION_SIGNAL",
     "AlreadyReleased",
     "BudgetExceeded",
     "CalibrationError",

@@ -21,7 +21,8 @@ ADAPTER_UPDATE: Final = "adapter-update"
 ROUTING_STATISTICS: Final = "routing-statistics"
 AFFINITY_SCORES: Final = "affinity-scores"
 EXPERT_KEYS: Final = "expert-keys"
-WHAT: Final = (ADAPTER_UPDATE, ROUTING_STATISTICS, AFFINITY_SCORES, EXPERT_KEYS)
+VALIDATION_SIGNAL: Final = "validation-signal"
+WHAT: Final = (ADAPTER_UPDATE, ROUTING_STATISTICS, AFFINITY_SCORES, EXPERT_KEYS, VALIDATION_SIGNAL)
 """The kinds of release an institution makes (the only values ``Release.what`` accepts)."""
 
 Parameter = int | float | str

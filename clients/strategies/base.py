@@ -30,7 +30,7 @@ from clients.data.sources import institution_data
 from clients.models.build import build_model_with
 from clients.models.lora_experts import ExpertShape
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
-from privacy import DPConfig, DPTrainingFacts, Release
+from privacy import DPConfig, DPTrainingFacts, GaussianMechanism, Release
 
 ChargeRelease = Callable[[Release], object]
 """Charges a release to the institution's ledger before it happens (raises if refused)."""
@@ -97,6 +97,31 @@ class RemembersRounds(Protocol):
 
     def restore(self, memory: Mapping[str, np.ndarray]) -> None:
         """Take back what :meth:`memory` returned (:class:`StrategyError` if it does not fit)."""
+        ...
+
+
+@runtime_checkable
+class StepsOnValidation(Protocol):
+    """A client strategy steered by a DP-noised validation signal (FedMoE's revise and revert).
+
+    The learner computes per-block validation losses, asks :meth:`validation_loss` for the
+    exact signal, adds :meth:`validation_mechanism`'s noise, reports the release with the
+    round's others (charged before the masked input leaves) and hands the noised value to
+    :meth:`observe`; nothing un-noised is kept."""
+
+    validation_basis: str
+    """Why the mechanism's sensitivity holds, in words (ledger and report)."""
+
+    def validation_mechanism(self) -> GaussianMechanism:
+        """The signal's Gaussian mechanism (sensitivity and noise multiplier)."""
+        ...
+
+    def validation_loss(self, losses: np.ndarray) -> float:
+        """The exact signal from per-block validation losses."""
+        ...
+
+    def observe(self, signal: float) -> None:
+        """Take this round's noised signal."""
         ...
 
 

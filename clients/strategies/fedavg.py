@@ -48,6 +48,7 @@ from clients.strategies.base import (
     ClientStrategy,
     LocalRound,
     RemembersRounds,
+    StepsOnValidation,
     TrainingPlan,
     device_of,
     example_weight,
@@ -58,7 +59,13 @@ from clients.training.routing_release import (
     private_routing_statistics,
     routing_mechanism,
 )
-from clients.training.trainer import LocalTrainingResult, Metrics, evaluate, train_local
+from clients.training.trainer import (
+    LocalTrainingResult,
+    Metrics,
+    block_losses,
+    evaluate,
+    train_local,
+)
 from privacy import DPConfig, DPTrainingFacts, Release
 
 DEFAULT_MAX_EXAMPLES = 4096
@@ -198,9 +205,13 @@ class MoELoRALearner:
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.strategy = strategy
         self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
+        self.validation = (
+            strategy.validation_mechanism() if isinstance(strategy, StepsOnValidation) else None
+        )
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
-        return moe_lora_round_releases(self.config)
+        extra = [] if self.validation is None else [self.validation.dp_event()]
+        return moe_lora_round_releases(self.config) + extra
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
@@ -224,10 +235,14 @@ class MoELoRALearner:
     def releases(
         self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
     ) -> list[Release]:
-        return [
+        out = [
             facts.release(federation_round, round_id),
             self.routing.release(federation_round, round_id, SENSITIVITY_BASIS),
         ]
+        if self.validation is not None and isinstance(self.strategy, StepsOnValidation):
+            basis = self.strategy.validation_basis
+            out.append(self.validation.release(federation_round, round_id, basis))
+        return out
 
     def train(
         self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
@@ -242,13 +257,25 @@ class MoELoRALearner:
                 extra_loss=plan.extra_loss, frozen=plan.frozen,
             )  # fmt: skip
             routing = private_routing_statistics(self.model, blocks, self.routing)
+            signal = self._validation_signal()
         result = replace(result, routing=routing)  # only the noised statistics go further
         submission = self.strategy.submit(state, result, num_examples=len(blocks))
+        if signal is not None and isinstance(self.strategy, StepsOnValidation):
+            self.strategy.observe(signal)  # steers later rounds: charged with this round's
         releases = (
             [] if result.facts is None
             else self.releases(state, result.facts, federation_round, round_id)
         )  # fmt: skip
         return LocalRound(submission, asdict(result.metrics), result.facts, releases)
+
+    def _validation_signal(self) -> float | None:
+        """The strategy's validation signal on the model in session, noised (charged with this
+        round's releases, before this round's masked input leaves); None without one."""
+        if self.validation is None or not isinstance(self.strategy, StepsOnValidation):
+            return None
+        losses = block_losses(self.model, self.data["validation"], device=device_of(self.config))
+        exact = self.strategy.validation_loss(losses.numpy())
+        return float(self.validation.apply(np.array([exact]))[0])
 
     def evaluate(self, state: GlobalState, split: str) -> Metrics:
         with self.strategy.session(self.model, state):
@@ -281,15 +308,31 @@ def moe_lora_round_releases(config: FederationConfig) -> list[dp_accounting.DpEv
     return [dp_accounting.GaussianDpEvent(config.privacy.routing_noise_multiplier)]
 
 
-def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> ClientHalf:
+def moe_lora_half(
+    strategy: Callable[[FederationConfig], ClientStrategy],
+    extra_events: Callable[[FederationConfig], list[dp_accounting.DpEvent]] | None = None,
+    named: Callable[[FederationConfig, str], ClientStrategy] | None = None,
+) -> ClientHalf:
     """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
-    new client-side object per institution (strategies keep memory between rounds)."""
+    new client-side object per institution (strategies keep memory between rounds), or
+    ``named(config, institution)`` where institutions differ (FedMoE's budgets);
+    ``extra_events``: what the strategy releases each round besides the routing statistics (it
+    must match the learner's ``per_round_events``)."""
+
+    def round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
+        extra = [] if extra_events is None else extra_events(config)
+        return moe_lora_round_releases(config) + extra
+
+    def learner(config: FederationConfig, name: str) -> MoELoRALearner:
+        made = strategy(config) if named is None else named(config, name)
+        return MoELoRALearner(config, name, made)
+
     return ClientHalf(
         attach=lambda model, config: attach(model, moe_lora_config(config.model.moe)),
         load_adapters=load_adapter_state,
         initial_state=moe_lora_initial_state,
-        round_releases=moe_lora_round_releases,
-        learner=lambda config, name: MoELoRALearner(config, name, strategy(config)),
+        round_releases=round_releases,
+        learner=learner,
         sum_strategy=strategy,
     )
 
