@@ -162,7 +162,8 @@ def _empirical_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def _params(inst: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(f"DP-SGD {k.replace('_', ' ')}", str(v)) for k, v in inst["dp_sgd"].items()]
-    for label, key in (("routing", "routing"), ("scores", "scores"), ("keys", "keys")):
+    labels = (("routing", "routing"), ("scores", "scores"), ("keys", "keys"))
+    for label, key in (*labels, ("validation signal", "validation")):
         rows += [(f"{label} {k.replace('_', ' ')}", str(v)) for k, v in inst.get(key, {}).items()]
     return rows
 

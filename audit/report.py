@@ -116,7 +116,7 @@ def _institution(
             "rounds": [], "spent": {"rdp": 0.0, "pld": 0.0},
             "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
             "verification": {"status": "no ledger", "detail": "the institution released nothing"},
-            "dp_sgd": {}, "routing": {}, "scores": {}, "keys": {},
+            "dp_sgd": {}, "routing": {}, "scores": {}, "keys": {}, "validation": {},
         }  # fmt: skip
     entries = _entries(path)
     releases = [e for e in entries if e.kind == "release"]
@@ -136,6 +136,7 @@ def _institution(
         "routing": _parameters(entries, "routing-statistics"),
         "scores": _parameters(entries, "affinity-scores"),
         "keys": _parameters(entries, "expert-keys"),
+        "validation": _parameters(entries, "validation-signal"),
         "entries": [
             {
                 "seq": e.seq, "kind": e.kind, "round": e.federation_round,

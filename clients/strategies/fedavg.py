@@ -5,6 +5,16 @@ A client with n examples submits weight ``w = min(n, max_examples) / max_example
 trains the adapters of :mod:`clients.models.moe_lora` with
 :func:`clients.training.trainer.train_local` inside a sum strategy's session (FedAvg, FedAlign-MoE
 or FedMoE) and releases its noised routing statistics every round.
+
+Paper mechanisms (FedAvg, McMahan et al. 2017), one line each:
+
+* several local steps per round on the client's data: adapted for privacy: the steps are DP-SGD
+  (per-block clipping, Gaussian noise), on the LoRA adapters only.
+* server average weighted by the number of examples n_k: adapted for privacy: the weight is
+  min(n_k, cap) / cap (public cap) and the coordinator reads only the secure sums of w·delta
+  and w.
+* random client sampling each round (fraction C): left out: every live institution takes part;
+  rounds are few and a fixed roster keeps the secure-sum thresholds simple.
 """
 
 from __future__ import annotations
