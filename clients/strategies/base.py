@@ -262,10 +262,10 @@ class ClientHalf:
     round_releases: Callable[[FederationConfig], list[dp_accounting.DpEvent]]
     """What one round releases besides DP-SGD (the learner's ``per_round_events``), known from
     the config alone: the privacy plan is made before any model is loaded."""
-    sum_strategy: Callable[[FederationConfig], ClientStrategy] | None = None
-    """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
-    institution: strategies keep memory between rounds); None for a strategy with its own
-    adapters and learner."""
+    sum_strategy: Callable[[FederationConfig, str], ClientStrategy] | None = None
+    """For a sum strategy on the MoE-LoRA adapters: a new client-side object for the named
+    institution (one per institution: strategies keep memory between rounds, FedMoE's budget
+    differs); None for a strategy with its own adapters and learner."""
 
     def build_model(self, config: FederationConfig) -> tuple[nn.Module, Any]:
         """The seeded base model of ``[model]`` with these adapters, and its tokenizer."""

@@ -290,4 +290,4 @@ def fedalign_config(config: FederationConfig) -> FedAlignConfig:
     return extended_config(config, FedAlignConfig, config.aggregation.fedalign)
 
 
-CLIENT_HALF = moe_lora_half(lambda config: FedAlignClient(fedalign_config(config)))
+CLIENT_HALF = moe_lora_half(lambda config, name: FedAlignClient(fedalign_config(config)))

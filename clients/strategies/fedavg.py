@@ -319,32 +319,26 @@ def moe_lora_round_releases(config: FederationConfig) -> list[dp_accounting.DpEv
 
 
 def moe_lora_half(
-    strategy: Callable[[FederationConfig], ClientStrategy],
+    strategy: Callable[[FederationConfig, str], ClientStrategy],
     extra_events: Callable[[FederationConfig], list[dp_accounting.DpEvent]] | None = None,
-    named: Callable[[FederationConfig, str], ClientStrategy] | None = None,
 ) -> ClientHalf:
-    """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
-    new client-side object per institution (strategies keep memory between rounds), or
-    ``named(config, institution)`` where institutions differ (FedMoE's budgets);
-    ``extra_events``: what the strategy releases each round besides the routing statistics (it
-    must match the learner's ``per_round_events``)."""
+    """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config, name)`` is
+    a new client-side object for institution ``name`` (strategies keep memory between rounds;
+    FedMoE's budget differs per institution); ``extra_events``: what the strategy releases each
+    round besides the routing statistics (it must match the learner's ``per_round_events``)."""
 
     def round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
         extra = [] if extra_events is None else extra_events(config)
         return moe_lora_round_releases(config) + extra
-
-    def learner(config: FederationConfig, name: str) -> MoELoRALearner:
-        made = strategy(config) if named is None else named(config, name)
-        return MoELoRALearner(config, name, made)
 
     return ClientHalf(
         attach=lambda model, config: attach(model, moe_lora_config(config.model.moe)),
         load_adapters=load_adapter_state,
         initial_state=moe_lora_initial_state,
         round_releases=round_releases,
-        learner=learner,
+        learner=lambda config, name: MoELoRALearner(config, name, strategy(config, name)),
         sum_strategy=strategy,
     )
 
 
-CLIENT_HALF = moe_lora_half(lambda config: FedAvgClient(fedavg_config(config)))
+CLIENT_HALF = moe_lora_half(lambda config, name: FedAvgClient(fedavg_config(config)))

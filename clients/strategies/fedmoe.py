@@ -349,15 +349,13 @@ def fedmoe_config(config: FederationConfig) -> FedMoEConfig:
     return extended_config(config, FedMoEConfig, config.aggregation.fedmoe)
 
 
-def fedmoe_client(config: FederationConfig, institution: str | None = None) -> FedMoEClient:
-    """Institution ``institution``'s client, with its own memory budget (the default without)."""
-    section = config.aggregation.fedmoe
-    fraction = None if institution is None else section.fraction_of(institution)
+def fedmoe_client(config: FederationConfig, institution: str) -> FedMoEClient:
+    """Institution ``institution``'s client, with its own memory budget."""
+    fraction = config.aggregation.fedmoe.fraction_of(institution)
     return FedMoEClient(fedmoe_config(config), memory_fraction=fraction)
 
 
 CLIENT_HALF = moe_lora_half(
     fedmoe_client,
     extra_events=lambda config: [validation_mechanism(config.aggregation.fedmoe).dp_event()],
-    named=fedmoe_client,
 )
