@@ -101,7 +101,7 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
 
 def test_a_registered_strategy_plugs_in_by_name(config, monkeypatch):
     monkeypatch.setitem(
-        CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c: FedAvgClient(fedavg_config(c)))
+        CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c, name: FedAvgClient(fedavg_config(c)))
     )
     monkeypatch.setitem(
         SERVER_HALVES,
