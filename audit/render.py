@@ -167,6 +167,7 @@ def _params(inst: dict[str, Any]) -> list[tuple[str, str]]:
         ("scores", "scores"),
         ("keys", "keys"),
         ("expert choice", "choice"),
+        ("validation signal", "validation"),
     ):
         rows += [(f"{label} {k.replace('_', ' ')}", str(v)) for k, v in inst.get(key, {}).items()]
     return rows

@@ -117,6 +117,7 @@ def _institution(
             "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
             "verification": {"status": "no ledger", "detail": "the institution released nothing"},
             "dp_sgd": {}, "routing": {}, "scores": {}, "keys": {}, "choice": {},
+            "validation": {},
         }  # fmt: skip
     entries = _entries(path)
     releases = [e for e in entries if e.kind == "release"]
@@ -137,6 +138,7 @@ def _institution(
         "scores": _parameters(entries, "affinity-scores"),
         "keys": _parameters(entries, "expert-keys"),
         "choice": _parameters(entries, "expert-choice"),
+        "validation": _parameters(entries, "validation-signal"),
         "entries": [
             {
                 "seq": e.seq, "kind": e.kind, "round": e.federation_round,

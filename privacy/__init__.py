@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         EXPERT_CHOICE,
         EXPERT_KEYS,
         ROUTING_STATISTICS,
+        VALIDATION_SIGNAL,
         Release,
     )
 
@@ -70,6 +71,7 @@ _EXPORTS = {
     "Release": "privacy.release",
     "ReleaseRefused": "privacy.errors",
     "UserError": "privacy.errors",
+    "VALIDATION_SIGNAL": "privacy.release",
     "assert_per_sample_gradients": "privacy.gradcheck",
     "calibrate_noise": "privacy.accountant",
     "check_per_sample_gradients": "privacy.gradcheck",
@@ -97,6 +99,7 @@ __all__ = [
     "EXPERT_KEYS",
     "LOSS_REDUCTION",
     "ROUTING_STATISTICS",
+    "VALIDATION_SIGNAL",
     "AlreadyReleased",
     "BudgetExceeded",
     "CalibrationError",

@@ -22,7 +22,15 @@ ROUTING_STATISTICS: Final = "routing-statistics"
 AFFINITY_SCORES: Final = "affinity-scores"
 EXPERT_KEYS: Final = "expert-keys"
 EXPERT_CHOICE: Final = "expert-choice"
-WHAT: Final = (ADAPTER_UPDATE, ROUTING_STATISTICS, AFFINITY_SCORES, EXPERT_KEYS, EXPERT_CHOICE)
+VALIDATION_SIGNAL: Final = "validation-signal"
+WHAT: Final = (
+    ADAPTER_UPDATE,
+    ROUTING_STATISTICS,
+    AFFINITY_SCORES,
+    EXPERT_KEYS,
+    EXPERT_CHOICE,
+    VALIDATION_SIGNAL,
+)
 """The kinds of release an institution makes (the only values ``Release.what`` accepts)."""
 
 Parameter = int | float | str

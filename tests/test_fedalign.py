@@ -10,6 +10,7 @@ import torch
 
 from clients.contract.config import FedAlignSection
 from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.contract.routing import RoutingStats
 from clients.models.loaders import tiny_dense_model
 from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
 from clients.strategies.fedalign import (
@@ -18,6 +19,10 @@ from clients.strategies.fedalign import (
     ALIGN_STD,
     FedAlignClient,
     FedAlignConfig,
+    consistency_scores,
+    distribution,
+    routing_regularizer,
+    soft_target,
 )
 from clients.training.trainer import LocalTrainingResult, train_local
 from coordinator.strategies.base import aggregate_locally
@@ -54,21 +59,22 @@ def smoothed(counts: np.ndarray, s: float) -> np.ndarray:
 
 
 def central_consistency(local: np.ndarray, global_: np.ndarray, config: FedAlignConfig):
-    """s(l, e) written independently: JS as H(m) - (H(p) + H(q)) / 2 in bits; Bernoulli KL."""
+    """s(l, e) written independently, per expert: Bernoulli JS as H(m) - (H(a) + H(b)) / 2 in
+    bits; Bernoulli KL."""
     p, q = smoothed(local, config.params.smoothing), smoothed(global_, config.params.smoothing)
-    if config.params.consistency == "js":
 
-        def entropy(x):
-            return -(x * np.log2(x)).sum(1)
+    def entropy(x):
+        return -(x * np.log2(x) + (1 - x) * np.log2(1 - x))
 
-        js = entropy((p + q) / 2) - (entropy(p) + entropy(q)) / 2
-        return np.repeat((1 - js)[:, None], EXPERTS, axis=1)
     out = np.zeros_like(p)
     for layer in range(p.shape[0]):
         for e in range(EXPERTS):
             a, b = p[layer, e], q[layer, e]
-            kl = a * np.log(a / b) + (1 - a) * np.log((1 - a) / (1 - b))
-            out[layer, e] = np.exp(-kl / config.params.temperature)
+            if config.params.consistency == "js":
+                out[layer, e] = 1 - (entropy((a + b) / 2) - (entropy(a) + entropy(b)) / 2)
+            else:
+                kl = a * np.log(a / b) + (1 - a) * np.log((1 - a) / (1 - b))
+                out[layer, e] = np.exp(-kl / config.params.temperature)
     return out
 
 
@@ -247,8 +253,9 @@ def test_regularizer_pulls_routing_toward_the_global_distribution():
             torch.manual_seed(0)
             model = attach(tiny_dense_model(), MoELoRAConfig(rank=2, load_balance_coef=0.0))
         stats = routing_statistics(model)
-        counts = np.tile(target * 1000, (len(stats.layer_names), 1))
-        routing = type(stats)(stats.layer_names, counts, counts, np.full(len(counts), 500.0), 2)
+        counts = np.tile(target * 1000, (len(stats.layer_names), 1))  # top-2 of 500 tokens
+        gate_sum = np.tile(target * 500, (len(stats.layer_names), 1))
+        routing = type(stats)(stats.layer_names, counts, gate_sum, np.full(len(counts), 500.0), 2)
         state = GlobalState(adapter_state(model), routing)
         client = FedAlignClient(
             FedAlignConfig(max_examples=32, params=FedAlignSection(regularization=regularization))
@@ -270,6 +277,41 @@ def test_regularizer_pulls_routing_toward_the_global_distribution():
 
     # Over initialisation seeds 0-4 the ratio was 0.38-0.49 (KL of the whole run's routing).
     assert kl_after(5.0) < 0.65 * kl_after(0.0)
+
+
+def test_regularizer_compares_soft_probabilities_with_the_summed_gate_sum():
+    """A router putting 0.6/0.4 on two experts: the local quantity is the mean softmax, and the
+    target is gate_sum / tokens, so a federation routing the same way gives a zero term, although
+    its top-2 counts (equal for both experts) would not."""
+    probs = torch.tensor([0.6, 0.4, 0.0, 0.0]).expand(3, 5, 4)  # [blocks, tokens, experts]
+    tokens = np.array([1000.0])
+    counts = np.array([[1000.0, 1000.0, 0.0, 0.0]])  # top-2: both experts every token
+    gate_sum = np.array([[600.0, 400.0, 0.0, 0.0]])
+    routing = RoutingStats(("layer",), counts, gate_sum, tokens, top_k=2)
+    target = torch.from_numpy(soft_target(routing, 1e-3))
+    np.testing.assert_allclose(target[0, :2], [0.6 * 0.999 + 2.5e-4, 0.4 * 0.999 + 2.5e-4])
+    term = routing_regularizer([probs], target, 1e-3)
+    assert term.shape == (3,)
+    np.testing.assert_allclose(term.numpy(), 0.0, atol=1e-6)
+    # the count-based target (0.5/0.5) is what the term would have compared with before
+    counts_target = torch.from_numpy(distribution(counts, 1e-3))
+    assert float(routing_regularizer([probs], counts_target, 1e-3)[0]) > 0.015
+
+
+def test_consistency_is_per_expert():
+    """Two layers routed identically except for one expert's share: only the experts whose share
+    differs lose weight, so the weights within a layer differ."""
+    counts = np.array([[50.0, 30.0, 20.0], [50.0, 30.0, 20.0]])
+    local_counts = np.array([[50.0, 30.0, 20.0], [50.0, 20.0, 30.0]])
+    names = ("a", "b")
+    g = RoutingStats(names, counts, counts, np.full(2, 100.0))
+    local = RoutingStats(names, local_counts, local_counts, np.full(2, 100.0))
+    for consistency in ("js", "expert_kl"):
+        config = FedAlignConfig(max_examples=1, params=FedAlignSection(consistency=consistency))
+        s = consistency_scores(local, g, config)
+        np.testing.assert_allclose(s[0], 1.0)
+        assert s[1, 0] == pytest.approx(1.0) and s[1, 1] < 1.0 and s[1, 2] < 1.0
+        np.testing.assert_allclose(s, central_consistency(local_counts, counts, config))
 
 
 def test_statistics_of_too_few_scores_are_not_broadcast():

@@ -3,6 +3,8 @@ per-holder means, the minimum holder count, and what the coordinator can tell ab
 
 from __future__ import annotations
 
+import dp_accounting
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,17 @@ from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
 from clients.models.loaders import tiny_dense_model
 from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
 from clients.strategies.experts import ExpertPartition
-from clients.strategies.fedmoe import FedMoEClient, FedMoEConfig, search_sub_moe, smallest_cover
+from clients.strategies.fedmoe import (
+    FedMoEClient,
+    FedMoEConfig,
+    clipped_mean_loss,
+    expert_sizes,
+    fedmoe_client,
+    search_sub_moe,
+    smallest_cover,
+    sub_moe_memory,
+    validation_mechanism,
+)
 from clients.training.trainer import LocalTrainingResult, train_local
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.fedmoe import FedMoECoordinator
@@ -201,3 +213,140 @@ def test_config_refuses_a_minimum_count_of_one():
         FedMoEConfig(max_examples=10, params=FedMoESection(memory_fraction=0.0))
     with pytest.raises(StrategyError, match="memory_fraction"):
         FedMoEClient(FedMoEConfig(max_examples=10), memory_fraction=1.5)
+
+
+# ------------------------------------------------------------------ the validation signal
+
+
+def test_validation_signal_noise_has_std_sigma_times_l_max_over_m():
+    """Many draws of the mechanism (privacy.noise's CSPRNG): the empirical std is within 3% of
+    sigma * L_max / m (20000 draws: the std's own relative error is about 0.5%)."""
+    params = FedMoESection(validation_records=40, loss_cap=5.0, validation_noise_multiplier=3.0)
+    mechanism = validation_mechanism(params)
+    assert mechanism.l2_sensitivity == pytest.approx(5.0 / 40)
+    assert mechanism.dp_event() == dp_accounting.GaussianDpEvent(3.0)
+    draws = mechanism.apply(np.full(20000, 1.25)) - 1.25
+    assert abs(draws.mean()) < 0.01
+    assert np.std(draws) == pytest.approx(3.0 * 5.0 / 40, rel=0.03)
+
+
+def test_one_validation_block_moves_the_clipped_mean_by_at_most_l_max_over_m():
+    """The stated sensitivity: adding or removing any one block (fewer or more blocks than m,
+    losses beyond the cap) moves v by at most L_max / m, and a large loss reaches it."""
+    rng = np.random.default_rng(0)
+    m, cap = 8, 4.0
+    worst = 0.0
+    for n in (3, 8, 12):
+        losses = rng.uniform(0, 7, size=n)
+        v = clipped_mean_loss(losses, m, cap)
+        for i in range(n):  # remove block i
+            worst = max(worst, abs(v - clipped_mean_loss(np.delete(losses, i), m, cap)))
+        for i in range(n + 1):  # add a block at position i
+            added = np.insert(losses, i, rng.choice([0.0, 9.0]))
+            worst = max(worst, abs(v - clipped_mean_loss(added, m, cap)))
+    assert worst <= cap / m + 1e-12
+    assert worst == pytest.approx(cap / m)
+
+
+def sub_moe_client(**params) -> tuple[FedMoEClient, GlobalState]:
+    """A client past warm-up on the synthetic state, with an own pattern favouring expert 0."""
+    state = make_state(np.random.default_rng(0))
+    section = FedMoESection(warmup_rounds=0, memory_fraction=0.7, **params)
+    client = FedMoEClient(FedMoEConfig(max_examples=CAP, params=section))
+    client.pattern = np.tile([0.6, 0.3, 0.1], (len(LAYERS), 1))
+    return client, state
+
+
+def test_a_stall_revises_with_the_global_routing_and_no_gain_reverts():
+    client, state = sub_moe_client(recommend_weight=1.0, tolerance=0.05)
+    # the federation routes to expert 2, which this institution does not use
+    state = GlobalState(state.adapters, make_routing(np.random.default_rng(1), (0.05, 0.05, 0.9)))
+    own = client.select(state)
+    client.held = own
+    client.observe(3.0)
+    client.observe(2.5)  # improved by more than the tolerance: no revision
+    assert client.lam == 0.0 and client.trial is None
+    client.observe(2.48)  # stalled: revise
+    assert client.lam == 1.0 and client.trial is not None
+    revised = client.select(state)
+    assert not np.array_equal(revised, own) and np.all(revised[:, 2])
+    client.held = revised
+    client.observe(2.47)  # the revision did not help (not below 2.48 - 0.05): revert
+    assert client.lam == 0.0 and client.trial is None
+    np.testing.assert_array_equal(client.select(state), own)
+    # memory keeps the whole state across a restart
+    again, _ = sub_moe_client(recommend_weight=1.0, tolerance=0.05)
+    again.restore(client.memory())
+    np.testing.assert_array_equal(again.select(state), own)
+    assert (again.lam, again.signal) == (0.0, 2.47)
+
+
+def test_a_revision_that_helps_is_kept():
+    client, state = sub_moe_client(recommend_weight=0.5, tolerance=0.0)
+    client.held = client.select(state)
+    client.observe(2.0)
+    client.observe(2.1)  # worse: stalled
+    assert client.lam == 0.5
+    client.held = client.select(state)
+    client.observe(1.5)  # better than before the revision: kept
+    assert client.lam == 0.5 and client.trial is None and client.revert_to is None
+
+
+def test_the_fedmoe_round_plans_the_validation_release_with_the_routing():
+    """The privacy plan (config alone) and the learner agree: routing, then the signal."""
+    from clients.strategies.fedmoe import CLIENT_HALF
+
+    config = fedmoe_federation_config()
+    events = CLIENT_HALF.round_releases(config)
+    section = config.aggregation.fedmoe
+    assert events == [
+        dp_accounting.GaussianDpEvent(config.privacy.routing_noise_multiplier),
+        dp_accounting.GaussianDpEvent(section.validation_noise_multiplier),
+    ]
+
+
+def fedmoe_federation_config():
+    """The tiny federation with FedMoE and a per-institution budget for the first member."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_strategy_federation import strategy_config
+
+    return strategy_config(Path(tempfile.mkdtemp()), "fedmoe")
+
+
+# ------------------------------------------------------------------ memory budgets
+
+
+def test_budgets_differ_per_institution_and_count_the_shared_parts():
+    config = fedmoe_federation_config()
+    names = config.institution_names
+    section = msgspec.structs.replace(
+        config.aggregation.fedmoe, memory_fraction=0.9, memory_fractions={names[0]: 0.6}
+    )
+    assert section.problems(config) == []
+    config = msgspec.structs.replace(
+        config, aggregation=msgspec.structs.replace(config.aggregation, fedmoe=section)
+    )
+    assert fedmoe_client(config, names[0]).memory_fraction == 0.6
+    assert fedmoe_client(config, names[1]).memory_fraction == 0.9
+    bad = msgspec.structs.replace(section, memory_fractions={"nobody": 0.5})
+    assert [field for field, _ in bad.problems(config)] == ["memory_fractions"]
+
+    state = make_state(np.random.default_rng(0))
+    partition = ExpertPartition.of(state)
+    sizes, dense = expert_sizes(partition, state)
+    total = sum(t.numel() for t in state.adapters.values())
+    assert dense > 0 and dense + sizes.sum() * EXPERTS == total
+    held = np.zeros((len(LAYERS), EXPERTS), dtype=bool)
+    held[:, 0] = True
+    assert sub_moe_memory(held, sizes, dense) == dense + sizes.sum()
+    # the budget is a fraction of everything held: the shared parts plus top_k = 2 experts
+    # per layer fit, all three do not; the whole MoE fits only the full budget
+    client, _ = sub_moe_client()
+    client.memory_fraction = (dense + 2.5 * sizes.sum()) / total
+    chosen = client.select(state)
+    assert np.all(chosen.sum(1) == 2)
+    assert sub_moe_memory(chosen, sizes, dense) <= client.memory_fraction * total
+    client.memory_fraction = 1.0
+    assert client.select(state).all()

@@ -434,6 +434,32 @@ def test_strategy_memory_is_kept_before_the_advertisement_or_the_round_is_declin
     assert set(load_numpy(inst.memory_path.read_bytes())) == set(inst.learner.adapters())
 
 
+def test_fedmoe_validation_signal_is_charged_with_the_round_before_anything_leaves(tmp_path):
+    """FedMoE's noised validation signal steers the next rounds' sub-MoE: it is on the ledger
+    (with the update and the routing statistics) when the head goes out, before any input."""
+    config = strategy_config(tmp_path, "fedmoe")
+    inst = make_institution(config, NAMES[0])
+    start = round_start(config, inst)
+    advertised = inst.rounds.handle(start)
+    assert kinds(advertised) == ["PersistMemory", "AdvertiseKeys"]
+    assert not ledger_path(config.run_dir, NAMES[0]).exists() or not ledger_lines(config, NAMES[0])
+    assert "lam_signal" in load_numpy(advertised[0].data)  # kept locally, never sent
+
+    secagg = SecAggRound(config, inst, start.params)
+    secagg.run(advertised)
+    released = kinds(secagg.replies["RelayedShares"])
+    assert released[0] == "LedgerHead" and released[-1] == "MaskedInput"
+    head = messages(secagg.replies["RelayedShares"])[0]
+    assert secagg.ledger_entries_before["RelayedShares"] == 0
+    assert head.entries == 3 and head == inst.ledger.head()
+    entries = ledger_lines(config, NAMES[0])
+    assert [(e["what"], e["round_id"]) for e in entries] == [
+        ("adapter-update", start.params.round_id),
+        ("routing-statistics", start.params.round_id),
+        ("validation-signal", start.params.round_id),
+    ]
+
+
 def test_the_outputs_are_only_records(config):
     """The round logic hands out records; it never writes the metrics itself."""
     inst = make_institution(config, NAMES[0])

@@ -80,20 +80,19 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
     names = config.institution_names
     assert set(result.final) == set(names) == set(result.epsilon)
     rounds, spare = config.federation.rounds, config.privacy.spare_rounds
+    # every round's routing statistics (and FedMoE's validation signal) beside its update
+    per_round = ("adapter-update", "routing-statistics")
+    per_round += ("validation-signal",) if strategy == "fedmoe" else ()
     for name in names:
         kinds = whats(result, name)
         if strategy == "local":  # nothing leaves but the (DP) adapters
             assert kinds == [f"adapter-update, round {r}" for r in range(rounds)]
-        else:  # every round's routing statistics were charged beside its update
-            assert kinds == [
-                f"{what}, round {r}"
-                for r in range(rounds)
-                for what in ("adapter-update", "routing-statistics")
-            ]
+        else:
+            assert kinds == [f"{what}, round {r}" for r in range(rounds) for what in per_round]
         assert result.final[name].tokens == result.initial[name].tokens > 0
     spares = 0 if strategy == "local" else spare
     check_epsilon_composes_the_charges(
-        config, result, lambda name: events(result, name)[-2:] * spares
+        config, result, lambda name: events(result, name)[-len(per_round) :] * spares
     )
     start = adapter_state(build_model(config)[0])  # the seeded initial adapters
     moved = any(not torch.equal(result.state.adapters[n], start[n]) for n in start)
@@ -103,7 +102,7 @@ def test_strategy_runs_end_to_end_and_spends_the_planned_budget(config, strategy
 
 def test_a_registered_strategy_plugs_in_by_name(config, monkeypatch):
     monkeypatch.setitem(
-        CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c: FedAvgClient(fedavg_config(c)))
+        CLIENT_HALVES, "fedavg-copy", moe_lora_half(lambda c, name: FedAvgClient(fedavg_config(c)))
     )
     monkeypatch.setitem(
         SERVER_HALVES,

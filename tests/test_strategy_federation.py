@@ -36,7 +36,7 @@ from clients.runtime.institution import (
 from clients.runtime.transport import InstitutionEndpoint
 from clients.strategies.experts import EXPERT_WEIGHT, ExpertPartition
 from clients.strategies.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
-from clients.strategies.fedmoe import FedMoEClient, fedmoe_config
+from clients.strategies.fedmoe import FedMoEClient
 from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator, CoordinatorError
 from coordinator.store import RoutingRelay, RunStore, StoreError
@@ -163,7 +163,12 @@ def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path
 
 
 def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_path, monkeypatch):
-    config = strategy_config(tmp_path, "fedmoe")
+    strategy_config(tmp_path, "fedmoe")
+    fractions = dict(zip(NAMES, (0.5, 0.75, 1.0), strict=True))
+    path = tmp_path / "federation.toml"
+    budgets = "".join(f'"{name}" = {f}\n' for name, f in fractions.items())
+    path.write_text(path.read_text() + "\n[aggregation.fedmoe.memory_fractions]\n" + budgets)
+    config = load_config(path)
     recorded = record_submissions(monkeypatch, FedMoEClient)
     sizes: dict[tuple[str, str], list[object]] = defaultdict(list)
     original_send = InstitutionEndpoint.send
@@ -178,15 +183,9 @@ def test_fedmoe_rounds_equal_plaintext_and_messages_hide_the_held_experts(tmp_pa
         original_send(self, message)
 
     monkeypatch.setattr(InstitutionEndpoint, "send", send)
-    fractions = dict(zip(NAMES, (0.5, 0.75, 1.0), strict=True))
-
-    def prepare(inst) -> None:
-        inst.learner.strategy = FedMoEClient(
-            fedmoe_config(config), memory_fraction=fractions[inst.name]
-        )
-
-    outcomes, institutions = run_in_threads(config, prepare)
+    outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
+    assert {i.name: i.learner.strategy.memory_fraction for i in institutions} == fractions
     assert_rounds_match_plaintext(config, outcomes, recorded)
     held = {inst.name: inst.learner.strategy.held for inst in institutions}
     assert len({int(h.sum()) for h in held.values()}) >= 2  # sub-MoEs of different sizes

@@ -402,10 +402,11 @@ class FedAvgSection(StrategySection):
 class FedAlignSection(_MinCountSection):
     """[aggregation.fedalign]: FedAlign-MoE's parameters (see ``clients.strategies.fedalign``).
 
-    - ``consistency``: routing-consistency score, "js" (1 - Jensen-Shannon divergence per
-      layer) or "expert_kl" (exp(-KL / temperature) of each expert's routing share).
+    - ``consistency``: per-expert routing-consistency score of each expert's routing share,
+      "js" (1 - Jensen-Shannon divergence) or "expert_kl" (exp(-KL / temperature)).
     - ``temperature``: of "expert_kl".
-    - ``regularization``: weight of the KL(p_i || p_global) term on the local routers (0: off).
+    - ``regularization``: weight of the KL(p_i || p_global) term on the local routers, both mean
+      softmax probabilities (0: off).
     - ``beta``: alignment threshold tau = mean - beta * std of last round's scores.
     - ``min_scorers``: scores needed before the threshold applies.
     - ``min_count``: institutions an expert's update must come from.
@@ -423,20 +424,44 @@ class FedAlignSection(_MinCountSection):
 class FedMoESection(_MinCountSection):
     """[aggregation.fedmoe]: FedMoE's parameters (see ``clients.strategies.fedmoe``).
 
-    - ``memory_fraction``: each institution's sub-MoE may hold at most this fraction of all
-      expert parameters.
+    - ``memory_fraction``: each institution's sub-MoE may hold at most this fraction of the
+      adapter parameters of the full MoE (held experts plus the router and shared entries).
+    - ``memory_fractions``: per-institution overrides of ``memory_fraction`` (name -> fraction).
     - ``warmup_rounds``: rounds of full-MoE training before the first sub-MoE search.
-    - ``recommend_weight``: weight of the global routing distribution mixed into an
-      institution's own activation pattern when it searches its sub-MoE.
+    - ``recommend_weight``: weight of the global routing distribution each revision adds to the
+      pattern an institution searches its sub-MoE on (a stalled institution's recommendation).
     - ``min_count``: holders an expert needs to be updated (>= 2: never from one institution).
     - ``search_steps``: bisection steps of the coverage search.
+    - ``validation_records``: m, the public number of validation blocks the signal averages over.
+    - ``loss_cap``: L_max, each block's validation loss is clipped to [0, L_max].
+    - ``validation_noise_multiplier``: sigma of the signal's Gaussian noise (std sigma L_max / m).
+    - ``tolerance``: the noised validation loss must drop by more than this, else it stalled.
     """
 
     memory_fraction: Fraction = 0.5
+    memory_fractions: dict[str, Fraction] = msgspec.field(default_factory=dict)
     warmup_rounds: Annotated[int, msgspec.Meta(ge=0)] = 1
     recommend_weight: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.25
     min_count: Annotated[int, msgspec.Meta(ge=2)] = 2
     search_steps: PositiveInt = 30
+    validation_records: PositiveInt = 64
+    loss_cap: Annotated[float, msgspec.Meta(gt=0.0, le=1e3)] = 6.0
+    validation_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0, le=1e4)] = 4.0
+    tolerance: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+
+    def problems(self, config: FederationConfig) -> list[Problem]:
+        names = {inst.name for inst in config.institutions}
+        unknown = sorted(set(self.memory_fractions) - names)
+        extra: list[Problem] = (
+            [("memory_fractions", f"{unknown} are not institutions of [[institutions]]")]
+            if unknown
+            else []
+        )
+        return super().problems(config) + extra
+
+    def fraction_of(self, institution: str) -> float:
+        """The memory budget fraction of ``institution`` (its override, else the default)."""
+        return self.memory_fractions.get(institution, self.memory_fraction)
 
 
 class FedAMoLESection(StrategySection):

@@ -30,7 +30,7 @@ from clients.data.sources import institution_data
 from clients.models.build import build_model_with
 from clients.models.lora_experts import ExpertShape
 from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
-from privacy import DPConfig, DPTrainingFacts, Release
+from privacy import DPConfig, DPTrainingFacts, GaussianMechanism, Release
 
 ChargeRelease = Callable[[Release], object]
 """Charges a release to the institution's ledger before it happens (raises if refused)."""
@@ -97,6 +97,31 @@ class RemembersRounds(Protocol):
 
     def restore(self, memory: Mapping[str, np.ndarray]) -> None:
         """Take back what :meth:`memory` returned (:class:`StrategyError` if it does not fit)."""
+        ...
+
+
+@runtime_checkable
+class StepsOnValidation(Protocol):
+    """A client strategy steered by a DP-noised validation signal (FedMoE's revise and revert).
+
+    The learner computes per-block validation losses, asks :meth:`validation_loss` for the
+    exact signal, adds :meth:`validation_mechanism`'s noise, reports the release with the
+    round's others (charged before the masked input leaves) and hands the noised value to
+    :meth:`observe`; nothing un-noised is kept."""
+
+    validation_basis: str
+    """Why the mechanism's sensitivity holds, in words (ledger and report)."""
+
+    def validation_mechanism(self) -> GaussianMechanism:
+        """The signal's Gaussian mechanism (sensitivity and noise multiplier)."""
+        ...
+
+    def validation_loss(self, losses: np.ndarray) -> float:
+        """The exact signal from per-block validation losses."""
+        ...
+
+    def observe(self, signal: float) -> None:
+        """Take this round's noised signal."""
         ...
 
 
@@ -237,10 +262,10 @@ class ClientHalf:
     round_releases: Callable[[FederationConfig], list[dp_accounting.DpEvent]]
     """What one round releases besides DP-SGD (the learner's ``per_round_events``), known from
     the config alone: the privacy plan is made before any model is loaded."""
-    sum_strategy: Callable[[FederationConfig], ClientStrategy] | None = None
-    """For a sum strategy on the MoE-LoRA adapters: a new client-side object (one per
-    institution: strategies keep memory between rounds); None for a strategy with its own
-    adapters and learner."""
+    sum_strategy: Callable[[FederationConfig, str], ClientStrategy] | None = None
+    """For a sum strategy on the MoE-LoRA adapters: a new client-side object for the named
+    institution (one per institution: strategies keep memory between rounds, FedMoE's budget
+    differs); None for a strategy with its own adapters and learner."""
 
     def build_model(self, config: FederationConfig) -> tuple[nn.Module, Any]:
         """The seeded base model of ``[model]`` with these adapters, and its tokenizer."""

@@ -15,18 +15,32 @@ Per (layer l, expert e) a client submits, inside the round's secure sum:
 
 Named choices where the paper publishes none (all in :class:`FedAlignConfig`):
 
-* consistency s: ``"js"``: 1 - JS(p_i(l) ‖ p̄(l)) (base 2, in [0, 1]), shared by the layer's
-  experts; ``"expert_kl"``: exp(-KL(Bern p_i(l, e) ‖ Bern p̄(l, e)) / temperature), per expert.
-  Without global routing yet (round 0), s = 1.
+* consistency s(l, e), per expert, from the top-k routing shares p_i(l, e) and p̄(l, e):
+  ``"js"``: 1 - JS(Bern p_i(l, e) ‖ Bern p̄(l, e)) (base 2, in [0, 1]); ``"expert_kl"``:
+  exp(-KL(Bern p_i(l, e) ‖ Bern p̄(l, e)) / temperature). Without global routing yet
+  (round 0), s = 1.
 * alignment score: cosine between this client's update of the expert and the global expert's
   last move (this round's broadcast minus the previous one, remembered by the client); no score
   in the first round a client sees, or when either vector is zero.
-* regularizer: ``regularization`` x mean over layers of KL(p_b(l) ‖ p̄(l)), p_b(l) the mean router
-  probability over one block's tokens: a per-block term, as DP-SGD's per-sample clipping needs.
+* regularizer: ``regularization`` x mean over layers of KL(p_b(l) ‖ p̄(l)), soft against soft:
+  p_b(l) the mean softmax router probability over one block's tokens (a per-block term, as
+  DP-SGD's per-sample clipping needs), p̄(l) the summed ``gate_sum`` over the summed tokens.
 
 The scores are computed from the DP-SGD update and public broadcasts (post-processing); the
 routing statistics are whatever the caller gives (already noised and charged if it must be).
 
+Paper mechanisms (STRATEGIES.md), one line each:
+
+* routing-consistency weights ω_i(e) = s_i(e) / Σ_j s_j(e): as in the paper, per expert; the
+  ratio is formed from secure sums of w·s·delta and w·s (adapted for privacy: the coordinator
+  sees only sums).
+* distribution regularization of the local gate: as in the paper (KL form named above; the
+  target is the summed, DP-noised routing statistics, adapted for privacy).
+* semantic alignment, threshold τ_e = M(e) - β·Σ(e): adapted for privacy: clients score their own
+  update against the public global move instead of sending hidden states for O(N²) server-side
+  similarities; M and Σ come from secure sums of scores and squares, so τ lags one round.
+* aggregation only from clients at or above τ_e: as in the paper, plus ``min_count`` holders
+  (adapted for privacy: an expert is never updated from one institution's delta alone).
 """
 
 from __future__ import annotations
@@ -121,18 +135,49 @@ def distribution(counts: np.ndarray, smoothing: float) -> np.ndarray:
 def consistency_scores(
     local: RoutingStats, global_: RoutingStats, config: FedAlignConfig
 ) -> np.ndarray:
-    """s(l, e) in [0, 1] (module docstring); 1 where either side has no routed tokens."""
+    """s(l, e) in [0, 1], one per expert (module docstring); 1 where either side has no routed
+    tokens. Both sides are top-k routing shares, so like is compared with like."""
     p = distribution(local.counts, config.params.smoothing)
     q = distribution(global_.counts, config.params.smoothing)
     if config.params.consistency == "js":
-        m = 0.5 * (p + q)
-        js = 0.5 * (p * np.log2(p / m)).sum(1) + 0.5 * (q * np.log2(q / m)).sum(1)
-        scores = np.repeat((1.0 - np.clip(js, 0.0, 1.0))[:, None], p.shape[1], axis=1)
+        scores = 1.0 - np.clip(bernoulli_js(p, q), 0.0, 1.0)
     else:
         kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
         scores = np.exp(-np.maximum(kl, 0.0) / config.params.temperature)
     known = (np.maximum(local.counts, 0).sum(1) > 0) & (np.maximum(global_.counts, 0).sum(1) > 0)
     return np.where(known[:, None], scores, 1.0)
+
+
+def bernoulli_js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Elementwise Jensen-Shannon divergence (bits, in [0, 1]) of Bern(p) and Bern(q): how
+    differently two routings treat one expert (its share versus the rest of the layer)."""
+
+    def entropy(x: np.ndarray) -> np.ndarray:
+        return -(x * np.log2(x) + (1 - x) * np.log2(1 - x))
+
+    return entropy(0.5 * (p + q)) - 0.5 * (entropy(p) + entropy(q))
+
+
+def soft_target(global_: RoutingStats, smoothing: float) -> np.ndarray:
+    """The regularizer's target p̄(l): the summed (noised) ``gate_sum`` over the summed tokens,
+    the federation's mean softmax router probability, rows renormalised (noise can move their
+    sums off 1) and smoothed like the local side."""
+    mean = np.maximum(global_.gate_sum, 0.0) / np.maximum(global_.tokens, 1.0)[:, None]
+    return distribution(mean, smoothing)
+
+
+def routing_regularizer(
+    probs: list[torch.Tensor], target: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """Per block (first dim), the mean over layers of KL(p_b(l) ‖ target(l)), where p_b(l) is the
+    block's mean softmax router probability (soft, like the target), smoothed like it."""
+    terms = []
+    for layer, layer_probs in enumerate(probs):
+        q = target[layer].to(device=layer_probs.device, dtype=layer_probs.dtype)
+        p = layer_probs.reshape(layer_probs.shape[0], -1, layer_probs.shape[-1]).mean(1)
+        p = (1.0 - smoothing) * p + smoothing / p.shape[-1]
+        terms.append((p * (p / q).log()).sum(-1))
+    return torch.stack(terms).mean(0)
 
 
 def alignment_scores(
@@ -190,22 +235,16 @@ class FedAlignClient:
 
     @contextmanager
     def session(self, model: nn.Module, state: GlobalState) -> Iterator[TrainingPlan]:
-        """Adds the KL(p_b ‖ p̄) regularizer once global routing exists and it is switched on."""
-        coef = self.config.params.regularization
-        if coef == 0 or float(state.routing.counts.sum()) <= 0:
+        """Adds the soft-vs-soft KL(p_b ‖ p̄) regularizer once global routing exists and it is
+        switched on."""
+        coef, smoothing = self.config.params.regularization, self.config.params.smoothing
+        if coef == 0 or float(np.maximum(state.routing.gate_sum, 0.0).sum()) <= 0:
             yield TrainingPlan()
             return
-        target = torch.from_numpy(distribution(state.routing.counts, self.config.params.smoothing))
-        smoothing = self.config.params.smoothing
+        target = torch.from_numpy(soft_target(state.routing, smoothing))
 
         def kl_term(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-            terms = []
-            for layer, probs in enumerate(router_probabilities(model)):
-                q = target[layer].to(device=probs.device, dtype=probs.dtype)
-                p = probs.reshape(probs.shape[0], -1, probs.shape[-1]).mean(1)
-                p = (1.0 - smoothing) * p + smoothing / p.shape[-1]
-                terms.append((p * (p / q).log()).sum(-1))
-            return coef * torch.stack(terms).mean(0)
+            return coef * routing_regularizer(router_probabilities(model), target, smoothing)
 
         yield TrainingPlan(extra_loss=kl_term)
 
@@ -251,4 +290,4 @@ def fedalign_config(config: FederationConfig) -> FedAlignConfig:
     return extended_config(config, FedAlignConfig, config.aggregation.fedalign)
 
 
-CLIENT_HALF = moe_lora_half(lambda config: FedAlignClient(fedalign_config(config)))
+CLIENT_HALF = moe_lora_half(lambda config, name: FedAlignClient(fedalign_config(config)))

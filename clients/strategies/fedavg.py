@@ -5,6 +5,16 @@ A client with n examples submits weight ``w = min(n, max_examples) / max_example
 trains the adapters of :mod:`clients.models.moe_lora` with
 :func:`clients.training.trainer.train_local` inside a sum strategy's session (FedAvg, FedAlign-MoE
 or FedMoE) and releases its noised routing statistics every round.
+
+Paper mechanisms (FedAvg, McMahan et al. 2017), one line each:
+
+* several local steps per round on the client's data: adapted for privacy: the steps are DP-SGD
+  (per-block clipping, Gaussian noise), on the LoRA adapters only.
+* server average weighted by the number of examples n_k: adapted for privacy: the weight is
+  min(n_k, cap) / cap (public cap) and the coordinator reads only the secure sums of w·delta
+  and w.
+* random client sampling each round (fraction C): left out: every live institution takes part;
+  rounds are few and a fixed roster keeps the secure-sum thresholds simple.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from clients.strategies.base import (
     ClientStrategy,
     LocalRound,
     RemembersRounds,
+    StepsOnValidation,
     TrainingPlan,
     device_of,
     example_weight,
@@ -58,7 +69,13 @@ from clients.training.routing_release import (
     private_routing_statistics,
     routing_mechanism,
 )
-from clients.training.trainer import LocalTrainingResult, Metrics, evaluate, train_local
+from clients.training.trainer import (
+    LocalTrainingResult,
+    Metrics,
+    block_losses,
+    evaluate,
+    train_local,
+)
 from privacy import DPConfig, DPTrainingFacts, Release
 
 DEFAULT_MAX_EXAMPLES = 4096
@@ -198,9 +215,13 @@ class MoELoRALearner:
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.strategy = strategy
         self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
+        self.validation = (
+            strategy.validation_mechanism() if isinstance(strategy, StepsOnValidation) else None
+        )
 
     def per_round_events(self) -> list[dp_accounting.DpEvent]:
-        return moe_lora_round_releases(self.config)
+        extra = [] if self.validation is None else [self.validation.dp_event()]
+        return moe_lora_round_releases(self.config) + extra
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
@@ -224,10 +245,14 @@ class MoELoRALearner:
     def releases(
         self, state: GlobalState, facts: DPTrainingFacts, federation_round: int, round_id: int
     ) -> list[Release]:
-        return [
+        out = [
             facts.release(federation_round, round_id),
             self.routing.release(federation_round, round_id, SENSITIVITY_BASIS),
         ]
+        if self.validation is not None and isinstance(self.strategy, StepsOnValidation):
+            basis = self.strategy.validation_basis
+            out.append(self.validation.release(federation_round, round_id, basis))
+        return out
 
     def train(
         self, state: GlobalState, dp: DPConfig, federation_round: int, round_id: int
@@ -242,13 +267,25 @@ class MoELoRALearner:
                 extra_loss=plan.extra_loss, frozen=plan.frozen,
             )  # fmt: skip
             routing = private_routing_statistics(self.model, blocks, self.routing)
+            signal = self._validation_signal()
         result = replace(result, routing=routing)  # only the noised statistics go further
         submission = self.strategy.submit(state, result, num_examples=len(blocks))
+        if signal is not None and isinstance(self.strategy, StepsOnValidation):
+            self.strategy.observe(signal)  # steers later rounds: charged with this round's
         releases = (
             [] if result.facts is None
             else self.releases(state, result.facts, federation_round, round_id)
         )  # fmt: skip
         return LocalRound(submission, asdict(result.metrics), result.facts, releases)
+
+    def _validation_signal(self) -> float | None:
+        """The strategy's validation signal on the model in session, noised (charged with this
+        round's releases, before this round's masked input leaves); None without one."""
+        if self.validation is None or not isinstance(self.strategy, StepsOnValidation):
+            return None
+        losses = block_losses(self.model, self.data["validation"], device=device_of(self.config))
+        exact = self.strategy.validation_loss(losses.numpy())
+        return float(self.validation.apply(np.array([exact]))[0])
 
     def evaluate(self, state: GlobalState, split: str) -> Metrics:
         with self.strategy.session(self.model, state):
@@ -281,17 +318,27 @@ def moe_lora_round_releases(config: FederationConfig) -> list[dp_accounting.DpEv
     return [dp_accounting.GaussianDpEvent(config.privacy.routing_noise_multiplier)]
 
 
-def moe_lora_half(strategy: Callable[[FederationConfig], ClientStrategy]) -> ClientHalf:
-    """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config)`` is a
-    new client-side object per institution (strategies keep memory between rounds)."""
+def moe_lora_half(
+    strategy: Callable[[FederationConfig, str], ClientStrategy],
+    extra_events: Callable[[FederationConfig], list[dp_accounting.DpEvent]] | None = None,
+) -> ClientHalf:
+    """The client half of a sum strategy on the MoE-LoRA adapters: ``strategy(config, name)`` is
+    a new client-side object for institution ``name`` (strategies keep memory between rounds;
+    FedMoE's budget differs per institution); ``extra_events``: what the strategy releases each
+    round besides the routing statistics (it must match the learner's ``per_round_events``)."""
+
+    def round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
+        extra = [] if extra_events is None else extra_events(config)
+        return moe_lora_round_releases(config) + extra
+
     return ClientHalf(
         attach=lambda model, config: attach(model, moe_lora_config(config.model.moe)),
         load_adapters=load_adapter_state,
         initial_state=moe_lora_initial_state,
-        round_releases=moe_lora_round_releases,
-        learner=lambda config, name: MoELoRALearner(config, name, strategy(config)),
+        round_releases=round_releases,
+        learner=lambda config, name: MoELoRALearner(config, name, strategy(config, name)),
         sum_strategy=strategy,
     )
 
 
-CLIENT_HALF = moe_lora_half(lambda config: FedAvgClient(fedavg_config(config)))
+CLIENT_HALF = moe_lora_half(lambda config, name: FedAvgClient(fedavg_config(config)))

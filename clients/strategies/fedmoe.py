@@ -2,21 +2,50 @@
 
 Each client holds, per MoE layer, a subset of the experts (all dense entries always). During the
 first ``warmup_rounds`` rounds it trains the full MoE and records its activation pattern p(l, e)
-(its share of layer l's routed slots that went to e). Afterwards, at the start of every round,
-it searches its sub-MoE: the largest coverage θ in [0, 1] such that holding, in every layer, the
-fewest experts (most used first, at least ``top_k``) whose usage reaches θ fits its memory budget
-(``memory_fraction`` of all expert parameters), found by binary search on θ as in the paper.
+(its share of layer l's routed slots that went to e, from its noised routing statistics).
+Afterwards, at the start of every round, it searches its sub-MoE: the largest coverage θ in
+[0, 1] such that holding, in every layer, the fewest experts (most used first, at least
+``top_k``) whose usage reaches θ fits its memory budget, found by binary search on θ as in the
+paper. The budget of institution k is a_k · M_full and a sub-MoE costs
+M(held) = D + Σ_l |held_l| · S_l, where S_l is one expert's adapter entries in layer l (LoRA A/B
+and its router row), D the entries no expert owns (shared parts), M_full = D + E · Σ_l S_l;
+a_k is ``memory_fractions[k]``, else ``memory_fraction``.
 
-Recommendation (named choice: the paper's uses other clients' p vectors, which the coordinator
-must not see): the pattern searched is ``(1 - λ) p_i + λ p̄``, p̄ the broadcast global routing
-distribution, so experts the federation uses for similar data can enter a sub-MoE after the
-client's own (restricted) routing stopped seeing them. λ = ``recommend_weight``.
+Revise and revert on a DP-noised validation signal: after local training the institution
+computes v = (1/m) Σ_{i ≤ min(n, m)} clip(loss_i, 0, L_max) over its first m =
+``validation_records`` validation blocks (L_max = ``loss_cap``) and adds Gaussian noise of std
+sigma · L_max / m (:func:`validation_mechanism`). Sensitivity: m is public and each term lies in
+[0, L_max]; adding or removing one validation block adds, removes or swaps one term of the sum
+(the window holds the first m blocks), so v moves by at most L_max / m. The release is charged
+with the round's other releases before the masked input leaves, and only the noised value is
+kept, so every later choice is post-processing. When the noised loss did not drop by more than
+``tolerance`` (stalled), the next round searches on p + λ p̄ (p̄ the broadcast global routing
+distribution, λ raised by ``recommend_weight``): the federation's routing recommends experts. If
+the next signal is not better than the one before the revision, the institution reverts to its
+previous sub-MoE and λ.
 
 Training and inference route only to held experts
 (:func:`clients.models.routing_hooks.restrict_routing`) and the other experts' entries, router rows
 included, are held fixed. The submission always has the full length: zeros, a zero weight and a
 zero count for experts not held, so the sums hide which experts a client holds; the coordinator
 updates an expert only from ``min_count`` >= 2 holders.
+
+Paper mechanisms (STRATEGIES.md), one line each:
+
+* sub-MoE per client under its memory limit M_k: as in the paper; budgets differ per institution
+  and count held experts plus the shared parts.
+* stage 1 full-MoE warm-up and activation pattern p(l, e): as in the paper (adapted for privacy:
+  p is read from the DP-noised routing statistics).
+* sub-model search, bisection on θ: as in the paper.
+* modular aggregation (dense FedAvg over all, each expert over its holders): adapted for privacy:
+  secure sums, and an expert held by fewer than ``min_count`` >= 2 institutions is not updated
+  (the paper copies a single holder's expert).
+* clients report p and validation accuracy to the server: adapted for privacy: p goes only into
+  the secure sum; the validation signal is a DP-noised clipped mean loss that stays local.
+* recommendation of similar clients' experts when accuracy stalls: adapted for privacy: the
+  coordinator sees no client's p, so the stalled client mixes in the global routing distribution
+  (a sum) instead of its top-K similar clients' patterns.
+* revert if the recommendation does not help: as in the paper, judged on the noised signal.
 
 """
 
@@ -51,6 +80,7 @@ from clients.strategies.experts import (
 )
 from clients.strategies.fedavg import FedAvgConfig, checked_section, extended_config, moe_lora_half
 from clients.training.trainer import LocalTrainingResult
+from privacy import VALIDATION_SIGNAL, GaussianMechanism
 
 
 @dataclass(frozen=True)
@@ -104,18 +134,29 @@ def smallest_cover(pattern: np.ndarray, theta: float, minimum: int) -> np.ndarra
     return held
 
 
+def sub_moe_memory(held: np.ndarray, sizes: np.ndarray, dense: float) -> float:
+    """M(held) = D + Σ_l |held_l| · S_l: adapter entries held (module docstring)."""
+    return dense + float((np.asarray(held).sum(axis=1) * sizes).sum())
+
+
 def search_sub_moe(
-    pattern: np.ndarray, sizes: np.ndarray, budget: float, minimum: int, steps: int
+    pattern: np.ndarray,
+    sizes: np.ndarray,
+    budget: float,
+    minimum: int,
+    steps: int,
+    dense: float = 0.0,
 ) -> tuple[np.ndarray, float]:
     """(held experts, θ): the largest coverage θ whose smallest cover fits ``budget``.
 
-    ``sizes[l]``: parameters of one expert of layer l. Memory grows with θ, so θ is bisected.
-    If even θ = 0 (``minimum`` experts per layer) exceeds the budget, that cover is returned with
-    θ = 0: a layer cannot route with fewer experts than top_k.
+    ``sizes[l]``: parameters of one expert of layer l; ``dense``: the entries every sub-MoE
+    holds. Memory grows with θ, so θ is bisected. If even θ = 0 (``minimum`` experts per layer)
+    exceeds the budget, that cover is returned with θ = 0: a layer cannot route with fewer
+    experts than top_k.
     """
 
     def memory(held: np.ndarray) -> float:
-        return float((held.sum(axis=1) * sizes).sum())
+        return sub_moe_memory(held, sizes, dense)
 
     best = smallest_cover(pattern, 0.0, minimum)
     if memory(full := smallest_cover(pattern, 1.0, minimum)) <= budget:
@@ -131,10 +172,33 @@ def search_sub_moe(
     return best, low
 
 
+def validation_mechanism(params: FedMoESection) -> GaussianMechanism:
+    """The Gaussian mechanism of the validation signal: sensitivity L_max / m (module docstring)."""
+    return GaussianMechanism(
+        noise_multiplier=params.validation_noise_multiplier,
+        l2_sensitivity=params.loss_cap / params.validation_records,
+        what=VALIDATION_SIGNAL,
+    )
+
+
+VALIDATION_BASIS = (
+    "unit of privacy: one validation block; the signal is the sum over the first m (public) "
+    "validation blocks of each block's loss clipped to [0, L_max], divided by m: adding or "
+    "removing a block adds, removes or swaps one term, so L2 sensitivity L_max / m"
+)
+
+
+def clipped_mean_loss(losses: np.ndarray, records: int, cap: float) -> float:
+    """v = (1/m) Σ_{i ≤ min(n, m)} clip(loss_i, 0, L_max), m = ``records``, L_max = ``cap``."""
+    kept = np.asarray(losses, dtype=np.float64)[:records]
+    return float(np.clip(kept, 0.0, cap).sum() / records)
+
+
 class FedMoEClient:
-    """Client side of FedMoE. Remembers its activation pattern and rounds seen between rounds;
-    its sub-MoE is a function of them and the broadcast routing (``held``: the last one used).
-    ``memory_fraction`` overrides the config's default budget for this client."""
+    """Client side of FedMoE. Remembers, between rounds, its activation pattern, the last noised
+    validation signal and the state of a revision (λ, the signal and sub-MoE before it); its
+    sub-MoE is a function of them and the broadcast routing (``held``: the last one used).
+    ``memory_fraction`` is this institution's budget a_k (default: the config's)."""
 
     def __init__(self, config: FedMoEConfig, memory_fraction: float | None = None) -> None:
         self.config = config
@@ -145,40 +209,94 @@ class FedMoEClient:
         self.rounds_seen = 0
         self.pattern: np.ndarray | None = None
         self.held: np.ndarray | None = None
+        self.lam = 0.0
+        self.signal = float("nan")
+        self.trial: tuple[float, float, np.ndarray] | None = None
+        """While a revision is on trial: (signal, λ, sub-MoE) before it."""
+        self.revert_to: np.ndarray | None = None
+        """The sub-MoE to use next round after a reverted revision."""
+
+    validation_basis = VALIDATION_BASIS
 
     def layout(self, state: GlobalState) -> SubmissionLayout:
         return self.config.layout(state)
 
+    def validation_mechanism(self) -> GaussianMechanism:
+        return validation_mechanism(self.config.params)
+
+    def validation_loss(self, losses: np.ndarray) -> float:
+        """The exact signal from per-block validation losses (noised by the caller)."""
+        params = self.config.params
+        return clipped_mean_loss(losses, params.validation_records, params.loss_cap)
+
+    def observe(self, signal: float) -> None:
+        """Take this round's noised validation signal (after :meth:`submit`): keep or revert a
+        revision on trial, or start one if the loss stalled."""
+        previous, self.signal, self.revert_to = self.signal, float(signal), None
+        if self.rounds_seen < self.config.params.warmup_rounds or self.held is None:
+            return
+        tolerance = self.config.params.tolerance
+        if self.trial is not None:
+            before, lam, held = self.trial
+            self.trial = None
+            if not self.signal < before - tolerance:
+                self.lam, self.revert_to = lam, held
+            return
+        stalled = np.isfinite(previous) and not self.signal < previous - tolerance
+        step = self.config.params.recommend_weight
+        if stalled and step > 0 and self.lam < 1.0:
+            self.trial = (self.signal, self.lam, self.held.copy())
+            self.lam = min(1.0, self.lam + step)
+
     def memory(self) -> dict[str, np.ndarray]:
-        """Rounds seen and the last activation pattern (from its noised routing statistics)."""
+        """Rounds seen, the last activation pattern (from its noised routing statistics), λ and
+        the noised signal, and the revision on trial or the sub-MoE to revert to (if any)."""
         if self.pattern is None:
             return {}
-        return {"rounds_seen": np.array([float(self.rounds_seen)]), "pattern": self.pattern}
+        out = {
+            "rounds_seen": np.array([float(self.rounds_seen)]),
+            "pattern": self.pattern,
+            "lam_signal": np.array([self.lam, self.signal]),
+        }
+        if self.trial is not None:
+            out["trial"] = np.array(self.trial[:2])
+            out["trial_held"] = self.trial[2].astype(np.float64)
+        if self.revert_to is not None:
+            out["revert_to"] = self.revert_to.astype(np.float64)
+        return out
 
     def restore(self, memory: Mapping[str, np.ndarray]) -> None:
         if not memory:
             return
-        if set(memory) != {"rounds_seen", "pattern"} or np.shape(memory["rounds_seen"]) != (1,):
-            raise StrategyError(
-                f"FedMoE memory must hold rounds_seen and pattern, got {sorted(memory)}"
-            )
+        required = {"rounds_seen", "pattern", "lam_signal"}
+        allowed = required | {"trial", "trial_held", "revert_to"}
+        if not required <= set(memory) <= allowed or ("trial" in memory) != (
+            "trial_held" in memory
+        ):
+            raise StrategyError(f"FedMoE memory must hold {sorted(required)}, got {sorted(memory)}")
         self.rounds_seen = int(memory["rounds_seen"][0])
         self.pattern = np.asarray(memory["pattern"], dtype=np.float64)
+        self.lam, self.signal = (float(x) for x in memory["lam_signal"])
+        self.trial = None
+        if "trial" in memory:
+            before, lam = (float(x) for x in memory["trial"])
+            self.trial = (before, lam, np.asarray(memory["trial_held"]) > 0.5)
+        self.revert_to = np.asarray(memory["revert_to"]) > 0.5 if "revert_to" in memory else None
 
     def select(self, state: GlobalState) -> np.ndarray:
-        """This round's sub-MoE (bool (L, E)): everything during warm-up, else the search."""
+        """This round's sub-MoE (bool (L, E)): everything during warm-up, the previous one after
+        a reverted revision, else the search on the own pattern plus λ times the global one."""
         partition = ExpertPartition.of(state)
         shape = (partition.num_layers, partition.num_experts)
         if self.rounds_seen < self.config.params.warmup_rounds or self.pattern is None:
             return np.ones(shape, dtype=bool)
-        lam = self.config.params.recommend_weight
-        pattern = (1.0 - lam) * self.pattern + lam * state.routing_distribution
-        sizes = np.zeros(shape[0])
-        for owner in partition.owners.values():
-            sizes[owner.layer] += float((owner.experts == 0).sum())
-        budget = self.memory_fraction * float(sizes.sum() * shape[1])
+        if self.revert_to is not None and self.revert_to.shape == shape:
+            return self.revert_to.copy()
+        pattern = self.pattern + self.lam * state.routing_distribution
+        sizes, dense = expert_sizes(partition, state)
+        budget = self.memory_fraction * (dense + float(sizes.sum()) * shape[1])
         held, _ = search_sub_moe(
-            pattern, sizes, budget, state.routing.top_k, self.config.params.search_steps
+            pattern, sizes, budget, state.routing.top_k, self.config.params.search_steps, dense
         )
         return held
 
@@ -196,6 +314,7 @@ class FedMoEClient:
         check_routing_matches(result.routing, state.routing)
         partition = ExpertPartition.of(state)
         held = self.select(state)  # the session's choice: nothing it depends on changed since
+        self.held = held
         w = example_weight(num_examples, self.config.max_examples)
         weights = w * held.astype(np.float64)
         values = weighted_deltas(partition, result.delta, w, weights, self.config.delta_bound)
@@ -216,9 +335,27 @@ class FedMoEClient:
         return Submission(values=values, clipped=clipped)
 
 
+def expert_sizes(partition: ExpertPartition, state: GlobalState) -> tuple[np.ndarray, float]:
+    """(S_l: entries of one expert per layer, D: entries no expert owns) of the adapters."""
+    sizes = np.zeros(partition.num_layers)
+    for owner in partition.owners.values():
+        sizes[owner.layer] += float((owner.experts == 0).sum())
+    total = float(sum(t.numel() for t in state.adapters.values()))
+    return sizes, total - float(sizes.sum()) * partition.num_experts
+
+
 def fedmoe_config(config: FederationConfig) -> FedMoEConfig:
     """FedMoE's parameters from ``[aggregation.fedmoe]`` (identical on both sides)."""
     return extended_config(config, FedMoEConfig, config.aggregation.fedmoe)
 
 
-CLIENT_HALF = moe_lora_half(lambda config: FedMoEClient(fedmoe_config(config)))
+def fedmoe_client(config: FederationConfig, institution: str) -> FedMoEClient:
+    """Institution ``institution``'s client, with its own memory budget."""
+    fraction = config.aggregation.fedmoe.fraction_of(institution)
+    return FedMoEClient(fedmoe_config(config), memory_fraction=fraction)
+
+
+CLIENT_HALF = moe_lora_half(
+    fedmoe_client,
+    extra_events=lambda config: [validation_mechanism(config.aggregation.fedmoe).dp_event()],
+)

@@ -36,7 +36,7 @@ def client_strategy(config: FederationConfig, name: str) -> ClientStrategy:
         raise StrategyError(
             f"strategy {config.aggregation.strategy!r} has its own learner, no sum strategy"
         )
-    return make(config)
+    return make(config, name)
 
 
 def build_strategy_model(config: FederationConfig) -> tuple[nn.Module, Any]:

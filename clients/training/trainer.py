@@ -377,6 +377,30 @@ def evaluate_with(
     return _metrics(ce_sum, correct, blocks.shape[0] * (blocks.shape[1] - 1))
 
 
+@torch.no_grad()
+def block_losses(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Each block's mean next-token cross-entropy (float64 [N]), the model in eval mode: the
+    per-record values a validation signal clips and averages."""
+    dev = select_device(device)
+    model.to(dev)
+    out: list[torch.Tensor] = []
+
+    def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        _, ce, hits = _forward(model, blocks[rows].to(dev), 0.0)
+        out.append(ce.double().cpu() / (blocks.shape[1] - 1))
+        return ce, hits
+
+    if blocks.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    evaluate_with(model, blocks, score, batch_size)
+    return torch.cat(out)
+
+
 def evaluate(
     model: nn.Module,
     blocks: torch.Tensor,

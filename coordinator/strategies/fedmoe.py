@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audit.context import StrategyFacts
+from audit.context import ReleaseFacts, StrategyFacts
 from clients.strategies.fedmoe import FedMoEConfig, fedmoe_config
 from coordinator.strategies.base import PerExpertCoordinator, ServerHalf
 
@@ -27,7 +27,16 @@ class FedMoECoordinator(PerExpertCoordinator):
 SERVER_HALF = ServerHalf(
     build=lambda config: FedMoECoordinator(fedmoe_config(config)),
     facts=StrategyFacts(
-        coordinator_sees="; per expert, how many institutions hold it (never which)"
+        extra_releases=(
+            ReleaseFacts(
+                what="validation signal (mean validation loss, clipped per block to [0, L_max], "
+                "over the first m validation blocks); it never leaves, but steers the sub-MoE "
+                "that later submissions reveal",
+                mechanism="Gaussian mechanism, L2 sensitivity L_max / m",
+                to_whom="no one (kept by the institution; post-processed into its sub-MoE)",
+            ),
+        ),
+        coordinator_sees="; per expert, how many institutions hold it (never which)",
     ),
 )
 """FedMoE's server half, and what its coordinator sees besides the sums."""
