@@ -27,8 +27,8 @@ from privacy import ROUTING_STATISTICS, GaussianMechanism
 SENSITIVITY_BASIS = (
     "unit of privacy: one record, one training row of T tokens (padding included); the "
     "release sums each row's routing statistics divided by T, so per adapted layer one row "
-    "adds expert counts in [0, 1] summing to top_k, router probabilities summing to 1 and a token count of 1: L2 "
-    "sensitivity sqrt(layers * (top_k + 2))"
+    "adds expert counts in [0, 1] summing to top_k, router probabilities summing to 1 and a "
+    "token count of 1: L2 sensitivity sqrt(layers * (top_k + 2))"
 )
 
 
