@@ -23,6 +23,7 @@ from clients.models.build import ByteTokenizer
 from clients.models.loaders import tiny_dense_model
 from clients.models.moe_lora import MoELoRAConfig, attach
 from clients.training.trainer import evaluate, per_sample_loss
+from coordinator.app.cli import main
 from coordinator.simulation import simulate
 from privacy import assert_per_sample_gradients
 from privacy.errors import UserError
@@ -233,6 +234,17 @@ def test_config_rules_for_files_name_the_field(tmp_path):
     path.write_text(TINY.read_text().replace('source = "shakespeare"', 'source = "files"'))
     with pytest.raises(ConfigFileError, match=r"institutions\[0\]\.data: .*names no files"):
         load_config(path)
+
+
+def test_check_config_reports_a_missing_data_file(tmp_path, capsys):
+    files = institution_files(tmp_path)
+    assert main(["check-config", str(files_config(tmp_path, files))]) == 0
+    assert "OK" in capsys.readouterr().out
+    missing = dict(files, histories={"path": "data/gone.parquet"})
+    assert main(["check-config", str(files_config(tmp_path, missing))]) == 2
+    err = capsys.readouterr().err
+    assert "$.institutions[2].data.path" in err and "gone.parquet" in err
+    assert "Traceback" not in err
 
 
 # --- a federation on files ---------------------------------------------------------------------
