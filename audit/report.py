@@ -227,11 +227,12 @@ def build_report(
             "institutions": n,
         },
         "unit_of_privacy": (
-            f"one training block: {facts.block_len} consecutive tokens of one institution's "
-            "private text (sample-level DP, per institution)"
+            "one record of the institution's dataset (a row of its file, or one speech of the "
+            f"built-in Shakespeare data), used as one example of at most {facts.block_len} tokens "
+            "(record-level DP, per institution)"
         ),
         "neighbouring_relation": (
-            "add or remove one training block from one institution's training data "
+            "add or remove one record from one institution's training data "
             "(add-or-remove-one; both accountants use it)"
         ),
         "strategy": facts.strategy,

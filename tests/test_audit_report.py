@@ -69,8 +69,9 @@ def test_report_json_holds_every_required_field(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     for field in REQUIRED_FIELDS:
         assert report[field], field
-    assert "one training block: 32 consecutive tokens" in report["unit_of_privacy"]
-    assert "add or remove one training block" in report["neighbouring_relation"]
+    assert "one record of the institution's dataset" in report["unit_of_privacy"]
+    assert "at most 32 tokens" in report["unit_of_privacy"]
+    assert "add or remove one record" in report["neighbouring_relation"]
     trust = report["trust_model"]
     assert trust["secagg_threshold"] == 3 and trust["secagg_share_holders"] == 3
     assert "shared-key" in trust["ckks_key_custody"]

@@ -54,7 +54,7 @@ def test_shakespeare_example_loads():
     assert config.federation.rounds == 3
     assert config.aggregation.expert_updates == "mask"
     assert config.aggregation.routing_statistics == "ckks"
-    assert config.data.max_blocks.as_dict() == {"train": 128, "validation": 16, "test": 16}
+    assert config.data.max_blocks.as_dict() == {"train": 4096, "validation": 32, "test": 32}
     assert config.aggregation.ckks.params().slot_count == 4096
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from clients.contract.records import PAD_ID
 from clients.data import shakespeare as sh
 
 
@@ -346,8 +347,21 @@ def test_institution_datasets(corpus):
     for inst in insts:
         assert set(data[inst.name]) == set(sh.SPLITS)
         assert data[inst.name]["train"].shape == (10, 32)
+        # one speech is one record, one row: its first 32 characters, padded
         val = data[inst.name]["validation"]
-        assert val.shape[1] == 32 and 0 < val.shape[0] <= 2_000 // 32
+        speeches = [r for r in inst.records("validation") if len(r) >= 2]
+        assert val.shape == (len(speeches), 32)
+        for row, speech in zip(val.tolist(), speeches):
+            real = [t for t in row if t != PAD_ID]
+            assert "".join(map(chr, real)) == speech[:32]
+            assert row == real + [PAD_ID] * (32 - len(real))
+
+
+def test_one_speech_is_one_record(corpus):
+    play = _play(corpus, "tempest")
+    (inst,) = sh.partition([play], 1, seed=0)
+    records = [r for s in sh.SPLITS for r in inst.records(s)]
+    assert sorted(records) == sorted("\n".join(s.lines) for s in play.speeches)
 
 
 @pytest.mark.slow

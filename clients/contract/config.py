@@ -86,7 +86,23 @@ Fraction = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 MoEMode = Literal["auto", "dense", "native"]
 
 
-DataSource = Literal["shakespeare"]
+DataSource = Literal["shakespeare", "files"]
+
+
+DataFormat = Literal["jsonl", "json", "csv", "parquet", "text"]
+
+
+DATA_SUFFIXES: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+"""File suffix -> ``format`` when ``[institutions.data] format`` is omitted."""
+
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -99,6 +115,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "consistency": get_args(ConsistencyName),
     "mode": get_args(MoEMode),
     "source": get_args(DataSource),
+    "format": get_args(DataFormat),
     "modulus_bits": (32, 64),
 }
 
@@ -210,29 +227,35 @@ class ModelSection(_Section):
 
 
 class MaxBlocks(_Section):
-    """[data.max_blocks]: cap on token blocks per split (omit a split to use all of it)."""
+    """[data.max_blocks]: cap on training examples (one per record) per split; omit a split to
+    use all of it."""
 
     train: PositiveInt | None = None
     validation: PositiveInt | None = None
     test: PositiveInt | None = None
 
     def as_dict(self) -> dict[str, int]:
-        """The caps that are set, as ``clients.data.shakespeare.institution_datasets`` takes
-        them."""
+        """The caps that are set, by split name."""
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
 class DataSection(_Section):
     """[data]: the institutions' private data.
 
-    - ``source``: "shakespeare": the plays split into non-IID institutions by genre and role
-      (``clients.data.shakespeare.partition``); institution i of ``[[institutions]]`` gets part i.
-    - ``block_len``: tokens per training example (one block is the unit of privacy).
-    - ``max_blocks``: per-split cap on blocks, see :class:`MaxBlocks`.
-    - ``max_chars_per_institution``: cap on each institution's text before tokenising (small
-      experiments); omit for all of it.
-    - ``split``: train/validation/test fractions of every role's speeches (sum to 1).
-    - ``seed``: seed of the partition (public).
+    The unit of privacy is one record: a record yields at most one example, its first
+    ``block_len`` tokens (longer records are truncated, shorter ones padded and the padding
+    masked out of loss and metrics; records under two tokens yield none).
+
+    - ``source``: "shakespeare" (built in: the plays split into non-IID institutions by genre
+      and role, one speech is one record; institution i of ``[[institutions]]`` gets part i)
+      or "files" (every institution reads its own local files, see :class:`InstitutionData`).
+    - ``block_len``: tokens per example.
+    - ``max_blocks``: per-split cap on examples, see :class:`MaxBlocks`.
+    - ``max_chars_per_institution``: Shakespeare only: cap on each institution's text before
+      tokenising (small experiments); omit for all of it.
+    - ``split``: train/validation/test fractions (sum to 1) of every role's speeches, or of the
+      records of an institution that names one ``path``.
+    - ``seed``: seed of the partition and of seeded splits (public).
     """
 
     source: DataSource = "shakespeare"
@@ -243,11 +266,45 @@ class DataSection(_Section):
     seed: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
+FilePath = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class InstitutionData(_Section):
+    """[institutions.data]: one institution's own local files (``[data] source = "files"``).
+
+    Either ``path`` (one file, split into train/validation/test by ``[data] split`` with
+    ``[data] seed``) or all three of ``train``, ``validation`` and ``test``. Paths are relative
+    to the config file. Each row (a JSON Lines line, a CSV row, a Parquet row, a non-blank
+    line of a text file) is one record.
+
+    - ``format``: "jsonl", "json" (JSON Lines too), "csv", "parquet" or "text"; omit to infer
+      it from the suffix (.jsonl, .json, .csv, .parquet, .txt).
+    - ``text_field``: the column holding the text (ignored for "text").
+    """
+
+    path: FilePath | None = None
+    train: FilePath | None = None
+    validation: FilePath | None = None
+    test: FilePath | None = None
+    format: DataFormat | None = None
+    text_field: Annotated[str, msgspec.Meta(min_length=1)] = "text"
+
+    def files(self) -> dict[str, str]:
+        """Split -> file, or ``{"all": path}`` for one file that is split by seed."""
+        if self.path is not None:
+            return {"all": self.path}
+        return {"train": self.train, "validation": self.validation, "test": self.test}  # type: ignore[dict-item]
+
+    def format_of(self, path: str) -> str | None:
+        """The file format: ``format`` if given, else from the suffix (None: unknown)."""
+        return self.format or DATA_SUFFIXES.get(Path(path).suffix.lower())
+
+
 class TrainingSection(_Section):
     """[training]: local training at each institution in each round.
 
     - ``local_steps``: optimiser steps per round; ``batch_size``: expected blocks per step
-      (with DP-SGD the Poisson sampling rate is batch_size / number of training blocks).
+      (with DP-SGD the Poisson sampling rate is batch_size / number of training records).
     - ``physical_batch_size``: blocks computed at once; a larger logical batch is split and its
       clipped gradients added up into one step (memory, not privacy; omit: all at once).
     - ``lr``: Adam learning rate; ``device``: "auto" (CUDA when available), "cpu" or "cuda".
@@ -281,7 +338,7 @@ class PrivacySection(_Section):
     - ``accountant``: "pld" (the default: the tighter bound) or "rdp"; it calibrates the noise
       and enforces the budget (every ledger entry records both).
     - ``routing_noise_multiplier``: the Gaussian noise on each round's routing statistics, in
-      units of their L2 sensitivity to one training block (``clients.training.routing_release``).
+      units of their L2 sensitivity to one record (``clients.training.routing_release``).
     - ``spare_rounds``: extra rounds' worth of releases the DP-SGD noise is calibrated for. A
       round retried after a coordinator crash is a new release; with 0 the planned rounds
       spend the whole budget and any retry is refused. Each spare round costs more noise.
@@ -630,11 +687,14 @@ class InstitutionEntry(_Section):
     - ``name``: unique; names its key files and its row in the roster.
     - ``connect``: endpoint it dials; default: the coordinator's ``bind`` address.
     - ``privacy``: its own budget, overriding ``[privacy]``'s (optional).
+    - ``data``: its own local files when ``[data] source = "files"``, see
+      :class:`InstitutionData`.
     """
 
     name: Name
     connect: Address | None = None
     privacy: PrivacyBudget | None = None
+    data: InstitutionData | None = None
 
 
 class FederationConfig(_Section):
@@ -795,6 +855,7 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             f"split must be three positive fractions summing to 1, got {split}",
             "$.data.split",
         )
+    _check_data(config, path)
     _check_secagg(config, path)
     _check_strategy(config, path)
     try:
@@ -809,6 +870,66 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             "three or more primes, e.g. the default [60, 40, 40, 60]",
             "$.aggregation.ckks.coeff_mod_bit_sizes",
         )
+
+
+def _check_data(config: FederationConfig, path: str | Path) -> None:
+    """What can be said about the institutions' data files without reading them."""
+    files = config.data.source == "files"
+    for i, inst in enumerate(config.institutions):
+        field = f"$.institutions[{i}].data"
+        data = inst.data
+        if data is None:
+            if files:
+                raise ConfigFileError(
+                    path,
+                    f'[data] source = "files" but institution {inst.name!r} names no files: '
+                    'add data = { path = "FILE" } (or train, validation and test)',
+                    field,
+                )
+            continue
+        if not files:
+            raise ConfigFileError(
+                path,
+                f"institution {inst.name!r} names data files but [data] source = "
+                f'{config.data.source!r}; set source = "files" or remove its data',
+                field,
+            )
+        per_split = (data.train, data.validation, data.test)
+        if data.path is not None and any(p is not None for p in per_split):
+            raise ConfigFileError(
+                path, "give either path (split by seed) or train/validation/test, not both", field
+            )
+        if data.path is None and any(p is None for p in per_split):
+            missing = [s for s, p in zip(SPLIT_NAMES, per_split, strict=True) if p is None]
+            raise ConfigFileError(
+                path,
+                f"missing {', '.join(missing)}: give path (one file, split by [data] split) "
+                "or all of train, validation and test",
+                field,
+            )
+        for split, file in data.files().items():
+            if data.format_of(file) is None:
+                key = "path" if split == "all" else split
+                raise ConfigFileError(
+                    path,
+                    f"cannot tell the format of {file!r} from its suffix; set format to one of "
+                    f"{', '.join(repr(c) for c in get_args(DataFormat))}",
+                    f"{field}.{key}",
+                )
+
+
+def missing_data_files(config: FederationConfig) -> list[tuple[str, str]]:
+    """(field, file) for every configured data file that does not exist (paths as resolved by
+    :func:`load_config`); ``check-config`` reports them."""
+    out = []
+    for i, inst in enumerate(config.institutions):
+        if inst.data is None:
+            continue
+        for split, file in inst.data.files().items():
+            if not Path(file).is_file():
+                key = "path" if split == "all" else split
+                out.append((f"$.institutions[{i}].data.{key}", file))
+    return out
 
 
 def _check_strategy(config: FederationConfig, path: str | Path) -> None:
@@ -865,8 +986,8 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
 
 
 def _resolve_paths(config: FederationConfig, base: Path) -> FederationConfig:
-    """Make run_dir, keys_dir, a local model folder and the initial adapter absolute, relative
-    to the config file's directory."""
+    """Make run_dir, keys_dir, a local model folder, the initial adapter and the institutions'
+    data files absolute, relative to the config file's directory."""
     run_dir = base / (config.federation.run_dir or Path("runs") / config.federation.name)
     keys_dir = base / config.coordinator.keys_dir
     model = config.model
@@ -876,9 +997,28 @@ def _resolve_paths(config: FederationConfig, base: Path) -> FederationConfig:
     if model.init_adapter is not None:
         init = (base / Path(model.init_adapter).expanduser()).resolve()
         model = msgspec.structs.replace(model, init_adapter=str(init))
-    config = msgspec.structs.replace(config, model=model)
+    institutions = [
+        inst
+        if inst.data is None
+        else msgspec.structs.replace(inst, data=_resolve_data(inst.data, base))
+        for inst in config.institutions
+    ]
+    config = msgspec.structs.replace(config, model=model, institutions=institutions)
     return msgspec.structs.replace(
         config,
         federation=msgspec.structs.replace(config.federation, run_dir=str(run_dir.resolve())),
         coordinator=msgspec.structs.replace(config.coordinator, keys_dir=str(keys_dir.resolve())),
+    )
+
+
+def _resolve_data(data: InstitutionData, base: Path) -> InstitutionData:
+    """``data`` with every file path absolute (relative ones against ``base``)."""
+    fields = ("path", "train", "validation", "test")
+    return msgspec.structs.replace(
+        data,
+        **{
+            f: str((base / Path(getattr(data, f)).expanduser()).resolve())
+            for f in fields
+            if getattr(data, f) is not None
+        },
     )

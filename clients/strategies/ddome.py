@@ -72,6 +72,7 @@ from clients.models.ddome_lora import (
     set_trainable,
     top_experts,
 )
+from clients.models.padding import token_loss
 from clients.strategies.base import (
     SPLITS,
     LocalRound,
@@ -343,11 +344,9 @@ def zero_shot_loss(
         ids = blocks[i : i + batch_size].to(device)
         gates = torch.nn.functional.one_hot(choice.per_sample[i : i + batch_size], experts)
         logits = mixture_logits(model, ids, gates.to(device=device, dtype=torch.float32))
-        ce = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum"
-        )
-        total += float(ce)
-        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        ce, real = token_loss(logits, ids)
+        total += float(ce.sum())
+        tokens += int(real.sum())
     return total / tokens
 
 
@@ -365,9 +364,9 @@ def evaluate_choice(
     def score(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         ids = blocks[rows].to(device)
         gates = chosen_gates(gate_logits(model, embeddings[rows].to(device)), chosen)
-        logits = mixture_logits(model, ids, gates)[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum")
-        return ce, logits.argmax(-1) == ids[:, 1:]
+        logits = mixture_logits(model, ids, gates)
+        ce, _ = token_loss(logits, ids)
+        return ce, logits[:, :-1].argmax(-1) == ids[:, 1:]
 
     return evaluate_with(model, blocks, score, batch_size)
 

@@ -80,8 +80,8 @@ from privacy import DPConfig, DPTrainingFacts, Release
 
 DEFAULT_MAX_EXAMPLES = 4096
 """Public FedAvg weight cap when ``[data.max_blocks].train`` is unset: an institution with more
-training blocks gets the same weight as one with exactly this many. Small enough that the weight
-of one block (1 / cap) stays well above the 16-bit mask quantisation step."""
+training records gets the same weight as one with exactly this many. Small enough that the weight
+of one record (1 / cap) stays well above the 16-bit mask quantisation step."""
 
 
 @dataclass(frozen=True)

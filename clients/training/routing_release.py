@@ -21,13 +21,14 @@ from torch import nn
 
 from clients.contract.routing import RoutingStats
 from clients.models.moe_lora import reset_routing_statistics, routing_statistics
+from clients.models.padding import model_input
 from privacy import ROUTING_STATISTICS, GaussianMechanism
 
 SENSITIVITY_BASIS = (
-    "unit of privacy: one training block of T tokens; the release sums each block's routing "
-    "statistics divided by T, so per adapted layer one block adds expert counts in [0, 1] "
-    "summing to top_k, router probabilities summing to 1 and a token count of 1: L2 "
-    "sensitivity sqrt(layers * (top_k + 2))"
+    "unit of privacy: one record, one training row of T tokens (padding included); the "
+    "release sums each row's routing statistics divided by T, so per adapted layer one row "
+    "adds expert counts in [0, 1] summing to top_k, router probabilities summing to 1 and a "
+    "token count of 1: L2 sensitivity sqrt(layers * (top_k + 2))"
 )
 
 
@@ -67,7 +68,7 @@ def block_normalised_statistics(
     reset_routing_statistics(model)
     try:
         for start in range(0, n, batch_size):
-            model(input_ids=blocks[start : start + batch_size].to(device))
+            model(input_ids=model_input(blocks[start : start + batch_size].to(device)))
     finally:
         model.train(was_training)
     stats = routing_statistics(model)

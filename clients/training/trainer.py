@@ -6,9 +6,10 @@ MoE-LoRA front end: a fixed number of steps on token blocks, returning what a ro
 the adapter delta, the routing statistics of the training forwards, training metrics and the
 :class:`~privacy.DPTrainingFacts` of what was released. :func:`evaluate` scores a split.
 
-The unit of privacy is one training block (a row of ``blocks``). Each block's loss is the mean
-next-token cross-entropy over its tokens plus ``load_balance_coef`` times the load-balance loss;
-it depends on that block only, as per-sample clipping requires (checked by
+The unit of privacy is one record of the institution's dataset, which is one row of ``blocks``
+(its tokens, right-padded with :data:`~clients.contract.records.PAD_ID`). Each row's loss is the
+mean next-token cross-entropy over its real tokens plus ``load_balance_coef`` times the
+load-balance loss; it depends on that row only, as per-sample clipping requires (checked by
 :func:`privacy.check_per_sample_gradients` with :func:`per_sample_loss`). A strategy may add its
 own per-block term (``extra_loss``) and hold some adapter entries fixed (``frozen``).
 """
@@ -21,13 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.contract.config import TrainingSection
+from clients.contract.records import PAD_ID
 from clients.contract.routing import RoutingStats
 from clients.models.moe_lora import (
     adapter_parameters,
@@ -37,6 +38,7 @@ from clients.models.moe_lora import (
     reset_routing_statistics,
     routing_statistics,
 )
+from clients.models.padding import model_input, token_loss
 from privacy import DPConfig, DPTrainingFacts, make_private
 
 ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -83,15 +85,24 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
 def _forward(
     model: nn.Module, ids: torch.Tensor, load_balance_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block (training loss, summed token CE, correct predictions), each of shape [B]."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    targets = ids[:, 1:]
-    token_ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    loss = token_ce.mean(dim=1)
+    """Per-record (training loss, summed token CE, correct predictions), each of shape [B].
+
+    Padding (:data:`~clients.contract.records.PAD_ID`) is no target: it adds nothing to the
+    cross-entropy or the correct count (a prediction never equals it), and the loss is the mean
+    over the record's real targets.
+    """
+    logits = model(input_ids=model_input(ids)).logits
+    token_ce, real = token_loss(logits, ids)
+    loss = token_ce.sum(dim=1) / real.sum(dim=1).clamp(min=1)
     if load_balance_coef > 0:
         loss = loss + load_balance_coef * load_balance_loss(model, reduction="none")
-    correct = (logits.detach().argmax(-1) == targets).sum(dim=1)
+    correct = (logits[:, :-1].detach().argmax(-1) == ids[:, 1:]).sum(dim=1)
     return loss, token_ce.detach().sum(dim=1), correct
+
+
+def _targets(ids: torch.Tensor) -> int:
+    """Real next-token targets in ``ids`` [B, T]: the tokens metrics count."""
+    return int((ids[:, 1:] != PAD_ID).sum())
 
 
 def per_sample_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -294,7 +305,7 @@ def train_local(
             loss = loss + _checked_extra(extra_loss(model, ids), ids.shape[0])
         ce_sum += float(ce.sum())
         correct += int(hits.sum())
-        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        tokens += _targets(ids)
         return loss
 
     run = train_steps(
@@ -374,7 +385,7 @@ def evaluate_with(
             correct += int(hits.sum())
     finally:
         model.train(was_training)
-    return _metrics(ce_sum, correct, blocks.shape[0] * (blocks.shape[1] - 1))
+    return _metrics(ce_sum, correct, _targets(blocks))
 
 
 @torch.no_grad()

@@ -18,7 +18,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from clients.contract.config import ConfigFileError, FederationConfig, load_config
+from clients.contract.config import (
+    ConfigFileError,
+    FederationConfig,
+    load_config,
+    missing_data_files,
+)
 from clients.contract.keys import ROSTER_FILE, generate_keys
 from clients.models.locate import (
     PEFT_FILES,
@@ -70,6 +75,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigFileError(
             path, f"{init} lacks {' or '.join(PEFT_FILES)}", "$.model.init_adapter"
         )
+    missing = missing_data_files(config)
+    if missing:
+        listed = "; ".join(f"{field}: {file}" for field, file in missing)
+        raise ConfigFileError(path, f"no such data file(s): {listed}", missing[0][0])
     console = Console()
     console.print(summary_table(config))
     console.print(Text(f"OK: {config_path(args)} is a valid federation config.", style="green"))
@@ -186,7 +195,8 @@ def summary_table(config: FederationConfig) -> Table:
         ),
         (
             "data",
-            f"{config.data.source}, blocks of {config.data.block_len} tokens, "
+            f"{config.data.source}, one example per record of up to {config.data.block_len} "
+            "tokens, "
             f"caps {config.data.max_blocks.as_dict() or 'none'}",
         ),
         (
