@@ -278,13 +278,20 @@ def load_ckks_key_holder(keys_dir: str | Path, name: str) -> CkksKeyHolder:
 
 
 def load_ckks_public_context(keys_dir: str | Path) -> bytes:
-    """The coordinator's CKKS evaluation context (no key material)."""
+    """The coordinator's CKKS evaluation context (no key material).
+
+    ``keys_dir/coordinator/ckks.public`` (``sealmoe keys``) or ``keys_dir/ckks.public`` (the
+    copy an institution's ``sealmoe ckks-share`` wrote, handed to the coordinator's host).
+    """
     path = coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE
+    if not path.exists() and (Path(keys_dir) / CKKS_PUBLIC_FILE).exists():
+        path = Path(keys_dir) / CKKS_PUBLIC_FILE
     try:
         return path.read_bytes()
     except OSError as exc:
         raise KeyFileError(
-            f"{path}: cannot read the CKKS context ({exc}); run `sealmoe keys`"
+            f"{path}: cannot read the CKKS context ({exc}); run `sealmoe keys`, or copy the "
+            "ckks.public that `sealmoe ckks-share` wrote into the keys folder"
         ) from None
 
 
