@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         *CONFIG,
         arg("--institution", required=True, metavar="NAME", help="this host's institution"),
-        arg("share", metavar="SHARE", help="ckks-share-NAME.json"),
+        arg("--share", required=True, metavar="FILE", help="ckks-share-NAME.json sent to you"),
     )
 
     add_command(
