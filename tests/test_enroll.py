@@ -35,6 +35,7 @@ from clients.contract.keys import (
     load_institution_keys,
     load_roster,
 )
+from coordinator.app.cli import main
 
 NAMES = ["alpha", "beta", "gamma"]
 
@@ -153,3 +154,39 @@ def test_share_signed_by_a_key_not_in_the_roster_is_refused(hosts, tmp_path):
     forged = seal_share(b"attacker's context", impostor, roster.institution("beta"))
     with pytest.raises(ShareError, match="signature is not 'alpha'"):
         open_share(forged, load_institution_keys(hosts["beta"], "beta"), roster)
+
+
+def test_cli_enrollment_sequence_and_a_bad_card_is_a_user_error(tmp_path, capsys):
+    """`sealmoe enroll`, `roster`, `ckks-share`, `ckks-accept` as the README runs them."""
+    config_text = "\n".join(
+        ["[federation]", 'name = "t"', "[coordinator]", 'keys_dir = "keys"']
+        + [f'[[institutions]]\nname = "{n}"' for n in NAMES]
+    )
+    dirs = {p: tmp_path / p for p in [*NAMES, "coordinator"]}
+    for folder in dirs.values():
+        folder.mkdir()
+        (folder / "f.toml").write_text(config_text + "\n")
+    for name in NAMES:
+        assert main(["enroll", str(dirs[name] / "f.toml"), "--institution", name]) == 0
+    cards = [str(card_path(dirs[n] / "keys", n)) for n in NAMES]
+    forged = tmp_path / "forged.card.json"
+    card = json.loads(Path(cards[1]).read_text())
+    card["signature"] = card["signature"][:-2] + ("00" if card["signature"][-2:] != "00" else "11")
+    forged.write_text(json.dumps(card))
+    coordinator_config = str(dirs["coordinator"] / "f.toml")
+    assert main(["roster", coordinator_config, cards[0], str(forged), cards[2]]) == 2
+    assert "signature does not match" in capsys.readouterr().err
+    assert main(["roster", coordinator_config, *cards]) == 0
+    for name in NAMES:
+        shutil.copy(dirs["coordinator"] / "keys" / ROSTER_FILE, dirs[name] / "keys")
+    assert main(["ckks-share", str(dirs["alpha"] / "f.toml"), "--institution", "alpha"]) == 0
+    share = share_path(dirs["alpha"] / "keys", "beta")
+    assert main(["ckks-accept", str(dirs["gamma"] / "f.toml"), "--institution", "gamma",
+                 "--share", str(share)]) == 2  # fmt: skip
+    assert "sealed to 'beta'" in capsys.readouterr().err
+    assert main(["ckks-accept", str(dirs["beta"] / "f.toml"), "--institution", "beta",
+                 "--share", str(share)]) == 0  # fmt: skip
+    assert (
+        load_ckks_key_holder(dirs["beta"] / "keys", "beta").to_bytes()
+        == load_ckks_key_holder(dirs["alpha"] / "keys", "alpha").to_bytes()
+    )
