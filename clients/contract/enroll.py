@@ -98,9 +98,7 @@ def share_path(keys_dir: str | Path, recipient: str) -> Path:
     return Path(keys_dir) / f"ckks-share-{recipient}.json"
 
 
-def enroll_party(
-    keys_dir: str | Path, name: str, folder: Path, *, force: bool = False
-) -> PartyKeys:
+def enroll_party(name: str, folder: Path, *, force: bool = False) -> PartyKeys:
     """Make fresh keys for one party in ``folder`` (secret files 0600); refuse to overwrite."""
     files = (CURVE_PUBLIC_FILE, CURVE_SECRET_FILE, IDENTITY_FILE, IDENTITY_PUBLIC_FILE)
     existing = [str(folder / f) for f in files if (folder / f).exists()]
@@ -120,7 +118,7 @@ def enroll_institution(
     """Make institution ``name``'s own keys under ``keys_dir`` and write its signed card."""
     if name not in institutions:
         raise CardError(f"institution {name!r} is not in the config; listed: {institutions}")
-    keys = enroll_party(keys_dir, name, institution_dir(keys_dir, name), force=force)
+    keys = enroll_party(name, institution_dir(keys_dir, name), force=force)
     entry = keys.public_entry()
     card = Card(keys=entry, signature=keys.identity.sign(_card_message(entry)).hex())
     path = card_path(keys_dir, name)
@@ -175,7 +173,7 @@ def build_roster(
     if (folder / CURVE_SECRET_FILE).exists():
         coordinator = load_coordinator_keys(keys_dir)
     else:
-        coordinator = enroll_party(keys_dir, "coordinator", folder)
+        coordinator = enroll_party("coordinator", folder)
     roster = Roster(
         version=ROSTER_VERSION,
         coordinator=coordinator.public_entry(),

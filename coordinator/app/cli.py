@@ -24,6 +24,7 @@ from clients.contract.enroll import (
     build_roster,
     create_ckks_shares,
     enroll_institution,
+    read_card,
 )
 from clients.contract.keys import ROSTER_FILE, generate_keys
 from clients.models.locate import (
@@ -72,7 +73,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     print(
         f"Wrote {args.institution}'s secret keys under {config.keys_dir / 'institutions'} "
         f"(mode 0600; they never leave this host) and its public card {card}: send the card "
-        "to the coordinator's operator."
+        "to the coordinator's operator. Read them this fingerprint out of band (phone), so "
+        f"they can check the card: {read_card(card, config.institution_names).identity_public}"
     )
     return 0
 
@@ -80,6 +82,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 def _cmd_roster(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
     roster = build_roster(config.keys_dir, config.institution_names, args.cards, force=args.force)
+    for entry in roster.institutions:
+        print(f"  {entry.name}: fingerprint {entry.identity_public} (check it with {entry.name})")
     print(
         f"Verified {len(roster.institutions)} cards; wrote {config.keys_dir / ROSTER_FILE} "
         "(public): copy it into every institution's keys folder."
