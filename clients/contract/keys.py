@@ -1,7 +1,8 @@
 """Key material of a federation: CurveZMQ transport keys, Ed25519 identity keys and the roster.
 
-Layout under ``keys_dir`` (``sealmoe keys`` writes it; copy each institution's folder to its host
-and the roster to everybody)::
+Layout under ``keys_dir`` (``sealmoe keys`` writes all of it on one host, for ``sealmoe run``;
+across hosts each party's ``sealmoe enroll``/``roster`` writes only its own folder, see
+:mod:`clients.contract.enroll`; the loaders read both)::
 
     roster.toml                          public: every party's CurveZMQ and Ed25519 public key
     coordinator/curve.key                CurveZMQ public certificate (ZPL, as pyzmq writes it)
@@ -278,13 +279,20 @@ def load_ckks_key_holder(keys_dir: str | Path, name: str) -> CkksKeyHolder:
 
 
 def load_ckks_public_context(keys_dir: str | Path) -> bytes:
-    """The coordinator's CKKS evaluation context (no key material)."""
+    """The coordinator's CKKS evaluation context (no key material).
+
+    ``keys_dir/coordinator/ckks.public`` (``sealmoe keys``) or ``keys_dir/ckks.public`` (the
+    copy an institution's ``sealmoe ckks-share`` wrote, handed to the coordinator's host).
+    """
     path = coordinator_dir(keys_dir) / CKKS_PUBLIC_FILE
+    if not path.exists() and (Path(keys_dir) / CKKS_PUBLIC_FILE).exists():
+        path = Path(keys_dir) / CKKS_PUBLIC_FILE
     try:
         return path.read_bytes()
     except OSError as exc:
         raise KeyFileError(
-            f"{path}: cannot read the CKKS context ({exc}); run `sealmoe keys`"
+            f"{path}: cannot read the CKKS context ({exc}); run `sealmoe keys`, or copy the "
+            "ckks.public that `sealmoe ckks-share` wrote into the keys folder"
         ) from None
 
 
@@ -346,7 +354,9 @@ def _check_private(path: Path) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: missing; create keys with `sealmoe keys`") from None
+        raise KeyFileError(
+            f"{path}: missing; create keys with `sealmoe keys` (one host) or `sealmoe enroll`"
+        ) from None
     if os.name == "posix" and mode & 0o077:
         raise KeyFileError(
             f"{path}: readable by other users (mode {mode & 0o777:o}); run chmod 600 on it"

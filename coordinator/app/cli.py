@@ -24,6 +24,13 @@ from clients.contract.config import (
     load_config,
     missing_data_files,
 )
+from clients.contract.enroll import (
+    accept_ckks_share,
+    build_roster,
+    create_ckks_shares,
+    enroll_institution,
+    read_card,
+)
 from clients.contract.keys import ROSTER_FILE, generate_keys
 from clients.models.locate import (
     PEFT_FILES,
@@ -60,6 +67,52 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         f"Roster: {config.keys_dir / ROSTER_FILE} (public; give it to every party). Give each "
         "institution only its own folder under institutions/."
     )
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    card = enroll_institution(
+        config.keys_dir, args.institution, config.institution_names, force=args.force
+    )
+    print(
+        f"Wrote {args.institution}'s secret keys under {config.keys_dir / 'institutions'} "
+        f"(mode 0600; they never leave this host) and its public card {card}: send the card "
+        "to the coordinator's operator. Read them this fingerprint out of band (phone), so "
+        f"they can check the card: {read_card(card, config.institution_names).identity_public}"
+    )
+    return 0
+
+
+def _cmd_roster(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    roster = build_roster(config.keys_dir, config.institution_names, args.cards, force=args.force)
+    for entry in roster.institutions:
+        print(f"  {entry.name}: fingerprint {entry.identity_public} (check it with {entry.name})")
+    print(
+        f"Verified {len(roster.institutions)} cards; wrote {config.keys_dir / ROSTER_FILE} "
+        "(public): copy it into every institution's keys folder."
+    )
+    return 0
+
+
+def _cmd_ckks_share(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    shares = create_ckks_shares(
+        config.keys_dir, args.institution, config.aggregation.ckks.params(), force=args.force
+    )
+    print(
+        f"Created the shared CKKS key; kept it in {args.institution}'s folder. Send each sealed "
+        f"share to its institution: {', '.join(str(p) for p in shares) or '(none)'}. Give the "
+        f"coordinator only {config.keys_dir / 'ckks.public'} (no secret key)."
+    )
+    return 0
+
+
+def _cmd_ckks_accept(args: argparse.Namespace) -> int:
+    config = load_config(config_path(args))
+    target = accept_ckks_share(config.keys_dir, args.institution, args.share)
+    print(f"Verified the share's signature and wrote {target} (mode 0600).")
     return 0
 
 
@@ -280,6 +333,67 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         *CONFIG,
         arg("--force", action="store_true", help="replace existing keys (old keys stop working)"),
+    )
+
+    add_command(
+        commands,
+        "enroll",
+        _cmd_enroll,
+        "make one institution's own keys on its host and its public card",
+        (
+            "On the institution's own host: create its CurveZMQ key pair and Ed25519 identity "
+            "key under coordinator.keys_dir/institutions/NAME (mode 0600, never copied), and "
+            "write NAME.card.json (its public keys, signed by its identity key) for the "
+            "coordinator's operator. See README 'Deploying across hosts'."
+        ),
+        *CONFIG,
+        arg("--institution", required=True, metavar="NAME", help="this host's institution"),
+        arg("--force", action="store_true", help="replace existing keys (re-issue the card)"),
+    )
+
+    add_command(
+        commands,
+        "roster",
+        _cmd_roster,
+        "build the roster from the institutions' cards (coordinator's host)",
+        (
+            "On the coordinator's host: check each card's self-signature and that its name is "
+            "an institution of the config, create the coordinator's own keys if absent, and "
+            "write the roster (public) under coordinator.keys_dir."
+        ),
+        *CONFIG,
+        arg("cards", nargs="+", metavar="CARD", help="NAME.card.json from each institution"),
+        arg("--force", action="store_true", help="replace an existing roster"),
+    )
+
+    add_command(
+        commands,
+        "ckks-share",
+        _cmd_ckks_share,
+        "create the shared CKKS key on one institution and seal it to the others",
+        (
+            "On one institution's host, after the roster is in its keys folder: create the "
+            "shared CKKS secret key, keep it, write ckks.public (no secret key; for the "
+            "coordinator) and ckks-share-NAME.json for every other institution: encrypted to "
+            "NAME's public key (X25519 + HKDF + AES-GCM) and signed by this institution."
+        ),
+        *CONFIG,
+        arg("--institution", required=True, metavar="NAME", help="this host's institution"),
+        arg("--force", action="store_true", help="replace an existing CKKS key"),
+    )
+
+    add_command(
+        commands,
+        "ckks-accept",
+        _cmd_ckks_accept,
+        "verify and open this institution's sealed CKKS share",
+        (
+            "On an institution's host: check the share's signature against the roster, decrypt "
+            "it with this institution's own key and store the CKKS secret (mode 0600)."
+        ),
+        *CONFIG,
+        arg("--institution", required=True, metavar="NAME", help="this host's institution"),
+        arg("--share", required=True, metavar="FILE", help="ckks-share-NAME.json sent to you"),
     )
 
     add_command(
