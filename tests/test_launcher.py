@@ -68,7 +68,7 @@ def test_run_prints_every_round_and_writes_a_verified_report(tmp_path):
     for inst in institutions:  # the report checked each ledger against the coordinator's head
         assert inst["verification"]["status"] == "verified"
         assert [r["round"] for r in inst["rounds"]] == [1, 2]
-        assert 0 < inst["spent"]["rdp"] <= inst["budget"]["epsilon"] + 1e-9
+        assert 0 < inst["spent"]["pld"] <= inst["budget"]["epsilon"] + 1e-9
 
     # Running it again without --fresh starts no party: it shows the finished run's results.
     coordinator_log = config.run_dir / "logs" / "coordinator.log"

@@ -405,7 +405,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
             (2, "adapter-update"), (2, "routing-statistics"),
         ]  # fmt: skip
         assert {e["kind"] for e in entries} == {"release"}
-        assert entries[-1]["epsilon"]["rdp"] == pytest.approx(second["epsilon_spent"])
+        assert entries[-1]["epsilon"]["pld"] == pytest.approx(second["epsilon_spent"])
         # the coordinator got the signed head of the full ledger before the release
         public = load_roster(config.keys_dir / ROSTER_FILE).institution(name).identity_key
         verified = verify_ledger(ledger_path(config.run_dir, name), public,
