@@ -203,6 +203,7 @@ class Federation:
                 self.charge(name, [r for r in local.releases if r.what == ADAPTER_UPDATE])
             else:
                 self.charge(name, local.releases)
+                local.after_charge()
             losses[name] = local.metrics["loss"]
             submissions.append(local.submission)
         if self.server is None:

@@ -10,6 +10,7 @@ only let the round go on, and make the sum equal to the institution's own input)
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import replace
@@ -47,6 +48,7 @@ from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator
 from privacy import DPTrainingFacts, ReleaseRefused
 from secagg.client import SecAggClient
+from secagg.errors import TooFewSurvivors
 from secagg.messages import (
     AdvertiseKeys,
     KeyRoster,
@@ -415,49 +417,99 @@ def fedalign(tmp_path) -> FederationConfig:
     return strategy_config(tmp_path, "fedalign")
 
 
-def test_strategy_memory_is_kept_before_the_advertisement_or_the_round_is_declined(fedalign):
+def test_strategy_memory_is_kept_after_the_charge_before_the_input_or_the_round_is_declined(
+    fedalign,
+):
     config = fedalign
     inst = make_institution(config, NAMES[0])
-    outputs = inst.rounds.handle(round_start(config, inst))
-    assert kinds(outputs) == ["PersistMemory", "AdvertiseKeys"]
-    assert set(load_numpy(outputs[0].data)) == set(inst.learner.adapters())
+    start = round_start(config, inst)
+    advertised = inst.rounds.handle(start)
+    assert kinds(advertised) == ["AdvertiseKeys"]  # nothing kept before the charge
+    secagg = SecAggRound(config, inst, start.params)
+    secagg.run(advertised)
+    released = secagg.replies["RelayedShares"]
+    assert kinds(released)[:2] == ["PersistMemory", "LedgerHead"]
+    assert kinds(released)[-1] == "MaskedInput"
+    assert set(load_numpy(released[0].data)) == set(inst.learner.adapters())
 
-    # the loop: memory that cannot be kept is never followed by the advertisement
-    inst._endpoint = Outbox()
+    # the loop: memory that cannot be kept is never followed by the head or the input
     inst.memory_path.mkdir()  # a folder where the file goes: the write fails
-    inst._serve(round_start(config, inst, attempt=1))
-    assert [type(m) for m in inst._endpoint.sent] == [Decline]
-    assert inst._endpoint.sent[0].reason.startswith("local failure")
+    again = round_start(config, inst, attempt=1)
+    secagg = SecAggRound(config, inst, again.params)
+    inst._endpoint = outbox = Outbox()
+    inst._carry_out(inst.rounds.handle(again))
+    for cid, client in secagg.others.items():
+        secagg.server.receive(cid, client.advertise())
+    for _ in range(10):  # the round's stages, until the institution declines
+        for message in outbox.sent[-1:]:
+            if isinstance(message, TO_SERVER):
+                secagg.server.receive(secagg.me, message)
+        if Decline in map(type, outbox.sent):
+            break
+        for cid, message in secagg.server.advance().items():
+            if cid == secagg.me:
+                inst._carry_out(inst.rounds.handle(message))
+            else:
+                secagg.server.receive(cid, secagg.others[cid].handle(message))
+    sent = [type(m) for m in outbox.sent]
+    assert sent == [AdvertiseKeys, ShareKeys, Decline]  # no head, no CKKS or masked input
+    assert outbox.sent[-1].reason.startswith("local failure")
+    assert ledger_lines(config, NAMES[0])[-1]["round_id"] == again.params.round_id  # charged
     inst.memory_path.rmdir()
-    inst._serve(round_start(config, inst, attempt=2))
-    assert [type(m) for m in inst._endpoint.sent[1:]] == [AdvertiseKeys]
-    assert set(load_numpy(inst.memory_path.read_bytes())) == set(inst.learner.adapters())
+
+
+def fedmoe_round(config: FederationConfig, inst: Institution, attempt: int = 0) -> SecAggRound:
+    """One FedMoE round of ``inst`` with real SecAgg+ peers, run to its end."""
+    start = round_start(config, inst, attempt=attempt)
+    advertised = inst.rounds.handle(start)
+    assert kinds(advertised) == ["AdvertiseKeys"]
+    secagg = SecAggRound(config, inst, start.params)
+    secagg.run(advertised)
+    return secagg
 
 
 def test_fedmoe_validation_signal_is_charged_with_the_round_before_anything_leaves(tmp_path):
     """FedMoE's noised validation signal steers the next rounds' sub-MoE: it is on the ledger
-    (with the update and the routing statistics) when the head goes out, before any input."""
+    (with the update and the routing statistics) when the head goes out, before any input, and
+    the strategy takes it (and keeps it in its memory) only after that charge."""
+    config = strategy_config(tmp_path, "fedmoe")
+    inst = make_institution(config, NAMES[0])
+    assert math.isnan(inst.learner.strategy.signal)
+    secagg = fedmoe_round(config, inst)
+    released = secagg.replies["RelayedShares"]
+    assert kinds(released)[:2] == ["PersistMemory", "LedgerHead"]
+    assert kinds(released)[-1] == "MaskedInput"
+    memory = load_numpy(released[0].data)
+    assert math.isfinite(memory["lam_signal"][1])  # kept locally, never sent
+    assert memory["lam_signal"][1] == inst.learner.strategy.signal
+    head = messages(released)[0]
+    assert secagg.ledger_entries_before["RelayedShares"] == 0
+    assert head.entries == 3 and head == inst.ledger.head()
+    entries = ledger_lines(config, NAMES[0])
+    round_id_ = secagg.server.params.round_id
+    assert [(e["what"], e["round_id"]) for e in entries] == [
+        ("adapter-update", round_id_),
+        ("routing-statistics", round_id_),
+        ("validation-signal", round_id_),
+    ]
+
+
+def test_a_refused_fedmoe_release_steers_nothing(tmp_path):
+    """When the charge is refused, the noised validation signal of that round is dropped: the
+    strategy's state and memory are as before the round."""
     config = strategy_config(tmp_path, "fedmoe")
     inst = make_institution(config, NAMES[0])
     start = round_start(config, inst)
     advertised = inst.rounds.handle(start)
-    assert kinds(advertised) == ["PersistMemory", "AdvertiseKeys"]
-    assert not ledger_path(config.run_dir, NAMES[0]).exists() or not ledger_lines(config, NAMES[0])
-    assert "lam_signal" in load_numpy(advertised[0].data)  # kept locally, never sent
-
+    releases = inst.rounds._round.local.releases
+    with pytest.raises(ReleaseRefused):
+        for other in range(1, 100):
+            inst.ledger.charge([replace(r, round_id=other) for r in releases])
     secagg = SecAggRound(config, inst, start.params)
-    secagg.run(advertised)
-    released = kinds(secagg.replies["RelayedShares"])
-    assert released[0] == "LedgerHead" and released[-1] == "MaskedInput"
-    head = messages(secagg.replies["RelayedShares"])[0]
-    assert secagg.ledger_entries_before["RelayedShares"] == 0
-    assert head.entries == 3 and head == inst.ledger.head()
-    entries = ledger_lines(config, NAMES[0])
-    assert [(e["what"], e["round_id"]) for e in entries] == [
-        ("adapter-update", start.params.round_id),
-        ("routing-statistics", start.params.round_id),
-        ("validation-signal", start.params.round_id),
-    ]
+    with pytest.raises(TooFewSurvivors):  # this federation's threshold needs every institution
+        secagg.run(advertised)
+    assert kinds(secagg.replies["RelayedShares"]) == ["LedgerHead", "Decline"]
+    assert math.isnan(inst.learner.strategy.signal)  # the uncharged signal was never taken
 
 
 def test_the_outputs_are_only_records(config):

@@ -19,7 +19,9 @@ Ordering guarantees (privacy properties; the tests hold them):
 - the round's releases are charged before the ledger head is sent, and the head goes out before
   the CKKS input and the masked input;
 - FedAMoLE's scores are charged before any noise is drawn, and before they are sent;
-- the strategy's memory is persisted (:class:`PersistMemory`) before the key advertisement;
+- what the learner keeps from the round's noised releases (``LocalRound.after_charge``) is
+  taken only once they are charged, and the strategy's memory is persisted
+  (:class:`PersistMemory`) after the charge and before the head and the inputs go out;
 - a refused charge sends the ledger head (recording the refusal) and then a :class:`Decline`;
 - malformed broadcasts (extras, assignment) are declined with a log line; the machine serves on;
 - messages for another round id, or not awaited, are ignored with a log line.
@@ -338,9 +340,6 @@ class InstitutionRounds:
         clipped = {k: v for k, v in local.submission.clipped.items() if v > 0}
         if clipped:
             log.info("%s: clipped fractions %s", self.name, clipped)
-        memory = self.learner.memory()
-        if memory:  # kept before anything is sent, so a restart goes on from this round
-            self._emit(PersistMemory(save_numpy(memory)))
         layout = self.learner.layout(state)
         packed = layout.pack(local.submission.values)
         params, client_id = current.start.params, current.start.client_id
@@ -391,6 +390,10 @@ class InstitutionRounds:
             self._send(self.ledger.head())
             self._decline(str(exc))
             return False
+        local.after_charge()
+        memory = self.learner.memory()
+        if memory:  # kept before the release is sent, so a restart goes on from this round
+            self._emit(PersistMemory(save_numpy(memory)))
         self._send(self.ledger.head())
         log.info("%s: charged the release: epsilon spent %.3f", self.name, self.ledger.spent())
         if current.ckks is not None:

@@ -136,16 +136,26 @@ def example_weight(num_examples: int, max_examples: int) -> float:
 SPLITS = ("train", "validation", "test")
 
 
+def _nothing_to_keep() -> None:
+    """The default :attr:`LocalRound.after_charge`."""
+
+
 @dataclass(frozen=True)
 class LocalRound:
     """One round of local training: the submission to pack, training metrics by name (``loss``
     at least; private: they stay local), the DP-SGD facts and every release that goes out with
-    the masked input (the DP-SGD update first)."""
+    the masked input (the DP-SGD update first).
+
+    ``after_charge`` keeps what the learner learnt from this round's noised releases for later
+    rounds (FedMoE's validation signal); whoever drives the round calls it only once the
+    releases are charged, so a refused release steers nothing.
+    """
 
     submission: Submission
     metrics: dict[str, float]
     facts: DPTrainingFacts | None
     releases: list[Release]
+    after_charge: Callable[[], None] = _nothing_to_keep
 
 
 class RecordedCharges:

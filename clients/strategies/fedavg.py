@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 import dp_accounting
@@ -270,13 +271,14 @@ class MoELoRALearner:
             signal = self._validation_signal()
         result = replace(result, routing=routing)  # only the noised statistics go further
         submission = self.strategy.submit(state, result, num_examples=len(blocks))
-        if signal is not None and isinstance(self.strategy, StepsOnValidation):
-            self.strategy.observe(signal)  # steers later rounds: charged with this round's
         releases = (
             [] if result.facts is None
             else self.releases(state, result.facts, federation_round, round_id)
         )  # fmt: skip
-        return LocalRound(submission, asdict(result.metrics), result.facts, releases)
+        local = LocalRound(submission, asdict(result.metrics), result.facts, releases)
+        if signal is not None and isinstance(self.strategy, StepsOnValidation):
+            return replace(local, after_charge=partial(self.strategy.observe, signal))
+        return local
 
     def _validation_signal(self) -> float | None:
         """The strategy's validation signal on the model in session, noised (charged with this
