@@ -105,6 +105,15 @@ def round_start(
     )
 
 
+def spend_until_this_round_is_refused(inst: Institution) -> None:
+    """Other releases spend the budget after the round's check passed: charge what the round in
+    progress would release (under other round ids) until the ledger refuses it."""
+    releases = inst.rounds._round.local.releases
+    with pytest.raises(ReleaseRefused):
+        for other in range(1, 100):
+            inst.ledger.charge([replace(r, round_id=other) for r in releases])
+
+
 class SecAggRound:
     """A real SecAgg+ server and the other participants (zero inputs), for ``inst``'s round."""
 
@@ -198,12 +207,7 @@ def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(
     inst = make_institution(config, NAMES[0])
     start = round_start(config, inst)
     advertised = inst.rounds.handle(start)
-    # other releases spend the budget after the round's check passed: charge what this round
-    # would release (under other round ids) until the ledger refuses it
-    releases = inst.rounds._round.local.releases
-    with pytest.raises(ReleaseRefused):
-        for other in range(1, 100):
-            inst.ledger.charge([replace(r, round_id=other) for r in releases])
+    spend_until_this_round_is_refused(inst)
     entries = inst.ledger.head().entries
 
     secagg = SecAggRound(config, inst, start.params)
@@ -501,10 +505,7 @@ def test_a_refused_fedmoe_release_steers_nothing(tmp_path):
     inst = make_institution(config, NAMES[0])
     start = round_start(config, inst)
     advertised = inst.rounds.handle(start)
-    releases = inst.rounds._round.local.releases
-    with pytest.raises(ReleaseRefused):
-        for other in range(1, 100):
-            inst.ledger.charge([replace(r, round_id=other) for r in releases])
+    spend_until_this_round_is_refused(inst)
     secagg = SecAggRound(config, inst, start.params)
     with pytest.raises(TooFewSurvivors):  # this federation's threshold needs every institution
         secagg.run(advertised)
