@@ -9,6 +9,12 @@ import torch
 from torch import nn
 
 from clients.models.loaders import tiny_dense_model
+from privacy import DPConfig
+
+BITS = 16
+"""Fixed-point bits of the adapter strategies' secure sums in tests."""
+DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
+"""One local round's DP-SGD settings (a fixed noise multiplier: no calibration)."""
 
 
 def token_ids(batch: int, length: int = 12, seed: int = 0) -> torch.Tensor:

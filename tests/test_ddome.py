@@ -42,15 +42,13 @@ from clients.training.release import noise_generator
 from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.ddome import DDOMEStrategy, next_state
-from privacy import DPConfig, assert_per_sample_gradients, dp_sgd_event
+from privacy import assert_per_sample_gradients, dp_sgd_event
 from secagg import FixedPointCodec
 from tests import adapter_fixtures
-from tests.adapter_fixtures import seeded_model
+from tests.adapter_fixtures import BITS, DP, seeded_model
 from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = DDOMEAdapterConfig(num_experts=4, top_k=2, rank=4, gate_hidden=16)
-BITS = 16
-DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
 
 
 def model() -> torch.nn.Module:

@@ -54,15 +54,13 @@ from coordinator.strategies.fedamole import (
     public_state,
     solve_assignment,
 )
-from privacy import DPConfig, assert_per_sample_gradients
+from privacy import assert_per_sample_gradients
 from secagg import FixedPointCodec
 from tests import adapter_fixtures
-from tests.adapter_fixtures import seeded_model
+from tests.adapter_fixtures import BITS, DP, seeded_model
 from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = AMoLEConfig(num_experts=4, top_k=2, rank=4, load_balance_coef=0.01)
-BITS = 16
-DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
 
 
 def model() -> torch.nn.Module:
