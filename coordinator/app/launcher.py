@@ -153,7 +153,12 @@ def _print_report(config: FederationConfig, console: Console) -> int:
     except ContextError as exc:
         console.print(f"[red]no privacy report: {exc}[/red]")
         return 1
-    console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    signed = any(p.name.endswith(".sig") for p in written)
+    console.print(
+        f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)"
+        + ("; signed by the coordinator (.sig), check: sealmoe audit verify RUN_DIR"
+           if signed else "; [yellow]unsigned: no coordinator key here[/yellow]")
+    )  # fmt: skip
     return 0
 
 
