@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dp_accounting
@@ -281,3 +282,14 @@ def test_a_report_written_without_the_coordinator_key_is_unsigned(run_dir, tmp_p
     assert "NOT signed" in capsys.readouterr().out
     assert not (copy / "report.html.sig").exists()  # the old signature went with the old page
     assert main(["audit", "verify", str(copy), "--roster", str(roster)]) == 1
+
+
+def test_audit_verify_of_a_run_directory_does_not_import_torch(run_dir):
+    code = (
+        "import sys; from coordinator.app.cli import main; "
+        f"rc = main(['audit', 'verify', {str(run_dir)!r}]); print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 False"
