@@ -290,6 +290,12 @@ def plain_summary(
         "added (see Accountant). The empirical audit, where present, is a check of the "
         "implementation, not part of the guarantee."
     )
+    paragraphs.append(
+        "Authenticity: the coordinator signs this report (report.html.sig beside it, Ed25519 "
+        "by its identity key). `sealmoe audit verify RUN_DIR` checks that signature against "
+        "the coordinator's key in the federation's roster, and every institution's signed "
+        "ledger behind the numbers."
+    )
     return paragraphs
 
 
