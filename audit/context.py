@@ -8,6 +8,8 @@ the trust model they imply, and the software versions that ran.
 from __future__ import annotations
 
 import platform
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -54,6 +56,18 @@ class StrategyFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     coordinator_sees: str = ""
 
 
+class ModelFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The base model every institution fine-tuned: its name, revision, dtype and the SHA-256
+    of its weight files as the coordinator found them when the run started (None for a
+    built-in random model, rebuilt from the federation's seed; ``note`` says why else)."""
+
+    name: str
+    revision: str | None = None
+    dtype: str = ""
+    sha256: str | None = None
+    note: str = ""
+
+
 class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The public description of a federation run that a privacy report cites."""
 
@@ -78,17 +92,56 @@ class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     """None in contexts written before strategies stated their facts; ``sealmoe audit report``
     then looks them up by ``strategy``."""
     software: dict[str, str] = msgspec.field(default_factory=dict)
+    base_model: ModelFacts | None = None
+    """None in contexts written before the coordinator recorded the base model."""
+    git_commit: str | None = None
+    """The sealmoe source's ``git rev-parse HEAD`` ("not a git checkout" otherwise)."""
+    train_records_cap: int | None = None
+    """``[data.max_blocks] train``: the most training records any institution uses (public)."""
+
+
+SOFTWARE = (
+    "sealmoe", "torch", "transformers", "peft", "opacus", "tenseal", "cryptography", "pyzmq",
+    "dp-accounting", "msgspec",
+)  # fmt: skip
+"""The packages whose behaviour the guarantees depend on, reported with their versions."""
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour the guarantees depend on."""
+    """Versions of :data:`SOFTWARE` (and Python), read without importing the packages."""
     versions = {"python": platform.python_version()}
-    for package in ("sealmoe", "dp-accounting", "opacus", "torch", "tenseal", "cryptography"):
+    for package in SOFTWARE:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+NOT_A_CHECKOUT = "not a git checkout"
+
+
+def source_commit(folder: str | Path | None = None) -> str:
+    """The git commit of the sealmoe source in ``folder`` (default: this package's checkout),
+    marked when the working tree has uncommitted changes; :data:`NOT_A_CHECKOUT` otherwise."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent.parent
+    git = shutil.which("git")
+    if git is None:
+        return NOT_A_CHECKOUT
+    try:
+        top, head = subprocess.run(  # noqa: S603 - fixed arguments, no user input
+            [git, "rev-parse", "--show-toplevel", "HEAD"], cwd=folder, capture_output=True,
+            text=True, timeout=10, check=True,
+        ).stdout.split()  # fmt: skip
+        dirty = subprocess.run(  # noqa: S603
+            [git, "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return NOT_A_CHECKOUT
+    if len(head) != 40 or Path(top).resolve() != folder.resolve():  # e.g. a venv inside a repo
+        return NOT_A_CHECKOUT
+    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def context_bytes(facts: FederationFacts) -> bytes:

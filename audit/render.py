@@ -29,6 +29,17 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "unbounded" if value is None else f"{value:.{digits}g}"
 
 
+def _value(value: Any) -> str:
+    """A table cell: floats rounded to 4 significant digits (report.json keeps them exact)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_value(v) for v in value)
+    return str(value)
+
+
 def _png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -106,14 +117,30 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]] |
     return [
         ("Unit of privacy", [("unit of privacy", report["unit_of_privacy"]),
                              ("neighbouring relation", report["neighbouring_relation"])], None),
-        ("Trust model", [(k.replace("_", " "), str(v)) for k, v in trust.items()], None),
-        ("Accountant", [(k.replace("_", " "), str(v)) for k, v in acc.items()], None),
-        ("DP-SGD", [(k.replace("_", " "), str(v)) for k, v in dp.items()]
+        ("Trust model", [(k.replace("_", " "), _value(v)) for k, v in trust.items()], None),
+        ("Accountant", [(k.replace("_", " "), _value(v)) for k, v in acc.items()], None),
+        ("DP-SGD", [(k.replace("_", " "), _value(v)) for k, v in dp.items()]
          + ([("routing noise multiplier",
-              str(report["routing_statistics"]["noise_multiplier"]))] if routed else []),
+              _value(report["routing_statistics"]["noise_multiplier"]))] if routed else []),
          None),
+        ("Datasets", _dataset_rows(report), None),
+        ("Base model and source", [(k.replace("_", " "), _value(v))
+                                   for k, v in report.get("provenance", {}).items()], None),
         ("Software", [(k, v) for k, v in report["software"].items()], None),
     ]  # fmt: skip
+
+
+def _dataset_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Each institution's number of training records as the public record already states it."""
+    rows = []
+    for inst in report["institutions"]:
+        data = inst.get("dataset") or {}
+        if not data:
+            continue
+        records = data["training_records"]
+        size = f"{records:,} training records" if records is not None else "not stated"
+        rows.append((inst["name"], f"{size}: {data['how']}; {data['cap_note']}"))
+    return rows
 
 
 def _release_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -138,8 +165,14 @@ ROUND_HEADER = ["round", "attempt", "released", "ε this round (RDP)", "ε this 
                 "cumulative ε (RDP)", "cumulative ε (PLD)"]  # fmt: skip
 ENTRY_HEADER = ["#", "kind", "round", "what", "cumulative ε (RDP)", "cumulative ε (PLD)",
                 "reason"]  # fmt: skip
-EMPIRICAL_HEADER = ["audited", "canaries", "guesses", "correct", "confidence",
+EMPIRICAL_HEADER = ["what it audits", "canaries", "guesses", "correct", "confidence",
                     "empirical ε lower bound", "accountant ε upper bound"]  # fmt: skip
+
+
+COMPOSITION = (
+    "ε this round: the round's releases alone. Cumulative ε: all releases so far composed by "
+    "the accountant, which is less than the sum of the rounds' ε (they compose, not add)."
+)
 
 
 def _round_rows(inst: dict[str, Any]) -> list[list[str]]:
@@ -155,13 +188,13 @@ def _entry_rows(inst: dict[str, Any]) -> list[list[str]]:
 
 
 def _empirical_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[a["label"], str(a["canaries"]), str(a["guesses"]), str(a["correct"]),
+    return [[a.get("audits", a["label"]), str(a["canaries"]), str(a["guesses"]), str(a["correct"]),
              f"{a['confidence']:g}", _num(a["epsilon_lower_bound"]),
              _num(a["epsilon_upper_bound"])] for a in report["empirical_audit"]]  # fmt: skip
 
 
 def _params(inst: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [(f"DP-SGD {k.replace('_', ' ')}", str(v)) for k, v in inst["dp_sgd"].items()]
+    rows = [(f"DP-SGD {k.replace('_', ' ')}", _value(v)) for k, v in inst["dp_sgd"].items()]
     for label, key in (
         ("routing", "routing"),
         ("scores", "scores"),
@@ -169,7 +202,8 @@ def _params(inst: dict[str, Any]) -> list[tuple[str, str]]:
         ("expert choice", "choice"),
         ("validation signal", "validation"),
     ):
-        rows += [(f"{label} {k.replace('_', ' ')}", str(v)) for k, v in inst.get(key, {}).items()]
+        rows += [(f"{label} {k.replace('_', ' ')}", _value(v))
+                 for k, v in inst.get(key, {}).items()]  # fmt: skip
     return rows
 
 
@@ -216,9 +250,13 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         f"<title>{html.escape(report['title'])}</title><style>{STYLE}</style>",
         f"<script>{SELF_CHECK}</script></head><body>",
         f"<h1>{html.escape(report['title'])}</h1>",
-        f"<p>Generated {html.escape(report['generated_at'])} from "
+        "<section id='summary'><h2>Summary</h2>",
+        *(f"<p>{html.escape(p)}</p>" for p in report.get("summary", [])),
+        "</section>",
+        f"<p>Generated {html.escape(report['generated_at'])} from the run directory "
         f"{html.escape(report['run_dir'])}; {fed['rounds']} rounds planned "
-        f"(+{fed['spare_rounds']} spare), {fed['institutions']} institutions.</p>",
+        f"(+{fed['spare_rounds']} spare), {fed['institutions']} institutions. Paths below are "
+        "relative to the run directory.</p>",
         "<h2>Budgets</h2>", img("remaining", "spent and remaining budget per institution"),
         _table(SUMMARY_HEADER, _summary_rows(report)),
         "<h2>What is released, and to whom</h2>",
@@ -227,10 +265,10 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     for title, rows, _ in _sections(report):
         parts += [f"<h2>{html.escape(title)}</h2>", _kv_html(rows or [])]
     if report["empirical_audit"]:
-        parts += ["<h2>Empirical privacy audit</h2>",
+        parts += ["<h2>Empirical privacy audit (DP-SGD mechanism only)</h2>",
                   "<p>A lower bound on ε measured with canaries (Steinke, Nasr and Jagielski "
                   "2023, one training run), next to the accountant's upper bound for the same "
-                  "training.</p>",
+                  "training. It audits only what its first column says.</p>",
                   _table(EMPIRICAL_HEADER, _empirical_rows(report))]  # fmt: skip
     for inst in report["institutions"]:
         name, check = inst["name"], inst["verification"]
@@ -239,7 +277,8 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
             f"<p>Ledger {html.escape(inst['ledger'])}: <b>{html.escape(check['status'])}</b>"
             f" ({html.escape(check['detail'])}).</p>",
             img(f"epsilon-{name}", f"cumulative epsilon of {name} against its budget"),
-            "<h3>Per round</h3>", _table(ROUND_HEADER, _round_rows(inst)),
+            "<h3>Per round</h3>", f"<p>{html.escape(COMPOSITION)}</p>",
+            _table(ROUND_HEADER, _round_rows(inst)),
             "<h3>Mechanism parameters</h3>", _kv_html(_params(inst)),
             "<h3>Ledger entries</h3>", _table(ENTRY_HEADER, _entry_rows(inst)),
         ]  # fmt: skip
@@ -249,7 +288,11 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown, linking the plots under ``report-plots/``."""
-    lines = [f"# {report['title']}", "", f"Generated {report['generated_at']}.", "",
+    lines = [f"# {report['title']}", "", "## Summary", ""]
+    for paragraph in report.get("summary", []):
+        lines += [paragraph, ""]
+    lines += [f"Generated {report['generated_at']} from the run directory {report['run_dir']} "
+              "(paths are relative to it).", "",
              "## Budgets", "", f"![budgets]({PLOTS_DIR}/remaining.png)", "",
              _md_table(SUMMARY_HEADER, _summary_rows(report)), "",
              "## What is released, and to whom", "",
@@ -262,7 +305,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     if report["empirical_audit"]:
-        lines += ["## Empirical privacy audit", "",
+        lines += ["## Empirical privacy audit (DP-SGD mechanism only)", "",
                   _md_table(EMPIRICAL_HEADER, _empirical_rows(report)), ""]  # fmt: skip
     for inst in report["institutions"]:
         name = inst["name"]
@@ -270,7 +313,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"Ledger `{inst['ledger']}`: **{inst['verification']['status']}** "
                   f"({inst['verification']['detail']}).", "",
                   f"![epsilon of {name}]({PLOTS_DIR}/epsilon-{name}.png)", "",
-                  "### Per round", "", _md_table(ROUND_HEADER, _round_rows(inst)), "",
+                  "### Per round", "", COMPOSITION, "",
+                  _md_table(ROUND_HEADER, _round_rows(inst)), "",
                   "### Mechanism parameters", "",
                   _md_table(["item", "value"], [list(r) for r in _params(inst)]), "",
                   "### Ledger entries", "",

@@ -40,6 +40,8 @@ REQUIRED_FIELDS = (
     "routing_statistics",
     "institutions",
     "software",
+    "summary",
+    "provenance",
 )
 
 
@@ -63,8 +65,9 @@ def _verification(
     head = read_head(head_file) if head_file.exists() else None
     try:
         verify_ledger(path, keys[name], institution=name, head=head)
-    except LedgerTampered as exc:
-        return {"status": "FAILED", "detail": str(exc)}
+    except LedgerTampered as exc:  # the file is named by the report: no (absolute) path here
+        where = f"line {exc.line}: " if exc.line else ""
+        return {"status": "FAILED", "detail": where + exc.problem}
     detail = "chain, signatures and every epsilon recomputed"
     detail += "; matches the coordinator's signed head" if head else "; no coordinator head"
     return {"status": "verified", "detail": detail}
@@ -101,7 +104,64 @@ def _empirical(run_dir: Path) -> list[dict[str, Any]]:
     folder = run_dir / EMPIRICAL_DIR
     if not folder.is_dir():
         return []
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+    audits = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+    for a in audits:
+        a["audits"] = audit_scope(a)
+    return audits
+
+
+def audit_scope(result: Mapping[str, Any]) -> str:
+    """Exactly what an empirical (canary) audit measured, and what it did not."""
+    return (
+        f"{result['label']}: the DP-SGD mechanism alone (the adapter-update release), re-run "
+        f"at this run's settings (noise multiplier {result['noise_multiplier']:.3g}, sampling "
+        f"rate {result['sample_rate']:.3g}, {result['steps']} steps) on "
+        f"{result['canaries']} synthetic canaries in a small white-box model. It does not "
+        "audit this run's model or data, the routing statistics or other releases, the secure "
+        "aggregation, or the composition over all releases; its lower bound refutes a weaker "
+        "guarantee than claimed (a check of the implementation), it is no guarantee itself"
+    )
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    """``path`` as the report shows it: relative to the run directory (no host's layout)."""
+    try:
+        return path.resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _dataset(facts: FederationFacts, dp_sgd: Mapping[str, Any]) -> dict[str, Any]:
+    """What the public record already says about an institution's number of records.
+
+    DP-SGD samples each record with rate q = B / N (B: the logical batch size), and the ledger
+    records q: N = B / q is public to anyone who can read the ledger. Nothing new is released.
+    """
+    rate = dp_sgd.get("sample_rate")
+    implied = None
+    how = "no adapter update was released, so the ledger implies no size"
+    if isinstance(rate, (int, float)) and 0 < rate < 1:
+        implied = round(facts.batch_size / rate)
+        how = (
+            f"implied by the ledger: logical batch B = {facts.batch_size} / sampling rate "
+            f"q = {rate:.4g} (already public to the accountant; not a new release)"
+        )
+    elif rate == 1:
+        how = (
+            f"at most the batch size B = {facts.batch_size} (sampling rate 1: every record in "
+            "every step)"
+        )
+    cap = facts.train_records_cap
+    return {
+        "training_records": implied,
+        "how": how,
+        "declared_cap": cap,
+        "cap_note": (
+            f"the config caps each institution at {cap} training records ([data.max_blocks])"
+            if cap is not None
+            else "the config sets no cap on training records"
+        ),
+    }
 
 
 def _institution(
@@ -112,7 +172,8 @@ def _institution(
     budget = {"epsilon": inst.budget_epsilon, "delta": inst.budget_delta}
     if not path.exists():
         return {
-            "name": inst.name, "budget": budget, "ledger": str(path), "entries": [],
+            "name": inst.name, "budget": budget, "ledger": _relative(path, run_dir),
+            "entries": [], "dataset": _dataset(facts, {}),
             "rounds": [], "spent": {"rdp": 0.0, "pld": 0.0},
             "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
             "verification": {"status": "no ledger", "detail": "the institution released nothing"},
@@ -124,16 +185,18 @@ def _institution(
     spent = msgspec.to_builtins(releases[-1].epsilon) if releases else {"rdp": 0.0, "pld": 0.0}
     enforced = spent.get(facts.accountant)
     remaining = None if enforced is None else max(0.0, inst.budget_epsilon - enforced)
+    dp_sgd = _parameters(entries, "adapter-update")
     return {
         "name": inst.name,
         "budget": budget,
-        "ledger": str(path),
+        "ledger": _relative(path, run_dir),
+        "dataset": _dataset(facts, dp_sgd),
         "verification": _verification(path, inst.name, run_dir, keys),
         "spent": spent,
         "remaining_epsilon": remaining,
         "refusals": sum(1 for e in entries if e.kind == "refusal"),
         "rounds": _rounds(entries, inst.budget_delta),
-        "dp_sgd": _parameters(entries, "adapter-update"),
+        "dp_sgd": dp_sgd,
         "routing": _parameters(entries, "routing-statistics"),
         "scores": _parameters(entries, "affinity-scores"),
         "keys": _parameters(entries, "expert-keys"),
@@ -179,6 +242,63 @@ def _releases(strategy: StrategyFacts, update_to: str, routing_to: str) -> list[
     return releases
 
 
+COMPOSITION_NOTE = (
+    "The per-round ε values are not added up. The accountant composes every release of an "
+    "institution over all rounds into one (ε, δ) guarantee (privacy loss distributions or "
+    "Rényi DP), which is smaller than the sum of the per-round values; the cumulative column "
+    "is that composed total, and it is what the budget is checked against before each release."
+)
+
+
+def _eps(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.3g}"
+
+
+def plain_summary(
+    facts: FederationFacts, institutions: list[dict[str, Any]], model: str
+) -> list[str]:
+    """The guarantee in plain language, one paragraph per item, for the top of the report."""
+    names = ", ".join(i["name"] for i in institutions)
+    paragraphs = [
+        f"{len(institutions)} institutions ({names}) fine-tuned the base model {model} "
+        f"together over {facts.rounds} planned rounds. No institution's data left it: each "
+        "trained on its own records and released only noised updates, which the coordinator "
+        "received masked or encrypted and could only add up.",
+        "What is guaranteed: for each institution, everything it released over the whole run "
+        "is (ε, δ)-differentially private with respect to any single record of its training "
+        "data. Whatever anyone learns from those releases (the coordinator, the other "
+        "institutions, whoever uses the trained model) they would have learned almost as well "
+        'had that one record been left out. ε measures "almost" (smaller is stronger; '
+        "ε ≤ 1 is strong, ε around 8 is common in practice); δ is the small probability that "
+        "the bound does not hold.",
+        "The unit of privacy is one record, not one person: a person with k records in one "
+        "institution is protected with roughly k·ε. Each institution's guarantee covers its "
+        "own records only and is independent of the others'.",
+    ]
+    acc = facts.accountant.upper()
+    for inst in institutions:
+        spent = inst["spent"].get(facts.accountant)
+        verified = inst["verification"]["status"]
+        paragraphs.append(
+            f"{inst['name']}: ε = {_eps(spent)} spent of a budget of "
+            f"{inst['budget']['epsilon']:g}, at δ = {inst['budget']['delta']:g} ({acc} "
+            f"accountant); {inst['refusals']} release(s) refused for exceeding the budget; "
+            f"ledger {verified}."
+        )
+    paragraphs.append(
+        "The per-round ε values in the tables below compose into the total; they are not "
+        "added (see Accountant). The empirical audit, where present, is a check of the "
+        "implementation, not part of the guarantee."
+    )
+    paragraphs.append(
+        "Authenticity: the coordinator signs this report (report.html.sig beside it, Ed25519 "
+        "by its identity key). `sealmoe audit verify RUN_DIR` checks that signature against "
+        "the coordinator's key in the federation's roster, and every institution's signed "
+        "ledger behind the numbers."
+    )
+    return paragraphs
+
+
 def build_report(
     run_dir: str | Path,
     facts: FederationFacts,
@@ -216,10 +336,14 @@ def build_report(
         if ckks_updates
         else "the sum of the masked adapter updates of the institutions that reach unmasking"
     )
+    institutions = [_institution(run_dir, facts, i, keys) for i in range(n)]
+    model = facts.base_model
+    model_name = repr(model.name) if model is not None else "(not recorded)"
     return {
         "title": f"Privacy report: federation {facts.federation!r}",
         "generated_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "run_dir": str(run_dir),
+        "run_dir": run_dir.resolve().name,
+        "summary": plain_summary(facts, institutions, model_name),
         "federation": {
             "name": facts.federation,
             "rounds": facts.rounds,
@@ -276,7 +400,7 @@ def build_report(
             "library": "dp-accounting " + facts.software.get("dp-accounting", "?"),
             "pld_value_discretization": PLD_DISCRETIZATION,
             "rdp_orders": "dp-accounting defaults",
-            "composition": "all releases of an institution over all rounds, composed",
+            "composition": COMPOSITION_NOTE,
         },
         "dp_sgd": {
             "max_grad_norm": facts.max_grad_norm,
@@ -289,7 +413,15 @@ def build_report(
             "noise_multiplier": facts.routing_noise_multiplier,
             "protection": facts.routing_statistics,
         },
-        "institutions": [_institution(run_dir, facts, i, keys) for i in range(n)],
+        "institutions": institutions,
         "empirical_audit": _empirical(run_dir),
+        "provenance": {
+            "base_model": model_name,
+            "base_model_revision": (model.revision if model else None) or "default",
+            "base_model_dtype": model.dtype if model else "(not recorded)",
+            "base_model_sha256": (model.sha256 if model else None) or "none",
+            "base_model_note": model.note if model else "not recorded by this run's coordinator",
+            "sealmoe_git_commit": facts.git_commit or "(not recorded)",
+        },
         "software": dict(facts.software),
     }

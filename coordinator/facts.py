@@ -6,9 +6,35 @@ The coordinator writes them into the run directory when a run starts
 
 from __future__ import annotations
 
-from audit.context import FederationFacts, InstitutionFacts, software_versions
+from audit.context import (
+    FederationFacts,
+    InstitutionFacts,
+    ModelFacts,
+    software_versions,
+    source_commit,
+)
 from clients.contract.config import FederationConfig
 from clients.contract.keys import ROSTER_FILE
+from clients.models.locate import locate_model, weights_sha256
+from privacy.errors import UserError
+
+
+def base_model_facts(config: FederationConfig) -> ModelFacts:
+    """The base model of ``config`` with the SHA-256 of its weight files, hashed now (at run
+    start) from the folder :func:`~clients.models.locate.locate_model` finds."""
+    model = config.model
+    facts = {"name": model.name, "revision": model.revision, "dtype": model.dtype}
+    try:
+        folder = locate_model(model.name, model.revision)
+    except UserError as exc:
+        return ModelFacts(**facts, note=f"not hashed: the coordinator cannot find it ({exc})")
+    if folder is None:
+        return ModelFacts(
+            **facts, note=f"built-in random model, rebuilt from seed {config.federation.seed}"
+        )
+    return ModelFacts(
+        **facts, sha256=weights_sha256(folder), note="SHA-256 over the weight files, in name order"
+    )
 
 
 def audit_facts(config: FederationConfig) -> FederationFacts:
@@ -43,4 +69,7 @@ def audit_facts(config: FederationConfig) -> FederationFacts:
         strategy=config.aggregation.strategy,
         strategy_facts=strategy_facts(config.aggregation.strategy),
         software=software_versions(),
+        base_model=base_model_facts(config),
+        git_commit=source_commit(),
+        train_records_cap=config.data.max_blocks.train,
     )

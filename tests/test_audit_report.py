@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import dp_accounting
@@ -150,3 +151,145 @@ def test_report_says_what_the_coordinator_sees_under_ckks_expert_updates(run_dir
     assert "global adapters only as ciphertexts" in after["trust_model"]["coordinator_sees"]
     update = next(r for r in after["releases"] if r["what"].startswith("adapter"))
     assert update["to_whom"].startswith("encrypted (CKKS)")
+
+
+# ------------------------------------------------------------------ what a regulator reads
+
+
+def _report_texts(run_dir: Path) -> dict[str, str]:
+    return {n: (run_dir / n).read_text() for n in ("report.html", "report.json", "report.md")}
+
+
+def test_report_opens_with_a_plain_summary_and_says_epsilons_compose(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    summary = " ".join(report["summary"])
+    assert "differentially private with respect to any single record" in summary
+    assert "one record, not one person" in summary
+    assert "histories: ε = " in summary and "of a budget of 4" in summary
+    assert "not added up" in report["accountant"]["composition"]
+    html_page = (run_dir / "report.html").read_text()
+    assert html_page.index("id='summary'") < html_page.index("<h2>Budgets</h2>")
+    for text in _report_texts(run_dir).values():
+        assert "compose" in text and ("not add" in text or "not added" in text)
+
+
+def test_report_names_dataset_sizes_model_commit_and_every_library(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    histories = next(i for i in report["institutions"] if i["name"] == "histories")
+    # q = 0.125 in the ledger, B = 8 in tiny.toml: N = B / q, already public; no new release
+    assert report["dp_sgd"]["batch_size"] == 8
+    assert histories["dataset"]["training_records"] == 64
+    assert "not a new release" in histories["dataset"]["how"]
+    assert histories["dataset"]["declared_cap"] == 1024
+    for package in ("torch", "transformers", "peft", "opacus", "tenseal", "cryptography",
+                    "pyzmq", "dp-accounting", "msgspec", "python"):  # fmt: skip
+        assert report["software"][package], package
+    provenance = report["provenance"]
+    assert provenance["base_model"] == "'tiny-dense'"
+    assert "built-in random model" in provenance["base_model_note"]
+    commit = provenance["sealmoe_git_commit"]
+    assert commit == "not a git checkout" or re.match(r"^[0-9a-f]{40}", commit)
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Datasets" in markdown and "64 training records" in markdown
+    assert "## Base model and source" in markdown and "transformers" in markdown
+    audit = report["empirical_audit"][0]["audits"]
+    assert "DP-SGD mechanism alone" in audit and "does not audit this run's model" in audit
+    assert "DP-SGD mechanism only" in (run_dir / "report.html").read_text()
+
+
+def test_report_shows_only_relative_paths_and_rounded_numbers(run_dir):
+    absolute = str(run_dir.resolve())
+    for name, text in _report_texts(run_dir).items():
+        assert absolute not in text and str(run_dir.parent) not in text, name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["run_dir"] == run_dir.name
+    ledgers = {i["ledger"] for i in report["institutions"]}
+    assert "institutions/histories/ledger.jsonl" in ledgers
+    markdown = (run_dir / "report.md").read_text()
+    assert not re.search(r"\d\.\d{6,}", markdown)  # no long floats in what a reader sees
+
+
+def test_report_carries_the_base_model_hash_recorded_at_run_start(tmp_path, run_dir):
+    from audit.context import ModelFacts
+    from clients.models.locate import weights_sha256
+    from coordinator.facts import base_model_facts
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    config = load_config(run_dir.parent / "federation.toml")
+    model = type(config.model)(name=str(folder))
+    import msgspec
+
+    facts = base_model_facts(msgspec.structs.replace(config, model=model))
+    assert facts.sha256 == weights_sha256(folder) and len(facts.sha256) == 64
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    context = json.loads((copy / "audit-context.json").read_text())
+    context["base_model"] = msgspec.to_builtins(ModelFacts(name="my-model", sha256=facts.sha256))
+    (copy / "audit-context.json").write_text(json.dumps(context))
+    assert main(["audit", "report", str(copy)]) == 0
+    for text in _report_texts(copy).values():
+        assert facts.sha256 in text
+
+
+# ------------------------------------------------------------------ the report's signature
+
+
+def test_an_untampered_signed_report_verifies(run_dir, capsys):
+    assert (run_dir / "report.html.sig").exists()
+    assert main(["audit", "verify", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "OK: 3 ledgers verify" in out and "report.html" in out
+
+
+def test_a_report_changed_by_one_byte_fails_verify(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    page = bytearray((copy / "report.html").read_bytes())
+    at = page.index(b"Summary")
+    page[at] ^= 0x01
+    (copy / "report.html").write_bytes(bytes(page))
+    assert main(["audit", "verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "report.html" in err and "changed after it was signed" in err
+
+
+def test_a_report_signed_by_another_key_or_unsigned_fails_verify(run_dir, tmp_path, capsys):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from audit.signature import sign_file, signature_path
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    sign_file(copy / "report.html", Ed25519PrivateKey.generate())
+    assert main(["audit", "verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "report.html" in err and "not the coordinator's" in err
+    signature_path(copy / "report.html").unlink()
+    assert main(["audit", "verify", str(copy)]) == 1
+    assert "report.html.sig is missing" in capsys.readouterr().err
+
+
+def test_a_report_written_without_the_coordinator_key_is_unsigned(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    keys = run_dir.parent / "keys"
+    roster = tmp_path / "roster.toml"  # the roster alone, as a privacy officer's host holds it
+    shutil.copy(keys / "roster.toml", roster)
+    assert main(["audit", "report", str(copy), "--roster", str(roster)]) == 0
+    assert "NOT signed" in capsys.readouterr().out
+    assert not (copy / "report.html.sig").exists()  # the old signature went with the old page
+    assert main(["audit", "verify", str(copy), "--roster", str(roster)]) == 1
+
+
+def test_audit_verify_of_a_run_directory_does_not_import_torch(run_dir):
+    code = (
+        "import sys; from coordinator.app.cli import main; "
+        f"rc = main(['audit', 'verify', {str(run_dir)!r}]); print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 False"

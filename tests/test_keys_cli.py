@@ -218,6 +218,22 @@ def test_cli_check_config(config_file, capsys):
     assert "comedies" in out and "t=3 of 3" in out and "OK" in out
 
 
+def test_check_config_warns_when_delta_is_not_below_one_over_the_records(config_file, capsys):
+    text = config_file.read_text().replace("train = 1024", "train = 1000")
+    config_file.write_text(text.replace("target_delta = 1e-5\n", "target_delta = 0.005\n", 1))
+    assert main(["check-config", str(config_file)]) == 0  # a warning, not a refusal
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert out.count("warning:") == 2  # comedies and tragedies; histories keeps its own 1e-5
+    assert "institution 'comedies': delta = 0.005" in out and "1/records = 1/1000" in out
+    assert "institution 'histories'" not in out
+    assert "OK:" in out
+
+
+def test_check_config_does_not_warn_for_a_small_delta(config_file, capsys):
+    assert main(["check-config", str(config_file)]) == 0  # delta 1e-5, at most 1024 records
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_cli_bad_config_exits_2_with_the_field(config_file, capsys):
     config_file.write_text(config_file.read_text().replace("rounds = 2", "rounds = -2"))
     assert main(["check-config", str(config_file)]) == 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +15,16 @@ import pytest
 from rich.console import Console
 
 from clients.contract.config import load_config
-from clients.runtime.institution import METRICS_FILE
-from coordinator.app.launcher import _last_words, _waiting, round_table
+from clients.runtime.institution import METRICS_FILE, PROGRESS_FILE
+from clients.runtime.progress import StepProgressFile, read_step_progress
+from coordinator.app.launcher import (
+    StepBars,
+    _last_words,
+    _rounds_progress,
+    _waiting,
+    round_table,
+    step_progress,
+)
 from tests.test_federation import NAMES, ROOT, write_config
 
 
@@ -69,6 +79,12 @@ def test_run_prints_every_round_and_writes_a_verified_report(tmp_path):
         assert inst["verification"]["status"] == "verified"
         assert [r["round"] for r in inst["rounds"]] == [1, 2]
         assert 0 < inst["spent"]["pld"] <= inst["budget"]["epsilon"] + 1e-9
+    for name in NAMES:  # each institution told the launcher its local steps, round by round
+        line = read_step_progress(config.run_dir / "institutions" / name / PROGRESS_FILE)
+        assert (line["round"], line["step"]) == (2, config.training.local_steps)
+    report_check = _sealmoe("audit", "verify", str(config.run_dir))  # ledgers and signature
+    checked, _ = report_check.communicate(timeout=120)
+    assert report_check.returncode == 0 and "signed by the roster's coordinator key" in checked
 
     # Running it again without --fresh starts no party: it shows the finished run's results.
     coordinator_log = config.run_dir / "logs" / "coordinator.log"
@@ -140,3 +156,61 @@ def test_a_failed_party_is_shown_with_the_last_line_of_its_log(tmp_path):
     log.write_text("Traceback (most recent call last):\n  File x\nValueError: bad shard\n\n")
     assert _last_words(log) == "ValueError: bad shard"
     assert _last_words(tmp_path / "none.log") == "no log"
+
+
+# ------------------------------------------------------------------ local-step progress
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_institution_writes_step_progress_throttled(tmp_path):
+    clock = FakeClock()
+    path = tmp_path / PROGRESS_FILE
+    writer = StepProgressFile(path, interval_s=1.0, clock=clock)
+    writer.round = 2
+    writer(0, 10)  # the first step is always written
+    assert read_step_progress(path)["step"] == 0
+    clock.now = 0.5
+    writer(1, 10)  # within the interval: not written (no file write per step)
+    assert read_step_progress(path)["step"] == 0
+    clock.now = 1.2
+    writer(2, 10)
+    line = read_step_progress(path)
+    assert (line["round"], line["step"], line["steps"]) == (2, 2, 10)
+    clock.now = 1.3
+    writer(10, 10)  # the last step is always written
+    assert read_step_progress(path)["step"] == 10
+    path.write_text("{torn")
+    assert read_step_progress(path) is None
+    assert read_step_progress(tmp_path / "missing.json") is None
+
+
+def test_the_launcher_draws_the_steps_of_the_current_round_only(tmp_path):
+    config = load_config(write_config(tmp_path, rounds=3))
+    for name, round_, step in ((NAMES[0], 2, 1), (NAMES[1], 1, 3)):  # NAMES[2]: nothing yet
+        writer = StepProgressFile(config.run_dir / "institutions" / name / PROGRESS_FILE)
+        writer.round = round_
+        writer(step, 3)
+    assert set(step_progress(config)) == {NAMES[0], NAMES[1]}
+    progress = _rounds_progress(Console(width=80, file=io.StringIO(), force_terminal=True))
+    bars = StepBars(progress, config)
+    bars.update(2)
+    tasks = {t.id: t for t in progress.tasks}
+    shown = {name: tasks[bars.tasks[name]] for name in NAMES}
+    assert shown[NAMES[0]].visible and (shown[NAMES[0]].completed, shown[NAMES[0]].total) == (1, 3)
+    assert not shown[NAMES[1]].visible  # its progress is of the round before
+    assert not shown[NAMES[2]].visible
+    with progress:  # drawn in place at 80 columns: one line per bar, none wider
+        progress.refresh()
+    lines = [line for line in progress.console.file.getvalue().splitlines() if line.strip()]
+    assert lines and all(len(_plain(line)) <= 80 for line in lines)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)

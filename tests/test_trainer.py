@@ -17,6 +17,7 @@ from clients.training.trainer import (
     LocalTrainingResult,
     TrainerError,
     evaluate,
+    report_steps,
     select_device,
     train_local,
 )
@@ -151,6 +152,15 @@ def test_physical_parts_train_exactly_as_the_whole_batch():
     for name, delta in whole.delta.items():
         torch.testing.assert_close(parts.delta[name], delta, rtol=1e-4, atol=1e-6)
     assert any(d.abs().max() > 0 for d in whole.delta.values())
+
+
+def test_a_step_listener_hears_every_local_step_of_a_dp_run():
+    heard: list[tuple[int, int]] = []
+    with report_steps(lambda done, total: heard.append((done, total))):
+        train_local(dense(), pattern_blocks(16), dp=dp(), steps=3, batch_size=4, seed=0)
+    assert heard == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    train_local(dense(), pattern_blocks(16), dp=None, steps=2, batch_size=4, seed=0)
+    assert len(heard) == 4  # outside the block nobody listens
 
 
 def test_evaluate_reports_token_metrics_and_restores_mode():

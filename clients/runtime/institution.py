@@ -8,7 +8,8 @@ and serves the federation: it receives each coordinator message on its
 budget checks, the write-ahead ledger charges, SecAgg+ and CKKS) and carries out what comes back,
 in order (:mod:`clients.runtime.outputs`): sending messages, keeping the strategy's memory in
 ``run_dir/institutions/<name>/strategy-memory.safetensors`` before anything after it goes out, and
-appending metrics (computed on private data, they stay local) to ``metrics.jsonl`` there. It also
+appending metrics (computed on private data, they stay local) to ``metrics.jsonl`` there, and
+its local training steps to ``progress.json`` (:mod:`clients.runtime.progress`). It also
 says Hello again after a silence, so a restarted coordinator can reach it.
 
 Client ids are indices into ``[[institutions]]`` (:func:`clients.contract.keys.client_id`).
@@ -43,10 +44,12 @@ from clients.contract.messages import Hello
 from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
 from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
+from clients.runtime.progress import PROGRESS_FILE, StepProgressFile
 from clients.runtime.rounds import InstitutionRounds, RoundSettings
 from clients.runtime.trained_model import MODEL_DIR, keep_trained_model
 from clients.runtime.transport import InstitutionEndpoint
 from clients.strategies.registry import learner_for
+from clients.training.trainer import report_steps
 from privacy.budget import plan_dp_sgd
 from privacy.errors import UserError
 
@@ -54,6 +57,7 @@ __all__ = [
     "HELLO_INTERVAL_S",
     "MEMORY_FILE",
     "METRICS_FILE",
+    "PROGRESS_FILE",
     "Institution",
     "InstitutionError",
     "adapters_from_arrays",
@@ -120,6 +124,7 @@ class Institution:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / METRICS_FILE
         self.memory_path = self.dir / MEMORY_FILE
+        self.progress = StepProgressFile(self.dir / PROGRESS_FILE)
         if self.memory_path.exists():
             try:
                 self.learner.restore(load_numpy(self.memory_path.read_bytes()))
@@ -192,7 +197,10 @@ class Institution:
     def _serve(self, message: object) -> bool:
         """Hand one coordinator message to the round logic and carry out its outputs; True once
         the federation is over."""
-        return self._carry_out(self.rounds.handle(message))
+        self.progress.round = getattr(message, "federation_round", self.progress.round)
+        with report_steps(self.progress):  # local steps -> progress.json, for the launcher
+            outputs = self.rounds.handle(message)
+        return self._carry_out(outputs)
 
     def _carry_out(self, outputs: list[Output]) -> bool:
         """Carry out ``outputs`` in order; True if one of them says the federation is over.

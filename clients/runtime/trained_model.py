@@ -16,7 +16,6 @@ PEFT's format (:func:`export_peft`), and an existing PEFT LoRA adapter can start
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from torch import nn
 from clients.contract.config import FederationConfig, ModelSection
 from clients.contract.durable import atomic_write
 from clients.models.build import build_model_with
-from clients.models.locate import WEIGHT_FILES, locate_model
+from clients.models.locate import locate_model, weights_sha256
 from clients.models.peft_bridge import save_as_peft
 from clients.strategies.registry import client_half
 from privacy.errors import UserError
@@ -86,22 +85,9 @@ def base_model_facts(model: ModelSection, seed: int) -> dict[str, Any]:
         "name": model.name,
         "revision": model.revision,
         "dtype": model.dtype,
-        "sha256": None if folder is None else _weights_sha256(folder),
+        "sha256": None if folder is None else weights_sha256(folder),
         "seed": seed,
     }
-
-
-def _weights_sha256(folder: Path) -> str:
-    """SHA-256 over the folder's weight files, in name order (a GGUF for SmolLM2)."""
-    names = [*WEIGHT_FILES, "model-*.safetensors", "*.gguf"]
-    files = sorted({f for pattern in names for f in folder.glob(pattern) if f.is_file()})
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_card(directory: str | Path) -> tuple[dict[str, Any], FederationConfig]:

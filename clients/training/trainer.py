@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,25 @@ def _progress(description: str, total: int, enabled: bool | None) -> Iterator:
         yield lambda info: progress.update(task, advance=1, info=info)
 
 
+StepListener = Callable[[int, int], None]
+"""``listener(done, total)``: told before the first local step (0) and after every step."""
+
+
+_step_listener: ContextVar[StepListener | None] = ContextVar("step_listener", default=None)
+
+
+@contextmanager
+def report_steps(listener: StepListener) -> Iterator[None]:
+    """Within the block, every :func:`train_steps` (whichever strategy calls it) tells
+    ``listener`` its progress: how the institution process shows its local steps to the
+    launcher without each strategy passing a callback through."""
+    token = _step_listener.set(listener)
+    try:
+        yield
+    finally:
+        _step_listener.reset(token)
+
+
 BatchLoss = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
 """``loss(batch) -> [B]``: each sample's loss, depending on that sample only (the batch is
 already on the training device)."""
@@ -205,7 +225,8 @@ def train_steps(
     Poisson batch still takes the noise-only step the accounting assumes. Without: shuffled
     mini-batches of ``batch_size``. Opacus is removed from the model afterwards, so it can be
     trained again next round. ``after_step`` runs after every step (e.g. to put held entries
-    back). ``progress=None`` shows a transient bar only on a terminal; ``False`` never.
+    back). ``progress=None`` shows a transient bar only on a terminal; ``False`` never. A
+    listener set with :func:`report_steps` is told the steps done.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -221,8 +242,11 @@ def train_steps(
     training = make_private(model, optimizer, loader, settings.dp, seed=settings.seed)
     try:
         batches = training.batches()
+        listener = _step_listener.get()
+        if listener is not None:
+            listener(0, settings.steps)
         with _progress("local training", settings.steps, progress) as advance:
-            for _ in range(settings.steps):
+            for step in range(settings.steps):
                 batch = tuple(t.to(dev) for t in next(batches))
                 size = batch[0].shape[0]
                 if size == 0:
@@ -241,6 +265,8 @@ def train_steps(
                 if after_step is not None:
                     after_step()
                 advance(f"loss {total / count:.3f}" if count else "empty batch")
+                if listener is not None:
+                    listener(step + 1, settings.steps)
         facts = training.facts()
     finally:
         training.close()

@@ -2,8 +2,9 @@
 
 The ``audit`` package works on keys and files it is handed; this module finds them (the roster
 for identity keys, the coordinator's heads in the run directory) and prints the outcome.
-``verify`` exits 0 when every ledger verifies, 1 when any does not (one line per ledger naming
-file, line and problem), 2 for a setup error.
+``verify`` exits 0 when every ledger verifies (and, given a run directory holding a report, the
+report's signature by the coordinator), 1 when any does not (one line per ledger or report file
+naming file, line and problem), 2 for a setup error.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.contract.config import ConfigFileError, load_config
-from clients.contract.keys import ROSTER_FILE, Roster, load_roster
+from clients.contract.keys import (
+    ROSTER_FILE,
+    KeyMaterialError,
+    Roster,
+    load_coordinator_identity,
+    load_roster,
+)
 from coordinator.app.commands import add_command, arg
 from privacy.errors import UserError
 
@@ -49,16 +56,46 @@ def run_dir_of(ledger: Path) -> Path | None:
     return None
 
 
-def find_roster(args: argparse.Namespace) -> Roster:
-    """The roster named by ``--roster``, else the one of ``--config``."""
+def find_roster(args: argparse.Namespace, run_dir: Path | None = None) -> Roster:
+    """The roster named by ``--roster``, else the one of ``--config``, else the one the audit
+    context of ``run_dir`` names."""
     if args.roster is not None:
         return load_roster(args.roster)
     if args.config is not None:
         return load_roster(load_config(args.config).keys_dir / ROSTER_FILE)
+    if run_dir is not None:
+        from audit.context import ContextError, read_context
+
+        try:
+            return load_roster(read_context(run_dir).roster)
+        except ContextError:
+            pass
     raise AuditUsageError(
-        "no roster to take the institutions' identity keys from: pass --roster ROSTER.toml "
+        "no roster to take the identity keys from: pass --roster ROSTER.toml "
         "or --config FEDERATION.toml",
     )
+
+
+def _ledgers_of(run_dir: Path) -> list[Path]:
+    """Every institution's ledger in a run directory."""
+    return sorted((run_dir / "institutions").glob(f"*/{LEDGER_FILE}"))
+
+
+def verify_report_signatures(run_dir: Path, roster: Roster) -> list[str]:
+    """Check every report file of ``run_dir`` against the coordinator's roster key; one line
+    per file that is unsigned, changed or signed by another key (empty: all good or none)."""
+    from audit.signature import SIGNED_FILES, SignatureInvalid, verify_file
+
+    problems = []
+    for name in SIGNED_FILES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            verify_file(path, roster.coordinator.identity_key)
+        except SignatureInvalid as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def verify_one(
@@ -78,18 +115,25 @@ def verify_one(
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from audit import LedgerTampered
+    from audit.signature import SIGNED_FILES
 
-    roster = find_roster(args)
     run_dir = Path(args.run_dir) if args.run_dir else None
+    given_dirs = [Path(raw) for raw in args.ledgers if Path(raw).is_dir()]
+    if len(given_dirs) > 1:
+        raise AuditUsageError("give one run directory at a time (or ledger files)")
+    ledgers = [Path(raw) for raw in args.ledgers if not Path(raw).is_dir()]
+    if given_dirs:
+        run_dir = run_dir or given_dirs[0]
+        ledgers += _ledgers_of(given_dirs[0])
     if run_dir is None and args.config is not None:
         run_dir = load_config(args.config).run_dir
+    roster = find_roster(args, given_dirs[0] if given_dirs else None)
     console = _console()
     table = Table(title="privacy ledgers")
     for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "head"):
         table.add_column(column, justify="left" if column in ("ledger", "institution") else "right")
     failed = 0
-    for raw in args.ledgers:
-        path = Path(raw)
+    for path in ledgers:
         try:
             verified = verify_one(path, roster, args.institution, run_dir)
         except LedgerTampered as exc:
@@ -105,21 +149,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if table.rows:
         console.print(table)
-    if failed:
-        print(
-            f"sealmoe audit verify: {failed} of {len(args.ledgers)} ledgers do not verify",
-            file=sys.stderr,
-        )
+    bad_report = []
+    if given_dirs:
+        bad_report = verify_report_signatures(given_dirs[0], roster)
+        for problem in bad_report:
+            print(f"sealmoe audit verify: FAILED: {problem}", file=sys.stderr)
+    if failed or bad_report:
+        if failed:
+            print(
+                f"sealmoe audit verify: {failed} of {len(ledgers)} ledgers do not verify",
+                file=sys.stderr,
+            )
         return TAMPERED
-    console.print(f"OK: {len(args.ledgers)} ledgers verify (chain, signatures, every epsilon)")
+    console.print(f"OK: {len(ledgers)} ledgers verify (chain, signatures, every epsilon)")
+    if given_dirs:
+        signed = [n for n in SIGNED_FILES if (given_dirs[0] / n).exists()]
+        console.print(
+            f"OK: {', '.join(signed)} signed by the roster's coordinator key"
+            if signed
+            else "no report in the run directory: no report signature to check"
+        )
     return 0
 
 
 def produce_report(run_dir: Path, roster_path: Path | None = None) -> list[Path]:
-    """Build and write the privacy report of ``run_dir``; the files written.
+    """Build, write and sign the privacy report of ``run_dir``; the files written (the report
+    files first, then their signatures).
 
     Ledgers are verified with the identity keys of ``roster_path`` (default: the roster the
-    run's audit context names), when it exists.
+    run's audit context names), when it exists. The report is signed with the coordinator's
+    identity key from the roster's keys folder, when this host holds it and it is the roster's
+    coordinator key; otherwise the report is written unsigned (and any old signature removed),
+    which ``sealmoe audit verify RUN_DIR`` reports as a failure.
     """
     import msgspec
 
@@ -134,9 +195,43 @@ def produce_report(run_dir: Path, roster_path: Path | None = None) -> list[Path]
         facts = msgspec.structs.replace(facts, strategy_facts=strategy_facts(facts.strategy))
     path = roster_path or Path(facts.roster)
     keys = None
+    roster = None
     if roster_path is not None or path.exists():
-        keys = {e.name: e.identity_key for e in load_roster(path).institutions}
-    return write_report(run_dir, build_report(run_dir, facts, keys))
+        roster = load_roster(path)
+        keys = {e.name: e.identity_key for e in roster.institutions}
+    written = write_report(run_dir, build_report(run_dir, facts, keys))
+    return written + sign_report_files(run_dir, path.parent, roster)
+
+
+def sign_report_files(run_dir: Path, keys_dir: Path, roster: Roster | None) -> list[Path]:
+    """Sign the report files of ``run_dir`` with the coordinator's key under ``keys_dir``; the
+    signature files (none, after removing stale ones, when the key is not here or not the
+    roster's coordinator key)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from audit.signature import remove_signatures, sign_report
+
+    remove_signatures(run_dir)
+    if roster is None:
+        return []
+    try:
+        key = load_coordinator_identity(keys_dir)
+    except KeyMaterialError:
+        return []
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if raw.hex() != roster.coordinator.identity_public:
+        return []
+    return sign_report(run_dir, key)
+
+
+def _unsigned_note(written: list[Path]) -> str | None:
+    if any(p.name.endswith(".sig") for p in written):
+        return None
+    return (
+        "the report is NOT signed: the coordinator's identity key (keys_dir/coordinator/"
+        "identity.pem, matching the roster) is not on this host; run `sealmoe audit report` "
+        "on the coordinator's host"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -155,6 +250,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         )  # fmt: skip
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
+    note = _unsigned_note(written)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
     return 0
 
 
@@ -254,10 +352,19 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
             "or reordered entry), every Ed25519 signature against the roster's identity key, and "
             "every epsilon recomputed from the recorded dp-accounting events. With the "
             "coordinator's signed heads (found in the run directory) a ledger whose last "
-            "entries were deleted is detected too. Exit status 0: all verify; 1: some do not "
-            "(one line each, naming file, line and problem); 2: a setup error."
+            "entries were deleted is detected too. Given a RUN_DIR, every ledger in it is "
+            "checked, and so is the report's detached signature (report.html.sig, ...) against "
+            "the coordinator's identity key in the roster (default: the run's roster): a "
+            "report that was changed after signing, is unsigned or was signed by another key "
+            "fails. Exit status 0: all verify; 1: some do not (one line each, naming file, "
+            "line and problem); 2: a setup error."
         ),
-        arg("ledgers", nargs="+", metavar="LEDGER", help="ledger.jsonl files"),
+        arg(
+            "ledgers",
+            nargs="+",
+            metavar="RUN_DIR|LEDGER",
+            help="a run directory (its every ledger and its signed report) or ledger.jsonl files",
+        ),
         arg("--roster", metavar="F", help="roster with the identity keys"),
         arg("--config", metavar="F", help="federation config (roster and run dir)"),
         arg(

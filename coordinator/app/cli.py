@@ -21,6 +21,7 @@ from rich.text import Text
 from clients.contract.config import (
     ConfigFileError,
     FederationConfig,
+    delta_warnings,
     load_config,
     missing_data_files,
 )
@@ -134,6 +135,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigFileError(path, f"no such data file(s): {listed}", missing[0][0])
     console = Console()
     console.print(summary_table(config))
+    for warning in delta_warnings(config):
+        console.print(Text(f"warning: {warning}", style="yellow"))
     console.print(Text(f"OK: {config_path(args)} is a valid federation config.", style="green"))
     return 0
 
@@ -405,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Validate a federation config: every field's type and range, unknown fields, the "
             "rules between fields (threshold vs institutions, unique names, ...), and that the "
             "base model's files are on this machine (without loading them). Prints a summary "
-            "table, or one line naming the bad field."
+            "table, or one line naming the bad field. Warns (without refusing) when an "
+            "institution's delta is not below 1/records as [data.max_blocks] train caps them."
         ),
         *CONFIG,
     )

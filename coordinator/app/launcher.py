@@ -32,8 +32,9 @@ from rich.table import Table
 from audit.context import ContextError
 from clients.contract.config import FederationConfig
 from clients.contract.keys import ROSTER_FILE, generate_keys
-from clients.runtime.institution import METRICS_FILE
+from clients.runtime.institution import METRICS_FILE, PROGRESS_FILE
 from clients.runtime.plan import privacy_plan
+from clients.runtime.progress import read_step_progress
 from coordinator.app.audit_commands import produce_report
 from coordinator.app.plan_table import print_plan
 from coordinator.store import JOURNAL
@@ -104,11 +105,13 @@ def run_federation(
     try:
         with _rounds_progress(console) as progress:
             bar = progress.add_task(_waiting(config, shown), total=config.federation.rounds)
+            steps = StepBars(progress, config)
             while coordinator.poll() is None:
                 for entry in _ready_rounds(config, shown, wait=True):
                     progress.console.print(round_table(config, entry))
                     shown.add(entry["round"])
                 progress.update(bar, completed=len(shown), description=_waiting(config, shown))
+                steps.update(max(shown, default=0) + 1)
                 time.sleep(POLL_S)
         deadline = time.monotonic() + EXIT_GRACE_S
         for party, proc in processes.items():
@@ -153,7 +156,12 @@ def _print_report(config: FederationConfig, console: Console) -> int:
     except ContextError as exc:
         console.print(f"[red]no privacy report: {exc}[/red]")
         return 1
-    console.print(f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)")
+    signed = any(p.name.endswith(".sig") for p in written)
+    console.print(
+        f"privacy report: {written[0].parent / 'report.html'} (and .json, .md)"
+        + ("; signed by the coordinator (.sig), check: sealmoe audit verify RUN_DIR"
+           if signed else "; [yellow]unsigned: no coordinator key here[/yellow]")
+    )  # fmt: skip
     return 0
 
 
@@ -174,6 +182,47 @@ def _rounds_progress(console: Console) -> Progress:
         console=console,
         transient=True,
     )
+
+
+def step_progress(config: FederationConfig) -> dict[str, dict]:
+    """Each institution's local-step progress as it last wrote it (``progress.json``)."""
+    out = {}
+    for name in config.institution_names:
+        line = read_step_progress(config.run_dir / "institutions" / name / PROGRESS_FILE)
+        if line is not None:
+            out[name] = line
+    return out
+
+
+class StepBars:
+    """One bar per institution under the round bar: its local DP-SGD steps in the round now
+    running (hidden until it trains for that round). Drawn in place: no line per step."""
+
+    def __init__(self, progress: Progress, config: FederationConfig) -> None:
+        self.progress = progress
+        self.config = config
+        self.tasks = {
+            name: progress.add_task(
+                f"  {name[:24]}: local steps", total=config.training.local_steps, visible=False
+            )
+            for name in config.institution_names
+        }
+        self.rounds: dict[str, int] = {}
+
+    def update(self, current_round: int) -> None:
+        """Show each institution's steps for ``current_round``; hide older progress."""
+        lines = step_progress(self.config)
+        for name, task in self.tasks.items():
+            line = lines.get(name)
+            if line is None or line["round"] != current_round:
+                self.progress.update(task, visible=False)
+                continue
+            total, done = max(line["steps"], 1), min(line["step"], line["steps"])
+            if self.rounds.get(name) != current_round:  # a new round: restart its clock
+                self.progress.reset(task, total=total, completed=done, visible=True)
+                self.rounds[name] = current_round
+            else:
+                self.progress.update(task, total=total, completed=done, visible=True)
 
 
 def _waiting(config: FederationConfig, shown: set[int]) -> str:
