@@ -98,6 +98,8 @@ class FederationFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     """The sealmoe source's ``git rev-parse HEAD`` ("not a git checkout" otherwise)."""
     train_records_cap: int | None = None
     """``[data.max_blocks] train``: the most training records any institution uses (public)."""
+    routing_sample_rate: float = 1.0
+    """The Poisson sampling rate of the records each routing release is computed on."""
 
 
 SOFTWARE = (

@@ -411,6 +411,7 @@ def build_report(
         },
         "routing_statistics": {
             "noise_multiplier": facts.routing_noise_multiplier,
+            "records_sampling_rate": facts.routing_sample_rate,
             "protection": facts.routing_statistics,
         },
         "institutions": institutions,

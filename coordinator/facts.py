@@ -60,6 +60,7 @@ def audit_facts(config: FederationConfig) -> FederationFacts:
         max_grad_norm=config.privacy.max_grad_norm,
         accountant=config.privacy.accountant,
         routing_noise_multiplier=config.privacy.routing_noise_multiplier,
+        routing_sample_rate=config.privacy.routing_sample_rate,
         expert_updates=config.aggregation.expert_updates,
         routing_statistics=config.aggregation.routing_statistics,
         secagg_threshold=threshold,

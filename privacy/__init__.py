@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         UserError,
     )
     from privacy.events import DPTrainingFacts
-    from privacy.gaussian import GaussianMechanism
+    from privacy.gaussian import GaussianMechanism, poisson_sample
     from privacy.gradcheck import (
         GradCheckReport,
         ParameterCheck,
@@ -78,6 +78,7 @@ _EXPORTS = {
     "dp_sgd_event": "privacy.accountant",
     "epsilon": "privacy.accountant",
     "make_accountant": "privacy.accountant",
+    "poisson_sample": "privacy.gaussian",
     "make_private": "privacy.dpsgd",
     "plan_dp_sgd": "privacy.budget",
     "reduce_per_sample_loss": "privacy.dpsgd",
@@ -127,5 +128,6 @@ __all__ = [
     "make_accountant",
     "make_private",
     "plan_dp_sgd",
+    "poisson_sample",
     "reduce_per_sample_loss",
 ]

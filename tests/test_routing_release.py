@@ -18,7 +18,14 @@ from clients.training.routing_release import (
     routing_mechanism,
     routing_sensitivity,
 )
-from privacy import CalibrationError, calibrate_noise, dp_sgd_event, epsilon
+from privacy import (
+    CalibrationError,
+    PrivacyConfigError,
+    calibrate_noise,
+    dp_sgd_event,
+    epsilon,
+    poisson_sample,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -72,3 +79,30 @@ def test_calibration_leaves_room_for_the_routing_releases_of_every_planned_round
     assert 0.95 * target < total <= target
     with pytest.raises(CalibrationError, match="fixed releases alone spend"):
         calibrate_noise(0.5, 1e-5, q, rounds * steps, also=[routing])
+
+
+def test_a_sampled_release_runs_on_a_poisson_sample_and_is_priced_as_one():
+    torch.manual_seed(0)
+    model = attach(tiny_dense_model(), MoELoRAConfig(rank=2))
+    rate, data = 0.25, blocks(n=400, length=4)
+    mechanism = routing_mechanism(model, noise_multiplier=1e-6, sample_rate=rate)
+    sampled = [private_routing_statistics(model, data, mechanism).tokens[0] for _ in range(8)]
+    # each record adds one token per layer: the count is Binomial(400, 0.25), sd 8.7
+    assert all(abs(t - rate * len(data)) < 5 * 8.7 for t in sampled)
+    assert len({round(t) for t in sampled}) > 1  # a fresh sample each release
+    event = mechanism.dp_event()
+    assert event == dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(1e-6))
+    release = mechanism.release(1, 1, "basis")
+    assert release.parameters["sample_rate"] == rate
+    assert "Poisson sample" in release.parameters["mechanism"]
+    # amplification: the same noise costs less on a sample than on every record
+    full = routing_mechanism(model, noise_multiplier=2.0)
+    half = routing_mechanism(model, noise_multiplier=2.0, sample_rate=0.1)
+    assert epsilon([half.dp_event()], 1e-5) < epsilon([full.dp_event()], 1e-5) / 3
+
+
+def test_poisson_sample_takes_each_record_with_the_rate():
+    taken = poisson_sample(200_000, 0.1)
+    assert taken.dtype == bool and abs(taken.mean() - 0.1) < 5 * (0.1 * 0.9 / 200_000) ** 0.5
+    with pytest.raises(PrivacyConfigError):
+        poisson_sample(10, 0.0)

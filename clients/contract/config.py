@@ -340,6 +340,10 @@ class PrivacySection(_Section):
       and enforces the budget (every ledger entry records both).
     - ``routing_noise_multiplier``: the Gaussian noise on each round's routing statistics, in
       units of their L2 sensitivity to one record (``clients.training.routing_release``).
+    - ``routing_sample_rate``: each round's routing statistics are computed on a Poisson sample
+      of the training records, each record in with this probability (1: all of them). Below 1
+      the release is cheaper to compute (one forward pass per sampled record) and to the
+      budget (amplification by subsampling).
     - ``spare_rounds``: extra rounds' worth of releases the DP-SGD noise is calibrated for. A
       round retried after a coordinator crash is a new release; with 0 the planned rounds
       spend the whole budget and any retry is refused. Each spare round costs more noise.
@@ -350,6 +354,7 @@ class PrivacySection(_Section):
     max_grad_norm: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0
     accountant: AccountantName = "pld"
     routing_noise_multiplier: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    routing_sample_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     spare_rounds: Annotated[int, msgspec.Meta(ge=0)] = 1
 
 

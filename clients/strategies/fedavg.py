@@ -77,7 +77,7 @@ from clients.training.trainer import (
     evaluate,
     train_local,
 )
-from privacy import DPConfig, DPTrainingFacts, Release
+from privacy import ROUTING_STATISTICS, DPConfig, DPTrainingFacts, GaussianMechanism, Release
 
 DEFAULT_MAX_EXAMPLES = 4096
 """Public FedAvg weight cap when ``[data.max_blocks].train`` is unset: an institution with more
@@ -215,7 +215,10 @@ class MoELoRALearner:
         self.model, self.tokenizer = build_model(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.strategy = strategy
-        self.routing = routing_mechanism(self.model, config.privacy.routing_noise_multiplier)
+        privacy = config.privacy
+        self.routing = routing_mechanism(
+            self.model, privacy.routing_noise_multiplier, privacy.routing_sample_rate
+        )
         self.validation = (
             strategy.validation_mechanism() if isinstance(strategy, StepsOnValidation) else None
         )
@@ -316,8 +319,13 @@ def moe_lora_initial_state(config: FederationConfig) -> GlobalState:
 
 
 def moe_lora_round_releases(config: FederationConfig) -> list[dp_accounting.DpEvent]:
-    """The MoE-LoRA strategies' other release each round: the noised routing statistics."""
-    return [dp_accounting.GaussianDpEvent(config.privacy.routing_noise_multiplier)]
+    """The MoE-LoRA strategies' other release each round: the noised routing statistics (the
+    event does not depend on the sensitivity, which the noise is scaled to)."""
+    privacy = config.privacy
+    mechanism = GaussianMechanism(
+        privacy.routing_noise_multiplier, 1.0, ROUTING_STATISTICS, privacy.routing_sample_rate
+    )
+    return [mechanism.dp_event()]
 
 
 def moe_lora_half(

@@ -6,9 +6,11 @@ own statistics divided by its length T: per adapted layer, expert counts (each t
 probability sums (a row of non-negative entries summing to 1) and tokens (1). One block, the
 unit of privacy, thus moves the vector by at most ``sqrt(L * (top_k + 2))`` in L2 over L layers
 (:func:`routing_sensitivity`), whatever the model does with it. The statistics come from one
-forward pass over every training block after local training (no sampling), and the Gaussian
-mechanism adds noise of that sensitivity times the configured noise multiplier before anything
-leaves. Loads and mean gates (ratios) are unchanged by the 1/T scaling.
+forward pass after local training over every training block, or over a Poisson sample of them
+(``[privacy] routing_sample_rate``: a pass over every record would cost as much as many
+DP-SGD steps), and the Gaussian mechanism adds noise of that sensitivity times the configured
+noise multiplier before anything leaves. Loads and mean gates (ratios) are unchanged by the 1/T
+scaling and, in expectation, by the sampling.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from clients.contract.routing import RoutingStats
 from clients.models.moe_lora import reset_routing_statistics, routing_statistics
 from clients.models.padding import model_input
-from privacy import ROUTING_STATISTICS, GaussianMechanism
+from privacy import ROUTING_STATISTICS, GaussianMechanism, poisson_sample
 
 SENSITIVITY_BASIS = (
     "unit of privacy: one record, one training row of T tokens (padding included); the "
@@ -43,13 +45,17 @@ def routing_sensitivity(num_layers: int, top_k: int) -> float:
     return math.sqrt(num_layers * (top_k + 2))
 
 
-def routing_mechanism(model: nn.Module, noise_multiplier: float) -> GaussianMechanism:
-    """The Gaussian mechanism for ``model``'s routing statistics at ``noise_multiplier``."""
+def routing_mechanism(
+    model: nn.Module, noise_multiplier: float, sample_rate: float = 1.0
+) -> GaussianMechanism:
+    """The Gaussian mechanism for ``model``'s routing statistics at ``noise_multiplier``, on a
+    Poisson sample of the records at ``sample_rate``."""
     stats = routing_statistics(model)
     return GaussianMechanism(
         noise_multiplier=noise_multiplier,
         l2_sensitivity=routing_sensitivity(stats.num_layers, stats.top_k),
         what=ROUTING_STATISTICS,
+        sample_rate=sample_rate,
     )
 
 
@@ -90,7 +96,10 @@ def block_normalised_statistics(
 def private_routing_statistics(
     model: nn.Module, blocks: torch.Tensor, mechanism: GaussianMechanism
 ) -> RoutingStats:
-    """The block-normalised statistics of ``blocks`` with ``mechanism``'s noise added."""
+    """The block-normalised statistics of ``mechanism``'s Poisson sample of ``blocks`` (all of
+    them at rate 1), with its noise added."""
+    if mechanism.sample_rate < 1:
+        blocks = blocks[torch.from_numpy(poisson_sample(blocks.shape[0], mechanism.sample_rate))]
     exact = block_normalised_statistics(model, blocks)
     want = routing_sensitivity(exact.num_layers, exact.top_k)
     if not math.isclose(mechanism.l2_sensitivity, want):
