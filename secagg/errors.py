@@ -51,6 +51,11 @@ class DecryptionError(ProtocolError):
     """An encrypted share that fails authentication (tampered or misaddressed)."""
 
 
+class InvalidAccusation(ProtocolError):
+    """An accusation the server cannot accept: the sender itself, a party outside the round or
+    outside the sender's neighbours that shared keys, a repeated id, or too many ids."""
+
+
 class TooFewSurvivors(SecAggError):
     """Fewer clients than the threshold remain, so no sum can be released."""
 
