@@ -69,7 +69,10 @@ class InconsistentShares(TooFewSurvivors):
 
 
 class InvalidShare(DecryptionError):
-    """A relayed share that does not decrypt or parse; ``sender`` names the party that sent it."""
+    """A relayed share that does not decrypt or parse; ``sender`` names the party that sent it.
+
+    The client does not abort on it: it accuses ``sender`` in its masked input instead.
+    """
 
     def __init__(self, message: str, *, sender: int) -> None:
         super().__init__(message)
