@@ -10,6 +10,7 @@ coordinator that lies about who survived learns nothing (see docs/security.md).
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Mapping
 
@@ -49,6 +50,8 @@ from secagg.messages import (
 )
 from secagg.prg import add_keystream, random_seed
 
+log = logging.getLogger(__name__)
+
 _SHARE_HEADER = struct.Struct(">II")
 
 
@@ -66,7 +69,10 @@ class SecAggClient:
     """One client's part in one round. Call :meth:`advertise`, then :meth:`handle` each reply.
 
     ``identities`` maps every client id of the round to its registered Ed25519 public key.
-    Any violation raises a :class:`~secagg.errors.SecAggError` and leaves the client aborted.
+    Any violation raises a :class:`~secagg.errors.SecAggError` and leaves the client aborted,
+    except a relayed share that does not decrypt or parse: the client then names its sender in
+    :attr:`accused` (and in its :class:`~secagg.messages.MaskedInput`) and goes on, so the
+    server can exclude that sender instead of losing this client.
     With ``active_bound`` (the default) the client refuses round parameters that are not safe
     against an active coordinator: a threshold at or below 2/3 of the share holders, or the
     signed-survivor-set stage turned off. Only in-process runs with no adversary turn it off.
@@ -108,6 +114,7 @@ class SecAggClient:
         self._roster: dict[int, AdvertiseKeys] = {}
         self._shares_from: dict[int, tuple[bytes, bytes]] = {}
         self._masked_with: frozenset[int] = frozenset()  # neighbours whose pairwise mask is in y_u
+        self.accused: frozenset[int] = frozenset()  # neighbours whose relayed share was invalid
         self._signed_survivors: list[int] | None = None
         self.stage: Stage | None = None
         self.aborted = False
@@ -202,16 +209,27 @@ class SecAggClient:
 
     def _on_shares(self, msg: RelayedShares) -> MaskedInput:
         self._expect(Stage.SHARE, Stage.MASKED_INPUT)
+        accused: set[int] = set()
         for item in msg.shares:
             sender = item.peer
             if sender not in self._roster or sender == self.client_id:
                 raise UnknownParty(f"relayed share from {sender}, who is not a roster neighbour")
-            if sender in self._shares_from:
+            if sender in self._shares_from or sender in accused:
                 raise DuplicateMessage(f"two relayed shares from client {sender}")
-            self._shares_from[sender] = self._open_share(sender, item.ciphertext)
-        self._require(len(self._shares_from), "neighbours shared keys")
+            try:
+                self._shares_from[sender] = self._open_share(sender, item.ciphertext)
+            except InvalidShare as exc:
+                # Not fatal: name the sender to the server, which excludes it. We still mask
+                # with it (the pairwise key comes from its signed advertisement, not from the
+                # share), so our masked input matches the server's view whatever it decides.
+                log.warning("client %d, round %d: accuses client %d: %s",
+                            self.client_id, self.params.round_id, exc.sender, exc)  # fmt: skip
+                accused.add(exc.sender)
+        self._require(len(self._shares_from) + len(accused), "neighbours shared keys")
+        self._require(len(self._shares_from), "neighbours sent valid shares")
 
-        self._masked_with = frozenset(self._shares_from) - {self.client_id}
+        self.accused = frozenset(accused)
+        self._masked_with = (frozenset(self._shares_from) | self.accused) - {self.client_id}
         masked, self._encoded = self._encoded, None  # the input is masked in place, once
         add_keystream(masked, self._self_seed)
         for peer in sorted(self._masked_with):
@@ -221,8 +239,9 @@ class SecAggClient:
             )  # fmt: skip
             add_keystream(masked, seed, pairwise_mask_sign(self.client_id, peer))
         return MaskedInput(
-            round_id=self.params.round_id, client_id=self.client_id, vector=memoryview(masked)
-        )
+            round_id=self.params.round_id, client_id=self.client_id, vector=memoryview(masked),
+            accused=sorted(self.accused),
+        )  # fmt: skip
 
     def _on_survivor_set(self, msg: SurvivorSetRequest) -> SurvivorSignature:
         self._expect(Stage.MASKED_INPUT, Stage.CONSISTENCY)
@@ -294,8 +313,16 @@ class SecAggClient:
         and at least t of its closed neighbourhood must survive. ``dropped`` is None when
         signing (the request names survivors only). This stops a coordinator that
         withholds shares and then declares the victim's only mask partners dropped.
+        A neighbour this client accused must be dropped, never a survivor: it masked with it,
+        holds no valid share of it, and the server must exclude every accused party.
         """
         near = self._neighbours & set(survivors)
+        ignored = near & self.accused
+        if ignored:
+            raise RefusedRequest(
+                f"client {self.client_id}: survivor set keeps clients {sorted(ignored)}, whom "
+                f"it accused of sending an invalid share; they must be excluded"
+            )
         strangers = near - self._masked_with
         if strangers:
             raise RefusedRequest(

@@ -51,6 +51,11 @@ class DecryptionError(ProtocolError):
     """An encrypted share that fails authentication (tampered or misaddressed)."""
 
 
+class InvalidAccusation(ProtocolError):
+    """An accusation the server cannot accept: the sender itself, a party outside the round or
+    outside the sender's neighbours that shared keys, a repeated id, or too many ids."""
+
+
 class TooFewSurvivors(SecAggError):
     """Fewer clients than the threshold remain, so no sum can be released."""
 
@@ -64,7 +69,10 @@ class InconsistentShares(TooFewSurvivors):
 
 
 class InvalidShare(DecryptionError):
-    """A relayed share that does not decrypt or parse; ``sender`` names the party that sent it."""
+    """A relayed share that does not decrypt or parse; ``sender`` names the party that sent it.
+
+    The client does not abort on it: it accuses ``sender`` in its masked input instead.
+    """
 
     def __init__(self, message: str, *, sender: int) -> None:
         super().__init__(message)

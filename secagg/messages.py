@@ -24,6 +24,7 @@ Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
 Blob = Annotated[bytes, msgspec.Meta(max_length=1 << 12)]
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+MAX_ACCUSED = 1 << 10  # wire bound; the server also holds it to the sender's neighbours
 
 
 class Stage(str, Enum):
@@ -113,10 +114,14 @@ class MaskedInput(_Message):
     """Stage 2: the masked input vector, little-endian ring elements.
 
     A memoryview so that decoding does not copy a vector that may be gigabytes long.
+    ``accused`` names the neighbours whose relayed share did not decrypt or parse: the server
+    excludes each of them (drops it and cancels its pairwise masks from its mask key), while
+    the sender still masked with them, so its vector matches the server's view either way.
     """
 
     client_id: ClientId
     vector: memoryview
+    accused: Annotated[list[ClientId], msgspec.Meta(max_length=MAX_ACCUSED)] = []
 
 
 class SurvivorSignature(_Message):

@@ -22,6 +22,7 @@ from secagg.client import pairwise_mask_sign
 from secagg.errors import (
     DuplicateMessage,
     InconsistentShares,
+    InvalidAccusation,
     MalformedMessage,
     ProtocolError,
     TooFewSurvivors,
@@ -63,7 +64,9 @@ class SecAggServer:
         self._inbox: dict[int, m.Message] = {}
         self.advertised: dict[int, m.AdvertiseKeys] = {}
         self.shared: dict[int, m.ShareKeys] = {}
-        self.masked: list[int] = []
+        self.masked: list[int] = []  # survivors: masked input accepted and not accused
+        self.dropped: list[int] = []  # shared keys, then sent no masked input or were accused
+        self.accused: dict[int, set[int]] = {}  # accused party -> the clients that accused it
         self.attested: dict[int, m.SurvivorSignature] = {}
         self.unmasking: dict[int, m.UnmaskShares] = {}
         self._masked_sum = np.zeros(params.vector_length, dtype=params.codec.dtype)
@@ -141,7 +144,35 @@ class SecAggServer:
                 f"masked input from {sender} has {msg.vector.nbytes} bytes; expected "
                 f"{self.params.vector_length} elements of {dtype.itemsize} bytes"
             )
+        self._check_accusation(sender, msg.accused)
         self._masked_sum += np.frombuffer(msg.vector, dtype=dtype)
+        for accused in msg.accused:
+            log.warning("round %d: client %d accuses client %d of an invalid share; "
+                        "client %d is excluded", self.params.round_id, sender, accused,
+                        accused)  # fmt: skip
+            self.accused.setdefault(accused, set()).add(sender)
+
+    def _check_accusation(self, sender: int, accused: list[int]) -> None:
+        """Only neighbours that shared keys with ``sender`` can have sent it a bad share."""
+        try:
+            if len(accused) > self.params.neighbours:
+                raise InvalidAccusation(
+                    f"client {sender} accuses {len(accused)} clients; it has only "
+                    f"{self.params.neighbours} neighbours"
+                )
+            if len(set(accused)) != len(accused):
+                raise InvalidAccusation(f"client {sender} accuses {accused}: repeated ids")
+            if sender in accused:
+                raise InvalidAccusation(f"client {sender} accuses itself")
+            strangers = set(accused) - (self._graph[sender] & set(self.shared))
+            if strangers:
+                raise InvalidAccusation(
+                    f"client {sender} accuses {sorted(strangers)}, who sent it no share "
+                    f"(not in the round, not its neighbours, or did not share keys)"
+                )
+        except InvalidAccusation as exc:
+            log.warning("round %d: refused masked input: %s", self.params.round_id, exc)
+            raise
 
     def _check_attestation(self, sender: int, msg: m.SurvivorSignature) -> None:
         payload = kex.survivors_payload(self.params.round_id, self.masked)
@@ -150,7 +181,7 @@ class SecAggServer:
     def _check_unmask(self, sender: int, msg: m.UnmaskShares) -> None:
         holds = {owner for owner in self.shared if sender in self._graph[owner]}
         holds.add(sender)
-        survivors, dropped = set(self.masked), set(self.shared) - set(self.masked)
+        survivors, dropped = set(self.masked), set(self.dropped)
         if not set(msg.self_mask_shares) <= survivors & holds:
             raise MalformedMessage(f"client {sender} sent self-mask shares it was not asked for")
         if not set(msg.mask_key_shares) <= dropped & holds:
@@ -212,7 +243,14 @@ class SecAggServer:
         }
 
     def _close_masked_input(self, inbox: dict[int, m.MaskedInput]) -> dict[int, m.Message]:
-        self.masked = sorted(inbox)
+        # An accused party is excluded like one that dropped after sharing: its masked input
+        # (if any) leaves the sum, and its mask key is rebuilt at unmasking to cancel the
+        # pairwise masks its neighbours added. Its self-mask is never asked for.
+        for v in sorted(self.accused.keys() & inbox.keys()):
+            self._masked_sum -= np.frombuffer(inbox[v].vector, dtype=self._masked_sum.dtype)
+        self.masked = sorted(inbox.keys() - self.accused.keys())
+        self.dropped = sorted(set(self.shared) - set(self.masked))
+        self._require(len(self.masked), "masked inputs remain after excluding accused clients")
         if self.params.check_survivors:
             self.stage = m.Stage.CONSISTENCY
             request = m.SurvivorSetRequest(round_id=self.params.round_id, survivors=self.masked)
@@ -233,11 +271,10 @@ class SecAggServer:
 
     def _unmask_requests(self, recipients: list[int], signatures: list) -> dict[int, m.Message]:
         self.stage = m.Stage.UNMASK
-        dropped = sorted(set(self.shared) - set(self.masked))
         request = m.UnmaskRequest(
             round_id=self.params.round_id,
             survivors=self.masked,
-            dropped=dropped,
+            dropped=self.dropped,
             signatures=signatures,
         )
         return dict.fromkeys(recipients, request)
@@ -247,10 +284,9 @@ class SecAggServer:
         t = self.params.threshold
         # Rebuild every secret before touching the sum, so a failure leaves nothing half-done.
         self_seeds = [self._reconstruct(u, "self_mask_shares", t) for u in self.masked]
-        dropped = sorted(set(self.shared) - set(self.masked))
         mask_keys = {
             v: X25519PrivateKey.from_private_bytes(self._reconstruct(v, "mask_key_shares", t))
-            for v in dropped
+            for v in self.dropped
         }
         total = self._masked_sum
         for seed in self_seeds:

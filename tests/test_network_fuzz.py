@@ -91,6 +91,7 @@ def client_corpus(round_id: int, client_id: int) -> list[bytes]:
                       signature=bytes(64)),
         ShareKeys(round_id=r, client_id=c, shares=[EncryptedShare(peer=0, ciphertext=b"x" * 80)]),
         MaskedInput(round_id=r, client_id=c, vector=memoryview(bytes(64))),
+        MaskedInput(round_id=r, client_id=c, vector=memoryview(bytes(64)), accused=[1, 2]),
         SurvivorSignature(round_id=r, client_id=c, signature=bytes(64)),
         UnmaskShares(round_id=r, client_id=c, self_mask_shares={0: b"a" * 40},
                      mask_key_shares={1: b"b" * 40}),

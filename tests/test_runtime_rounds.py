@@ -203,6 +203,42 @@ def test_a_round_charges_then_sends_the_head_before_the_ckks_and_masked_inputs(c
     assert inst.rounds.round_id is None
 
 
+def test_an_invalid_share_is_reported_and_the_institution_goes_on(config, caplog):
+    """Another institution sends this one garbage instead of its share: this one names it to
+    the server with its masked input (released as usual) instead of abandoning the round."""
+    inst = make_institution(config, NAMES[0])
+    start = round_start(config, inst)
+    secagg = SecAggRound(config, inst, start.params)
+    secagg.deliver(inst.rounds.handle(start))
+    bad = 1
+    for cid, client in secagg.others.items():
+        secagg.server.receive(cid, client.advertise())
+    for cid, message in secagg.server.advance().items():  # rosters: everyone shares keys
+        if cid == secagg.me:
+            secagg.deliver(inst.rounds.handle(message))
+            continue
+        reply = secagg.others[cid].handle(message)
+        if cid == bad:
+            garbage = [
+                type(s)(peer=s.peer, ciphertext=bytes(len(s.ciphertext)))
+                if s.peer == secagg.me else s
+                for s in reply.shares
+            ]  # fmt: skip
+            reply = ShareKeys(round_id=reply.round_id, client_id=bad, shares=garbage)
+        secagg.server.receive(cid, reply)
+    relayed = secagg.server.advance()
+    with caplog.at_level(logging.WARNING):
+        released = inst.rounds.handle(relayed[secagg.me])
+    assert f"accuses client {bad}" in caplog.text and "abandoned" not in caplog.text
+    assert kinds(released) == ["LedgerHead", "CkksInput", "MaskedInput"]
+    assert messages(released)[-1].accused == [bad]
+    secagg.deliver(released)
+    for cid, client in secagg.others.items():
+        secagg.server.receive(cid, client.handle(relayed[cid]))
+    secagg.server.advance()
+    assert secagg.server.masked == [0, 2, 3] and secagg.server.dropped == [bad]
+
+
 def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(config):
     inst = make_institution(config, NAMES[0])
     start = round_start(config, inst)

@@ -7,6 +7,8 @@ assertion is on what the adversary can reconstruct, not only on the error the cl
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -25,6 +27,8 @@ from secagg.messages import (
     SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
+    decode,
+    encode,
 )
 from secagg.prg import add_keystream
 from tests.secagg_harness import ManualRound
@@ -385,3 +389,247 @@ def test_survivor_quorum_is_t_on_the_complete_graph_and_two_thirds_of_the_round_
 
     assert survivor_quorum(7, 6, 5) == 5
     assert survivor_quorum(30, 8, 7) == 21
+
+
+# ------------------------------------------------------------- invalid shares and accusations
+
+BAD_SHARES = ["garbage", "short", "wrong_header", "wrong_x"]
+# (n, k, t, active_bound): five institutions need t <= (k + 1) - 2 = 3 so that the accused's
+# mask key can be rebuilt without both the victim and the accused; at the active bound that
+# takes seven holders (t = 5).
+FIVE_WEAK, SEVEN_AT_BOUND = (5, 4, 3, False), (7, 6, 5, True)
+
+
+def _bad_share(r: ManualRound, bad: int, victim: int, blob: bytes, attack: str) -> bytes:
+    """What malicious ``bad`` sends ``victim`` instead of ``blob`` (its honest ciphertext)."""
+    from secagg.client import _SHARE_HEADER
+
+    if attack == "garbage":
+        return bytes(b ^ 0x5A for b in blob)
+    rid = r.params.round_id
+    key = r.clients[bad]._share_key(victim)  # bad's own channel key: it can encrypt anything
+    plain = kex.decrypt_share(key, blob, round_id=rid, sender=bad, recipient=victim)
+    header, body = plain[: _SHARE_HEADER.size], plain[_SHARE_HEADER.size :]
+    half = shamir.SHARE_BYTES
+    if attack == "short":
+        plain = plain[:-1]
+    elif attack == "wrong_header":
+        plain = _SHARE_HEADER.pack(bad, (victim + 1) % len(r.clients)) + body
+    elif attack == "wrong_x":
+        b_share = shamir.decode_share(body[:half])
+        other = shamir.encode_share(shamir.Share(b_share.x + 1, b_share.y))
+        plain = header + other + body[half:]
+    elif attack == "shifted":  # a valid share off the polynomial: the victim cannot tell
+        plain = header + _shifted(body[:half]) + body[half:]
+    return kex.encrypt_share(key, plain, round_id=rid, sender=bad, recipient=victim)
+
+
+def _share_stage_with(r: ManualRound, bad: int, victim: int, attack: str) -> None:
+    """Advertise, then every client shares keys; ``bad`` corrupts its share for ``victim``."""
+    r.advertise()
+    for i, client in enumerate(r.clients):
+        reply = client.handle(decode(encode(r.outgoing[i])))
+        if i == bad:
+            shares = [
+                type(s)(peer=s.peer, ciphertext=_bad_share(r, bad, victim, s.ciphertext, attack))
+                if s.peer == victim else s
+                for s in reply.shares
+            ]  # fmt: skip
+            reply = ShareKeys(round_id=reply.round_id, client_id=bad, shares=shares)
+        r.send(i, reply)
+    r.advance()
+
+
+def _encoded(r: ManualRound) -> dict[int, np.ndarray]:
+    """Each client's encoded input, copied before it is masked (for exact ring sums)."""
+    return {i: c._encoded.copy() for i, c in enumerate(r.clients)}
+
+
+def _exact_sum(r: ManualRound, encoded: dict[int, np.ndarray], who: list[int]) -> np.ndarray:
+    total = np.zeros(r.params.vector_length, dtype=r.params.codec.dtype)
+    for i in who:
+        total += encoded[i]
+    return total
+
+
+def _revealed(r: ManualRound, owner: int, field: str) -> int:
+    """How many shares of ``owner``'s secret the server obtained at unmasking."""
+    return sum(owner in getattr(msg, field) for msg in r.server.unmasking.values())
+
+
+@pytest.mark.parametrize("attack", BAD_SHARES)
+@pytest.mark.parametrize(("n", "k", "t", "bound"), [FIVE_WEAK, SEVEN_AT_BOUND])
+def test_one_institution_sending_an_invalid_share_is_excluded_and_the_others_sum(
+    n, k, t, bound, attack, caplog
+):
+    r = ManualRound(n=n, threshold=t, neighbours=k, d=16, active_bound=bound)
+    bad, victim = n - 1, 0
+    live = list(range(n - 1))
+    encoded = _encoded(r)
+    _share_stage_with(r, bad, victim, attack)
+    with caplog.at_level(logging.WARNING):
+        for i in range(n):
+            reply = r.clients[i].handle(decode(encode(r.outgoing[i])))
+            assert isinstance(reply, MaskedInput)
+            assert reply.accused == ([bad] if i == victim else [])
+            r.send(i, reply)  # the malicious one sends its masked input too
+        r.advance()
+    assert f"accuses client {bad}" in caplog.text  # victim and server both name the sender
+    assert not r.clients[victim].aborted
+    assert r.server.masked == live and r.server.dropped == [bad]
+    for _ in range(2):
+        r.respond(live)
+    assert r.server.stage is None and r.server.included == live
+    # exactly the other institutions' encoded inputs, in the ring
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
+    # (2) the server rebuilt the accused's mask key, and got no share of its self-mask
+    assert _revealed(r, bad, "mask_key_shares") >= t
+    assert _revealed(r, bad, "self_mask_shares") == 0
+    assert bad not in r.server.unmasking[victim].mask_key_shares  # it holds no valid share
+
+
+@pytest.mark.parametrize(("n", "k", "t", "bound"), [FIVE_WEAK, SEVEN_AT_BOUND])
+def test_a_shifted_share_is_not_detectable_by_the_victim_and_is_corrected_at_unmasking(
+    n, k, t, bound
+):
+    """A validly encrypted share off the polynomial passes every check the victim can make
+    (there is no verifiable secret sharing); robust reconstruction corrects it instead. It
+    names the holder that revealed it, here the honest victim: a share error cannot be
+    attributed to its dealer without VSS."""
+    r = ManualRound(n=n, threshold=t, neighbours=k, d=16, active_bound=bound)
+    bad, victim = n - 1, 0
+    encoded = _encoded(r)
+    _share_stage_with(r, bad, victim, "shifted")
+    for _ in range(3):
+        r.respond()
+    assert r.server.stage is None and r.server.included == list(range(n))
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, list(range(n))))
+    assert r.server.wrong_shares == {victim}
+
+
+def test_the_victim_refuses_a_survivor_set_that_keeps_the_accused():
+    r = ManualRound(n=5, threshold=3, d=8, active_bound=False)
+    _share_stage_with(r, 4, 0, "garbage")
+    assert r.clients[0].handle(r.outgoing[0]).accused == [4]
+    request = SurvivorSetRequest(round_id=r.params.round_id, survivors=list(range(5)))
+    with pytest.raises(secagg.RefusedRequest, match="accused"):
+        r.clients[0].handle(request)
+
+
+def _masked_inputs(r: ManualRound) -> dict[int, MaskedInput]:
+    """Every client's honest masked input (not yet sent)."""
+    return {i: r.clients[i].handle(decode(encode(r.outgoing[i]))) for i in range(len(r.clients))}
+
+
+def _accusing(msg: MaskedInput, accused: list[int]) -> MaskedInput:
+    return MaskedInput(
+        round_id=msg.round_id, client_id=msg.client_id, vector=msg.vector, accused=accused
+    )
+
+
+def test_a_false_accusation_excludes_an_honest_party_but_never_reveals_its_input():
+    """Malicious 0 accuses honest 4, whose share was valid: 4 is left out (availability), and
+    the server gets 4's mask key but none of its self-mask, so 4's masked input, which the
+    server holds, stays hidden behind PRG(b_4)."""
+    r = ManualRound(n=5, threshold=3, d=16, active_bound=False)
+    accuser, honest, live = 0, 4, [0, 1, 2, 3]
+    encoded = _encoded(r)
+    r.advertise()
+    r.respond()
+    replies = _masked_inputs(r)
+    assert all(reply.accused == [] for reply in replies.values())
+    kept = np.frombuffer(replies[honest].vector, dtype=r.params.codec.dtype).copy()
+    for i, reply in replies.items():
+        r.send(i, _accusing(reply, [honest]) if i == accuser else reply)
+    r.advance()
+    assert r.server.dropped == [honest]
+    for _ in range(2):
+        r.respond(live)
+    assert r.server.included == live
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
+    assert _revealed(r, honest, "self_mask_shares") == 0
+    # Everything the server received: 4's masked input and its mask key remove every pairwise
+    # mask, but the self-mask is left, so what remains is not 4's encoded input.
+    mask_key = shamir.combine(
+        [shamir.decode_share(msg.mask_key_shares[honest]) for msg in r.server.unmasking.values()],
+        r.params.threshold,
+    )
+    y = kept.copy()
+    for w in sorted(r.server._graph[honest]):
+        pair = kex.agree(
+            X25519PrivateKey.from_private_bytes(mask_key), r.server.advertised[w].mask_pk,
+            purpose=kex.MASK_PURPOSE, round_id=r.params.round_id, me=honest, peer=w,
+        )  # fmt: skip
+        add_keystream(y, pair, -pairwise_mask_sign(honest, w))
+    assert not np.array_equal(y, encoded[honest])
+    add_keystream(y, r.clients[honest]._self_seed, -1)  # only b_4, which 4 alone holds whole
+    np.testing.assert_array_equal(y, encoded[honest])
+
+
+def test_accusations_that_leave_fewer_than_threshold_release_no_sum():
+    r = ManualRound(n=5, threshold=3, d=8, active_bound=False)
+    r.advertise()
+    r.respond()
+    replies = _masked_inputs(r)
+    for i, reply in replies.items():
+        r.send(i, _accusing(reply, [2, 3, 4]) if i == 0 else reply)
+    with pytest.raises(secagg.TooFewSurvivors, match="accused"):
+        r.advance()
+    assert r.server.result is None and r.server.stage is None
+    assert isinstance(r.server.error, secagg.TooFewSurvivors)
+
+
+def test_at_the_bound_five_holders_cannot_exclude_a_bad_sharer_and_release_no_sum():
+    """n = 5, t = 4: the accused's mask key has only 3 honest holders besides the victim, so
+    its pairwise masks cannot be removed; the round ends with a typed error, not a wrong sum."""
+    r = ManualRound(n=5, threshold=4, d=8)
+    _share_stage_with(r, 4, 0, "garbage")
+    r.respond()
+    assert r.server.masked == [0, 1, 2, 3]
+    r.respond([0, 1, 2, 3])
+    with pytest.raises(secagg.TooFewSurvivors, match="client 4"):
+        r.respond([0, 1, 2, 3])
+    assert r.server.result is None
+
+
+@pytest.mark.parametrize(
+    ("accused", "match"),
+    [([9], "sent it no share"), ([0], "itself"), ([1, 1], "repeated"),
+     ([1, 2, 3, 4, 1], "neighbours")],
+)  # fmt: skip
+def test_malformed_accusations_are_refused_and_the_server_keeps_serving(accused, match, caplog):
+    r = ManualRound(n=5, threshold=3, d=8, active_bound=False)
+    encoded = _encoded(r)
+    r.advertise()
+    r.respond()
+    replies = _masked_inputs(r)
+    refused = pytest.raises(secagg.InvalidAccusation, match=match)
+    with caplog.at_level(logging.WARNING, logger="secagg.server"), refused:
+        r.send(0, _accusing(replies[0], accused))
+    assert "refused masked input" in caplog.text
+    for i, reply in replies.items():  # the honest message from 0 is still accepted
+        r.send(i, reply)
+    r.advance()
+    r.respond()
+    r.respond()
+    assert r.server.included == list(range(5))
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, list(range(5))))
+
+
+def test_an_oversize_accusation_is_refused_on_the_wire():
+    from secagg.messages import MAX_ACCUSED
+
+    msg = MaskedInput(round_id=1, client_id=0, vector=memoryview(bytes(8)),
+                      accused=[1] * (MAX_ACCUSED + 1))  # fmt: skip
+    with pytest.raises(secagg.MalformedMessage):
+        decode(encode(msg))
+
+
+def test_an_accusation_of_a_non_neighbour_is_refused():
+    r = ManualRound(n=7, threshold=3, neighbours=2, d=8, active_bound=False)
+    stranger = next(v for v in range(7) if v not in r.server._graph[0] and v != 0)
+    r.advertise()
+    r.respond()
+    reply = r.clients[0].handle(decode(encode(r.outgoing[0])))
+    with pytest.raises(secagg.InvalidAccusation, match="sent it no share"):
+        r.send(0, _accusing(reply, [stranger]))

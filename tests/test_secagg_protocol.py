@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -211,7 +213,7 @@ def test_substituted_public_key_is_caught_by_signature():
         r.clients[0].handle(roster)
 
 
-def test_tampered_relayed_share_fails_authentication():
+def test_tampered_relayed_share_fails_authentication(caplog):
     r = ManualRound(n=4, threshold=3)
     r.advertise()
     r.respond()
@@ -224,8 +226,14 @@ def test_tampered_relayed_share_fails_authentication():
         shares=[type(first)(peer=first.peer, ciphertext=flipped), *relayed.shares[1:]],
     )
     with pytest.raises(secagg.InvalidShare) as info:  # a DecryptionError naming the sender
-        r.clients[0].handle(tampered)
+        r.clients[0]._open_share(first.peer, flipped)
     assert info.value.sender == first.peer
+    # Not fatal: the client names the sender to the server with its masked input and goes on.
+    with caplog.at_level(logging.WARNING, logger="secagg.client"):
+        reply = r.clients[0].handle(tampered)
+    assert isinstance(reply, MaskedInput) and not r.clients[0].aborted
+    assert reply.accused == [first.peer]
+    assert f"accuses client {first.peer}" in caplog.text
 
 
 # ---------------------------------------------------------------------------- bad input
