@@ -64,16 +64,32 @@ def find_roster(args: argparse.Namespace) -> Roster:
 def verify_one(
     path: Path, roster: Roster, institution: str | None, run_dir: Path | None
 ) -> VerifiedLedger:
-    """Verify one ledger: whose it is comes from ``institution`` or its folder name."""
-    from audit import head_path, read_head, verify_ledger
+    """Verify one ledger against every head the coordinator kept for it: whose it is comes from
+    ``institution`` or its folder name. A missing ledger with heads on file, or heads that do not
+    read, raise :class:`audit.LedgerTampered` naming the institution."""
+    from audit import HeadFileError, LedgerTampered, head_path, read_heads, verify_ledger
 
     name = institution or path.resolve().parent.name
     public_key = roster.institution(name).identity_key
     run_dir = run_dir or run_dir_of(path)
-    head = None
-    if run_dir is not None and head_path(run_dir, name).exists():
-        head = read_head(head_path(run_dir, name))
-    return verify_ledger(path, public_key, institution=name, head=head)
+    heads = []
+    if run_dir is not None:
+        try:
+            heads = read_heads(head_path(run_dir, name))
+        except HeadFileError as exc:
+            raise LedgerTampered(path, 0, f"{name}: the coordinator's heads: {exc}") from None
+    return verify_ledger(path, public_key, institution=name, heads=heads)
+
+
+def ledgers_of_run(run_dir: Path) -> list[Path]:
+    """The ledger of every institution of ``run_dir`` with a ledger folder or heads on file
+    (the ledger path even where the file is gone: a deleted ledger must fail, not be skipped)."""
+    from audit import ledger_path
+    from audit.heads import HEADS_DIR
+
+    names = {p.parent.name for p in (run_dir / "institutions").glob(f"*/{LEDGER_FILE}")}
+    names |= {p.stem for p in (run_dir / HEADS_DIR).glob("*.jsonl")}
+    return [ledger_path(run_dir, name) for name in sorted(names)]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -83,13 +99,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is None and args.config is not None:
         run_dir = load_config(args.config).run_dir
+    ledgers = [Path(raw) for raw in args.ledgers]
+    if not ledgers:
+        if run_dir is None:
+            raise AuditUsageError("pass LEDGER files, or --run-dir DIR (or --config) to verify all")
+        if args.institution is not None:
+            raise AuditUsageError("--institution needs one LEDGER file")
+        ledgers = ledgers_of_run(run_dir)
     console = _console()
     table = Table(title="privacy ledgers")
-    for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "head"):
+    for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "heads"):
         table.add_column(column, justify="left" if column in ("ledger", "institution") else "right")
     failed = 0
-    for raw in args.ledgers:
-        path = Path(raw)
+    for path in ledgers:
         try:
             verified = verify_one(path, roster, args.institution, run_dir)
         except LedgerTampered as exc:
@@ -101,17 +123,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
         table.add_row(
             str(path), verified.institution or "(empty)", str(len(verified.entries)),
             str(refusals), _eps(spent.rdp), _eps(spent.pld),
-            "checked" if verified.head_checked else "none (a cut tail goes unnoticed)",
+            f"{verified.heads_checked} checked" if verified.head_checked
+            else "none (a cut tail goes unnoticed)",
         )  # fmt: skip
     if table.rows:
         console.print(table)
     if failed:
         print(
-            f"sealmoe audit verify: {failed} of {len(args.ledgers)} ledgers do not verify",
+            f"sealmoe audit verify: {failed} of {len(ledgers)} ledgers do not verify",
             file=sys.stderr,
         )
         return TAMPERED
-    console.print(f"OK: {len(args.ledgers)} ledgers verify (chain, signatures, every epsilon)")
+    console.print(f"OK: {len(ledgers)} ledgers verify (chain, signatures, every epsilon)")
     return 0
 
 
@@ -252,12 +275,15 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
         (
             "Verify institutions' privacy ledgers: the hash chain (an edited, deleted, inserted "
             "or reordered entry), every Ed25519 signature against the roster's identity key, and "
-            "every epsilon recomputed from the recorded dp-accounting events. With the "
-            "coordinator's signed heads (found in the run directory) a ledger whose last "
-            "entries were deleted is detected too. Exit status 0: all verify; 1: some do not "
-            "(one line each, naming file, line and problem); 2: a setup error."
+            "every epsilon recomputed from the recorded dp-accounting events. Each ledger is "
+            "also checked against every signed head the coordinator accepted (found in the run "
+            "directory), so a ledger whose last entries were deleted, whose history was "
+            "rewritten and signed again, or that was deleted while heads of it are on file, "
+            "fails. Without LEDGER files, every ledger of --run-dir (or --config's run "
+            "directory) is verified. Exit status 0: all verify; 1: some do not (one line each, "
+            "naming file, institution, line or head, and problem); 2: a setup error."
         ),
-        arg("ledgers", nargs="+", metavar="LEDGER", help="ledger.jsonl files"),
+        arg("ledgers", nargs="*", metavar="LEDGER", help="ledger.jsonl files (default: all)"),
         arg("--roster", metavar="F", help="roster with the identity keys"),
         arg("--config", metavar="F", help="federation config (roster and run dir)"),
         arg(
