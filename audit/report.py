@@ -196,8 +196,9 @@ def _releases(strategy: StrategyFacts, update_to: str, routing_to: str) -> list[
         )
     releases.append(
         {
-            "what": "ledger head (entry count and last hash, signed)",
-            "mechanism": "none needed: depends on no private data",
+            "what": "ledger head (entry count and last hash, signed; as proof the hash "
+            "digests of the last ledger entries)",
+            "mechanism": "none needed: hashes of signed entries, no private data",
             "to_whom": "the coordinator",
         }
     )

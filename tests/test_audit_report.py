@@ -150,3 +150,27 @@ def test_report_says_what_the_coordinator_sees_under_ckks_expert_updates(run_dir
     assert "global adapters only as ciphertexts" in after["trust_model"]["coordinator_sees"]
     update = next(r for r in after["releases"] if r["what"].startswith("adapter"))
     assert update["to_whom"].startswith("encrypted (CKKS)")
+
+
+def test_a_deleted_ledger_with_heads_on_file_is_a_failed_verification(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ledger_path(copy, "comedies").unlink()  # its head is on file: it released something
+    assert main(["audit", "report", str(copy)]) == 0
+    report = json.loads((copy / "report.json").read_text())
+    comedies = next(i for i in report["institutions"] if i["name"] == "comedies")
+    assert comedies["verification"]["status"] == "FAILED"
+    detail = comedies["verification"]["detail"]
+    assert detail.startswith("failed verification: the ledger") and "was deleted" in detail
+    assert "released nothing" not in json.dumps(comedies)
+    assert comedies["remaining_epsilon"] is None and comedies["spent"] == {}  # unknown
+    assert "failed verification" in (copy / "report.md").read_text()
+    # every other institution still verifies against its heads
+    others = [i for i in report["institutions"] if i["name"] != "comedies"]
+    assert {i["verification"]["status"] for i in others} == {"verified"}
+    # and `audit verify` of the whole run directory exits 1, naming it
+    roster = Path(json.loads((copy / "audit-context.json").read_text())["roster"])
+    verify = ["audit", "verify", "--run-dir", str(copy), "--roster", str(roster)]
+    assert main(verify) == 1
+    err = capsys.readouterr().err
+    assert "comedies: the ledger is missing" in err and "1 of 3 ledgers do not verify" in err
