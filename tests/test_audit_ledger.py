@@ -290,6 +290,16 @@ def test_an_epsilon_that_does_not_follow_from_its_events_is_detected(ledger_file
     assert "does not follow from the recorded events" in found.problem
 
 
+def test_a_format_1_or_non_canonical_line_is_named_as_such(ledger_file, key):
+    rows = lines(ledger_file)
+    write(ledger_file, [json.dumps(json.loads(rows[0]), sort_keys=True), *rows[1:]])
+    found = problem(ledger_file, key)  # same fields, so same hash: still one spelling only
+    assert found.line == 1 and "not in canonical form" in found.problem
+    write(ledger_file, _edit(rows, 0, version=1))
+    found = problem(ledger_file, key)
+    assert found.line == 1 and "format version 1, this verifier reads 2" in found.problem
+
+
 def test_deleted_tail_entries_are_detected_with_the_coordinators_head(ledger_file, key):
     head = open_ledger(ledger_file, key).head()
     write(ledger_file, lines(ledger_file)[:4])
