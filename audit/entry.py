@@ -1,17 +1,27 @@
 """One ledger line: its fields, canonical bytes, hash chain and Ed25519 signatures.
 
-A line is the canonical JSON (sorted keys, no spaces, ASCII) of an :class:`Entry`. Its hash is
-SHA-256 of those bytes and the next entry's ``prev`` (the first entry's is :data:`GENESIS`).
+A line is the canonical JSON (sorted keys, no spaces, ASCII) of an :class:`Entry`.
 ``signature`` is Ed25519 by the institution's identity key over :data:`ENTRY_DOMAIN` plus the
-canonical JSON of every other field, so editing any field, or moving an entry, breaks the
-signature or the chain. A ledger head (:class:`clients.contract.messages.LedgerHead`) is a signed
-statement of the number of entries and the last entry's hash, which the coordinator keeps.
+canonical JSON of every other field (``prev`` included), so editing any field, or moving an
+entry, breaks the signature or the chain.
+
+The chain (format 2). An entry's *digest* is SHA-256 over :data:`DIGEST_DOMAIN` and the
+canonical JSON of every field but ``prev`` (the signature included); its *hash* is SHA-256 over
+:data:`CHAIN_DOMAIN`, the previous entry's hash (:data:`GENESIS` before the first) and its
+digest. The next entry's ``prev`` is that hash. Splitting the hash this way lets a party that
+holds an old hash check that a new hash extends it from the digests of the entries in between,
+without seeing the entries (:func:`chain_hash`; the coordinator does this for every ledger
+head). Format 1 hashed the whole line, ``prev`` inside, which allowed no such check.
+
+A ledger head (:class:`privacy.head.LedgerHead`) is a signed statement of the number of entries
+and the last entry's hash, with the digests that prove it extends the head before it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -21,10 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from privacy.budget import Epsilons
 from privacy.head import LedgerHead
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 GENESIS = "0" * 64
-ENTRY_DOMAIN = b"sealmoe privacy ledger entry v1\n"
-HEAD_DOMAIN = b"sealmoe privacy ledger head v1\n"
+ENTRY_DOMAIN = b"sealmoe privacy ledger entry v1\n"  # the signed body carries its version
+DIGEST_DOMAIN = b"sealmoe privacy ledger entry digest v2\n"
+CHAIN_DOMAIN = b"sealmoe privacy ledger chain v2\n"
+HEAD_DOMAIN = b"sealmoe privacy ledger head v2\n"
 
 Hex32 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{128}$")]
@@ -41,7 +53,7 @@ class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     made (``None`` for a release). ``time`` is seconds since the epoch.
     """
 
-    version: Literal[1]
+    version: Literal[2]
     seq: Count
     prev: Hex32
     institution: str
@@ -79,9 +91,29 @@ def line_bytes(entry: Entry) -> bytes:
     return canonical(msgspec.to_builtins(entry))
 
 
+def entry_digest(entry: Entry) -> bytes:
+    """The entry's digest: SHA-256 of every field but ``prev`` (what a head's proof carries)."""
+    body = msgspec.to_builtins(entry)
+    del body["prev"]
+    return hashlib.sha256(DIGEST_DOMAIN + canonical(body)).digest()
+
+
+def chain_hash(prev: str, digest: bytes) -> str:
+    """The chain hash (hex) of an entry with digest ``digest`` after the hash ``prev`` (hex)."""
+    return hashlib.sha256(CHAIN_DOMAIN + bytes.fromhex(prev) + digest).hexdigest()
+
+
+def entry_hash(entry: Entry) -> str:
+    """The chain hash of ``entry`` (what the next entry's ``prev`` and a head's hash state)."""
+    return chain_hash(entry.prev, entry_digest(entry))
+
+
 def line_hash(line: bytes) -> str:
-    """The chain hash of one line's bytes."""
-    return hashlib.sha256(line).hexdigest()
+    """The chain hash of one line's bytes (a well-formed entry; ValueError if not)."""
+    try:
+        return entry_hash(msgspec.json.decode(line, type=Entry, strict=True))
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a ledger entry: {exc}") from None
 
 
 def sign_entry(entry: Entry, identity: Ed25519PrivateKey) -> Entry:
@@ -105,15 +137,20 @@ def _head_message(institution: str, entries: int, last_hash: bytes) -> bytes:
 
 
 def sign_head(
-    institution: str, entries: int, last_hash: str, identity: Ed25519PrivateKey
+    institution: str,
+    entries: int,
+    last_hash: str,
+    identity: Ed25519PrivateKey,
+    proof: Sequence[bytes] = (),
 ) -> LedgerHead:
     """A signed head: the ledger of ``institution`` has ``entries`` entries, the last hashing to
-    ``last_hash`` (:data:`GENESIS` when empty)."""
+    ``last_hash`` (:data:`GENESIS` when empty); ``proof`` are the digests of its last entries."""
     digest = bytes.fromhex(last_hash)
     signature = identity.sign(_head_message(institution, entries, digest))
     return LedgerHead(
-        institution=institution, entries=entries, last_hash=digest, signature=signature
-    )
+        institution=institution, entries=entries, last_hash=digest, signature=signature,
+        proof=tuple(proof),
+    )  # fmt: skip
 
 
 def head_signature_ok(head: LedgerHead, public_key: Ed25519PublicKey) -> bool:

@@ -32,8 +32,9 @@ from audit.entry import (
     FORMAT_VERSION,
     GENESIS,
     Entry,
+    entry_digest,
+    entry_hash,
     line_bytes,
-    line_hash,
     sign_entry,
     sign_head,
 )
@@ -43,7 +44,7 @@ from privacy import AlreadyReleased, Release
 from privacy.budget import Composition, Epsilons, PrivacyBudget
 from privacy.config import ACCOUNTANTS
 from privacy.errors import UserError
-from privacy.head import LedgerHead
+from privacy.head import MAX_PROOF, LedgerHead
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Ledger:
         self._budget = PrivacyBudget(self.budget_epsilon, self.delta, accountant)
         self._entries: list[Entry] = []
         self._last_hash = GENESIS
+        self._digests: list[bytes] = []  # of every entry, for the heads' proofs
         self._released: set[tuple[int, str]] = set()
         self._screened: tuple[tuple, Composition, list[Epsilons]] | None = None
         self._load()
@@ -125,8 +127,8 @@ class Ledger:
             self._budget = PrivacyBudget(self.budget_epsilon, self.delta, self.accountant, spent)
         self._entries = list(verified.entries)
         self._released = {(e.round_id, e.what) for e in self._entries if e.kind == "release"}
-        lines = complete.split(b"\n")[:-1]
-        self._last_hash = line_hash(lines[-1]) if lines else GENESIS
+        self._digests = [entry_digest(e) for e in self._entries]
+        self._last_hash = verified.last_hash
 
     @property
     def entries(self) -> tuple[Entry, ...]:
@@ -150,8 +152,17 @@ class Ledger:
         return (round_id, what) in self._released
 
     def head(self) -> LedgerHead:
-        """A freshly signed head for the coordinator: entry count and last entry hash."""
-        return sign_head(self.institution, len(self._entries), self._last_hash, self._identity)
+        """A freshly signed head for the coordinator: entry count and last entry hash, with the
+        digests of the last entries (up to :data:`privacy.head.MAX_PROOF`) as its proof.
+
+        The institution cannot know which of its heads reached the coordinator (none is
+        acknowledged), so every head proves as far back as the bound allows: a head lost on
+        the way costs nothing as long as fewer than ``MAX_PROOF`` entries were added since the
+        last one that arrived."""
+        return sign_head(
+            self.institution, len(self._entries), self._last_hash, self._identity,
+            self._digests[-MAX_PROOF:],
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------ writing
 
@@ -258,10 +269,9 @@ class Ledger:
         prev, seq = self._last_hash, len(self._entries)
         for entry in entries:
             signed = sign_entry(msgspec.structs.replace(entry, seq=seq, prev=prev), self._identity)
-            raw = line_bytes(signed)
-            lines.append(raw)
+            lines.append(line_bytes(signed))
             chained.append(signed)
-            prev, seq = line_hash(raw), seq + 1
+            prev, seq = entry_hash(signed), seq + 1
         new_file = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as f:
@@ -275,5 +285,6 @@ class Ledger:
             finally:
                 os.close(folder)
         self._entries.extend(chained)
+        self._digests.extend(entry_digest(e) for e in chained)
         self._last_hash = prev
         return chained

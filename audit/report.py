@@ -1,7 +1,8 @@
 """The privacy report of a run as data: every number the HTML and Markdown show.
 
 :func:`build_report` reads the run's audit context, each institution's ledger (verified when
-identity keys are given, against the coordinator's head when it kept one) and any empirical
+identity keys are given, against every head the coordinator kept; a missing ledger with heads on
+file is a failed verification, not "released nothing") and any empirical
 audit results, and returns one JSON-able dict. Its fields follow NIST SP 800-226 and the OpenDP
 registry's tier-3 items: unit of privacy and neighbouring relation, what is released to whom,
 the trust model, the accountant and its settings, the DP-SGD parameters, per-round and
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from audit.context import ContextError, FederationFacts, StrategyFacts
 from audit.entry import Entry
 from audit.events import event_from_json
-from audit.heads import head_path, read_head
+from audit.heads import HeadFileError, head_path, read_heads
 from audit.ledger import ledger_path
 from audit.verify import LedgerTampered, parse_entry, verify_ledger
 from privacy.accountant import PLD_DISCRETIZATION
@@ -61,16 +62,40 @@ def _verification(
 ) -> dict[str, Any]:
     if keys is None or name not in keys:
         return {"status": "not verified", "detail": "no identity key given (pass the roster)"}
-    head_file = head_path(run_dir, name)
-    head = read_head(head_file) if head_file.exists() else None
     try:
-        verify_ledger(path, keys[name], institution=name, head=head)
+        heads = read_heads(head_path(run_dir, name))
+        verify_ledger(path, keys[name], institution=name, heads=heads)
     except LedgerTampered as exc:  # the file is named by the report: no (absolute) path here
         where = f"line {exc.line}: " if exc.line else ""
-        return {"status": "FAILED", "detail": where + exc.problem}
+        return {"status": "FAILED", "detail": f"failed verification: {where}{exc.problem}"}
+    except HeadFileError as exc:
+        return {"status": "FAILED", "detail": f"failed verification: {exc}"}
     detail = "chain, signatures and every epsilon recomputed"
-    detail += "; matches the coordinator's signed head" if head else "; no coordinator head"
+    detail += (
+        f"; matches all {len(heads)} of the coordinator's signed heads"
+        if heads
+        else "; no coordinator head"
+    )
     return {"status": "verified", "detail": detail}
+
+
+def _missing(path: Path, name: str, run_dir: Path) -> dict[str, str]:
+    """The verification of a ledger that is not there: failed if the coordinator holds a head
+    stating entries (it was deleted), else "no ledger" (the institution released nothing)."""
+    try:
+        heads = read_heads(head_path(run_dir, name))
+    except HeadFileError as exc:
+        return {"status": "FAILED", "detail": f"failed verification: no ledger, and {exc}"}
+    if any(h.entries for h in heads):
+        return {
+            "status": "FAILED",
+            "detail": (
+                f"failed verification: the ledger {path} is missing, but the coordinator holds "
+                f"{len(heads)} signed heads of it, the last at {heads[-1].entries} entries: it "
+                "was deleted, and what it released is unknown"
+            ),
+        }
+    return {"status": "no ledger", "detail": "the institution released nothing"}
 
 
 def _rounds(entries: list[Entry], delta: float) -> list[dict[str, Any]]:
@@ -171,12 +196,14 @@ def _institution(
     path = ledger_path(run_dir, inst.name)
     budget = {"epsilon": inst.budget_epsilon, "delta": inst.budget_delta}
     if not path.exists():
+        verification = _missing(path, inst.name, run_dir)
+        released_nothing = verification["status"] == "no ledger"
         return {
             "name": inst.name, "budget": budget, "ledger": _relative(path, run_dir),
-            "entries": [], "dataset": _dataset(facts, {}),
-            "rounds": [], "spent": {"rdp": 0.0, "pld": 0.0},
-            "remaining_epsilon": inst.budget_epsilon, "refusals": 0,
-            "verification": {"status": "no ledger", "detail": "the institution released nothing"},
+            "entries": [], "dataset": _dataset(facts, {}), "rounds": [],
+            "spent": {"rdp": 0.0, "pld": 0.0} if released_nothing else {},
+            "remaining_epsilon": inst.budget_epsilon if released_nothing else None,
+            "refusals": 0, "verification": verification,
             "dp_sgd": {}, "routing": {}, "scores": {}, "keys": {}, "choice": {},
             "validation": {},
         }  # fmt: skip
@@ -234,8 +261,9 @@ def _releases(strategy: StrategyFacts, update_to: str, routing_to: str) -> list[
         )
     releases.append(
         {
-            "what": "ledger head (entry count and last hash, signed)",
-            "mechanism": "none needed: depends on no private data",
+            "what": "ledger head (entry count and last hash, signed; as proof the hash "
+            "digests of the last ledger entries)",
+            "mechanism": "none needed: hashes of signed entries, no private data",
             "to_whom": "the coordinator",
         }
     )
@@ -391,7 +419,8 @@ def build_report(
             ),
             "ledger_integrity": (
                 "each institution signs its ledger entries (Ed25519) in a hash chain; the "
-                "coordinator keeps every institution's latest signed head"
+                "coordinator keeps every signed head it accepted, each only if its proof shows "
+                "it extends the one before, and each ledger is verified against all of them"
             ),
         },
         "accountant": {

@@ -5,14 +5,20 @@ the file, the line and what is wrong, at the first line that does not follow: a 
 not a well-formed entry, a sequence number out of place (an entry deleted, inserted or moved),
 a ``prev`` hash that does not match the line before (an entry edited, deleted, inserted or
 reordered), a signature that does not verify under the institution's identity key, an epsilon
-that does not follow from the recorded events, or a release recorded beyond its budget. Given
-the coordinator's signed head, it also detects a ledger whose last entries were deleted.
+that does not follow from the recorded events, or a release recorded beyond its budget.
+
+Given the coordinator's kept heads (every head it accepted, :mod:`audit.heads`), it checks each:
+its signature, and that the ledger has at least that many entries and the chain hash at that
+position is the head's. So a ledger whose last entries were deleted (truncated), one whose
+history was rewritten and re-signed by its owner (the hash at an old head's position changes),
+and a deleted ledger (when heads are on file) all fail, naming the head.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +29,10 @@ from audit.entry import (
     FORMAT_VERSION,
     GENESIS,
     Entry,
+    entry_hash,
     entry_signature_ok,
     head_signature_ok,
-    line_hash,
+    line_bytes,
 )
 from audit.events import EventFormatError, event_from_json
 from privacy.budget import Composition, Epsilons
@@ -47,12 +54,19 @@ class LedgerTampered(Exception):
 
 @dataclass(frozen=True)
 class VerifiedLedger:
-    """A ledger that verified: its entries and whether a coordinator head was checked too."""
+    """A ledger that verified: its entries, its last chain hash (:data:`GENESIS` when empty)
+    and how many of the coordinator's heads it was checked against."""
 
     path: Path
     institution: str | None
     entries: tuple[Entry, ...]
-    head_checked: bool
+    heads_checked: int
+    last_hash: str = GENESIS
+
+    @property
+    def head_checked(self) -> bool:
+        """Whether the ledger was checked against at least one coordinator head."""
+        return self.heads_checked > 0
 
     @property
     def spent(self) -> Epsilons:
@@ -71,6 +85,15 @@ def parse_entry(text: str) -> Entry:
         raise ValueError(f"not a ledger entry: {exc}") from None
 
 
+def _version_of(raw: bytes) -> object:
+    """The ``version`` field of a line that is a JSON object, else None."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record.get("version") if isinstance(record, dict) else None
+
+
 def _close(recorded: float | None, recomputed: float | None) -> bool:
     if recorded is None or recomputed is None:
         return recorded is None and recomputed is None
@@ -83,10 +106,11 @@ def verify_ledger(
     *,
     institution: str | None = None,
     head: LedgerHead | None = None,
+    heads: Sequence[LedgerHead] = (),
 ) -> VerifiedLedger:
     """Verify the ledger at ``path`` of ``institution`` (any, if None) under ``public_key``,
-    and against the coordinator's ``head`` if given."""
-    return replay_ledger(path, public_key, institution=institution, head=head)[0]
+    and against the coordinator's ``heads`` (oldest first; ``head``: one more, checked last)."""
+    return replay_ledger(path, public_key, institution=institution, head=head, heads=heads)[0]
 
 
 def replay_ledger(
@@ -95,12 +119,25 @@ def replay_ledger(
     *,
     institution: str | None = None,
     head: LedgerHead | None = None,
+    heads: Sequence[LedgerHead] = (),
 ) -> tuple[VerifiedLedger, Composition | None]:
     """:func:`verify_ledger`, also returning the accountants with every release composed
     (``None`` for an empty ledger), so a ledger that opens a file need not price it twice."""
     path = Path(path)
+    heads = [*heads, *([head] if head is not None else [])]
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        stated = [h for h in heads if h.entries]
+        if stated:
+            who = institution or stated[-1].institution
+            raise LedgerTampered(
+                path, 0,
+                f"{who}: the ledger is missing, but the coordinator holds {len(heads)} signed "
+                f"heads of it, head {heads.index(stated[0]) + 1} at {stated[0].entries} entries "
+                f"and the last at {heads[-1].entries}: the ledger was deleted",
+            ) from None  # fmt: skip
+        raise LedgerTampered(path, 0, "cannot read the ledger (no such file)") from None
     except OSError as exc:
         raise LedgerTampered(path, 0, f"cannot read the ledger ({exc})") from None
     if data and not data.endswith(b"\n"):
@@ -111,6 +148,7 @@ def replay_ledger(
         )  # fmt: skip
     lines = data.split(b"\n")[:-1] if data else []
     entries: list[Entry] = []
+    hashes: list[str] = []  # the chain hash after each entry
     prev = GENESIS
     pricer: Composition | None = None
     released: set[tuple[int, str]] = set()
@@ -122,9 +160,13 @@ def replay_ledger(
         try:
             entry = parse_entry(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
+            version = _version_of(raw)
+            if version is not None and version != FORMAT_VERSION:
+                raise fail(
+                    f"format version {version}, this verifier reads {FORMAT_VERSION} (format 1 "
+                    "chained whole lines; verify it with an earlier sealmoe)"
+                ) from None
             raise fail(str(exc)) from None
-        if entry.version != FORMAT_VERSION:
-            raise fail(f"format version {entry.version}, this verifier reads {FORMAT_VERSION}")
         if entry.seq != number - 1:
             raise fail(
                 f"sequence number {entry.seq} where {number - 1} belongs: an entry was deleted, "
@@ -140,6 +182,8 @@ def replay_ledger(
                 f"the signature does not verify under {entry.institution!r}'s identity key: "
                 "the entry was edited, or signed by another key"
             )
+        if line_bytes(entry) != raw:  # the chain hashes the parsed entry: keep one spelling
+            raise fail("the line is not in canonical form (sorted keys, no spaces, ASCII)")
         if institution is None:
             institution = entry.institution
         if entry.institution != institution:
@@ -175,37 +219,46 @@ def replay_ledger(
                 f"{entry.epsilon.of(entry.accountant):.6g} > {entry.budget_epsilon:g}"
             )
         entries.append(entry)
-        prev = line_hash(raw)
-    if head is not None:
-        _check_head(path, head, public_key, institution, len(entries), lines)
-    return VerifiedLedger(path, institution, tuple(entries), head is not None), pricer
+        prev = entry_hash(entry)
+        hashes.append(prev)
+    for index, kept in enumerate(heads):
+        _check_head(path, index, len(heads), kept, public_key, institution, hashes)
+    verified = VerifiedLedger(path, institution, tuple(entries), len(heads), prev)
+    return verified, pricer
 
 
 def _check_head(
     path: Path,
+    index: int,
+    count: int,
     head: LedgerHead,
     public_key: Ed25519PublicKey,
     institution: str | None,
-    count: int,
-    lines: list[bytes],
+    hashes: list[str],
 ) -> None:
+    """Check the ledger (``hashes``: its chain hash after each entry) against kept head
+    ``index`` of ``count``."""
+    who = institution or head.institution
+    which = f"head {index + 1} of {count}"
     if not head_signature_ok(head, public_key):
-        raise LedgerTampered(path, 0, "the coordinator's head for this ledger has a bad signature")
-    if institution is not None and head.institution != institution:
         raise LedgerTampered(
-            path, 0, f"the head is {head.institution!r}'s, the ledger {institution!r}'s"
-        )
-    if head.entries > count:
+            path, 0, f"{who}: the coordinator's {which} (at {head.entries} entries) has a bad "
+            "signature",
+        )  # fmt: skip
+    if institution is not None and head.institution != institution:
+        raise LedgerTampered(path, 0, f"{who}: the coordinator's {which} is {head.institution!r}'s")
+    if head.entries > len(hashes):
         raise LedgerTampered(
             path, 0,
-            f"truncated: the coordinator holds a signed head at {head.entries} entries, the "
-            f"ledger has {count}; entries {count + 1}..{head.entries} were deleted",
+            f"{who}: truncated: the coordinator holds a signed head at {head.entries} entries "
+            f"({which}), the ledger has {len(hashes)}; entries {len(hashes) + 1}..{head.entries} "
+            "were deleted",
         )  # fmt: skip
-    if head.entries:
-        want = head.last_hash.hex()
-        if line_hash(lines[head.entries - 1]) != want:
-            raise LedgerTampered(
-                path, head.entries,
-                "this line does not hash to the coordinator's signed head: the ledger was "
-                "rewritten",
-            )  # fmt: skip
+    at = hashes[head.entries - 1] if head.entries else GENESIS
+    if at != head.last_hash.hex():
+        raise LedgerTampered(
+            path, head.entries,
+            f"{who}: rewritten: the chain hash of this line is not the one of the coordinator's "
+            f"signed head at {head.entries} entries ({which}): an entry up to here was edited, "
+            "dropped or inserted, and the chain signed again",
+        )  # fmt: skip

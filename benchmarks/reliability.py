@@ -21,7 +21,7 @@ SIGKILLs the coordinator once, mid-round (while it collects masked inputs), and 
 
 Reported: rounds completed and aborted, sums checked exact, ledger entries lost (a round's sum
 includes an institution whose ledger has no entry for that round id) and double-charged (two
-entries for one round id), every ledger verified against the coordinator's kept head, and the
+entries for one round id), every ledger verified against every head the coordinator kept, and the
 coordinator's peak RSS. Run: ``python benchmarks/reliability.py`` (a few minutes on 2 cores).
 """
 
@@ -224,6 +224,7 @@ def run_coordinator(work: Path, address: str, length: int, rounds: int, timeout_
     import torch
 
     from audit.entry import head_signature_ok
+    from audit.heads import HeadRefused
     from clients.contract.config import SecAggSection
     from clients.contract.messages import Hello, Shutdown, round_id
     from coordinator.store import RoutingRelay, RunStore
@@ -248,7 +249,10 @@ def run_coordinator(work: Path, address: str, length: int, rounds: int, timeout_
     def accept_head(name: str, head: LedgerHead) -> None:
         public = identities[ids[name]]
         if head.institution == name and head_signature_ok(head, public):
-            store.save_head(head)
+            try:
+                store.save_head(head)
+            except HeadRefused as exc:
+                log.warning("refused a ledger head from %s: %s", name, exc)
 
     def messages_beside_secagg(federation_round: int, server: SecAggServer) -> Callable:
         """``on_message`` for a round: keep ledger heads, and tell the driver the stage."""
@@ -394,7 +398,7 @@ def analyse(work: Path, args: argparse.Namespace, wall: float, restarts: int,
             coordinator_killed: bool) -> dict:  # fmt: skip
     """Rounds, exactness, ledger losses and double charges, verified against the kept heads."""
     from audit import verify_ledger
-    from audit.heads import head_path, read_head
+    from audit.heads import head_path, read_heads
 
     keys = load_keys(work)
     lines = [json.loads(x) for x in (work / "coordinator.jsonl").read_text().splitlines()]
@@ -406,9 +410,8 @@ def analyse(work: Path, args: argparse.Namespace, wall: float, restarts: int,
         if not path.exists():
             charged[name] = []
             continue
-        head_file = head_path(work / "run", name)
-        head = read_head(head_file) if head_file.exists() else None
-        verify_ledger(path, entry["public"], institution=name, head=head)
+        heads = read_heads(head_path(work / "run", name))
+        verify_ledger(path, entry["public"], institution=name, heads=heads)
         verified += 1
         charged[name] = [json.loads(x)["round_id"] for x in path.read_text().splitlines()
                          if json.loads(x).get("kind") == "release"]  # fmt: skip

@@ -12,9 +12,9 @@ the round's checkpoint. The coordinator sees sums only (and FedAMoLE's noised, c
 the masked channel decoded, the CKKS channel never (it relays the encrypted sum for the
 institutions to decrypt). A round that falls below the threshold is recorded as aborted and
 the next one starts. Progress survives ``kill -9``: see :mod:`coordinator.store`. Each
-institution's signed ledger head (:class:`~clients.contract.messages.LedgerHead`) is checked
-against its roster identity key and the latest one kept in the run directory, so a ledger cut short
-later is detected by ``verify``.
+institution's signed ledger head (:class:`~privacy.head.LedgerHead`) is checked against its
+roster identity key and kept in the run directory only if its proof shows that it extends the last
+one kept (:mod:`audit.heads`), so a ledger later cut short, deleted or rewritten fails ``verify``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from safetensors.torch import save
 
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
+from audit.heads import HeadFileError, HeadRefused
 from clients.contract.config import FederationConfig
 from clients.contract.extras import encode_extras
 from clients.contract.framing import TransportError
@@ -399,15 +400,19 @@ class Coordinator:
         return self.strategy
 
     def _accept_head(self, name: str, head: msgspec.Struct) -> None:
-        """Keep ``name``'s ledger head if it is its own, validly signed, and not older."""
+        """Keep ``name``'s ledger head if it is its own, validly signed, and provably extends
+        the last one kept (:meth:`RunStore.save_head`); log and go on otherwise."""
         assert isinstance(head, LedgerHead)
         key = self.identity_by_name.get(name)
         if head.institution != name or key is None or not head_signature_ok(head, key):
             log.warning("refused a ledger head from %s: not validly signed by it", name)
             return
-        if not self.store.save_head(head):
-            log.warning("refused a ledger head from %s at %d entries: it does not extend the "
-                        "one kept; was its ledger rolled back?", name, head.entries)  # fmt: skip
+        try:
+            self.store.save_head(head)
+        except HeadRefused as exc:
+            log.warning("refused a ledger head from %s at %d entries: %s", name, head.entries, exc)
+        except HeadFileError as exc:
+            log.error("refused a ledger head from %s: the kept heads do not read: %s", name, exc)
 
     def _routing_relay(
         self,

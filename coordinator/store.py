@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load, save
 
 from audit.context import context_path
-from audit.heads import HeadFileError, head_path, head_to_json, read_head
-from clients.contract.durable import append_line, atomic_write
+from audit.heads import check_extends, head_path, head_to_json, read_head
+from clients.contract.durable import append_line, atomic_write, drop_torn_tail
 from clients.contract.extras import ExtrasError, decode_extras, encode_extras
 from privacy.errors import UserError
 from privacy.head import LedgerHead
@@ -73,6 +73,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         self.journal_path = self.run_dir / JOURNAL
+        self._kept_heads: dict[str, LedgerHead | None] = {}  # last accepted, read once
 
     def entries(self) -> list[dict]:
         """Every complete journal line (a torn last line from a crash is ignored)."""
@@ -142,23 +143,24 @@ class RunStore:
         atomic_write(context_path(self.run_dir), data)
 
     def save_head(self, head: LedgerHead) -> bool:
-        """Keep ``head`` (already verified) if it extends the kept one; whether it was kept.
+        """Keep ``head`` (its signature already verified) if it provably extends the last head
+        kept for its institution (:func:`audit.heads.check_extends`); whether it was new.
 
-        A head with fewer entries than the kept one (a rolled-back ledger), or as many with
-        another last hash (two histories signed by one institution), is refused.
+        Every accepted head is appended, with fsync, to the institution's heads file, so
+        ``verify`` checks its ledger against all of them. A head that states the kept one again
+        is not appended. Raises :class:`audit.heads.HeadRefused` for a head that does not
+        extend the kept one (a rolled-back, forked or rewritten ledger, or a bad proof), and
+        :class:`audit.heads.HeadFileError` if the heads file no longer reads (only outside
+        tampering can do that; no head is accepted then, so none can paper over it).
         """
         path = head_path(self.run_dir, head.institution)
-        try:
-            kept = read_head(path) if path.exists() else None
-        except HeadFileError:
-            kept = None  # writes are atomic, so only outside tampering leaves a bad file
-        if kept is not None and (
-            kept.entries > head.entries
-            or (kept.entries == head.entries and kept.last_hash != head.last_hash)
-        ):
+        if head.institution not in self._kept_heads:
+            self._kept_heads[head.institution] = read_head(path)
+        if not check_extends(self._kept_heads[head.institution], head):
             return False
-        if kept != head:
-            atomic_write(path, head_to_json(head))
+        drop_torn_tail(path)
+        append_line(path, head_to_json(head).decode("ascii"))
+        self._kept_heads[head.institution] = msgspec.structs.replace(head, proof=())
         return True
 
     def aborted(self, federation_round: int, attempt: int, reason: str) -> None:

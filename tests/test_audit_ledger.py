@@ -4,21 +4,49 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import dp_accounting
 import msgspec
 import pytest
+import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting import pld, rdp
 
-from audit import Ledger, LedgerError, LedgerTampered, head_to_json, read_head, verify_ledger
-from audit.entry import line_bytes, line_hash, sign_entry, sign_head
+from audit import (
+    HeadFileError,
+    HeadRefused,
+    Ledger,
+    LedgerError,
+    LedgerTampered,
+    check_extends,
+    head_path,
+    head_to_json,
+    ledger_path,
+    read_head,
+    read_heads,
+    verify_ledger,
+)
+from audit.entry import (
+    chain_hash,
+    entry_digest,
+    head_signature_ok,
+    line_bytes,
+    line_hash,
+    sign_entry,
+    sign_head,
+)
 from audit.events import EventFormatError, event_from_json, event_to_json
 from audit.verify import parse_entry
 from clients.contract.messages import decode_from_client
+from clients.runtime.transport import InstitutionEndpoint
 from coordinator.app.cli import main
+from coordinator.service import Coordinator
 from coordinator.store import RunStore
+from coordinator.transport import CoordinatorEndpoint
 from privacy import (
     ADAPTER_UPDATE,
     ROUTING_STATISTICS,
@@ -28,7 +56,8 @@ from privacy import (
     GaussianMechanism,
     Release,
 )
-from privacy.head import LedgerHead
+from privacy.head import MAX_PROOF, LedgerHead
+from secagg.errors import MalformedMessage
 
 DELTA = 1e-5
 NAME = "comedies"
@@ -261,6 +290,16 @@ def test_an_epsilon_that_does_not_follow_from_its_events_is_detected(ledger_file
     assert "does not follow from the recorded events" in found.problem
 
 
+def test_a_format_1_or_non_canonical_line_is_named_as_such(ledger_file, key):
+    rows = lines(ledger_file)
+    write(ledger_file, [json.dumps(json.loads(rows[0]), sort_keys=True), *rows[1:]])
+    found = problem(ledger_file, key)  # same fields, so same hash: still one spelling only
+    assert found.line == 1 and "not in canonical form" in found.problem
+    write(ledger_file, _edit(rows, 0, version=1))
+    found = problem(ledger_file, key)
+    assert found.line == 1 and "format version 1, this verifier reads 2" in found.problem
+
+
 def test_deleted_tail_entries_are_detected_with_the_coordinators_head(ledger_file, key):
     head = open_ledger(ledger_file, key).head()
     write(ledger_file, lines(ledger_file)[:4])
@@ -275,22 +314,227 @@ def test_deleted_tail_entries_are_detected_with_the_coordinators_head(ledger_fil
 # ------------------------------------------------------------------------------ heads
 
 
-def test_the_coordinator_keeps_only_heads_that_extend_the_kept_one(tmp_path, key):
-    store = RunStore(tmp_path / "run")
-    h2 = sign_head(NAME, 2, "ab" * 32, key)
-    assert store.save_head(h2)
-    assert not store.save_head(sign_head(NAME, 1, "cd" * 32, key))  # rolled back
-    assert not store.save_head(sign_head(NAME, 2, "cd" * 32, key))  # another history
-    assert read_head(tmp_path / "run" / "ledger-heads" / f"{NAME}.json") == h2
-    assert store.save_head(sign_head(NAME, 3, "ef" * 32, key))
+def run_ledger(run_dir: Path, key: Ed25519PrivateKey) -> Ledger:
+    return open_ledger(ledger_path(run_dir, NAME), key)
+
+
+def kept_heads(run_dir: Path) -> list[LedgerHead]:
+    return read_heads(head_path(run_dir, NAME))
+
+
+def honest_run(run_dir: Path, key: Ed25519PrivateKey, rounds: int = 3) -> RunStore:
+    """A ledger charged for ``rounds`` rounds, its head accepted by the coordinator after each."""
+    store, ledger = RunStore(run_dir), run_ledger(run_dir, key)
+    for r in range(1, rounds + 1):
+        ledger.charge(cheap_releases(r))
+        assert store.save_head(ledger.head())
+    return store
+
+
+def rewritten(run_dir: Path, key: Ed25519PrivateKey, rounds: list[int]) -> Ledger:
+    """The attack: the same institution's ledger, with its own key, charged only for ``rounds``
+    (a past round's release dropped), written over its real ledger. By itself it verifies."""
+    forged = tmp = run_dir / "forged.jsonl"
+    ledger = open_ledger(forged, key)
+    for r in rounds:
+        ledger.charge(cheap_releases(r))
+    tmp.replace(ledger_path(run_dir, NAME))
+    ledger.path = ledger_path(run_dir, NAME)
+    verify_ledger(ledger.path, key.public_key(), institution=NAME)
+    return ledger
+
+
+def test_an_honest_growing_ledger_is_accepted_at_every_head_and_verifies(tmp_path, key, capsys):
+    run_dir = tmp_path / "run"
+    store = honest_run(run_dir, key, rounds=3)
+    ledger = run_ledger(run_dir, key)
+    assert not store.save_head(ledger.head())  # the same head again: nothing new to keep
+    ledger.charge(cheap_releases(4))  # this head is lost on the way ...
+    ledger.charge(cheap_releases(5))
+    assert store.save_head(ledger.head())  # ... the next one proves both rounds
+    # a restarted coordinator reads its heads back; a torn last line (a crash) is cut off
+    with head_path(run_dir, NAME).open("ab") as f:
+        f.write(b'{"entries":12,"inst')
+    store = RunStore(run_dir)
+    ledger.charge(cheap_releases(6))
+    assert store.save_head(ledger.head())
+    heads = kept_heads(run_dir)
+    assert [h.entries for h in heads] == [2, 4, 6, 10, 12]
+    assert all(h.proof == () for h in heads)  # checked on arrival, not kept
+    verified = verify_ledger(ledger.path, key.public_key(), institution=NAME, heads=heads)
+    assert verified.heads_checked == 5 and verified.last_hash == heads[-1].last_hash.hex()
+    roster = write_roster(tmp_path, key)
+    assert main(["audit", "verify", "--run-dir", str(run_dir), "--roster", str(roster)]) == 0
+    out = capsys.readouterr().out
+    assert "OK: 1 ledgers verify" in out and "5 checked" in out
+
+
+def test_a_rewritten_and_resigned_history_is_refused_and_fails_verify(tmp_path, key, capsys):
+    run_dir = tmp_path / "run"
+    store = honest_run(run_dir, key, rounds=3)
+    before = kept_heads(run_dir)
+    # round 2's releases dropped, the whole chain signed again by the institution, and longer
+    forged = rewritten(run_dir, key, [1, 3, 4, 5])
+    head = forged.head()
+    assert head.entries == 8 > before[-1].entries and head_signature_ok(head, key.public_key())
+    with pytest.raises(HeadRefused, match="history was rewritten"):
+        store.save_head(head)
+    assert kept_heads(run_dir) == before
+    assert head_path(run_dir, NAME).read_bytes().count(b"\n") == 3
+    found = problem(forged.path, key, institution=NAME, heads=before)
+    assert found.line == 2 and "comedies: rewritten" in found.problem
+    assert "head 1 of 3" in found.problem
+    roster = write_roster(tmp_path, key)
+    assert main(["audit", "verify", str(forged.path), "--roster", str(roster)]) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED: {forged.path}:2: comedies: rewritten" in err and "head 1 of 3" in err
+    # digests made up so the chain passes through the kept head: accepted, but no ledger the
+    # institution can show matches it, so verify fails all the same
+    digests = [entry_digest(e) for e in forged.entries[6:]]
+    last = before[-1].last_hash.hex()
+    for digest in digests:
+        last = chain_hash(last, digest)
+    made_up = sign_head(NAME, 8, last, key, digests)
+    assert store.save_head(made_up)
+    assert "rewritten" in problem(forged.path, key, heads=kept_heads(run_dir)).problem
+
+
+def test_a_deleted_ledger_with_heads_on_file_fails_verify(tmp_path, key, capsys):
+    run_dir = tmp_path / "run"
+    honest_run(run_dir, key, rounds=2)
+    path = ledger_path(run_dir, NAME)
+    path.unlink()
+    found = problem(path, key, institution=NAME, heads=kept_heads(run_dir))
+    assert "comedies: the ledger is missing" in found.problem and "was deleted" in found.problem
+    roster = write_roster(tmp_path, key)
+    assert main(["audit", "verify", str(path), "--roster", str(roster)]) == 1
+    assert "comedies: the ledger is missing" in capsys.readouterr().err
+    # verifying the whole run directory finds it too: its heads are on file
+    assert main(["audit", "verify", "--run-dir", str(run_dir), "--roster", str(roster)]) == 1
+    assert "1 of 1 ledgers do not verify" in capsys.readouterr().err
+
+
+def test_a_truncated_ledger_fails_verify_against_the_kept_heads(tmp_path, key, capsys):
+    run_dir = tmp_path / "run"
+    honest_run(run_dir, key, rounds=3)
+    path = ledger_path(run_dir, NAME)
+    write(path, lines(path)[:3])  # cut inside round 2: the heads at 4 and 6 entries are past it
+    verify_ledger(path, key.public_key())  # without the heads, a clean cut is invisible
+    found = problem(path, key, institution=NAME, heads=kept_heads(run_dir))
+    assert "truncated: the coordinator holds a signed head at 4 entries (head 2 of 3)" in str(found)
+    roster = write_roster(tmp_path, key)
+    assert main(["audit", "verify", str(path), "--roster", str(roster)]) == 1
+    assert "comedies: truncated" in capsys.readouterr().err
+
+
+def test_rolled_back_forked_and_malformed_heads_are_refused_with_a_reason(tmp_path, key):
+    run_dir = tmp_path / "run"
+    store = honest_run(run_dir, key, rounds=2)
+    kept = kept_heads(run_dir)
+    ledger = run_ledger(run_dir, key)
+    h2 = kept[0]
+    cases = [
+        (sign_head(NAME, 2, h2.last_hash.hex(), key), "rolled back"),
+        (sign_head(NAME, 4, "cd" * 32, key, ledger.head().proof[-2:]), "two histories"),
+        (sign_head(NAME, 1, "ab" * 32, key, [bytes(32)] * 2), "2 digests for 1 entries"),
+        (sign_head(NAME, 7, "ab" * 32, key, [bytes(32)] * 2), "entries 5..5 are unproven"),
+        (sign_head(NAME, 5, "ab" * 32, key, [bytes(32)] * 5), "history was rewritten"),
+    ]
+    for head, reason in cases:
+        with pytest.raises(HeadRefused, match=reason):
+            store.save_head(head)
+    assert kept_heads(run_dir) == kept
+    with pytest.raises(HeadRefused, match="'other'"):
+        check_extends(kept[-1], sign_head("other", 5, "ab" * 32, key, [bytes(32)]))
 
 
 def test_a_ledger_head_crosses_the_wire_and_its_file_round_trips(tmp_path, key):
-    head = sign_head(NAME, 5, "12" * 32, key)
+    head = sign_head(NAME, 5, "12" * 32, key, [bytes([i]) * 32 for i in range(5)])
     assert decode_from_client(msgspec.msgpack.encode(head)) == head
-    path = tmp_path / "head.json"
-    path.write_bytes(head_to_json(head))
-    assert read_head(path) == head
+    path = tmp_path / "heads.jsonl"
+    path.write_bytes(head_to_json(head) + b"\n")
+    assert read_head(path) == msgspec.structs.replace(head, proof=())
+    path.write_bytes(b"{}\n")
+    with pytest.raises(HeadFileError, match=r"heads\.jsonl:1: not a ledger head"):
+        read_heads(path)
+
+
+def as_frame_fields(head: LedgerHead) -> dict:
+    """The fields of ``head`` as msgpack encodes them (bytes kept), with its type tag."""
+    return {"type": "LedgerHead", **msgspec.structs.asdict(head)}
+
+
+@pytest.mark.parametrize(
+    ("proof", "what"),
+    [
+        ([bytes(32)] * (MAX_PROOF + 1), "Expected `array` of length <= 1024"),
+        ([bytes(31)], "Expected `bytes` of length >= 32"),
+        (["0" * 64], "Expected `bytes`"),
+    ],
+)
+def test_an_oversized_or_malformed_proof_is_a_typed_error(key, proof, what):
+    head = as_frame_fields(sign_head(NAME, 2000, "12" * 32, key))
+    with pytest.raises(MalformedMessage, match=re.escape(what)):
+        decode_from_client(msgspec.msgpack.encode({**head, "proof": proof}))
+
+
+def test_the_coordinator_logs_a_refused_head_and_keeps_serving(tmp_path, key, caplog):
+    run_dir = tmp_path / "run"
+    store = honest_run(run_dir, key, rounds=2)
+    coordinator = SimpleNamespace(identity_by_name={NAME: key.public_key()}, store=store)
+    caplog.set_level(logging.WARNING)
+    bad = sign_head(NAME, 5, "ab" * 32, key, [bytes(32)] * 6)
+    Coordinator._accept_head(coordinator, NAME, bad)  # type: ignore[arg-type]
+    assert "refused a ledger head from comedies at 5 entries: its proof has 6 digests" in (
+        caplog.text
+    )
+    Coordinator._accept_head(coordinator, NAME, rewritten(run_dir, key, [1, 3, 4]).head())
+    assert "history was rewritten" in caplog.text
+    head_path(run_dir, NAME).write_text("not json\n")  # tampered from outside
+    Coordinator._accept_head(coordinator, "comedies", sign_head(NAME, 9, "ab" * 32, key))
+    Coordinator._accept_head(SimpleNamespace(identity_by_name={NAME: key.public_key()},
+                                             store=RunStore(run_dir)), NAME, bad)  # fmt: skip
+    assert "the kept heads do not read" in caplog.text
+
+
+def test_heads_with_their_proofs_cross_real_curvezmq_sockets(tmp_path, key, caplog):
+    """An institution's heads over CurveZMQ loopback: honest ones kept, a frame with an
+    oversized proof dropped and logged, and the connection keeps serving."""
+    limit = 1 << 16
+    coordinator_keys, institution_keys = zmq.curve_keypair(), zmq.curve_keypair()
+    endpoint = CoordinatorEndpoint(
+        "tcp://127.0.0.1:*",
+        coordinator_keys[1],
+        coordinator_keys[0],
+        {NAME: institution_keys[0]},
+        limit,
+    )
+    institution = InstitutionEndpoint(endpoint.address, institution_keys[1], institution_keys[0],
+                                      coordinator_keys[0], limit)  # fmt: skip
+    caplog.set_level(logging.WARNING)
+    try:
+        store = RunStore(tmp_path / "run")
+        ledger = run_ledger(tmp_path / "run", key)
+        oversized = as_frame_fields(sign_head(NAME, 2000, "12" * 32, key))
+        oversized["proof"] = [bytes(32)] * (MAX_PROOF + 1)
+        for r in (1, 2, 3):
+            ledger.charge(cheap_releases(r))
+            if r == 2:  # a hostile frame between honest heads
+                institution._socket.send(msgspec.msgpack.encode(oversized))
+            institution.send(ledger.head())
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 3 and time.monotonic() < deadline:
+            item = endpoint.recv(0.5)
+            if item is not None:
+                got.append(item)
+        assert [name for name, _ in got] == [NAME] * 3
+        assert all(store.save_head(head) for _, head in got)
+        assert [h.entries for h in kept_heads(tmp_path / "run")] == [2, 4, 6]
+        assert sum("dropped a frame from comedies" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        institution.close()
+        endpoint.close()
 
 
 # ------------------------------------------------------------------------------ events
@@ -329,8 +573,9 @@ def test_events_round_trip_and_the_decoder_is_strict():
 # ------------------------------------------------------------------------------ command line
 
 
-def test_sealmoe_audit_verify_exit_status_and_message(ledger_file, key, tmp_path, capsys):
-    roster = tmp_path / "roster.toml"
+def write_roster(folder: Path, key: Ed25519PrivateKey) -> Path:
+    """A roster holding ``NAME``'s identity key."""
+    roster = folder / "roster.toml"
     public = key.public_key().public_bytes_raw().hex()
     roster.write_text(
         'version = 1\n[coordinator]\nname = "coordinator"\n'
@@ -338,6 +583,11 @@ def test_sealmoe_audit_verify_exit_status_and_message(ledger_file, key, tmp_path
         f'[[institutions]]\nname = "{NAME}"\ncurve_public = "{"b" * 40}"\n'
         f'identity_public = "{public}"\n'
     )
+    return roster
+
+
+def test_sealmoe_audit_verify_exit_status_and_message(ledger_file, key, tmp_path, capsys):
+    roster = write_roster(tmp_path, key)
     assert main(["audit", "verify", str(ledger_file), "--roster", str(roster)]) == 0
     assert "OK: 1 ledgers verify" in capsys.readouterr().out
     rows = lines(ledger_file)

@@ -293,3 +293,27 @@ def test_audit_verify_of_a_run_directory_does_not_import_torch(run_dir):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "0 False"
+
+
+def test_a_deleted_ledger_with_heads_on_file_is_a_failed_verification(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ledger_path(copy, "comedies").unlink()  # its head is on file: it released something
+    assert main(["audit", "report", str(copy)]) == 0
+    report = json.loads((copy / "report.json").read_text())
+    comedies = next(i for i in report["institutions"] if i["name"] == "comedies")
+    assert comedies["verification"]["status"] == "FAILED"
+    detail = comedies["verification"]["detail"]
+    assert detail.startswith("failed verification: the ledger") and "was deleted" in detail
+    assert "released nothing" not in json.dumps(comedies)
+    assert comedies["remaining_epsilon"] is None and comedies["spent"] == {}  # unknown
+    assert "failed verification" in (copy / "report.md").read_text()
+    # every other institution still verifies against its heads
+    others = [i for i in report["institutions"] if i["name"] != "comedies"]
+    assert {i["verification"]["status"] for i in others} == {"verified"}
+    # and `audit verify` of the whole run directory exits 1, naming it
+    roster = Path(json.loads((copy / "audit-context.json").read_text())["roster"])
+    verify = ["audit", "verify", "--run-dir", str(copy), "--roster", str(roster)]
+    assert main(verify) == 1
+    err = capsys.readouterr().err
+    assert "comedies: the ledger is missing" in err and "1 of 3 ledgers do not verify" in err

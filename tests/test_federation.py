@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audit import Ledger, head_path, ledger_path, read_head
+from audit import Ledger, head_path, ledger_path, read_head, read_heads, verify_ledger
 from clients.contract.config import load_config
 from clients.contract.keys import generate_keys, load_ckks_key_holder, load_institution_keys
 from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT
@@ -314,8 +314,15 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes, 
         entries = open_ledger(config, name).entries  # opening verifies the chain and signatures
         charged = [(e.round_id, e.what) for e in entries if e.kind == "release"]
         assert len(charged) == len(set(charged))
-        # the restarted coordinator kept the head of each full ledger
+        # the restarted coordinator kept the head of each full ledger, and every head it
+        # accepted before and after its restart is on file: the ledger matches each of them
         assert read_head(head_path(config.run_dir, name)).entries == len(entries)
+        heads = read_heads(head_path(config.run_dir, name))
+        assert [h.entries for h in heads] == sorted({h.entries for h in heads})
+        identity = load_institution_keys(config.keys_dir, name).identity.public_key()
+        verified = verify_ledger(ledger_path(config.run_dir, name), identity, heads=heads)
+        assert verified.heads_checked == len(heads) >= 3
+    assert "refused a ledger head" not in (logs / "coordinator.log").read_text()
 
 
 def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):

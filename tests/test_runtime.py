@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from audit import Ledger, ledger_path, verify_ledger
+from audit import Ledger, head_path, ledger_path, read_heads, verify_ledger
 from clients.contract.config import FederationConfig, load_config
 from clients.contract.keys import (
     ROSTER_FILE,
@@ -49,6 +49,7 @@ from clients.models.moe_lora import adapter_state, routing_statistics
 from clients.runtime.institution import METRICS_FILE, Institution, routing_from_channel
 from clients.strategies.fedavg import FedAvgConfig, fedavg_config
 from coordinator.app.wiring import make_institution
+from coordinator.store import RunStore
 from coordinator.strategies.fedavg import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint
 from privacy import DPTrainingFacts
@@ -230,6 +231,7 @@ class ScriptedCoordinator:
         self.routing: EncryptedBatch | None = None
         self.declines: dict[str, str] = {}
         self.heads: dict[str, LedgerHead] = {}
+        self.all_heads: dict[str, list[LedgerHead]] = {}
         self.received: dict[str, list[str]] = {}
         self.ends: list[RoundEnd] = []
 
@@ -274,6 +276,7 @@ class ScriptedCoordinator:
                 self.received.setdefault(name, []).append(type(message).__name__)
                 if isinstance(message, LedgerHead):
                     self.heads[name] = message
+                    self.all_heads.setdefault(name, []).append(message)
                 elif isinstance(message, Decline):
                     declined.add(ids[name])
                     self.declines[name] = message.reason
@@ -411,6 +414,13 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
         verified = verify_ledger(ledger_path(config.run_dir, name), public,
                                  head=coordinator.heads[name])  # fmt: skip
         assert coordinator.heads[name].entries == 4 and verified.head_checked
+        # each head, as it crossed the sockets, proves it extends the one before
+        store = RunStore(config.run_dir / "heads-check")
+        assert [h.entries for h in coordinator.all_heads[name]] == [2, 4]
+        assert all(store.save_head(h) for h in coordinator.all_heads[name])
+        heads = read_heads(head_path(config.run_dir / "heads-check", name))
+        verified = verify_ledger(ledger_path(config.run_dir, name), public, heads=heads)
+        assert verified.heads_checked == 2
 
 
 def test_an_institution_out_of_budget_declines_and_the_round_goes_on(federation, caplog):

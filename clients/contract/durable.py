@@ -28,9 +28,39 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one text line (newline added) and return only once it is on disk."""
+    """Append one text line (newline added) and return only once it is on disk (with the
+    folder's entry, when the file is new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists()
     with path.open("a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if new_file:
+        _fsync_folder(path.parent)
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Cut an incomplete last line (a crash while appending it) off ``path``; whether one was.
+
+    Call before appending to a line file whose readers skip a torn last line, or the next line
+    would be glued onto the fragment."""
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete == len(data):
+        return False
+    with path.open("r+b") as f:
+        f.truncate(complete)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -76,11 +76,6 @@ def find_roster(args: argparse.Namespace, run_dir: Path | None = None) -> Roster
     )
 
 
-def _ledgers_of(run_dir: Path) -> list[Path]:
-    """Every institution's ledger in a run directory."""
-    return sorted((run_dir / "institutions").glob(f"*/{LEDGER_FILE}"))
-
-
 def verify_report_signatures(run_dir: Path, roster: Roster) -> list[str]:
     """Check every report file of ``run_dir`` against the coordinator's roster key; one line
     per file that is unsigned, changed or signed by another key (empty: all good or none)."""
@@ -101,16 +96,32 @@ def verify_report_signatures(run_dir: Path, roster: Roster) -> list[str]:
 def verify_one(
     path: Path, roster: Roster, institution: str | None, run_dir: Path | None
 ) -> VerifiedLedger:
-    """Verify one ledger: whose it is comes from ``institution`` or its folder name."""
-    from audit import head_path, read_head, verify_ledger
+    """Verify one ledger against every head the coordinator kept for it: whose it is comes from
+    ``institution`` or its folder name. A missing ledger with heads on file, or heads that do not
+    read, raise :class:`audit.LedgerTampered` naming the institution."""
+    from audit import HeadFileError, LedgerTampered, head_path, read_heads, verify_ledger
 
     name = institution or path.resolve().parent.name
     public_key = roster.institution(name).identity_key
     run_dir = run_dir or run_dir_of(path)
-    head = None
-    if run_dir is not None and head_path(run_dir, name).exists():
-        head = read_head(head_path(run_dir, name))
-    return verify_ledger(path, public_key, institution=name, head=head)
+    heads = []
+    if run_dir is not None:
+        try:
+            heads = read_heads(head_path(run_dir, name))
+        except HeadFileError as exc:
+            raise LedgerTampered(path, 0, f"{name}: the coordinator's heads: {exc}") from None
+    return verify_ledger(path, public_key, institution=name, heads=heads)
+
+
+def ledgers_of_run(run_dir: Path) -> list[Path]:
+    """The ledger of every institution of ``run_dir`` with a ledger folder or heads on file
+    (the ledger path even where the file is gone: a deleted ledger must fail, not be skipped)."""
+    from audit import ledger_path
+    from audit.heads import HEADS_DIR
+
+    names = {p.parent.name for p in (run_dir / "institutions").glob(f"*/{LEDGER_FILE}")}
+    names |= {p.stem for p in (run_dir / HEADS_DIR).glob("*.jsonl")}
+    return [ledger_path(run_dir, name) for name in sorted(names)]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -124,13 +135,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ledgers = [Path(raw) for raw in args.ledgers if not Path(raw).is_dir()]
     if given_dirs:
         run_dir = run_dir or given_dirs[0]
-        ledgers += _ledgers_of(given_dirs[0])
+        ledgers += ledgers_of_run(given_dirs[0])
     if run_dir is None and args.config is not None:
         run_dir = load_config(args.config).run_dir
+    if not ledgers:
+        if run_dir is None:
+            raise AuditUsageError(
+                "pass a RUN_DIR or LEDGER files, or --run-dir DIR (or --config) to verify all"
+            )
+        if args.institution is not None:
+            raise AuditUsageError("--institution needs one LEDGER file")
+        ledgers = ledgers_of_run(run_dir)
     roster = find_roster(args, given_dirs[0] if given_dirs else None)
     console = _console()
     table = Table(title="privacy ledgers")
-    for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "head"):
+    for column in ("ledger", "institution", "entries", "refusals", "ε RDP", "ε PLD", "heads"):
         table.add_column(column, justify="left" if column in ("ledger", "institution") else "right")
     failed = 0
     for path in ledgers:
@@ -145,7 +164,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         table.add_row(
             str(path), verified.institution or "(empty)", str(len(verified.entries)),
             str(refusals), _eps(spent.rdp), _eps(spent.pld),
-            "checked" if verified.head_checked else "none (a cut tail goes unnoticed)",
+            f"{verified.heads_checked} checked" if verified.head_checked
+            else "none (a cut tail goes unnoticed)",
         )  # fmt: skip
     if table.rows:
         console.print(table)
@@ -350,20 +370,24 @@ def add_audit_parser(commands: argparse._SubParsersAction) -> None:
         (
             "Verify institutions' privacy ledgers: the hash chain (an edited, deleted, inserted "
             "or reordered entry), every Ed25519 signature against the roster's identity key, and "
-            "every epsilon recomputed from the recorded dp-accounting events. With the "
-            "coordinator's signed heads (found in the run directory) a ledger whose last "
-            "entries were deleted is detected too. Given a RUN_DIR, every ledger in it is "
-            "checked, and so is the report's detached signature (report.html.sig, ...) against "
-            "the coordinator's identity key in the roster (default: the run's roster): a "
-            "report that was changed after signing, is unsigned or was signed by another key "
-            "fails. Exit status 0: all verify; 1: some do not (one line each, naming file, "
-            "line and problem); 2: a setup error."
+            "every epsilon recomputed from the recorded dp-accounting events. Each ledger is "
+            "also checked against every signed head the coordinator accepted (found in the run "
+            "directory), so a ledger whose last entries were deleted, whose history was "
+            "rewritten and signed again, or that was deleted while heads of it are on file, "
+            "fails. Given a RUN_DIR (or, without LEDGER files, --run-dir or --config's run "
+            "directory), every ledger of the run is checked; given a RUN_DIR, so is the "
+            "report's detached signature (report.html.sig, ...) against the coordinator's "
+            "identity key in the roster (default: the run's roster): a report that was changed "
+            "after signing, is unsigned or was signed by another key fails. Exit status 0: all "
+            "verify; 1: some do not (one line each, naming file, institution, line or head, "
+            "and problem); 2: a setup error."
         ),
         arg(
             "ledgers",
-            nargs="+",
+            nargs="*",
             metavar="RUN_DIR|LEDGER",
-            help="a run directory (its every ledger and its signed report) or ledger.jsonl files",
+            help="a run directory (every ledger, deleted ones with heads on file included, and "
+            "the signed report) or ledger.jsonl files",
         ),
         arg("--roster", metavar="F", help="roster with the identity keys"),
         arg("--config", metavar="F", help="federation config (roster and run dir)"),
