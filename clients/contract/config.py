@@ -364,6 +364,13 @@ class SecAggSection(_Section):
       signed ``bits``-bit integers and summed in Z_2^modulus_bits (32 or 64).
     - ``check_survivors``: the signed-survivor-set stage (defends against a lying coordinator);
       must stay on: institutions refuse rounds without it.
+    - ``min_participants``: the fewest institutions a round may invite; the coordinator starts
+      no round with fewer and institutions decline one that names fewer (a small round makes
+      each input a large part of the sum). At least the threshold of a round with every
+      institution, at most the number of institutions; omit for that threshold.
+
+    Institutions hold every round to these settings (and to ``[aggregation]``'s channels):
+    a RoundStart that differs is declined (``clients.runtime.pinned``).
     """
 
     threshold: PositiveInt | None = None
@@ -372,6 +379,14 @@ class SecAggSection(_Section):
     bits: Annotated[int, msgspec.Meta(ge=2, le=63)] = 16
     modulus_bits: Literal[32, 64] = 32
     check_survivors: bool = True
+    min_participants: PositiveInt | None = None
+
+    def minimum_participants(self, n_institutions: int) -> int:
+        """The fewest institutions a round may invite (``min_participants`` or its default,
+        the threshold of a round with all ``n_institutions``)."""
+        if self.min_participants is not None:
+            return self.min_participants
+        return self.resolved(n_institutions)[0]
 
     def resolved(self, n_clients: int) -> tuple[int, int]:
         """(threshold, neighbours) for a round of ``n_clients``, defaults filled in."""
@@ -974,6 +989,13 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
             "check_survivors = false lets a coordinator show institutions different survivor "
             "sets and unmask one update; institutions refuse such rounds: set it to true",
             "$.secagg.check_survivors",
+        )
+    if sec.min_participants is not None and not threshold <= sec.min_participants <= n:
+        raise ConfigFileError(
+            path,
+            f"min_participants={sec.min_participants} must be at least the threshold "
+            f"({threshold}) and at most the {n} institutions: choose it in [{threshold}, {n}]",
+            "$.secagg.min_participants",
         )
     try:
         FixedPointCodec(sec.clip, sec.bits, sec.modulus_bits, max_clients=n)
