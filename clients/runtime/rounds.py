@@ -8,12 +8,13 @@ on disk, metrics lines to append. It opens no socket and writes no file; it driv
 returns, so every release that follows it in the outputs is already accounted for).
 
 The protocol (``clients.contract.messages``): on :class:`RoundStart` it first holds the round's
-settings to its own config (:mod:`clients.runtime.pinned`: a round that differs is declined with a
-log line naming the setting, before anything is loaded, trained, charged or sent), loads the
-broadcast global state, checks the privacy budget (declining a round whose releases would exceed it), and
-trains one round through the strategy's learner (:mod:`clients.strategies.base`); a learner with a
-selection stage (:class:`~clients.strategies.base.SelectsExperts`, FedAMoLE) first releases its
-noised scores and trains once the :class:`Assignment` arrives. It then runs the client side of
+settings to its own config (:mod:`clients.runtime.pinned`: a round that differs is declined
+with a log line naming the setting, before anything is loaded, trained, charged or sent), loads
+the broadcast global state, checks the privacy budget (declining a round whose releases would
+exceed it), and trains one round through the strategy's learner
+(:mod:`clients.strategies.base`); a learner with a selection stage
+(:class:`~clients.strategies.base.SelectsExperts`, FedAMoLE) first releases its noised scores and
+trains once the :class:`Assignment` arrives. It then runs the client side of
 SecAgg+ on the "mask" channel, plus the CKKS channel (if any) just before the masked input.
 
 Ordering guarantees (privacy properties; the tests hold them):
