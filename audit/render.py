@@ -112,6 +112,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]] |
          + ([("routing noise multiplier",
               str(report["routing_statistics"]["noise_multiplier"]))] if routed else []),
          None),
+        ("Example weights", [("example weights", report["example_weights"]["kind"])]
+         + [(f"weight of {name}", f"{w:g}")
+            for name, w in report["example_weights"]["values"].items()], None),
         ("Software", [(k, v) for k, v in report["software"].items()], None),
     ]  # fmt: skip
 

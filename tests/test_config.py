@@ -174,6 +174,23 @@ def test_min_participants_defaults_to_the_threshold_of_a_round_with_everybody(ra
     assert error_of(raw).field == "$.secagg.min_participants"
 
 
+def test_institution_weights_are_public_and_relative(raw):
+    config = parse_config(raw, "/x/fed.toml")
+    assert [config.public_weight(n) for n in config.institution_names] == [1.0, 1.0, 1.0]
+    raw["institutions"][0]["weight"] = 4.0
+    raw["institutions"][2]["weight"] = 0.5
+    config = parse_config(raw, "/x/fed.toml")
+    assert [config.public_weight(n) for n in config.institution_names] == [1.0, 0.25, 0.125]
+    assert config.smallest_public_weight() == 0.125
+
+
+@pytest.mark.parametrize(("weight", "match"), [(0.0, ">"), (-1.0, ">"), (1e-4, "1/1024")])
+def test_bad_institution_weight_is_named(raw, weight, match):
+    raw["institutions"][1]["weight"] = weight
+    err = error_of(raw)
+    assert err.field == "$.institutions[1].weight" and match in str(err)
+
+
 def test_too_many_neighbours(raw):
     raw["secagg"]["neighbours"] = 3
     err = error_of(raw)
