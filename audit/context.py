@@ -25,11 +25,14 @@ class ContextError(UserError, ValueError):
 
 
 class InstitutionFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One institution's name and (epsilon, delta) budget for the whole run."""
+    """One institution's name, (epsilon, delta) budget for the whole run, and its public
+    weight in every average as declared in the federation config (None in contexts written
+    before weights were declared there)."""
 
     name: str
     budget_epsilon: float
     budget_delta: float
+    weight: float | None = None
 
 
 class ReleaseFacts(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

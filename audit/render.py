@@ -126,6 +126,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]] |
         ("Datasets", _dataset_rows(report), None),
         ("Base model and source", [(k.replace("_", " "), _value(v))
                                    for k, v in report.get("provenance", {}).items()], None),
+        ("Example weights", [("example weights", report["example_weights"]["kind"])]
+         + [(f"weight of {name}", f"{w:g}")
+            for name, w in report["example_weights"]["values"].items()], None),
         ("Software", [(k, v) for k, v in report["software"].items()], None),
     ]  # fmt: skip
 

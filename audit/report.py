@@ -39,6 +39,7 @@ REQUIRED_FIELDS = (
     "accountant",
     "dp_sgd",
     "routing_statistics",
+    "example_weights",
     "institutions",
     "software",
     "summary",
@@ -327,6 +328,25 @@ def plain_summary(
     return paragraphs
 
 
+PUBLIC_WEIGHTS = (
+    "public, declared in the federation config: the same every round and independent of any "
+    "institution's data, so the weight inside the secure sum needs no noise and no charge"
+)
+
+
+def _example_weights(facts: FederationFacts) -> dict[str, Any]:
+    """How each institution's update is weighted in the averages, and why that leaks nothing."""
+    declared = {i.name: i.weight for i in facts.institutions}
+    if any(w is None for w in declared.values()):
+        return {
+            "kind": "not stated: this run's context was written before example weights were "
+            "declared in the federation config (earlier versions derived them from dataset "
+            "sizes, un-noised)",
+            "values": {},
+        }
+    return {"kind": PUBLIC_WEIGHTS, "values": declared}
+
+
 def build_report(
     run_dir: str | Path,
     facts: FederationFacts,
@@ -359,7 +379,7 @@ def build_report(
         "institutions; the averaged update goes to every institution"
     )
     sees_updates = (
-        "the summed example weight of the institutions that reach unmasking (the adapter "
+        "the summed public weight of the institutions that reach unmasking (the adapter "
         "updates and the global adapters only as ciphertexts)"
         if ckks_updates
         else "the sum of the masked adapter updates of the institutions that reach unmasking"
@@ -443,6 +463,7 @@ def build_report(
             "records_sampling_rate": facts.routing_sample_rate,
             "protection": facts.routing_statistics,
         },
+        "example_weights": _example_weights(facts),
         "institutions": institutions,
         "empirical_audit": _empirical(run_dir),
         "provenance": {

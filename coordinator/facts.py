@@ -51,6 +51,7 @@ def audit_facts(config: FederationConfig) -> FederationFacts:
                 name=name,
                 budget_epsilon=config.budget(name).target_epsilon,
                 budget_delta=config.budget(name).target_delta,
+                weight=config.institution(name).weight,
             )
             for name in config.institution_names
         ],

@@ -222,6 +222,10 @@ class Coordinator:
             outcome = RoundOutcome(federation_round, attempt, names, [], reason, seconds)
             return outcome, state, encrypted, relay
 
+        minimum = self.config.secagg.minimum_participants(len(self.config.institutions))
+        if len(names) < minimum:  # the institutions would decline it anyway
+            return fail(f"{len(names)} institutions are online, a round needs at least "
+                        f"{minimum} (secagg.min_participants)")  # fmt: skip
         ids = {client_id(self.config, n): n for n in names}
         try:
             params = self.config.secagg.round_params(

@@ -16,7 +16,9 @@ C = TypeVar("C")
 
 BITS = 16
 BOUND = 0.05
-CAP = 100
+MIN_WEIGHT = 0.01
+"""The smallest public institution weight of the synthetic federations (weights are declared
+in the config, never derived from data)."""
 LAYERS = ("m.l0.up_proj", "m.l1.up_proj")
 EXPERTS = 3
 RANK = 2
@@ -79,9 +81,10 @@ def layer_of(name: str) -> int:
 
 
 def synthetic_config(config_type: type[C], params: Any, **fields: Any) -> C:
-    """A per-expert strategy's config for the synthetic states: their bounds, the example cap
-    ``CAP``, routing statistics on the mask channel, and ``params`` as its section."""
+    """A per-expert strategy's config for the synthetic states: their bounds, the smallest
+    public weight ``MIN_WEIGHT``, routing statistics on the mask channel, and ``params`` as its
+    section."""
     fields = {"routing_channel": "mask", **fields}
     return config_type(
-        max_examples=CAP, delta_bound=BOUND, routing_bound=5000.0, params=params, **fields
+        min_weight=MIN_WEIGHT, delta_bound=BOUND, routing_bound=5000.0, params=params, **fields
     )

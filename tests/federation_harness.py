@@ -50,8 +50,8 @@ def record_submissions(monkeypatch, cls: type) -> Recorded:
     recorded: Recorded = {}
     original = cls.submit
 
-    def submit(self, state, result, num_examples):
-        submission = original(self, state, result, num_examples)
+    def submit(self, state, result, weight):
+        submission = original(self, state, result, weight)
         name = threading.current_thread().name
         r = 1 + sum(1 for (_, n) in recorded if n == name)
         recorded[(r, name)] = (

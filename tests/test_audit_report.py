@@ -103,6 +103,32 @@ def test_report_json_holds_every_required_field(run_dir):
     assert "## Trust model" in markdown and "report-plots/epsilon-histories.png" in markdown
 
 
+def test_report_says_the_example_weights_are_public_and_gives_them(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    weights = report["example_weights"]
+    assert weights["kind"].startswith("public, declared in the federation config")
+    assert weights["values"] == {"comedies": 1.0, "tragedies": 1.0, "histories": 1.0}
+    markdown = (run_dir / "report.md").read_text()
+    assert "## Example weights" in markdown
+    assert "public, declared in the federation config" in markdown
+    assert (
+        "weight of histories" in markdown
+        and "Example weights" in (run_dir / "report.html").read_text()
+    )
+
+
+def test_a_context_without_declared_weights_is_not_reported_as_public(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    context = json.loads((copy / "audit-context.json").read_text())
+    for inst in context["institutions"]:
+        del inst["weight"]  # as written before weights were declared in the config
+    (copy / "audit-context.json").write_text(json.dumps(context))
+    assert main(["audit", "report", str(copy)]) == 0
+    weights = json.loads((copy / "report.json").read_text())["example_weights"]
+    assert weights["kind"].startswith("not stated") and weights["values"] == {}
+
+
 def test_the_html_report_renders_offline_in_chromium_with_visible_plots(run_dir, tmp_path):
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is missing: `make install` installs it (apt-get)"

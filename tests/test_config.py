@@ -153,6 +153,44 @@ def test_survivor_check_off_is_refused(raw):
     assert error_of(raw).field == "$.secagg.check_survivors"
 
 
+@pytest.mark.parametrize(("value", "ok"), [(2, False), (3, True), (4, False)])
+def test_min_participants_lies_between_the_threshold_and_the_institutions(raw, value, ok):
+    raw["secagg"]["min_participants"] = value  # 3 institutions, threshold 3
+    if ok:
+        assert parse_config(raw, "/x/fed.toml").secagg.minimum_participants(3) == value
+        return
+    err = error_of(raw)
+    assert err.field == "$.secagg.min_participants" and "[3, 3]" in str(err)
+
+
+def test_min_participants_defaults_to_the_threshold_of_a_round_with_everybody(raw):
+    assert parse_config(raw, "/x/fed.toml").secagg.minimum_participants(3) == 3
+    raw["institutions"] = [{"name": f"i{j}"} for j in range(10)]
+    raw["secagg"] = {"neighbours": 4}
+    assert parse_config(raw, "/x/fed.toml").secagg.minimum_participants(10) == 4
+    raw["secagg"] = {}
+    assert parse_config(raw, "/x/fed.toml").secagg.minimum_participants(10) == 7
+    raw["secagg"] = {"min_participants": 0}
+    assert error_of(raw).field == "$.secagg.min_participants"
+
+
+def test_institution_weights_are_public_and_relative(raw):
+    config = parse_config(raw, "/x/fed.toml")
+    assert [config.public_weight(n) for n in config.institution_names] == [1.0, 1.0, 1.0]
+    raw["institutions"][0]["weight"] = 4.0
+    raw["institutions"][2]["weight"] = 0.5
+    config = parse_config(raw, "/x/fed.toml")
+    assert [config.public_weight(n) for n in config.institution_names] == [1.0, 0.25, 0.125]
+    assert config.smallest_public_weight() == 0.125
+
+
+@pytest.mark.parametrize(("weight", "match"), [(0.0, ">"), (-1.0, ">"), (1e-4, "1/1024")])
+def test_bad_institution_weight_is_named(raw, weight, match):
+    raw["institutions"][1]["weight"] = weight
+    err = error_of(raw)
+    assert err.field == "$.institutions[1].weight" and match in str(err)
+
+
 def test_too_many_neighbours(raw):
     raw["secagg"]["neighbours"] = 3
     err = error_of(raw)

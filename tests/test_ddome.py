@@ -151,13 +151,13 @@ CHOICE_SEED = 1
 
 class Federation:
     def __init__(self, n: int, **kwargs) -> None:
-        self.config = DDOMEConfig(ADAPTER, max_examples=32, params=DDOMESection(**kwargs))
+        self.config = DDOMEConfig(ADAPTER, min_weight=0.21875, params=DDOMESection(**kwargs))
         # Half anchors (the paper's stabiliser): clients 2 and 3 are tied to experts 2 and 3.
         anchors = [None, None, 2, 3][:n]
         self.clients = [DDOMEClient(self.config, model(), anchor=a) for a in anchors]
         self.blocks = [ids(12, seed=30 + i) for i in range(n)]
         self.emb = [common_embedding(c.model, b) for c, b in zip(self.clients, self.blocks)]
-        self.examples = [12, 40, 7, 25][:n]
+        self.weights = [0.375, 1.0, 0.21875, 0.78125][:n]  # public, declared 12 : 32 : 7 : 25
         self.state = DDOMEState(ddome_state(self.clients[0].model), np.zeros(4))
 
     def round(self, state, dropouts=None):
@@ -173,7 +173,7 @@ class Federation:
             for i, c in enumerate(self.clients)
         ]
         subs = [
-            c.submit(state, u, self.examples[i])
+            c.submit(state, u, self.weights[i])
             for i, (c, u) in enumerate(zip(self.clients, updates))
         ]
         layout = self.config.layout(state)
@@ -189,7 +189,7 @@ class Federation:
 
 def plaintext(fed, state, updates, included):
     cfg = fed.config
-    w = {i: cfg.weight(fed.examples[i]) for i in included}
+    w = {i: fed.weights[i] for i in included}
     out = {}
     for name, current in state.adapters.items():
         m = expert_of(name)
@@ -276,7 +276,7 @@ def test_unseen_institution_gets_a_valid_zero_shot_choice_after_federated_rounds
         ]  # fmt: skip
         # the choice was charged in train; the submission charges nothing beyond DP-SGD
         assert all(u.facts.dp_event() == dp_sgd_event(0.8, 4 / 12, 2) for u in updates)
-        subs = [c.submit(local, u, 12) for c, u in zip(fed.clients, updates)]
+        subs = [c.submit(local, u, 0.375) for c, u in zip(fed.clients, updates)]
         layout = server.layout(state)
         agg = aggregate_locally(
             layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS,

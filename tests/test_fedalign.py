@@ -33,7 +33,6 @@ from secagg.ckks import CkksKeyHolder
 from tests.expert_fixtures import (
     BITS,
     BOUND,
-    CAP,
     EXPERTS,
     LAYERS,
     expert_entries,
@@ -44,7 +43,7 @@ from tests.expert_fixtures import (
     synthetic_config,
 )
 
-EXAMPLES = [40, 100, 70, 250]
+WEIGHTS = [0.4, 1.0, 0.7, 1.0]  # public, declared in the config
 PROBS = [(0.5, 0.3, 0.2), (0.2, 0.3, 0.5), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1)]
 
 
@@ -121,16 +120,16 @@ def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, cons
         FedAlignSection(consistency=consistency, temperature=0.5, beta=1.0, min_count=2),
         routing_channel="ckks",
     )
-    clients = [FedAlignClient(config) for _ in EXAMPLES]
+    clients = [FedAlignClient(config) for _ in WEIGHTS]
     coordinator = FedAlignCoordinator(config)
-    codec = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=len(EXAMPLES))
+    codec = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=len(WEIGHTS))
     q = codec.max_error_per_client
 
     # Round 1: no global routing and no memory yet: weights are the example weights, no scores.
     state0 = make_state(rng)
     results = [make_result(rng, BOUND, p) for p in PROBS]
-    subs = [c.submit(state0, r, n) for c, r, n in zip(clients, results, EXAMPLES)]
-    w = np.array([min(n, CAP) / CAP for n in EXAMPLES])
+    subs = [c.submit(state0, r, w) for c, r, w in zip(clients, results, WEIGHTS)]
+    w = np.array(WEIGHTS)
     for sub, wi in zip(subs, w):
         np.testing.assert_array_equal(sub.values["expert_weight"], np.full(6, wi))
         assert not sub.values["align_n"].any()
@@ -160,7 +159,7 @@ def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, cons
     for name in results[3].delta:
         if layer_of(name) == 0:
             results[3].delta[name] = torch.tensor(-np.sign(move[name]) * BOUND * 0.9)
-    subs = [c.submit(state2, r, n) for c, r, n in zip(clients, results, EXAMPLES)]
+    subs = [c.submit(state2, r, w) for c, r, w in zip(clients, results, WEIGHTS)]
 
     omegas, counts, scores = [], [], []
     for sub, r, wi in zip(subs, results, w):
@@ -182,7 +181,7 @@ def test_two_rounds_through_secure_sums_equal_the_central_computation(ckks, cons
     state3 = coordinator.aggregate(state2, {"mask": agg.sums["mask"]})
 
     expected, omega_sum, _ = central_update(state2, results, omegas, counts, w, 2)
-    m = len(EXAMPLES)
+    m = len(WEIGHTS)
     for name, current in state2.adapters.items():
         got = state3.adapters[name].double().numpy()
         owner, layer = expert_entries(name), layer_of(name)
@@ -205,7 +204,7 @@ def test_an_expert_kept_by_one_client_only_is_not_updated(ckks):
     state0 = make_state(rng)
     clients = [FedAlignClient(config) for _ in range(3)]
     for c in clients:  # a first round, to give every client the memory of state0
-        c.submit(state0, make_result(rng, BOUND), 50)
+        c.submit(state0, make_result(rng, BOUND), 0.5)
     shape = (len(LAYERS), EXPERTS)
     extras = {
         ALIGN_MEAN: np.full(shape, 0.5),
@@ -230,7 +229,7 @@ def test_an_expert_kept_by_one_client_only_is_not_updated(ckks):
                 1,
             )
         )
-    subs = [c.submit(state, r, 50) for c, r in zip(clients, results)]
+    subs = [c.submit(state, r, 0.5) for c, r in zip(clients, results)]
     assert subs[0].values["expert_count"].all() and not subs[1].values["expert_count"].any()
     layout = config.layout(state)
     agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=2)
@@ -258,7 +257,7 @@ def test_regularizer_pulls_routing_toward_the_global_distribution():
         routing = type(stats)(stats.layer_names, counts, gate_sum, np.full(len(counts), 500.0), 2)
         state = GlobalState(adapter_state(model), routing)
         client = FedAlignClient(
-            FedAlignConfig(max_examples=32, params=FedAlignSection(regularization=regularization))
+            FedAlignConfig(params=FedAlignSection(regularization=regularization))
         )
         with client.session(model, state) as plan:
             train_local(
@@ -307,7 +306,7 @@ def test_consistency_is_per_expert():
     g = RoutingStats(names, counts, counts, np.full(2, 100.0))
     local = RoutingStats(names, local_counts, local_counts, np.full(2, 100.0))
     for consistency in ("js", "expert_kl"):
-        config = FedAlignConfig(max_examples=1, params=FedAlignSection(consistency=consistency))
+        config = FedAlignConfig(params=FedAlignSection(consistency=consistency))
         s = consistency_scores(local, g, config)
         np.testing.assert_allclose(s[0], 1.0)
         assert s[1, 0] == pytest.approx(1.0) and s[1, 1] < 1.0 and s[1, 2] < 1.0
@@ -330,10 +329,10 @@ def test_statistics_of_too_few_scores_are_not_broadcast():
 
 def test_config_errors_name_the_field():
     with pytest.raises(StrategyError, match="consistency"):
-        FedAlignConfig(max_examples=1, params=FedAlignSection(consistency="cosine"))  # type: ignore[arg-type]
+        FedAlignConfig(params=FedAlignSection(consistency="cosine"))  # type: ignore[arg-type]
     with pytest.raises(StrategyError, match="min_count"):
-        FedAlignConfig(max_examples=1, params=FedAlignSection(min_count=0))
+        FedAlignConfig(params=FedAlignSection(min_count=0))
     with pytest.raises(StrategyError, match="beta"):
-        FedAlignConfig(max_examples=1, params=FedAlignSection(beta=-1.0))
+        FedAlignConfig(params=FedAlignSection(beta=-1.0))
     with pytest.raises(StrategyError, match="smoothing"):
-        FedAlignConfig(max_examples=1, params=FedAlignSection(smoothing=0.0))
+        FedAlignConfig(params=FedAlignSection(smoothing=0.0))

@@ -90,7 +90,7 @@ def config(num_clients: int = 4, **params) -> FedAMoLEConfig:
         max_experts=4, affinity_blocks=8, score_noise_multiplier=1.0, key_noise_multiplier=1.0
     )
     section = FedAMoLESection(**{**defaults, **params})
-    return FedAMoLEConfig(ADAPTER, num_clients, max_examples=32, params=section)
+    return FedAMoLEConfig(ADAPTER, num_clients, min_weight=0.21875, params=section)
 
 
 # --- the adapter ----------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class Federation:
         self.clients = [FedAMoLEClient(self.config, i, model()) for i in range(n)]
         self.train = [ids(12, seed=10 + i) for i in range(n)]
         self.aux = [ids(8, seed=20 + i) for i in range(n)]
-        self.examples = [12, 40, 7, 25][:n]
+        self.weights = [0.375, 1.0, 0.21875, 0.78125][:n]  # public, declared 12 : 32 : 7 : 25
         self.ledgers = [Ledger() for _ in range(n)]
         m = self.clients[0].model
         self.state = public_state(
@@ -235,7 +235,7 @@ class Federation:
 def plaintext_round(fed, state, updates, submissions, included):
     """The same strategy without secure aggregation, from the clients' updates."""
     cfg = fed.config
-    w = {i: cfg.weight(fed.examples[i]) for i in included}
+    w = {i: fed.weights[i] for i in included}
     out = {}
     for name, current in state.adapters.items():
         role = state.expert_of.get(name)
@@ -268,7 +268,7 @@ def test_round_through_secure_sums_equals_plaintext(dropouts):
     state = fed.state
     updates = fed.local(state)
     subs = [
-        c.submit(state, u, fed.examples[i], fed.ledgers[i], generator=noise_generator(i))
+        c.submit(state, u, fed.weights[i], fed.ledgers[i], generator=noise_generator(i))
         for i, (c, u) in enumerate(zip(fed.clients, updates))
     ]
     layout = FedAMoLEStrategy(fed.config).layout(state.to_global())  # the server half's
@@ -321,7 +321,7 @@ def test_two_rounds_every_released_score_and_key_is_charged():
     for _ in range(2):
         updates = fed.local(state)
         subs = [
-            c.submit(state, u, fed.examples[i], fed.ledgers[i])
+            c.submit(state, u, fed.weights[i], fed.ledgers[i])
             for i, (c, u) in enumerate(zip(fed.clients, updates))
         ]
         layout = fed.config.layout(state)
@@ -355,7 +355,7 @@ def test_scores_without_budget_are_not_released():
     state = fed.state
     updates = fed.local(state)
     subs = [
-        c.submit(state, u, fed.examples[i], Ledger())
+        c.submit(state, u, fed.weights[i], Ledger())
         for i, (c, u) in enumerate(zip(fed.clients, updates))
     ]
     layout = fed.config.layout(state)
@@ -454,7 +454,7 @@ def test_rounds_through_the_server_half_charge_every_score_that_reaches_it():
             u = c.train(local, fed.train[i], fed.aux[i], StepSettings(DP, 2, 4, 1e-2, seed=r + i))
             trained[i].append(u.facts.dp_event())
             fed.ledgers[i](u.facts.dp_event(), f"fedamole expert updates (DP-SGD), round {r}")
-            subs.append(c.submit(local, u, int(fed.train[i].shape[0]), fed.ledgers[i]))
+            subs.append(c.submit(local, u, 0.375, fed.ledgers[i]))
         layout = server.layout(state)
         agg = aggregate_locally(
             layout, [layout.pack(s.values) for s in subs], threshold=2, bits=BITS,

@@ -33,7 +33,6 @@ from secagg import FixedPointCodec
 from tests.expert_fixtures import (
     BITS,
     BOUND,
-    CAP,
     EXPERTS,
     LAYERS,
     expert_entries,
@@ -83,7 +82,7 @@ def clients_with_patterns(config, state, rng, patterns):
     clients = []
     for probs in patterns:
         client = FedMoEClient(config)
-        sub = client.submit(state, make_result(rng, BOUND, probs), 50)
+        sub = client.submit(state, make_result(rng, BOUND, probs), 0.5)
         assert sub.values["expert_count"].all()  # warm-up: everyone holds everything
         clients.append(client)
     return clients
@@ -108,16 +107,16 @@ def test_modular_aggregation_through_secagg_equals_the_plaintext_per_holder_mean
     for h in held[:3]:
         np.testing.assert_array_equal(h, np.tile([True, True, False], (len(LAYERS), 1)))
     np.testing.assert_array_equal(held[3], np.tile([False, True, True], (len(LAYERS), 1)))
-    examples = [30, 100, 60, 80]
+    weights = [0.3, 1.0, 0.6, 0.8]  # public, declared in the config
     results = [make_result(rng, BOUND) for _ in clients]
-    subs = [c.submit(state, r, n) for c, r, n in zip(clients, results, examples)]
+    subs = [c.submit(state, r, w) for c, r, w in zip(clients, results, weights)]
 
     coordinator = FedMoECoordinator(config)
     layout = coordinator.layout(state)
     agg = aggregate_locally(layout, [layout.pack(s.values) for s in subs], threshold=3, bits=BITS)
     new = coordinator.aggregate(state, agg.sums)
 
-    w = np.array(examples) / CAP
+    w = np.array(weights)
     m = len(clients)
     q = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=m).max_error_per_client
     for name, current in state.adapters.items():
@@ -155,7 +154,7 @@ def test_the_coordinator_cannot_tell_who_holds_what():
         clients = clients_with_patterns(config, state0, rng, patterns)
         held = [c.select(state) for c in clients]
         result = LocalTrainingResult(delta, routing, make_result(rng, BOUND).metrics, None, 1)
-        subs = [c.submit(state, result, 50) for c in clients]
+        subs = [c.submit(state, result, 0.5) for c in clients]
         layout = FedMoECoordinator(config).layout(state)
         packed = [layout.pack(s.values) for s in subs]
         agg = aggregate_locally(layout, packed, threshold=2, bits=BITS)
@@ -185,9 +184,7 @@ def test_session_trains_only_the_held_sub_moe_under_dp():
     stats = routing_statistics(model)
     layers = len(stats.layer_names)
     state = GlobalState.initial(adapter_state(model), stats.layer_names, 4, 2)
-    client = FedMoEClient(
-        FedMoEConfig(max_examples=32, params=FedMoESection(warmup_rounds=0)), memory_fraction=0.5
-    )
+    client = FedMoEClient(FedMoEConfig(params=FedMoESection(warmup_rounds=0)), memory_fraction=0.5)
     blocks = torch.randint(0, 256, (32, 16), generator=torch.Generator().manual_seed(1))
     client.pattern = np.tile([0.1, 0.5, 0.1, 0.3], (layers, 1))
     dp = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
@@ -202,17 +199,17 @@ def test_session_trains_only_the_held_sub_moe_under_dp():
     partition = ExpertPartition.of(state)
     for name, mask in partition.expert_mask(client.held).items():
         assert torch.all(result.delta[name][mask] == 0)
-    sub = client.submit(state, result, 32)
+    sub = client.submit(state, result, 1.0)
     np.testing.assert_array_equal(sub.values["expert_count"], client.held.ravel())
 
 
 def test_config_refuses_a_minimum_count_of_one():
     with pytest.raises(StrategyError, match=r">= 2 - at `\$\.min_count`"):
-        FedMoEConfig(max_examples=10, params=FedMoESection(min_count=1))
+        FedMoEConfig(params=FedMoESection(min_count=1))
     with pytest.raises(StrategyError, match="memory_fraction"):
-        FedMoEConfig(max_examples=10, params=FedMoESection(memory_fraction=0.0))
+        FedMoEConfig(params=FedMoESection(memory_fraction=0.0))
     with pytest.raises(StrategyError, match="memory_fraction"):
-        FedMoEClient(FedMoEConfig(max_examples=10), memory_fraction=1.5)
+        FedMoEClient(FedMoEConfig(), memory_fraction=1.5)
 
 
 # ------------------------------------------------------------------ the validation signal
@@ -252,7 +249,7 @@ def sub_moe_client(**params) -> tuple[FedMoEClient, GlobalState]:
     """A client past warm-up on the synthetic state, with an own pattern favouring expert 0."""
     state = make_state(np.random.default_rng(0))
     section = FedMoESection(warmup_rounds=0, memory_fraction=0.7, **params)
-    client = FedMoEClient(FedMoEConfig(max_examples=CAP, params=section))
+    client = FedMoEClient(FedMoEConfig(params=section))
     client.pattern = np.tile([0.6, 0.3, 0.1], (len(LAYERS), 1))
     return client, state
 

@@ -74,8 +74,8 @@ def record_submissions(monkeypatch, cls: type) -> Recorded:
     recorded: Recorded = {}
     original = cls.submit
 
-    def submit(self, state, update, num_examples, *args):
-        submission = original(self, state, update, num_examples, *args)
+    def submit(self, state, update, weight, *args):
+        submission = original(self, state, update, weight, *args)
         name = threading.current_thread().name
         r = 1 + sum(1 for (_, n) in recorded if n == name)
         recorded[(r, name)] = {k: np.array(v, copy=True) for k, v in submission.values.items()}

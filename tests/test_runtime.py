@@ -178,7 +178,8 @@ def test_institution_data_is_deterministic_and_distinct(tmp_path):
 def test_fedavg_config_and_client_ids_follow_the_config(tmp_path):
     config = write_config(tmp_path)
     fedavg = fedavg_config(config)
-    assert fedavg.max_examples == 32
+    assert fedavg.min_weight == 1.0  # every institution declares the default weight
+    assert [config.public_weight(n) for n in NAMES] == [1.0] * 4
     assert (fedavg.delta_channel, fedavg.routing_channel) == ("mask", "ckks")
     assert [client_id(config, n) for n in NAMES] == [0, 1, 2, 3]
 
@@ -187,7 +188,7 @@ def test_fedavg_config_and_client_ids_follow_the_config(tmp_path):
 def test_routing_is_read_back_from_a_packed_ckks_sum(expert_updates):
     adapters = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
     state = GlobalState.initial(adapters, ("l0", "l1"), num_experts=2)
-    layout = FedAvgConfig(max_examples=10, delta_channel=expert_updates).layout(state)
+    layout = FedAvgConfig(delta_channel=expert_updates).layout(state)
     rng = np.random.default_rng(0)
     submissions = [
         {seg.name: rng.uniform(0, 50, seg.length) for seg in layout.segments} for _ in range(2)
@@ -376,7 +377,7 @@ def test_three_institutions_run_two_rounds_and_shut_down(federation):
     layout = coordinator.strategy.layout(coordinator.state)
     assert coordinator.ends[-1].included == [0, 1, 2, 3]
     assert sums["mask"].shape == (layout.length("mask"),)
-    # every institution has >= 32 training blocks = max_examples, so each weight is 1
+    # every institution declares the default public weight 1, whatever its data size
     values = layout.unpack(sums)
     assert values[WEIGHT][0] == pytest.approx(4.0, abs=1e-3)
     # The noised routing sum came through CKKS (its noise, std 56.6 per value here, can push a

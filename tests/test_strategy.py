@@ -112,16 +112,17 @@ def test_layout_rejects_bad_submissions():
 
 
 def test_config_validation():
-    with pytest.raises(StrategyError, match="max_examples"):
-        FedAvgConfig(max_examples=0)
+    for bad in (0.0, -1.0, 1.5, True):
+        with pytest.raises(StrategyError, match="min_weight"):
+            FedAvgConfig(min_weight=bad)
     with pytest.raises(StrategyError, match="delta_bound"):
-        FedAvgConfig(max_examples=10, delta_bound=float("inf"))
+        FedAvgConfig(delta_bound=float("inf"))
     with pytest.raises(StrategyError, match="routing_channel"):
-        FedAvgConfig(max_examples=10, routing_channel="clear")  # type: ignore[arg-type]
+        FedAvgConfig(routing_channel="clear")  # type: ignore[arg-type]
 
 
-def _plain_fedavg(state, results, examples, cap, included):
-    w = np.array([min(examples[i], cap) / cap for i in included])
+def _plain_fedavg(state, results, weights, included):
+    w = np.array([weights[i] for i in included])
     new = {}
     for name, current in state.adapters.items():
         weighted = sum(wi * results[i].delta[name].double().numpy() for wi, i in zip(w, included))
@@ -141,9 +142,10 @@ def test_fedavg_through_secure_sums_equals_plaintext(
     ckks, delta_channel, routing_channel, dropouts
 ):
     rng = np.random.default_rng(7)
-    n, cap, bound = 4, 200, 0.05
+    n, bound = 4, 0.05
+    weights = [0.025, 0.375, 0.15, 1.0]  # public, declared 10 : 150 : 60 : 400 in the config
     config = FedAvgConfig(
-        max_examples=cap,
+        min_weight=0.025,
         delta_bound=bound,
         routing_bound=5000.0,
         delta_channel=delta_channel,
@@ -151,10 +153,10 @@ def test_fedavg_through_secure_sums_equals_plaintext(
     )
     state = make_state(rng)
     results = [make_result(rng, bound) for _ in range(n)]
-    examples = [10, 150, 60, 400]  # the last is above the cap: it counts as 200
     client = FedAvgClient(config)
-    submissions = [client.submit(state, r, k) for r, k in zip(results, examples)]
-    assert submissions[3].clipped["weight"] == 1.0
+    submissions = [client.submit(state, r, w) for r, w in zip(results, weights)]
+    assert [s.values["weight"][0] for s in submissions] == weights  # exactly the declared ones
+    assert all(s.clipped["weight"] == 0.0 for s in submissions)
     assert all(s.clipped["delta:a.A_all.weight"] == 0.0 for s in submissions)
 
     layout = FedAvgCoordinator(config).layout(state)
@@ -172,7 +174,7 @@ def test_fedavg_through_secure_sums_equals_plaintext(
     m = len(included)
     codec = FixedPointCodec(clip=CHANNEL_BOUND, bits=BITS, max_clients=n)
     q = {"mask": codec.max_error_per_client, "ckks": DEFAULT_ABS_ERROR_PER_SUMMAND}
-    expected, w = _plain_fedavg(state, results, examples, cap, included)
+    expected, w = _plain_fedavg(state, results, weights, included)
     e_w = m * q["mask"]  # the weight always travels masked
     e_s = m * bound * q[delta_channel]
     assert list(new.adapters) == list(state.adapters)
@@ -202,11 +204,11 @@ def test_fedavg_through_secure_sums_equals_plaintext(
 
 def test_zero_total_weight_is_a_typed_error(ckks):
     rng = np.random.default_rng(1)
-    config = FedAvgConfig(max_examples=100)
+    config = FedAvgConfig(min_weight=0.01)
     state = make_state(rng)
-    client = FedAvgClient(config)
-    layout = client.layout(state)
-    packed = [layout.pack(client.submit(state, make_result(rng, 0.01), 0).values) for _ in range(3)]
+    layout = FedAvgClient(config).layout(state)
+    zero = {s.name: np.zeros(s.length) for s in layout.segments}  # a client that adds nothing
+    packed = [layout.pack(zero) for _ in range(3)]
     agg = aggregate_locally(layout, packed, threshold=2, ckks=ckks)
     assert agg.sums["mask"][-1] == 0.0  # zeros encode exactly, so the weight sum is exactly 0
     with pytest.raises(NoContribution, match="no client contributed"):
@@ -215,10 +217,10 @@ def test_zero_total_weight_is_a_typed_error(ckks):
 
 def test_next_round_broadcast_uses_the_aggregated_state():
     rng = np.random.default_rng(2)
-    config = FedAvgConfig(max_examples=10, routing_channel="mask")
+    config = FedAvgConfig(routing_channel="mask")
     state = make_state(rng)
     result = make_result(rng, 0.01)
-    sub = FedAvgClient(config).submit(state, result, 10)
+    sub = FedAvgClient(config).submit(state, result, 1.0)
     layout = config.layout(state)
     new = FedAvgCoordinator(config).aggregate(state, layout.pack(sub.values))  # one client
     for name in SHAPES:
@@ -230,20 +232,21 @@ def test_next_round_broadcast_uses_the_aggregated_state():
 
 def test_client_rejects_mismatched_results():
     rng = np.random.default_rng(3)
-    config = FedAvgConfig(max_examples=10)
+    config = FedAvgConfig()
     state = make_state(rng)
     client = FedAvgClient(config)
     result = make_result(rng, 0.01)
     bad_shape = {**result.delta, "z.router.weight": torch.zeros(4, 5)}
     with pytest.raises(LayoutError, match=r"'delta:z\.router\.weight' has 20 values"):
         client.submit(
-            state, LocalTrainingResult(bad_shape, result.routing, result.metrics, None, 1), 1
+            state, LocalTrainingResult(bad_shape, result.routing, result.metrics, None, 1), 1.0
         )
     other = GlobalState.initial(state.adapters, ("x",), EXPERTS)
     with pytest.raises(LayoutError, match="local routing covers 2 layers"):
-        client.submit(other, result, 1)
-    with pytest.raises(StrategyError, match="num_examples"):
-        client.submit(state, result, -1)
+        client.submit(other, result, 1.0)
+    for bad in (-1.0, 0.0, 1.5, True, 32):  # public weights lie in (0, 1]; never a count
+        with pytest.raises(StrategyError, match="weight"):
+            client.submit(state, result, bad)
 
 
 def test_ckks_only_layout_sums_the_clients_that_stayed(ckks):

@@ -42,12 +42,14 @@ def test_fedalign_parameters_reach_both_sides(raw):
     doc = with_aggregation(
         raw, strategy="fedalign", fedalign={"consistency": "expert_kl", "beta": 0.5}
     )
+    for inst, weight in zip(doc["institutions"], (4.0, 2.0, 1.0)):
+        inst["weight"] = weight
     config = parse_config(doc, "/x/fed.toml")
     client, coordinator = client_strategy(config, "comedies"), coordinator_strategy(config)
     assert isinstance(client, FedAlignClient) and isinstance(coordinator, FedAlignCoordinator)
     assert client.config == coordinator.config
     assert (client.config.params.consistency, client.config.params.beta) == ("expert_kl", 0.5)
-    assert client.config.max_examples == 1024  # the public cap: [data.max_blocks].train
+    assert client.config.min_weight == 0.25  # the smallest declared weight over the largest
     assert client.config.routing_channel == "ckks"
 
 
@@ -68,7 +70,7 @@ def test_fedamole_parameters_reach_its_config(raw):
     )
     config = fedamole_config(parse_config(doc, "/x/fed.toml"))
     assert (config.params.affinity_blocks, config.params.score_noise_multiplier) == (4, 3.0)
-    assert config.num_clients == 3 and config.max_examples == 1024
+    assert config.num_clients == 3 and config.min_weight == 1.0  # equal weights by default
     assert config.params.max_experts == 4  # capped at [model.moe].num_experts
     assert (config.adapter.num_experts, config.adapter.rank) == (4, 4)  # [model.moe]'s shape
 

@@ -121,6 +121,11 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+MIN_WEIGHT_RATIO = 1 / 1024
+"""The smallest institution weight allowed, relative to the largest (it must stay well above
+the mask quantisation step after being scaled to the largest)."""
+
+
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]")  # noqa: S104 - names a bind address, binds nothing
 
 
@@ -370,6 +375,13 @@ class SecAggSection(_Section):
       signed ``bits``-bit integers and summed in Z_2^modulus_bits (32 or 64).
     - ``check_survivors``: the signed-survivor-set stage (defends against a lying coordinator);
       must stay on: institutions refuse rounds without it.
+    - ``min_participants``: the fewest institutions a round may invite; the coordinator starts
+      no round with fewer and institutions decline one that names fewer (a small round makes
+      each input a large part of the sum). At least the threshold of a round with every
+      institution, at most the number of institutions; omit for that threshold.
+
+    Institutions hold every round to these settings (and to ``[aggregation]``'s channels):
+    a RoundStart that differs is declined (``clients.runtime.pinned``).
     """
 
     threshold: PositiveInt | None = None
@@ -378,6 +390,14 @@ class SecAggSection(_Section):
     bits: Annotated[int, msgspec.Meta(ge=2, le=63)] = 16
     modulus_bits: Literal[32, 64] = 32
     check_survivors: bool = True
+    min_participants: PositiveInt | None = None
+
+    def minimum_participants(self, n_institutions: int) -> int:
+        """The fewest institutions a round may invite (``min_participants`` or its default,
+        the threshold of a round with all ``n_institutions``)."""
+        if self.min_participants is not None:
+            return self.min_participants
+        return self.resolved(n_institutions)[0]
 
     def resolved(self, n_clients: int) -> tuple[int, int]:
         """(threshold, neighbours) for a round of ``n_clients``, defaults filled in."""
@@ -655,8 +675,8 @@ class DDOMESection(_MinCountSection):
 class AggregationSection(_Section):
     """[aggregation]: how updates are combined and protected on the way.
 
-    - ``strategy``: "fedavg" (adapter deltas weighted by training-example counts, both inside
-      the secure sum), "fedalign" (FedAlign-MoE, see ``fedalign``) or "fedmoe" (FedMoE, see
+    - ``strategy``: "fedavg" (adapter deltas weighted by the institutions' public weights, both
+      inside the secure sum), "fedalign" (FedAlign-MoE, see ``fedalign``) or "fedmoe" (FedMoE, see
       ``fedmoe``), "fedamole" (FedAMoLE, see ``fedamole``) or "ddome" (DDOME, see ``ddome``).
       FedAMoLE and DDOME bring their own adapters (``[model.moe]`` gives their shape) and
       release no routing statistics (``routing_statistics`` is ignored); their updates travel
@@ -695,12 +715,17 @@ class InstitutionEntry(_Section):
     - ``privacy``: its own budget, overriding ``[privacy]``'s (optional).
     - ``data``: its own local files when ``[data] source = "files"``, see
       :class:`InstitutionData`.
+    - ``weight``: its public weight in every average (default 1.0: all equal). It is declared
+      here, the same every round, and depends on no data, so the weight that travels inside
+      the secure sum reveals nothing (an institution's dataset size never leaves it). Only
+      ratios matter; the smallest must be at least 1/1024 of the largest.
     """
 
     name: Name
     connect: Address | None = None
     privacy: PrivacyBudget | None = None
     data: InstitutionData | None = None
+    weight: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 1.0
 
 
 class FederationConfig(_Section):
@@ -739,6 +764,18 @@ class FederationConfig(_Section):
             return own
         return PrivacyBudget(
             target_epsilon=self.privacy.target_epsilon, target_delta=self.privacy.target_delta
+        )
+
+    def public_weight(self, name: str) -> float:
+        """Institution ``name``'s public weight in (0, 1]: its declared ``weight`` over the
+        largest one (what it submits, and multiplies its update by, every round)."""
+        return self.institution(name).weight / max(inst.weight for inst in self.institutions)
+
+    def smallest_public_weight(self) -> float:
+        """The smallest :meth:`public_weight` of any institution (a weight sum below half of it
+        means nobody contributed)."""
+        return min(inst.weight for inst in self.institutions) / max(
+            inst.weight for inst in self.institutions
         )
 
     def dp_config(self, name: str) -> DPConfig:
@@ -860,6 +897,15 @@ def _check_rules(config: FederationConfig, path: str | Path) -> None:
             path,
             f"split must be three positive fractions summing to 1, got {split}",
             "$.data.split",
+        )
+    weights = [inst.weight for inst in config.institutions]
+    if min(weights) < max(weights) * MIN_WEIGHT_RATIO:
+        i = weights.index(min(weights))
+        raise ConfigFileError(
+            path,
+            f"weight={weights[i]:g} is below 1/{round(1 / MIN_WEIGHT_RATIO)} of the largest "
+            f"({max(weights):g}): it would vanish in the masks' quantisation; raise it",
+            f"$.institutions[{i}].weight",
         )
     _check_data(config, path)
     _check_secagg(config, path)
@@ -1005,6 +1051,13 @@ def _check_secagg(config: FederationConfig, path: str | Path) -> None:
             "check_survivors = false lets a coordinator show institutions different survivor "
             "sets and unmask one update; institutions refuse such rounds: set it to true",
             "$.secagg.check_survivors",
+        )
+    if sec.min_participants is not None and not threshold <= sec.min_participants <= n:
+        raise ConfigFileError(
+            path,
+            f"min_participants={sec.min_participants} must be at least the threshold "
+            f"({threshold}) and at most the {n} institutions: choose it in [{threshold}, {n}]",
+            "$.secagg.min_participants",
         )
     try:
         FixedPointCodec(sec.clip, sec.bits, sec.modulus_bits, max_clients=n)

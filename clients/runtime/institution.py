@@ -44,6 +44,7 @@ from clients.contract.messages import Hello
 from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
 from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
+from clients.runtime.pinned import pinned_settings
 from clients.runtime.progress import PROGRESS_FILE, StepProgressFile
 from clients.runtime.rounds import InstitutionRounds, RoundSettings
 from clients.runtime.trained_model import MODEL_DIR, keep_trained_model
@@ -138,7 +139,7 @@ class Institution:
             name,
             self.learner,
             ledger,
-            RoundSettings(self.dp, self.sample_rate, train.local_steps),
+            RoundSettings(self.dp, self.sample_rate, train.local_steps, pinned_settings(config)),
             identity=self.keys.identity,
             identities=self.identities,
             ckks=self.ckks,

@@ -7,11 +7,14 @@ on disk, metrics lines to append. It opens no socket and writes no file; it driv
 :class:`~clients.runtime.ledger.PrivacyLedger` (write-ahead: the charge is durable when ``charge``
 returns, so every release that follows it in the outputs is already accounted for).
 
-The protocol (``clients.contract.messages``): on :class:`RoundStart` it loads the broadcast
-global state, checks the privacy budget (declining a round whose releases would exceed it), and
-trains one round through the strategy's learner (:mod:`clients.strategies.base`); a learner with a
-selection stage (:class:`~clients.strategies.base.SelectsExperts`, FedAMoLE) first releases its
-noised scores and trains once the :class:`Assignment` arrives. It then runs the client side of
+The protocol (``clients.contract.messages``): on :class:`RoundStart` it first holds the round's
+settings to its own config (:mod:`clients.runtime.pinned`: a round that differs is declined
+with a log line naming the setting, before anything is loaded, trained, charged or sent), loads
+the broadcast global state, checks the privacy budget (declining a round whose releases would
+exceed it), and trains one round through the strategy's learner
+(:mod:`clients.strategies.base`); a learner with a selection stage
+(:class:`~clients.strategies.base.SelectsExperts`, FedAMoLE) first releases its noised scores and
+trains once the :class:`Assignment` arrives. It then runs the client side of
 SecAgg+ on the "mask" channel, plus the CKKS channel (if any) just before the masked input.
 
 Ordering guarantees (privacy properties; the tests hold them):
@@ -23,6 +26,8 @@ Ordering guarantees (privacy properties; the tests hold them):
   taken only once they are charged, and the strategy's memory is persisted
   (:class:`PersistMemory`) after the charge and before the head and the inputs go out;
 - a refused charge sends the ledger head (recording the refusal) and then a :class:`Decline`;
+- a RoundStart whose settings differ from the config (fewer participants than the minimum, other
+  k, t, survivor check, clip, bits, modulus or channels) is answered by a Decline alone;
 - malformed broadcasts (extras, assignment) are declined with a log line; the machine serves on;
 - messages for another round id, or not awaited, are ignored with a log line.
 """
@@ -56,6 +61,7 @@ from clients.contract.routing import RoutingStats
 from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
 from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
+from clients.runtime.pinned import PinnedSettings, round_differences
 from clients.strategies.base import Learner, LocalRound, SelectsExperts
 from clients.training.trainer import Metrics
 from privacy import DPConfig, DPTrainingFacts, Release, ReleaseRefused
@@ -94,11 +100,13 @@ class _Round:
 @dataclass(frozen=True)
 class RoundSettings:
     """The public, per-plan facts a round needs besides the learner and the ledger: the
-    calibrated DP-SGD config, its sampling rate and the local steps per round."""
+    calibrated DP-SGD config, its sampling rate, the local steps per round, and the round
+    settings the config pins (every RoundStart is held to them)."""
 
     dp: DPConfig
     sample_rate: float
     local_steps: int
+    pinned: PinnedSettings
 
 
 class InstitutionRounds:
@@ -218,6 +226,14 @@ class InstitutionRounds:
         self._round = current = _Round(start, started=self._clock())
         fed_round = start.federation_round
         log.info("%s: round %d (id %d) started", self.name, fed_round, current.round_id)
+        differences = round_differences(self.settings.pinned, start)
+        if differences:  # before anything is loaded, trained, charged or sent
+            for difference in differences:
+                log.warning("%s: declines round %d: its settings differ from the config: %s",
+                            self.name, fed_round, difference)  # fmt: skip
+            reason = "round settings differ from the config: " + "; ".join(map(str, differences))
+            self._decline(reason[:1000])
+            return
         try:
             state = self._global_state(start)
         except ExtrasError as exc:

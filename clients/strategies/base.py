@@ -78,10 +78,9 @@ class ClientStrategy(Protocol):
         adapters were loaded into it) and yield the training plan; undo it on exit."""
         ...
 
-    def submit(
-        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
-    ) -> Submission:
-        """The named segments this client adds to the round's secure sums."""
+    def submit(self, state: GlobalState, result: LocalTrainingResult, weight: float) -> Submission:
+        """The named segments this client adds to the round's secure sums; ``weight`` is the
+        institution's public weight (declared in the config, never derived from data)."""
         ...
 
 
@@ -125,12 +124,22 @@ class StepsOnValidation(Protocol):
         ...
 
 
-def example_weight(num_examples: int, max_examples: int) -> float:
-    """The public-capped example weight ``min(n, max_examples) / max_examples`` in [0, 1]."""
-    n = num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise StrategyError(f"num_examples must be an int >= 0, got {n!r}")
-    return min(n, max_examples) / max_examples
+def checked_weight(weight: float) -> float:
+    """An institution's public weight (``FederationConfig.public_weight``: declared in the
+    config, the same every round, never derived from data), held to (0, 1]."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+        raise StrategyError(f"weight must be a public number in (0, 1], got {weight!r}")
+    return float(weight)
+
+
+def checked_min_weight(min_weight: float) -> None:
+    """The smallest public weight of the federation, held to (0, 1]."""
+    if (
+        isinstance(min_weight, bool)
+        or not isinstance(min_weight, (int, float))
+        or not (0 < min_weight <= 1)
+    ):
+        raise StrategyError(f"min_weight must be in (0, 1], got {min_weight!r}")
 
 
 SPLITS = ("train", "validation", "test")
@@ -331,6 +340,7 @@ class OwnAdaptersLearner:
         self.num_experts = family.shape_of(config).num_experts
         self.model, self.tokenizer = family.build(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
+        self.weight = config.public_weight(name)  # public: the same every round, no data
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return self.family.state(self.model)

@@ -79,6 +79,8 @@ from clients.strategies.base import (
     OwnAdapters,
     OwnAdaptersLearner,
     RecordedCharges,
+    checked_min_weight,
+    checked_weight,
     device_of,
 )
 from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
@@ -96,26 +98,20 @@ from privacy import EXPERT_CHOICE, DPConfig, DPTrainingFacts, GaussianMechanism,
 
 @dataclass(frozen=True)
 class DDOMEConfig:
-    """Public parameters: the adapter, the FedAvg weight cap ``max_examples``, and ``params``,
+    """Public parameters: the adapter, the smallest public institution weight ``min_weight``
+    (FedAvg's, see :class:`~clients.strategies.fedavg.FedAvgConfig`), and ``params``,
     the ``[aggregation.ddome]`` section (fields and ranges declared once in
     :class:`~clients.contract.config.DDOMESection`: ``delta_bound`` clips the deltas,
     ``min_count`` is how many clients must train an expert in a round for it to move,
     ``anchor_coef`` weighs an anchor client's gate loss)."""
 
     adapter: DDOMEAdapterConfig
-    max_examples: int = 4096
+    min_weight: float = 1.0
     params: DDOMESection = field(default_factory=DDOMESection)
 
     def __post_init__(self) -> None:
-        n = self.max_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise StrategyError(f"ddome max_examples must be an int >= 1, got {n!r}")
+        checked_min_weight(self.min_weight)
         object.__setattr__(self, "params", checked_section(self.params))
-
-    def weight(self, num_examples: int) -> float:
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-            raise StrategyError(f"num_examples must be an int >= 0, got {num_examples!r}")
-        return min(num_examples, self.max_examples) / self.max_examples
 
     def layout(self, state: DDOMEState) -> SubmissionLayout:
         """``weight``, ``delta:<name>`` for the gate and every expert, then per expert
@@ -292,13 +288,14 @@ class DDOMEClient:
     def layout(self, state: DDOMEState) -> SubmissionLayout:
         return self.config.layout(state)
 
-    def submit(self, state: DDOMEState, update: DDOMEUpdate, num_examples: int) -> Submission:
-        """The full-vector secure-sum segments. They release the DP-SGD update alone, which the
-        caller charges from ``update.facts`` before the sum leaves."""
+    def submit(self, state: DDOMEState, update: DDOMEUpdate, weight: float) -> Submission:
+        """The full-vector secure-sum segments, weighted by the institution's public ``weight``.
+        They release the DP-SGD update alone, which the caller charges from ``update.facts``
+        before the sum leaves."""
         cfg = self.config
         if list(update.delta) != list(state.adapters):
             raise LayoutError("the update's delta does not follow the state's adapter order")
-        w = cfg.weight(num_examples)
+        w = checked_weight(weight)
         trained = np.zeros(cfg.adapter.num_experts)
         trained[list(update.chosen)] = 1.0
         deltas = {}
@@ -375,7 +372,7 @@ def ddome_config(config: FederationConfig) -> DDOMEConfig:
     """DDOME's parameters from ``[aggregation.ddome]``, its experts' shape from ``[model.moe]``."""
     moe, section = config.model.moe, config.aggregation.ddome
     adapter = DDOMEAdapterConfig.from_moe(moe, gate_hidden=section.gate_hidden)
-    return DDOMEConfig(adapter, fedavg_config(config).max_examples, section)
+    return DDOMEConfig(adapter, fedavg_config(config).min_weight, section)
 
 
 def ddome_anchor(config: FederationConfig, name: str) -> int | None:
@@ -427,7 +424,7 @@ class DDOMELearner(OwnAdaptersLearner):
         planned = choice_mechanism(self.ddome.params).dp_event()
         if [event for event, _ in recorded.events] != [planned]:
             raise StrategyError(f"DDOME reported releases {recorded.events}, expected the choice")
-        submission = self.client.submit(ddome_state_, update, len(self.data["train"]))
+        submission = self.client.submit(ddome_state_, update, self.weight)
         releases = (
             [] if update.facts is None
             else self.releases(state, update.facts, federation_round, round_id)

@@ -4,9 +4,9 @@ alignment of same-index experts, every decision taken on the client against broa
 Per (layer l, expert e) a client submits, inside the round's secure sum:
 
 * ``w * s(l, e) * delta`` for the expert's entries and ``w * s(l, e)`` as its weight, where w is
-  the public-capped example weight and s the **routing consistency** of its routing distribution
-  p_i(l) with the broadcast global one p̄(l) (the published ω_i(e) = s_i(e) / Σ_j s_j(e) becomes
-  a ratio of sums at the coordinator; w keeps FedAvg's data-size weighting, ``by_examples``);
+  the institution's public weight (declared in the config, never its data size) and s the
+  **routing consistency** of its routing distribution p_i(l) with the broadcast global one p̄(l)
+  (the published ω_i(e) = s_i(e) / Σ_j s_j(e) becomes a ratio of sums at the coordinator);
 * zeros and a zero count for an expert whose **alignment score** falls below the threshold
   τ(l, e) = M(l, e) - β·Σ(l, e), where M and Σ are the mean and standard deviation of last round's
   scores, which the coordinator forms from the secure sums of scores and squared scores and
@@ -68,7 +68,7 @@ from clients.contract.routing import RoutingStats
 from clients.models.moe_lora import (
     router_probabilities,
 )
-from clients.strategies.base import TrainingPlan, example_weight
+from clients.strategies.base import TrainingPlan, checked_weight
 from clients.strategies.experts import (
     EXPERT_COUNT,
     EXPERT_WEIGHT,
@@ -248,14 +248,12 @@ class FedAlignClient:
 
         yield TrainingPlan(extra_loss=kl_term)
 
-    def submit(
-        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
-    ) -> Submission:
+    def submit(self, state: GlobalState, result: LocalTrainingResult, weight: float) -> Submission:
         check_routing_matches(result.routing, state.routing)
         config = self.config
         partition = ExpertPartition.of(state)
         layout = self.layout(state)
-        w = example_weight(num_examples, config.max_examples)
+        w = checked_weight(weight)
         current = {n: t.detach().cpu().double().numpy() for n, t in state.adapters.items()}
         move = None
         if self._previous is not None and self._previous.keys() == current.keys():

@@ -86,6 +86,8 @@ from clients.strategies.base import (
     OwnAdapters,
     OwnAdaptersLearner,
     RecordedCharges,
+    checked_min_weight,
+    checked_weight,
     device_of,
 )
 from clients.strategies.experts import EXPERT_WEIGHT
@@ -154,27 +156,29 @@ def check_assignment_feasible(
 
 @dataclass(frozen=True)
 class FedAMoLEConfig:
-    """Public parameters every party shares: the adapter, the number of clients, the FedAvg
-    weight cap ``max_examples``, and ``params``, the ``[aggregation.fedamole]`` section (fields
-    and ranges declared once in :class:`~clients.contract.config.FedAMoLESection`).
+    """Public parameters every party shares: the adapter, the number of clients, the smallest
+    public institution weight ``min_weight`` (FedAvg's), and ``params``, the
+    ``[aggregation.fedamole]`` section (fields and ranges declared once in
+    :class:`~clients.contract.config.FedAMoLESection`).
 
     Assignment: each expert goes to exactly ``clients_per_expert`` clients, each client holds
     ``min_experts``..``max_experts`` per module (paper: 2, 2..8). Reverse selection: embeddings
     over the first ``affinity_blocks`` auxiliary blocks, per-block L2 clip ``embedding_clip``
     (C_t) for token projections and ``key_clip`` (C_k) for keys; Gaussian noise of
     ``score_noise_multiplier`` (scores) and ``key_noise_multiplier`` (keys) times the
-    sensitivity. Updates: weight ``min(n, max_examples) / max_examples``, deltas clipped to
-    ``±delta_bound``. ``public_seed`` draws the round-0 assignment (anyone can redraw it).
+    sensitivity. Updates: the institution's public weight (declared in the config), deltas
+    clipped to ``±delta_bound``. ``public_seed`` draws the round-0 assignment (anyone can
+    redraw it).
     """
 
     adapter: AMoLEConfig
     num_clients: int
-    max_examples: int = 4096
+    min_weight: float = 1.0
     params: FedAMoLESection = field(default_factory=FedAMoLESection)
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "max_examples"):
-            _positive_int(name, getattr(self, name))
+        _positive_int("num_clients", self.num_clients)
+        checked_min_weight(self.min_weight)
         object.__setattr__(self, "params", checked_section(self.params))
         p = self.params
         if p.min_experts < self.adapter.top_k:
@@ -211,12 +215,6 @@ class FedAMoLEConfig:
         """L2 sensitivity of one client's ``held_keys`` key vectors (per-block clipped to C_k,
         averaged over ``affinity_blocks``): 2 C_k / n each, as for the scores."""
         return math.sqrt(held_keys) * 2 * self.params.key_clip / self.params.affinity_blocks
-
-    def weight(self, num_examples: int) -> float:
-        """The public FedAvg weight of a client with ``num_examples`` training blocks."""
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
-            raise StrategyError(f"num_examples must be an int >= 0, got {num_examples!r}")
-        return min(num_examples, self.max_examples) / self.max_examples
 
     def layout(self, state: FedAMoLEState) -> SubmissionLayout:
         """``weight``, ``delta:<name>`` per adapter tensor (state order), then per (module,
@@ -490,7 +488,7 @@ class FedAMoLEClient:
         self,
         state: FedAMoLEState,
         update: FedAMoLEUpdate,
-        num_examples: int,
+        weight: float,
         charge: Charge,
         generator: torch.Generator | None = None,
     ) -> Submission:
@@ -510,7 +508,7 @@ class FedAMoLEClient:
         )
         keys = np.zeros(update.keys.shape)
         keys[update.held] = noised
-        w = cfg.weight(num_examples)
+        w = checked_weight(weight)
         deltas = {DELTA_PREFIX + n: d.double().numpy() for n, d in update.delta.items()}
         raw = {
             WEIGHT: np.array([w]),
@@ -539,7 +537,7 @@ def fedamole_config(config: FederationConfig) -> FedAMoLEConfig:
     return FedAMoLEConfig(
         adapter=adapter,
         num_clients=len(config.institutions),
-        max_examples=fedavg_config(config).max_examples,
+        min_weight=fedavg_config(config).min_weight,
         params=msgspec.structs.replace(
             section, max_experts=min(section.max_experts, moe.num_experts)
         ),
@@ -654,7 +652,7 @@ class FedAMoLELearner(OwnAdaptersLearner):
         )
         # The runtime charges the DP-SGD update and the keys (recorded here) together.
         recorded = RecordedCharges()
-        submission = self.client.submit(fedamole_state, update, len(self.data["train"]), recorded)
+        submission = self.client.submit(fedamole_state, update, self.weight, recorded)
         keys = self._key_mechanism(int(update.held.sum()))
         if [event for event, _ in recorded.events] != [keys.dp_event()]:
             raise StrategyError(f"FedAMoLE reported releases {recorded.events}, expected keys")

@@ -1,7 +1,8 @@
-"""FedAvg of adapter deltas weighted by example counts, and the MoE-LoRA learner.
+"""FedAvg of adapter deltas weighted by public institution weights, and the MoE-LoRA learner.
 
-A client with n examples submits weight ``w = min(n, max_examples) / max_examples`` and
-``w * delta``; the coordinator sets ``delta = sum(w * delta) / sum(w)``. The MoE-LoRA learner
+A client submits its public weight ``w`` (declared in the federation config, the same every
+round, see ``FederationConfig.public_weight``) and ``w * delta``; the coordinator sets
+``delta = sum(w * delta) / sum(w)``. The MoE-LoRA learner
 trains the adapters of :mod:`clients.models.moe_lora` with
 :func:`clients.training.trainer.train_local` inside a sum strategy's session (FedAvg, FedAlign-MoE
 or FedMoE) and releases its noised routing statistics every round.
@@ -10,8 +11,9 @@ Paper mechanisms (FedAvg, McMahan et al. 2017), one line each:
 
 * several local steps per round on the client's data: adapted for privacy: the steps are DP-SGD
   (per-block clipping, Gaussian noise), on the LoRA adapters only.
-* server average weighted by the number of examples n_k: adapted for privacy: the weight is
-  min(n_k, cap) / cap (public cap) and the coordinator reads only the secure sums of w·delta
+* server average weighted by the number of examples n_k: adapted for privacy: n_k is private
+  (two rounds' sums would give it away), so the weight is a public one declared per institution
+  in the config (default: equal), and the coordinator reads only the secure sums of w·delta
   and w.
 * random client sampling each round (fraction C): left out: every live institution takes part;
   rounds are few and a fixed roster keeps the secure-sum thresholds simple.
@@ -61,8 +63,9 @@ from clients.strategies.base import (
     RemembersRounds,
     StepsOnValidation,
     TrainingPlan,
+    checked_min_weight,
+    checked_weight,
     device_of,
-    example_weight,
     plain_session,
 )
 from clients.training.routing_release import (
@@ -79,34 +82,28 @@ from clients.training.trainer import (
 )
 from privacy import ROUTING_STATISTICS, DPConfig, DPTrainingFacts, GaussianMechanism, Release
 
-DEFAULT_MAX_EXAMPLES = 4096
-"""Public FedAvg weight cap when ``[data.max_blocks].train`` is unset: an institution with more
-training records gets the same weight as one with exactly this many. Small enough that the weight
-of one record (1 / cap) stays well above the 16-bit mask quantisation step."""
-
 
 @dataclass(frozen=True)
 class FedAvgConfig:
-    """Public parameters of example-weighted FedAvg of adapter deltas.
+    """Public parameters of weighted FedAvg of adapter deltas.
 
-    A client with n examples submits weight ``w = min(n, max_examples) / max_examples`` and
-    ``w * delta``; the coordinator sets ``delta = sum(w * delta) / sum(w)``. Delta entries beyond
+    A client submits its public weight ``w`` in (0, 1] and ``w * delta``; the coordinator sets
+    ``delta = sum(w * delta) / sum(w)``. ``min_weight`` is the smallest public weight of the
+    federation: a weight sum below half of it means nobody contributed. Delta entries beyond
     ``±delta_bound`` and routing values beyond ``±routing_bound`` (per client: a count can
     reach tokens * top_k) are clipped. The weight always travels on the mask channel: the
     coordinator must read ``sum(w)`` to form the ratio, also when the deltas go under CKKS (it
     then scales their encrypted sum by ``delta_bound / sum(w)`` without reading it).
     """
 
-    max_examples: int
+    min_weight: float = 1.0
     delta_bound: float = 0.1
     routing_bound: float = 1e6
     delta_channel: Channel = "mask"
     routing_channel: Channel = "ckks"
 
     def __post_init__(self) -> None:
-        n = self.max_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise StrategyError(f"max_examples must be an int >= 1, got {n!r}")
+        checked_min_weight(self.min_weight)
         for name in ("delta_bound", "routing_bound"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
@@ -151,21 +148,17 @@ class FedAvgClient:
     ) -> AbstractContextManager[TrainingPlan]:
         return plain_session()
 
-    def submit(
-        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
-    ) -> Submission:
-        n = num_examples
+    def submit(self, state: GlobalState, result: LocalTrainingResult, weight: float) -> Submission:
         check_routing_matches(result.routing, state.routing)
         layout = self.layout(state)
-        cap = self.config.max_examples
-        weight = example_weight(n, cap)
+        weight = checked_weight(weight)
         ours = result.routing
         deltas = {
             DELTA_PREFIX + name: t.detach().cpu().double().numpy()
             for name, t in result.delta.items()
         }
         # Clipping applies to the delta itself, before weighting.
-        raw = {**deltas, WEIGHT: np.array([n / cap]), ROUTING: ours.as_vector()}
+        raw = {**deltas, WEIGHT: np.array([weight]), ROUTING: ours.as_vector()}
         clipped = layout.clipped_fraction(raw)
         bound = self.config.delta_bound
         values = {name: weight * np.clip(d, -bound, bound) for name, d in deltas.items()}
@@ -177,7 +170,7 @@ class FedAvgClient:
 def fedavg_config(config: FederationConfig) -> FedAvgConfig:
     """The FedAvg parameters both sides use (they must be identical to agree on the layout)."""
     return FedAvgConfig(
-        max_examples=config.data.max_blocks.train or DEFAULT_MAX_EXAMPLES,
+        min_weight=config.smallest_public_weight(),
         delta_channel=config.aggregation.expert_updates,
         routing_channel=config.aggregation.routing_statistics,
     )
@@ -215,6 +208,7 @@ class MoELoRALearner:
         self.model, self.tokenizer = build_model(config)
         self.data: dict[str, torch.Tensor] = institution_data(config, name, self.tokenizer)
         self.strategy = strategy
+        self.weight = config.public_weight(name)  # public: the same every round, no data
         privacy = config.privacy
         self.routing = routing_mechanism(
             self.model, privacy.routing_noise_multiplier, privacy.routing_sample_rate
@@ -273,7 +267,7 @@ class MoELoRALearner:
             routing = private_routing_statistics(self.model, blocks, self.routing)
             signal = self._validation_signal()
         result = replace(result, routing=routing)  # only the noised statistics go further
-        submission = self.strategy.submit(state, result, num_examples=len(blocks))
+        submission = self.strategy.submit(state, result, self.weight)
         releases = (
             [] if result.facts is None
             else self.releases(state, result.facts, federation_round, round_id)

@@ -70,7 +70,7 @@ from clients.contract.layout import (
     check_routing_matches,
 )
 from clients.models.routing_hooks import restrict_routing
-from clients.strategies.base import TrainingPlan, example_weight
+from clients.strategies.base import TrainingPlan, checked_weight
 from clients.strategies.experts import (
     EXPERT_COUNT,
     EXPERT_WEIGHT,
@@ -308,14 +308,12 @@ class FedMoEClient:
         with restrict_routing(model, self.held):
             yield TrainingPlan(frozen=frozen)
 
-    def submit(
-        self, state: GlobalState, result: LocalTrainingResult, num_examples: int
-    ) -> Submission:
+    def submit(self, state: GlobalState, result: LocalTrainingResult, weight: float) -> Submission:
         check_routing_matches(result.routing, state.routing)
         partition = ExpertPartition.of(state)
         held = self.select(state)  # the session's choice: nothing it depends on changed since
         self.held = held
-        w = example_weight(num_examples, self.config.max_examples)
+        w = checked_weight(weight)
         weights = w * held.astype(np.float64)
         values = weighted_deltas(partition, result.delta, w, weights, self.config.delta_bound)
         raw = {

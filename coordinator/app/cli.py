@@ -270,7 +270,8 @@ def summary_table(config: FederationConfig) -> Table:
             "secure aggregation",
             f"t={threshold} of {neighbours + 1} share holders, k={neighbours} neighbours, "
             f"clip {sec.clip:g}, {sec.bits}-bit values in Z_2^{sec.modulus_bits}"
-            + (", signed survivor sets" if sec.check_survivors else ""),
+            + (", signed survivor sets" if sec.check_survivors else "")
+            + f", at least {sec.minimum_participants(n)} institutions per round",
         ),
         (
             "aggregation",

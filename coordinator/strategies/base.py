@@ -253,20 +253,24 @@ def aggregate_locally(
     return LocalAggregate(sums=sums, included=included)
 
 
-def contributed_weight(values: Mapping[str, np.ndarray], max_examples: int) -> float:
-    """The summed example weight ``sum(w)`` of the included clients.
+def contributed_weight(values: Mapping[str, np.ndarray], min_weight: float) -> float:
+    """The summed public weight ``sum(w)`` of the included clients.
 
-    Raises :class:`~clients.contract.layout.NoContribution` when it is below half of one
-    example's weight (``0.5 / max_examples``): nobody contributed (every honest non-zero weight
-    is at least ``1 / max_examples``) and any ratio would be quantisation noise.
+    The weights are declared in the federation config (never derived from data), so this sum
+    reveals nothing the coordinator could not compute from the config and the included clients;
+    it stays in the secure sum so that every strategy's update is one ratio of sums (beside
+    per-expert weight sums, which depend on private choices and must be summed securely).
+    Raises :class:`~clients.contract.layout.NoContribution` when it is below half of the
+    smallest public weight (``0.5 * min_weight``): nobody contributed and any ratio would be
+    quantisation noise.
     """
     if WEIGHT not in values:
         raise StrategyError("the aggregate needs the sum of the mask channel, which carries w")
     total = float(values[WEIGHT][0])
-    floor = 0.5 / max_examples
+    floor = 0.5 * min_weight
     if total < floor:
         raise NoContribution(
-            f"summed weight {total:.3g} is below half an example's weight ({floor:.3g}): "
+            f"summed weight {total:.3g} is below half the smallest weight ({floor:.3g}): "
             "no client contributed; keep the state"
         )
     return total
@@ -308,7 +312,7 @@ class PerExpertCoordinator:
 
     @property
     def _min_weight(self) -> float:
-        return 0.5 / self.config.max_examples
+        return 0.5 * self.config.min_weight
 
 
 @dataclass(frozen=True)

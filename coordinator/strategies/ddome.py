@@ -30,8 +30,8 @@ def next_state(
 ) -> DDOMEState:
     """The next state from the decoded mask-channel sum over the included clients."""
     values = config.layout(state).unpack(sums)
-    total = contributed_weight(values, config.max_examples)
-    floor = 0.5 / config.max_examples
+    total = contributed_weight(values, config.min_weight)
+    floor = 0.5 * config.min_weight
     counts = np.rint(values[EXPERT_COUNT])
     expert_weight = values[EXPERT_WEIGHT]
     moves = (counts >= config.params.min_count) & (expert_weight >= floor)

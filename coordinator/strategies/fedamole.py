@@ -136,8 +136,8 @@ def next_state(
 ) -> FedAMoLEState:
     """The next state from the decoded mask-channel sum over the included clients."""
     values = config.layout(state).unpack(sums)
-    total = contributed_weight(values, config.max_examples)
-    floor = 0.5 / config.max_examples
+    total = contributed_weight(values, config.min_weight)
+    floor = 0.5 * config.min_weight
     shape = state.key_counts.shape
     expert_weight = values[EXPERT_WEIGHT].reshape(shape)
     counts = np.rint(values[KEY_COUNT].reshape(shape))

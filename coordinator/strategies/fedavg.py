@@ -1,4 +1,5 @@
-"""FedAvg, coordinator side: the example-weighted mean of the summed adapter deltas."""
+"""FedAvg, coordinator side: the weighted mean of the summed adapter deltas (the weights are the
+institutions' public ones, declared in the federation config)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ from coordinator.strategies.base import (
 class FedAvgCoordinator:
     """Coordinator side of FedAvg: ``global += sum(w * delta) / sum(w)``; routing summed.
 
-    Raises :class:`~clients.contract.layout.NoContribution` when ``sum(w)`` is below half of one
-    example's weight (``0.5 / max_examples``): nobody contributed (every honest non-zero
-    weight is at least ``1 / max_examples``) and the ratio would be quantisation noise.
+    Raises :class:`~clients.contract.layout.NoContribution` when ``sum(w)`` is below half of the
+    smallest public weight (``0.5 * min_weight``): nobody contributed and the ratio would be
+    quantisation noise. The weights are public, so ``sum(w)`` tells the coordinator nothing it
+    could not compute from the config and the included institutions.
     """
 
     config: FedAvgConfig
@@ -45,7 +47,7 @@ class FedAvgCoordinator:
         values = self.layout(state).unpack(sums, partial=True)
         if any(DELTA_PREFIX + name not in values for name in state.adapters):
             raise StrategyError("FedAvg needs the sum of the channel that carries w*delta")
-        total = contributed_weight(values, self.config.max_examples)
+        total = contributed_weight(values, self.config.min_weight)
         adapters: dict[str, torch.Tensor] = {}
         for name, current in state.adapters.items():
             delta = values[DELTA_PREFIX + name].reshape(tuple(current.shape)) / total
@@ -64,7 +66,7 @@ class FedAvgCoordinator:
         """
         layout = self.layout(state)
         deltas = leading_deltas(layout, state)
-        total = contributed_weight(layout.unpack(sums, partial=True), self.config.max_examples)
+        total = contributed_weight(layout.unpack(sums, partial=True), self.config.min_weight)
         return np.concatenate(
             [np.full(s.length, s.bound / (CHANNEL_BOUND * total)) for s in deltas]
         )
