@@ -124,9 +124,9 @@ def coordinator_caps(config: FederationConfig, layout: SubmissionLayout) -> Mess
     if layout.length("ckks"):
         params = config.aggregation.ckks.params()
         count = _ciphertexts(layout.length("ckks"), params)
-        candidates["CKKS input"] = count * ckks_ciphertext_bytes(params) + len(
-            layout.segments
-        ) * SMALL_ITEM_BYTES
+        candidates["CKKS input"] = (
+            count * ckks_ciphertext_bytes(params) + len(layout.segments) * SMALL_ITEM_BYTES
+        )
     return _caps(config, candidates)
 
 
