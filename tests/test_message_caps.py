@@ -4,7 +4,8 @@ A roster member (mallory) sends the coordinator a frame just above the computed 
 above twice the cap, then floods it with frames just below the cap; the honest institutions
 are served throughout, and the coordinator's receive queue for mallory holds at most
 ``max_queued_bytes`` (the queue depth actually set on the socket). The caps come from the real
-tiny federation's config and layout (CKKS routing channel, real TenSEAL measurement).
+tiny federation's config and layout (CKKS routing channel, real TenSEAL measurement). A real
+institution's socket gets the cap it computes from the broadcasts it expects.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import zmq
+from safetensors.torch import save
 
+import clients.runtime.institution as institution_module
 from clients.contract.caps import (
     MARGIN_BYTES,
     MIN_CAP_BYTES,
@@ -29,6 +33,7 @@ from clients.contract.config import load_config
 from clients.contract.framing import receive_queue_depth
 from clients.contract.layout import Segment, SubmissionLayout
 from clients.contract.messages import Hello
+from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator
 from coordinator.transport import CoordinatorEndpoint
 from secagg.messages import encode
@@ -182,3 +187,37 @@ def test_a_flood_of_just_below_cap_frames_is_held_to_the_queue_cap(caps, endpoin
         r for r in caplog.records if r.getMessage().startswith("dropped a frame from mallory")
     ]
     assert refused and len(refused) <= sent  # her frames are read and refused, one line each
+
+
+def test_an_institution_sizes_its_socket_from_the_broadcasts_it_expects(caps, monkeypatch):
+    """The institution's cap covers the global state it will receive and reaches the socket."""
+    config, _ = caps
+    inst = make_institution(config, config.institution_names[0])
+    computed = inst.caps()
+    adapters = save({k: v.contiguous() for k, v in inst.learner.adapters().items()})
+    assert len(adapters) < computed.largest
+    assert computed.largest < computed.max_message_bytes < config.coordinator.max_message_bytes
+    opened = []
+    original = institution_module.InstitutionEndpoint
+
+    def endpoint(*args, **kwargs):
+        opened.append(original(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(institution_module, "InstitutionEndpoint", endpoint)
+    stop = threading.Event()
+    stop.set()  # no coordinator: open the endpoint, say hello, stop
+    sockets = []
+    original_close = original.close
+
+    def close(self):
+        sockets.append(
+            (self._socket.getsockopt(zmq.MAXMSGSIZE), self._socket.getsockopt(zmq.RCVHWM))
+        )
+        original_close(self)
+
+    monkeypatch.setattr(original, "close", close)
+    assert inst.run(stop) == 0
+    [endpoint_used] = opened
+    assert endpoint_used.max_message_bytes == computed.max_message_bytes
+    assert sockets == [(2 * computed.max_message_bytes, QUEUED_MESSAGES)]
