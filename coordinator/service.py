@@ -32,6 +32,7 @@ from safetensors.torch import save
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
 from audit.heads import HeadFileError, HeadRefused
+from clients.contract.caps import MessageCaps, coordinator_caps
 from clients.contract.config import FederationConfig
 from clients.contract.extras import encode_extras
 from clients.contract.framing import TransportError
@@ -130,6 +131,17 @@ class Coordinator:
             state = self.strategy.initial_state(state)
         return state
 
+    def caps(self, state: GlobalState | None = None) -> MessageCaps:
+        """What the coordinator accepts from each institution, sized to the round layout of
+        ``state`` (default: the initial state; the adapter shapes, and so the layout, do not
+        change between rounds), see :mod:`clients.contract.caps`."""
+        state = self.initial_state() if state is None else state
+        try:
+            layout = self.strategy.layout(state)
+        except StrategyError as exc:
+            raise CoordinatorError(f"the round layout cannot be derived: {exc}") from None
+        return coordinator_caps(self.config, layout)
+
     def run(self, stop: threading.Event | None = None) -> list[RoundOutcome]:
         """Run (or resume) the federation to its last round; tell the institutions it is over."""
         stop = stop or threading.Event()
@@ -146,9 +158,11 @@ class Coordinator:
                      resume.next_attempt)  # fmt: skip
         relay = resume.routing
         outcomes = []
+        caps = self.caps(state)
+        log.info("coordinator %s", caps.describe())
         with CoordinatorEndpoint(
             self.config.coordinator.bind, self.keys.curve_secret, self.keys.curve_public,
-            self.curve_keys, self.config.coordinator.max_message_bytes,
+            self.curve_keys, caps.max_message_bytes, max_queued_bytes=caps.max_queued_bytes,
         ) as endpoint:  # fmt: skip
             aggregation = self.config.aggregation
             log.info("coordinator listening on %s; strategy %s, expert updates %s, routing "

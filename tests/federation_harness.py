@@ -62,3 +62,36 @@ def record_submissions(monkeypatch, cls: type) -> Recorded:
 
     monkeypatch.setattr(cls, "submit", submit)
     return recorded
+
+
+Frames = dict[str, list[tuple[int, int]]]
+"""Per receiving side ("coordinator", "institution"): (frame bytes, the endpoint's cap)."""
+
+
+def record_frames(monkeypatch) -> Frames:
+    """Every frame either side's endpoint decodes, with the cap it was decoded under."""
+    import clients.runtime.transport as institution_transport
+    import coordinator.transport as coordinator_transport
+
+    seen: Frames = {"coordinator": [], "institution": []}
+    for side, module in (("coordinator", coordinator_transport),
+                         ("institution", institution_transport)):  # fmt: skip
+        original = module.decode_frame
+
+        def decode_frame(frame, decode, max_message_bytes, _side=side, _original=original):
+            seen[_side].append((len(frame), max_message_bytes))
+            return _original(frame, decode, max_message_bytes)
+
+        monkeypatch.setattr(module, "decode_frame", decode_frame)
+    return seen
+
+
+def assert_caps_admit(config: FederationConfig, seen: Frames) -> None:
+    """Both sides ran under computed caps below the config's maximum, and every frame of the
+    run fitted under the cap of the endpoint that received it (institutions' caps may differ
+    by the few bytes their measured ciphertext sizes differ by)."""
+    for side, frames in seen.items():
+        assert frames, f"no frame reached the {side}"
+        for size, cap in frames:
+            assert size < cap < config.coordinator.max_message_bytes, (side, size, cap)
+        assert max(cap for _, cap in frames) < config.coordinator.max_message_bytes // 16

@@ -38,7 +38,12 @@ from secagg.ckks import (
     CkksKeyHolder,
     EncryptedBatch,
 )
-from tests.federation_harness import record_submissions, run_in_threads
+from tests.federation_harness import (
+    assert_caps_admit,
+    record_frames,
+    record_submissions,
+    run_in_threads,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]
@@ -91,8 +96,10 @@ def journal(run_dir: Path) -> list[dict]:
 def test_each_round_equals_plaintext_fedavg_of_the_same_deltas(tmp_path, monkeypatch):
     config = load_config(write_config(tmp_path))
     submitted = record_submissions(monkeypatch, FedAvgClient)
+    frames = record_frames(monkeypatch)
     outcomes, _ = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
+    assert_caps_admit(config, frames)  # the caps sized from the layout admit the real round
 
     initial = Coordinator(config).initial_state()
     layout = fedavg_config(config).layout(initial)
@@ -131,8 +138,10 @@ def test_ckks_expert_updates_equal_plaintext_fedavg_and_stay_unreadable(tmp_path
     config = load_config(write_config(tmp_path, expert_updates="ckks"))
     assert fedavg_config(config).delta_channel == "ckks"
     submitted = record_submissions(monkeypatch, FedAvgClient)
+    frames = record_frames(monkeypatch)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
+    assert_caps_admit(config, frames)  # encrypted broadcasts and inputs fit the computed caps
 
     checkpoints = config.run_dir / "checkpoints"
     assert not list(checkpoints.glob("*.safetensors"))  # the coordinator holds no plaintext

@@ -51,7 +51,7 @@ from privacy import BudgetExceeded
 from secagg import FixedPointCodec
 from secagg.errors import MalformedMessage
 from secagg.messages import encode
-from tests.federation_harness import run_in_threads
+from tests.federation_harness import assert_caps_admit, record_frames, run_in_threads
 from tests.test_federation import NAMES, write_config
 
 Recorded = dict[tuple[int, str], dict[str, np.ndarray]]
@@ -142,8 +142,10 @@ def test_ddome_rounds_equal_plaintext_and_every_institution_evaluates_the_result
 ):
     config = own_config(tmp_path, "ddome", rounds=2)
     recorded = record_submissions(monkeypatch, DDOMEClient)
+    frames = record_frames(monkeypatch)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
+    assert_caps_admit(config, frames)
     initial = Coordinator(config).initial_state()
     states = {1: initial, 2: checkpoint(config, 1, initial)}
     assert_rounds_match_plaintext(config, outcomes, recorded, states, institutions)
@@ -191,8 +193,10 @@ def test_fedamole_selection_stage_releases_only_charged_scores_and_solves_the_as
     monkeypatch.setattr(FedAMoLELearner, "scores", scores)
     monkeypatch.setattr(FedAMoLEStrategy, "select", select)
     monkeypatch.setattr(InstitutionRounds, "_on_assignment", on_assignment)
+    frames = record_frames(monkeypatch)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None, None]
+    assert_caps_admit(config, frames)  # scores, assignments and keys fit the computed caps
 
     fed = fedamole_config(config)
     initial = Coordinator(config).initial_state()

@@ -51,7 +51,13 @@ from secagg.ckks import (
     EncryptedBatch,
 )
 from secagg.messages import AdvertiseKeys
-from tests.federation_harness import Recorded, record_submissions, run_in_threads
+from tests.federation_harness import (
+    Recorded,
+    assert_caps_admit,
+    record_frames,
+    record_submissions,
+    run_in_threads,
+)
 from tests.test_federation import NAMES, write_config
 
 
@@ -141,8 +147,10 @@ def assert_rounds_match_plaintext(config: FederationConfig, outcomes, recorded: 
 def test_fedalign_rounds_equal_plaintext_and_carry_the_score_statistics(tmp_path, monkeypatch):
     config = strategy_config(tmp_path, "fedalign")
     recorded = record_submissions(monkeypatch, FedAlignClient)
+    frames = record_frames(monkeypatch)
     outcomes, institutions = run_in_threads(config)
     assert [o.error for o in outcomes] == [None, None]
+    assert_caps_admit(config, frames)  # round 2's extras fit the caps sized before round 1
     assert_rounds_match_plaintext(config, outcomes, recorded)
     _, extras = checkpoint(config, 2)
     # round 2 scored every expert against round 1's move: the statistics are not empty

@@ -170,7 +170,13 @@ class CoordinatorSection(_Section):
       round start, or FedAMoLE's assignment, to the first SecAgg+ message); default: the stage
       timeout. An institution cannot answer while it trains, so a dead one is only noticed
       when this runs out.
-    - ``max_message_bytes``: larger frames are refused unread (guards against memory abuse).
+    - ``max_message_bytes``: the upper limit (and override) of the receive caps. Each side
+      sizes its cap per peer from the round layout and the CKKS parameters before the first
+      round (``clients.contract.caps``: the largest message it expects from the other side,
+      times 1.25 plus 1 MiB) and never goes above this value; lower it to force a smaller cap.
+      Each peer may have 4 frames of up to twice the cap waiting in a receive queue. A larger
+      frame is refused with a log line naming its sender (over twice the cap, libzmq drops the
+      connection unread); the process keeps serving.
     - ``keys_dir``: where ``sealmoe keys`` writes the key pairs and the roster.
     """
 

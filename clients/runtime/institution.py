@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
+from clients.contract.caps import MessageCaps, institution_caps
 from clients.contract.config import FederationConfig
 from clients.contract.durable import atomic_write
 from clients.contract.framing import TransportError
@@ -167,12 +168,15 @@ class Institution:
         """Serve the federation until :class:`~clients.contract.messages.Shutdown` (or ``stop``);
         return 0."""
         cfg = self.config
+        caps = self.caps()
+        log.info("%s: %s", self.name, caps.describe())
         endpoint = InstitutionEndpoint(
             cfg.connect_address(self.name),
             self.keys.curve_secret,
             self.keys.curve_public,
             self.roster.coordinator.curve_public.encode(),
-            cfg.coordinator.max_message_bytes,
+            caps.max_message_bytes,
+            max_queued_bytes=caps.max_queued_bytes,
         )
         self._endpoint = endpoint
         try:
@@ -194,6 +198,14 @@ class Institution:
         finally:
             self._endpoint = None
             endpoint.close()
+
+    def caps(self) -> MessageCaps:
+        """What this institution accepts from the coordinator, sized to the broadcasts of its
+        strategy's rounds (adapters, layout and extras shapes), see
+        :mod:`clients.contract.caps`."""
+        state = self.learner.local_state()
+        layout = self.learner.layout(state)
+        return institution_caps(self.config, state, layout, self.learner.extras_shapes(state))
 
     def _serve(self, message: object) -> bool:
         """Hand one coordinator message to the round logic and carry out its outputs; True once
