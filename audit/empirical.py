@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
-from privacy import DPConfig, dp_sgd_event, epsilon, make_private
+from privacy import DPConfig
+from privacy import dp_sgd_event
+from privacy import epsilon
+from privacy import make_private
 from privacy.errors import UserError
 
 DEFAULT_CONFIDENCE = 0.95

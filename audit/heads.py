@@ -24,7 +24,8 @@ from pathlib import Path
 
 import msgspec
 
-from audit.entry import GENESIS, chain_hash
+from audit.entry import GENESIS
+from audit.entry import chain_hash
 from privacy.errors import UserError
 from privacy.head import LedgerHead
 

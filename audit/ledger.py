@@ -28,23 +28,26 @@ import dp_accounting
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from audit.entry import (
-    FORMAT_VERSION,
-    GENESIS,
-    Entry,
-    entry_digest,
-    entry_hash,
-    line_bytes,
-    sign_entry,
-    sign_head,
-)
+from audit.entry import FORMAT_VERSION
+from audit.entry import GENESIS
+from audit.entry import Entry
+from audit.entry import entry_digest
+from audit.entry import entry_hash
+from audit.entry import line_bytes
+from audit.entry import sign_entry
+from audit.entry import sign_head
 from audit.events import event_to_json
-from audit.verify import LedgerTampered, replay_ledger
-from privacy import AlreadyReleased, Release
-from privacy.budget import Composition, Epsilons, PrivacyBudget
+from audit.verify import LedgerTampered
+from audit.verify import replay_ledger
+from privacy import AlreadyReleased
+from privacy import Release
+from privacy.budget import Composition
+from privacy.budget import Epsilons
+from privacy.budget import PrivacyBudget
 from privacy.config import ACCOUNTANTS
 from privacy.errors import UserError
-from privacy.head import MAX_PROOF, LedgerHead
+from privacy.head import MAX_PROOF
+from privacy.head import LedgerHead
 
 log = logging.getLogger(__name__)
 

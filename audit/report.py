@@ -20,12 +20,18 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from audit.context import ContextError, FederationFacts, StrategyFacts
+from audit.context import ContextError
+from audit.context import FederationFacts
+from audit.context import StrategyFacts
 from audit.entry import Entry
 from audit.events import event_from_json
-from audit.heads import HeadFileError, head_path, read_heads
+from audit.heads import HeadFileError
+from audit.heads import head_path
+from audit.heads import read_heads
 from audit.ledger import ledger_path
-from audit.verify import LedgerTampered, parse_entry, verify_ledger
+from audit.verify import LedgerTampered
+from audit.verify import parse_entry
+from audit.verify import verify_ledger
 from privacy.accountant import PLD_DISCRETIZATION
 from privacy.budget import Composition
 from privacy.config import ACCOUNTANTS

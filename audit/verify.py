@@ -25,17 +25,17 @@ from pathlib import Path
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from audit.entry import (
-    FORMAT_VERSION,
-    GENESIS,
-    Entry,
-    entry_hash,
-    entry_signature_ok,
-    head_signature_ok,
-    line_bytes,
-)
-from audit.events import EventFormatError, event_from_json
-from privacy.budget import Composition, Epsilons
+from audit.entry import FORMAT_VERSION
+from audit.entry import GENESIS
+from audit.entry import Entry
+from audit.entry import entry_hash
+from audit.entry import entry_signature_ok
+from audit.entry import head_signature_ok
+from audit.entry import line_bytes
+from audit.events import EventFormatError
+from audit.events import event_from_json
+from privacy.budget import Composition
+from privacy.budget import Epsilons
 from privacy.config import ACCOUNTANTS
 from privacy.head import LedgerHead
 

@@ -15,9 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import Column, print_header, print_row, write_rows
+from results_file import Column
+from results_file import print_header
+from results_file import print_row
+from results_file import write_rows
 
-from secagg.ckks import CkksAggregator, CkksKeyHolder, CkksParams
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import CkksParams
 
 PARAM_SETS = [
     ("default", CkksParams()),

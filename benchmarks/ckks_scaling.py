@@ -17,9 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import Column, print_header, print_row, write_rows
+from results_file import Column
+from results_file import print_header
+from results_file import print_row
+from results_file import write_rows
 
-from secagg.ckks import CkksAggregator, CkksEvaluator, CkksKeyHolder
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksEvaluator
+from secagg.ckks import CkksKeyHolder
 
 RESULTS = Path(__file__).parent / "results" / "ckks_scaling.json"
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from clients.data.shakespeare import GENRES, SPLITS, load_corpus, partition
+from clients.data.shakespeare import GENRES
+from clients.data.shakespeare import SPLITS
+from clients.data.shakespeare import load_corpus
+from clients.data.shakespeare import partition
 
 
 def main() -> None:

@@ -34,12 +34,17 @@ MODES = ("nondp", "hooks", "ghost")
 
 def _child(model_name: str, mode: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
+    from torch.utils.data import TensorDataset
 
-    from clients.models.loaders import load_smollm2, tiny_dense_model
-    from clients.models.moe_lora import MoELoRAConfig, attach
-    from clients.training.trainer import per_sample_loss, select_device
-    from privacy import DPConfig, make_private
+    from clients.models.loaders import load_smollm2
+    from clients.models.loaders import tiny_dense_model
+    from clients.models.moe_lora import MoELoRAConfig
+    from clients.models.moe_lora import attach
+    from clients.training.trainer import per_sample_loss
+    from clients.training.trainer import select_device
+    from privacy import DPConfig
+    from privacy import make_private
 
     torch.set_num_threads(threads)
     device = select_device()

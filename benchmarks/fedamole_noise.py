@@ -24,9 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from strategies import SETTINGS, federation  # noqa: E402
+from strategies import SETTINGS  # noqa: E402
+from strategies import federation  # noqa: E402
 
-from clients.strategies.fedamole import FEDAMOLE_ADAPTERS, amole_modules, fedamole_config  # noqa: E402
+from clients.strategies.fedamole import FEDAMOLE_ADAPTERS  # noqa: E402
+from clients.strategies.fedamole import amole_modules  # noqa: E402
+from clients.strategies.fedamole import fedamole_config  # noqa: E402
 from privacy.noise import gaussian_array  # noqa: E402
 
 

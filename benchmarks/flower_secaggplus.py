@@ -25,28 +25,33 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from importlib import import_module
-from typing import Any, cast
+from typing import Any
+from typing import cast
 
 import numpy as np
 from flwr.app import ConfigRecord
-from flwr.common import Parameters, bytes_to_ndarray, ndarray_to_bytes
+from flwr.common import Parameters
+from flwr.common import bytes_to_ndarray
+from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    factor_extract,
-    get_parameters_shape,
-    parameters_addition,
-    parameters_mod,
-    parameters_subtraction,
-)
+from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_extract
+from flwr.common.secure_aggregation.ndarrays_arithmetic import get_parameters_shape
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
+from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_subtraction
 from flwr.common.secure_aggregation.quantization import dequantize
-from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.common.serde import config_record_from_proto, config_record_to_proto
+from flwr.common.serde import config_record_from_proto
+from flwr.common.serde import config_record_to_proto
 from flwr.proto.recorddict_pb2 import ConfigRecord as ProtoConfigRecord
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 # sealmoe's stage names -> Flower's. Flower has no consistency-check stage, and its workflow
 # cannot recover a client lost before "collect masked vectors": the survivors' unmask step asks

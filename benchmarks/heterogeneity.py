@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from strategies import SETTINGS, federation  # noqa: E402
+from strategies import SETTINGS  # noqa: E402
+from strategies import federation  # noqa: E402
 
 from clients.data.sources import institution_data  # noqa: E402
 from clients.models.build import build_model  # noqa: E402

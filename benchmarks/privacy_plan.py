@@ -20,7 +20,9 @@ from clients.contract.config import load_config
 from clients.models.build import build_model
 from clients.models.moe_lora import routing_statistics
 from clients.training.routing_release import routing_sensitivity
-from privacy import calibrate_noise, dp_sgd_event, epsilon
+from privacy import calibrate_noise
+from privacy import dp_sgd_event
+from privacy import epsilon
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results"

@@ -97,7 +97,9 @@ def make_keys(work: Path, n: int) -> None:
     """CurveZMQ and Ed25519 keys for the coordinator and n institutions (benchmark-only file)."""
     import zmq
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.hazmat.primitives.serialization import NoEncryption
+    from cryptography.hazmat.primitives.serialization import PrivateFormat
 
     def curve() -> list[str]:
         public, secret = zmq.curve_keypair()
@@ -139,12 +141,19 @@ def run_institution(work: Path, index: int, address: str, length: int) -> int:
     import dp_accounting
 
     from audit import Ledger
-    from clients.contract.messages import ATTEMPT_BITS, Hello, RoundEnd, RoundStart, Shutdown
+    from clients.contract.messages import ATTEMPT_BITS
+    from clients.contract.messages import Hello
+    from clients.contract.messages import RoundEnd
+    from clients.contract.messages import RoundStart
+    from clients.contract.messages import Shutdown
     from clients.runtime.transport import InstitutionEndpoint
     from privacy import Release
     from secagg.client import SecAggClient
     from secagg.errors import SecAggError
-    from secagg.messages import AdvertiseKeys, MaskedInput, ShareKeys, SurvivorSignature
+    from secagg.messages import AdvertiseKeys
+    from secagg.messages import MaskedInput
+    from secagg.messages import ShareKeys
+    from secagg.messages import SurvivorSignature
 
     keys = load_keys(work)
     me = keys["institutions"][index]
@@ -226,9 +235,13 @@ def run_coordinator(work: Path, address: str, length: int, rounds: int, timeout_
     from audit.entry import head_signature_ok
     from audit.heads import HeadRefused
     from clients.contract.config import SecAggSection
-    from clients.contract.messages import Hello, Shutdown, round_id
-    from coordinator.store import RoutingRelay, RunStore
-    from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+    from clients.contract.messages import Hello
+    from clients.contract.messages import Shutdown
+    from clients.contract.messages import round_id
+    from coordinator.store import RoutingRelay
+    from coordinator.store import RunStore
+    from coordinator.transport import CoordinatorEndpoint
+    from coordinator.transport import run_secagg_round
     from privacy.head import LedgerHead
     from secagg.errors import SecAggError
     from secagg.server import SecAggServer
@@ -398,7 +411,8 @@ def analyse(work: Path, args: argparse.Namespace, wall: float, restarts: int,
             coordinator_killed: bool) -> dict:  # fmt: skip
     """Rounds, exactness, ledger losses and double charges, verified against the kept heads."""
     from audit import verify_ledger
-    from audit.heads import head_path, read_heads
+    from audit.heads import head_path
+    from audit.heads import read_heads
 
     keys = load_keys(work)
     lines = [json.loads(x) for x in (work / "coordinator.jsonl").read_text().splitlines()]

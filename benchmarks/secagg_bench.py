@@ -26,7 +26,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,10 @@ from rich.console import Console
 from rich.table import Table
 
 import secagg
-from secagg.ckks import CkksAggregator, CkksKeyHolder, CkksParams, EncryptedBatch
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import CkksParams
+from secagg.ckks import EncryptedBatch
 from secagg.graph import default_neighbours
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

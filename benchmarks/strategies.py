@@ -25,7 +25,8 @@ import platform
 import sys
 import time
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean
+from statistics import pstdev
 from typing import Any
 
 import torch
@@ -33,12 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.contract.config import FederationConfig, parse_config  # noqa: E402
+from clients.contract.config import FederationConfig  # noqa: E402
+from clients.contract.config import parse_config  # noqa: E402
 from clients.data.shakespeare import GENRES  # noqa: E402
 from clients.data.sources import institution_data  # noqa: E402
 from clients.models.ddome_lora import common_embedding  # noqa: E402
-from clients.strategies.ddome import DDOME_ADAPTERS, zero_shot, zero_shot_loss  # noqa: E402
-from coordinator.simulation import SimulationResult, simulate, strategy_names  # noqa: E402
+from clients.strategies.ddome import DDOME_ADAPTERS  # noqa: E402
+from clients.strategies.ddome import zero_shot  # noqa: E402
+from clients.strategies.ddome import zero_shot_loss  # noqa: E402
+from coordinator.simulation import SimulationResult  # noqa: E402
+from coordinator.simulation import simulate  # noqa: E402
+from coordinator.simulation import strategy_names  # noqa: E402
 
 DEFAULT_STRATEGIES = ("local", "fedavg", "fedalign", "fedmoe", "fedamole", "ddome")
 

@@ -6,16 +6,15 @@ The coordinator writes them into the run directory when a run starts
 
 from __future__ import annotations
 
-from audit.context import (
-    FederationFacts,
-    InstitutionFacts,
-    ModelFacts,
-    software_versions,
-    source_commit,
-)
+from audit.context import FederationFacts
+from audit.context import InstitutionFacts
+from audit.context import ModelFacts
+from audit.context import software_versions
+from audit.context import source_commit
 from clients.contract.config import FederationConfig
 from clients.contract.keys import ROSTER_FILE
-from clients.models.locate import locate_model, weights_sha256
+from clients.models.locate import locate_model
+from clients.models.locate import weights_sha256
 from privacy.errors import UserError
 
 

@@ -31,40 +31,49 @@ from safetensors.torch import save
 
 from audit.context import context_bytes
 from audit.entry import head_signature_ok
-from audit.heads import HeadFileError, HeadRefused
-from clients.contract.caps import MessageCaps, coordinator_caps
+from audit.heads import HeadFileError
+from audit.heads import HeadRefused
+from clients.contract.caps import MessageCaps
+from clients.contract.caps import coordinator_caps
 from clients.contract.config import FederationConfig
 from clients.contract.extras import encode_extras
 from clients.contract.framing import TransportError
-from clients.contract.keys import (
-    ROSTER_FILE,
-    client_id,
-    identity_keys,
-    load_ckks_public_context,
-    load_coordinator_keys,
-    load_roster,
-)
-from clients.contract.layout import ROUTING, GlobalState, StrategyError, SubmissionLayout
-from clients.contract.messages import (
-    AffinityScores,
-    Assignment,
-    CkksInput,
-    Decline,
-    Hello,
-    RoundStart,
-    Shutdown,
-    round_id,
-)
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import client_id
+from clients.contract.keys import identity_keys
+from clients.contract.keys import load_ckks_public_context
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_roster
+from clients.contract.layout import ROUTING
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.layout import SubmissionLayout
+from clients.contract.messages import AffinityScores
+from clients.contract.messages import Assignment
+from clients.contract.messages import CkksInput
+from clients.contract.messages import Decline
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundStart
+from clients.contract.messages import Shutdown
+from clients.contract.messages import round_id
 from clients.strategies.registry import initial_state
 from coordinator.facts import audit_facts
-from coordinator.store import RoutingRelay, RunStore
-from coordinator.strategies.base import EncryptedUpdates, Initialises, SelectionStage
+from coordinator.store import RoutingRelay
+from coordinator.store import RunStore
+from coordinator.strategies.base import EncryptedUpdates
+from coordinator.strategies.base import Initialises
+from coordinator.strategies.base import SelectionStage
 from coordinator.strategies.registry import coordinator_strategy
-from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from coordinator.transport import CoordinatorEndpoint
+from coordinator.transport import run_secagg_round
 from privacy.errors import UserError
 from privacy.head import LedgerHead
-from secagg.ckks import CkksAggregator, CkksEvaluator, EncryptedBatch, context_params
-from secagg.errors import SecAggError, TooFewSurvivors
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksEvaluator
+from secagg.ckks import EncryptedBatch
+from secagg.ckks import context_params
+from secagg.errors import SecAggError
+from secagg.errors import TooFewSurvivors
 from secagg.messages import MaskedInput
 from secagg.server import SecAggServer
 

@@ -41,23 +41,30 @@ import numpy as np
 
 from clients.contract.config import FederationConfig
 from clients.contract.keys import client_id
-from clients.contract.layout import ROUTING, GlobalState, NoContribution, Submission
+from clients.contract.layout import ROUTING
+from clients.contract.layout import GlobalState
+from clients.contract.layout import NoContribution
+from clients.contract.layout import Submission
 from clients.contract.routing import RoutingStats
 from clients.runtime.broadcast import routing_from_channel
 from clients.strategies import fedavg
-from clients.strategies.base import ClientHalf, Learner, SelectsExperts
+from clients.strategies.base import ClientHalf
+from clients.strategies.base import Learner
+from clients.strategies.base import SelectsExperts
 from clients.strategies.ddome import EXPERT_COUNTS
 from clients.strategies.fedamole import ASSIGNMENT
 from clients.strategies.registry import CLIENT_HALVES
 from clients.training.trainer import Metrics
-from coordinator.strategies.base import (
-    CoordinatorStrategy,
-    Initialises,
-    SelectionStage,
-    aggregate_locally,
-)
+from coordinator.strategies.base import CoordinatorStrategy
+from coordinator.strategies.base import Initialises
+from coordinator.strategies.base import SelectionStage
+from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.registry import SERVER_HALVES
-from privacy import ADAPTER_UPDATE, DPConfig, PrivacyBudget, Release, plan_dp_sgd
+from privacy import ADAPTER_UPDATE
+from privacy import DPConfig
+from privacy import PrivacyBudget
+from privacy import Release
+from privacy import plan_dp_sgd
 from secagg.ckks import CkksKeyHolder
 
 LOCAL = "local"

@@ -20,18 +20,27 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 
 import msgspec
 import numpy as np
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
+from safetensors.torch import save
 
 from audit.context import context_path
-from audit.heads import check_extends, head_path, head_to_json, read_head
-from clients.contract.durable import append_line, atomic_write, drop_torn_tail
-from clients.contract.extras import ExtrasError, decode_extras, encode_extras
+from audit.heads import check_extends
+from audit.heads import head_path
+from audit.heads import head_to_json
+from audit.heads import read_head
+from clients.contract.durable import append_line
+from clients.contract.durable import atomic_write
+from clients.contract.durable import drop_torn_tail
+from clients.contract.extras import ExtrasError
+from clients.contract.extras import decode_extras
+from clients.contract.extras import encode_extras
 from privacy.errors import UserError
 from privacy.head import LedgerHead
 from secagg.ckks import EncryptedBatch

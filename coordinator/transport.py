@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 
 import msgspec
 import numpy as np
@@ -27,34 +29,29 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from clients.contract.framing import (
-    Decoder,
-    FrameRejected,
-    PeerUnreachable,
-    TransportError,
-    curve_socket,
-    decode_frame,
-    poll_frames,
-    send_frames,
-)
-from clients.contract.messages import (
-    Decline,
-    FromClient,
-    Hello,
-    RoundEnd,
-    RoundStart,
-    decode_from_client,
-)
-from secagg.errors import ConfigError, SecAggError
-from secagg.messages import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    AdvertiseKeys,
-    MaskedInput,
-    ShareKeys,
-    SurvivorSignature,
-    UnmaskShares,
-    encode,
-)
+from clients.contract.framing import Decoder
+from clients.contract.framing import FrameRejected
+from clients.contract.framing import PeerUnreachable
+from clients.contract.framing import TransportError
+from clients.contract.framing import curve_socket
+from clients.contract.framing import decode_frame
+from clients.contract.framing import poll_frames
+from clients.contract.framing import send_frames
+from clients.contract.messages import Decline
+from clients.contract.messages import FromClient
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
+from clients.contract.messages import decode_from_client
+from secagg.errors import ConfigError
+from secagg.errors import SecAggError
+from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES
+from secagg.messages import AdvertiseKeys
+from secagg.messages import MaskedInput
+from secagg.messages import ShareKeys
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskShares
+from secagg.messages import encode
 from secagg.server import SecAggServer
 
 log = logging.getLogger(__name__)

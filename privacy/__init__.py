@@ -9,41 +9,46 @@ keys start fast.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+from typing import Any
 
 if TYPE_CHECKING:
-    from privacy.accountant import calibrate_noise, dp_sgd_event, epsilon, make_accountant
-    from privacy.budget import Composition, Epsilons, PrivacyBudget, plan_dp_sgd
+    from privacy.accountant import calibrate_noise
+    from privacy.accountant import dp_sgd_event
+    from privacy.accountant import epsilon
+    from privacy.accountant import make_accountant
+    from privacy.budget import Composition
+    from privacy.budget import Epsilons
+    from privacy.budget import PrivacyBudget
+    from privacy.budget import plan_dp_sgd
     from privacy.config import DPConfig
-    from privacy.dpsgd import LOSS_REDUCTION, PrivateTraining, make_private, reduce_per_sample_loss
-    from privacy.errors import (
-        AlreadyReleased,
-        BudgetExceeded,
-        CalibrationError,
-        PerSampleGradientError,
-        PrivacyConfigError,
-        PrivacyError,
-        ReleaseRefused,
-        UserError,
-    )
+    from privacy.dpsgd import LOSS_REDUCTION
+    from privacy.dpsgd import PrivateTraining
+    from privacy.dpsgd import make_private
+    from privacy.dpsgd import reduce_per_sample_loss
+    from privacy.errors import AlreadyReleased
+    from privacy.errors import BudgetExceeded
+    from privacy.errors import CalibrationError
+    from privacy.errors import PerSampleGradientError
+    from privacy.errors import PrivacyConfigError
+    from privacy.errors import PrivacyError
+    from privacy.errors import ReleaseRefused
+    from privacy.errors import UserError
     from privacy.events import DPTrainingFacts
-    from privacy.gaussian import GaussianMechanism, poisson_sample
-    from privacy.gradcheck import (
-        GradCheckReport,
-        ParameterCheck,
-        assert_per_sample_gradients,
-        check_per_sample_gradients,
-    )
+    from privacy.gaussian import GaussianMechanism
+    from privacy.gaussian import poisson_sample
+    from privacy.gradcheck import GradCheckReport
+    from privacy.gradcheck import ParameterCheck
+    from privacy.gradcheck import assert_per_sample_gradients
+    from privacy.gradcheck import check_per_sample_gradients
     from privacy.head import LedgerHead
-    from privacy.release import (
-        ADAPTER_UPDATE,
-        AFFINITY_SCORES,
-        EXPERT_CHOICE,
-        EXPERT_KEYS,
-        ROUTING_STATISTICS,
-        VALIDATION_SIGNAL,
-        Release,
-    )
+    from privacy.release import ADAPTER_UPDATE
+    from privacy.release import AFFINITY_SCORES
+    from privacy.release import EXPERT_CHOICE
+    from privacy.release import EXPERT_KEYS
+    from privacy.release import ROUTING_STATISTICS
+    from privacy.release import VALIDATION_SIGNAL
+    from privacy.release import Release
 
 _EXPORTS = {
     "ADAPTER_UPDATE": "privacy.release",

@@ -12,9 +12,11 @@ import math
 from collections.abc import Sequence
 
 import dp_accounting
-from dp_accounting import pld, rdp
+from dp_accounting import pld
+from dp_accounting import rdp
 
-from privacy.errors import CalibrationError, PrivacyConfigError
+from privacy.errors import CalibrationError
+from privacy.errors import PrivacyConfigError
 
 PLD_DISCRETIZATION = 1e-4
 

@@ -18,8 +18,10 @@ import dp_accounting
 import msgspec
 
 from privacy.accountant import make_accountant
-from privacy.config import ACCOUNTANTS, DPConfig
-from privacy.errors import BudgetExceeded, PrivacyConfigError
+from privacy.config import ACCOUNTANTS
+from privacy.config import DPConfig
+from privacy.errors import BudgetExceeded
+from privacy.errors import PrivacyConfigError
 
 
 class Epsilons(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

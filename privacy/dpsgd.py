@@ -11,28 +11,35 @@ seedable generator.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
 import numpy as np
 import torch
-from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
-from opacus.grad_sample import (
-    AbstractGradSampleHooks,
-    GradSampleHooks,
-    GradSampleHooksFastGradientClipping,
-)
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.data_loader import dtype_safe
+from opacus.data_loader import shape_safe
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.grad_sample import AbstractGradSampleHooks
+from opacus.grad_sample import GradSampleHooks
+from opacus.grad_sample import GradSampleHooksFastGradientClipping
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag
+from opacus.optimizers.optimizer import _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
+from torch.utils.data import default_collate
 
 from privacy.config import DPConfig
-from privacy.errors import PrivacyConfigError, PrivacyError
+from privacy.errors import PrivacyConfigError
+from privacy.errors import PrivacyError
 from privacy.events import DPTrainingFacts
-from privacy.noise import gaussian_like, uniform
+from privacy.noise import gaussian_like
+from privacy.noise import uniform
 
 LOSS_REDUCTION: Final = "mean"
 """How a batch of per-sample losses becomes the loss that is backpropagated (the one place)."""

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import dp_accounting
 
-from privacy.accountant import dp_sgd_event, epsilon
+from privacy.accountant import dp_sgd_event
+from privacy.accountant import epsilon
 from privacy.errors import PrivacyConfigError
-from privacy.release import ADAPTER_UPDATE, Release
+from privacy.release import ADAPTER_UPDATE
+from privacy.release import Release
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import dp_accounting
 import numpy as np
 
 from privacy.errors import PrivacyConfigError
-from privacy.noise import gaussian_array, uniform
+from privacy.noise import gaussian_array
+from privacy.noise import uniform
 from privacy.release import Release
 
 

@@ -16,21 +16,21 @@ The loss function must be deterministic and each sample's loss must depend on th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from privacy.dpsgd import (
-    attach_grad_sampler,
-    detach_grad_sampler,
-    ghost_clipped_backward,
-    quiet_backward_hooks,
-    reduce_per_sample_loss,
-    trainable_parameters,
-)
-from privacy.errors import PerSampleGradientError, PrivacyConfigError
+from privacy.dpsgd import attach_grad_sampler
+from privacy.dpsgd import detach_grad_sampler
+from privacy.dpsgd import ghost_clipped_backward
+from privacy.dpsgd import quiet_backward_hooks
+from privacy.dpsgd import reduce_per_sample_loss
+from privacy.dpsgd import trainable_parameters
+from privacy.errors import PerSampleGradientError
+from privacy.errors import PrivacyConfigError
 
 Batch = torch.Tensor | Sequence[torch.Tensor]
 PerSampleLoss = Callable[[nn.Module, Batch], torch.Tensor]

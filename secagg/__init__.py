@@ -8,26 +8,27 @@ masked round in one process.
 
 from secagg.client import SecAggClient
 from secagg.codec import FixedPointCodec
-from secagg.errors import (
-    BadSignature,
-    ConfigError,
-    DecryptionError,
-    DuplicateMessage,
-    InconsistentShares,
-    InvalidAccusation,
-    InvalidShare,
-    MalformedMessage,
-    ProtocolError,
-    RefusedRequest,
-    SecAggError,
-    TooFewSurvivors,
-    UnknownParty,
-    WrongRound,
-    WrongStage,
-)
-from secagg.graph import default_neighbours, neighbour_graph
-from secagg.local import LocalResult, run_local
-from secagg.messages import RoundParams, Stage
+from secagg.errors import BadSignature
+from secagg.errors import ConfigError
+from secagg.errors import DecryptionError
+from secagg.errors import DuplicateMessage
+from secagg.errors import InconsistentShares
+from secagg.errors import InvalidAccusation
+from secagg.errors import InvalidShare
+from secagg.errors import MalformedMessage
+from secagg.errors import ProtocolError
+from secagg.errors import RefusedRequest
+from secagg.errors import SecAggError
+from secagg.errors import TooFewSurvivors
+from secagg.errors import UnknownParty
+from secagg.errors import WrongRound
+from secagg.errors import WrongStage
+from secagg.graph import default_neighbours
+from secagg.graph import neighbour_graph
+from secagg.local import LocalResult
+from secagg.local import run_local
+from secagg.messages import RoundParams
+from secagg.messages import Stage
 from secagg.server import SecAggServer
 
 __all__ = [

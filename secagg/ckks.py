@@ -33,7 +33,9 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi  # registers seal::Modulus so coeff_modulus() can be read
 
-from secagg.errors import ConfigError, MalformedMessage, ProtocolError
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
+from secagg.errors import ProtocolError
 
 DEFAULT_ABS_ERROR_PER_SUMMAND = 1e-8
 """Documented absolute error per summand of the default parameters, values in [-1, 1]."""

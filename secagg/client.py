@@ -16,39 +16,40 @@ from collections.abc import Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from secagg import kex, shamir
-from secagg.errors import (
-    ConfigError,
-    DecryptionError,
-    DuplicateMessage,
-    InvalidShare,
-    MalformedMessage,
-    RefusedRequest,
-    TooFewSurvivors,
-    UnknownParty,
-    WrongRound,
-    WrongStage,
-)
-from secagg.graph import active_threshold, neighbour_graph, survivor_quorum
-from secagg.messages import (
-    AdvertiseKeys,
-    EncryptedShare,
-    KeyRoster,
-    MaskedInput,
-    Message,
-    RelayedShares,
-    RoundParams,
-    ShareKeys,
-    Stage,
-    SurvivorSetRequest,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskShares,
-)
-from secagg.prg import add_keystream, random_seed
+from secagg import kex
+from secagg import shamir
+from secagg.errors import ConfigError
+from secagg.errors import DecryptionError
+from secagg.errors import DuplicateMessage
+from secagg.errors import InvalidShare
+from secagg.errors import MalformedMessage
+from secagg.errors import RefusedRequest
+from secagg.errors import TooFewSurvivors
+from secagg.errors import UnknownParty
+from secagg.errors import WrongRound
+from secagg.errors import WrongStage
+from secagg.graph import active_threshold
+from secagg.graph import neighbour_graph
+from secagg.graph import survivor_quorum
+from secagg.messages import AdvertiseKeys
+from secagg.messages import EncryptedShare
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import Message
+from secagg.messages import RelayedShares
+from secagg.messages import RoundParams
+from secagg.messages import ShareKeys
+from secagg.messages import Stage
+from secagg.messages import SurvivorSetRequest
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskRequest
+from secagg.messages import UnmaskShares
+from secagg.prg import add_keystream
+from secagg.prg import random_seed
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,13 @@ which :class:`FixedPointCodec` checks when it is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import numpy as np
 
-from secagg.errors import ConfigError, MalformedMessage
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
 from secagg.prg import uniform01
 
 _RING_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}

@@ -12,12 +12,14 @@ every party computes the same graph and no party chooses it. k = n - 1 is the co
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
 from secagg.errors import ConfigError
-from secagg.prg import SEED_BYTES, expand
+from secagg.prg import SEED_BYTES
+from secagg.prg import expand
 
 _DOMAIN = b"sealmoe/secagg/neighbour-graph/v1"
 _WORD = 1 << 64

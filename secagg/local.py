@@ -9,16 +9,23 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
 from typing import TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from secagg.client import SecAggClient
-from secagg.errors import ConfigError, TooFewSurvivors
-from secagg.messages import Message, RoundParams, Stage, decode, encode
+from secagg.errors import ConfigError
+from secagg.errors import TooFewSurvivors
+from secagg.messages import Message
+from secagg.messages import RoundParams
+from secagg.messages import Stage
+from secagg.messages import decode
+from secagg.messages import encode
 from secagg.server import SecAggServer
 
 T = TypeVar("T")

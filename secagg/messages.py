@@ -14,7 +14,8 @@ from typing import Annotated
 import msgspec
 
 from secagg.codec import FixedPointCodec
-from secagg.errors import ConfigError, MalformedMessage
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
 
 MAX_CLIENTS = 1 << 16
 RoundId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]

@@ -16,21 +16,21 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from secagg import kex, shamir
+from secagg import kex
 from secagg import messages as m
+from secagg import shamir
 from secagg.client import pairwise_mask_sign
-from secagg.errors import (
-    DuplicateMessage,
-    InconsistentShares,
-    InvalidAccusation,
-    MalformedMessage,
-    ProtocolError,
-    TooFewSurvivors,
-    UnknownParty,
-    WrongRound,
-    WrongStage,
-)
-from secagg.graph import neighbour_graph, survivor_quorum
+from secagg.errors import DuplicateMessage
+from secagg.errors import InconsistentShares
+from secagg.errors import InvalidAccusation
+from secagg.errors import MalformedMessage
+from secagg.errors import ProtocolError
+from secagg.errors import TooFewSurvivors
+from secagg.errors import UnknownParty
+from secagg.errors import WrongRound
+from secagg.errors import WrongStage
+from secagg.graph import neighbour_graph
+from secagg.graph import survivor_quorum
 from secagg.prg import add_keystream
 
 log = logging.getLogger(__name__)

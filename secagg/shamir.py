@@ -17,7 +17,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from secagg.errors import ConfigError, MalformedMessage, SecAggError
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
+from secagg.errors import SecAggError
 
 P = 2**521 - 1
 """The field prime (a Mersenne prime, far above every 256-bit secret)."""

@@ -3,8 +3,10 @@ initialisation, shared by the adapter and strategy tests."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,3 +44,10 @@ def exercised(
         for p in parameters:
             p.copy_(scale * torch.randn(p.shape, generator=gen))
     return model
+
+
+def clipped_mean(deltas: list[np.ndarray], weights: list[float], bound: float) -> np.ndarray:
+    """The plaintext reference of a secure aggregate: the weighted mean of the deltas, each
+    clipped to +-``bound``."""
+    clipped = [np.clip(d, -bound, bound) for d in deltas]
+    return sum(w * d for w, d in zip(weights, clipped, strict=True)) / sum(weights)

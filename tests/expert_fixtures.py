@@ -3,14 +3,16 @@ tests."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from clients.contract.layout import GlobalState
 from clients.contract.routing import RoutingStats
-from clients.training.trainer import LocalTrainingResult, Metrics
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import Metrics
 
 C = TypeVar("C")
 

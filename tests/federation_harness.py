@@ -10,7 +10,8 @@ import numpy as np
 from clients.contract.config import FederationConfig
 from clients.runtime.institution import Institution
 from coordinator.app.wiring import make_institution
-from coordinator.service import Coordinator, RoundOutcome
+from coordinator.service import Coordinator
+from coordinator.service import RoundOutcome
 
 
 def run_in_threads(

@@ -8,7 +8,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from secagg.client import SecAggClient
-from secagg.messages import Message, RoundParams, decode, encode
+from secagg.messages import Message
+from secagg.messages import RoundParams
+from secagg.messages import decode
+from secagg.messages import encode
 from secagg.server import SecAggServer
 
 

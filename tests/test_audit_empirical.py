@@ -6,7 +6,10 @@ import logging
 
 import pytest
 
-from audit.empirical import AuditError, canary_audit, epsilon_lower_bound, p_value
+from audit.empirical import AuditError
+from audit.empirical import canary_audit
+from audit.empirical import epsilon_lower_bound
+from audit.empirical import p_value
 
 
 @pytest.fixture(autouse=True)

@@ -14,32 +14,31 @@ import msgspec
 import pytest
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from dp_accounting import pld, rdp
+from dp_accounting import pld
+from dp_accounting import rdp
 
-from audit import (
-    HeadFileError,
-    HeadRefused,
-    Ledger,
-    LedgerError,
-    LedgerTampered,
-    check_extends,
-    head_path,
-    head_to_json,
-    ledger_path,
-    read_head,
-    read_heads,
-    verify_ledger,
-)
-from audit.entry import (
-    chain_hash,
-    entry_digest,
-    head_signature_ok,
-    line_bytes,
-    line_hash,
-    sign_entry,
-    sign_head,
-)
-from audit.events import EventFormatError, event_from_json, event_to_json
+from audit import HeadFileError
+from audit import HeadRefused
+from audit import Ledger
+from audit import LedgerError
+from audit import LedgerTampered
+from audit import check_extends
+from audit import head_path
+from audit import head_to_json
+from audit import ledger_path
+from audit import read_head
+from audit import read_heads
+from audit import verify_ledger
+from audit.entry import chain_hash
+from audit.entry import entry_digest
+from audit.entry import head_signature_ok
+from audit.entry import line_bytes
+from audit.entry import line_hash
+from audit.entry import sign_entry
+from audit.entry import sign_head
+from audit.events import EventFormatError
+from audit.events import event_from_json
+from audit.events import event_to_json
 from audit.verify import parse_entry
 from clients.contract.messages import decode_from_client
 from clients.runtime.transport import InstitutionEndpoint
@@ -47,16 +46,15 @@ from coordinator.app.cli import main
 from coordinator.service import Coordinator
 from coordinator.store import RunStore
 from coordinator.transport import CoordinatorEndpoint
-from privacy import (
-    ADAPTER_UPDATE,
-    ROUTING_STATISTICS,
-    AlreadyReleased,
-    BudgetExceeded,
-    DPTrainingFacts,
-    GaussianMechanism,
-    Release,
-)
-from privacy.head import MAX_PROOF, LedgerHead
+from privacy import ADAPTER_UPDATE
+from privacy import ROUTING_STATISTICS
+from privacy import AlreadyReleased
+from privacy import BudgetExceeded
+from privacy import DPTrainingFacts
+from privacy import GaussianMechanism
+from privacy import Release
+from privacy.head import MAX_PROOF
+from privacy.head import LedgerHead
 from secagg.errors import MalformedMessage
 
 DELTA = 1e-5

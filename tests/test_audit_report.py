@@ -16,18 +16,27 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from audit import Ledger, ledger_path
+from audit import Ledger
+from audit import ledger_path
 from audit.context import context_bytes
 from audit.render import COLOURS
 from audit.report import REQUIRED_FIELDS
 from clients.contract.config import load_config
-from clients.contract.keys import generate_keys, load_institution_keys
+from clients.contract.keys import generate_keys
+from clients.contract.keys import load_institution_keys
 from coordinator.app.cli import main
 from coordinator.facts import audit_facts
 from coordinator.store import RunStore
-from privacy import ROUTING_STATISTICS, DPTrainingFacts, Release
+from privacy import ROUTING_STATISTICS
+from privacy import DPTrainingFacts
+from privacy import Release
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the shared run directory that one test may alter."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +127,7 @@ def test_report_says_the_example_weights_are_public_and_gives_them(run_dir):
 
 
 def test_a_context_without_declared_weights_is_not_reported_as_public(run_dir, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     context = json.loads((copy / "audit-context.json").read_text())
     for inst in context["institutions"]:
         del inst["weight"]  # as written before weights were declared in the config
@@ -164,8 +172,7 @@ def test_the_html_report_renders_offline_in_chromium_with_visible_plots(run_dir,
 
 
 def test_report_says_what_the_coordinator_sees_under_ckks_expert_updates(run_dir, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     context = json.loads((copy / "audit-context.json").read_text())
     assert context["expert_updates"] == "mask"
     before = json.loads((copy / "report.json").read_text())
@@ -250,8 +257,7 @@ def test_report_carries_the_base_model_hash_recorded_at_run_start(tmp_path, run_
 
     facts = base_model_facts(msgspec.structs.replace(config, model=model))
     assert facts.sha256 == weights_sha256(folder) and len(facts.sha256) == 64
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     context = json.loads((copy / "audit-context.json").read_text())
     context["base_model"] = msgspec.to_builtins(ModelFacts(name="my-model", sha256=facts.sha256))
     (copy / "audit-context.json").write_text(json.dumps(context))
@@ -271,8 +277,7 @@ def test_an_untampered_signed_report_verifies(run_dir, capsys):
 
 
 def test_a_report_changed_by_one_byte_fails_verify(run_dir, tmp_path, capsys):
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     page = bytearray((copy / "report.html").read_bytes())
     at = page.index(b"Summary")
     page[at] ^= 0x01
@@ -285,10 +290,10 @@ def test_a_report_changed_by_one_byte_fails_verify(run_dir, tmp_path, capsys):
 def test_a_report_signed_by_another_key_or_unsigned_fails_verify(run_dir, tmp_path, capsys):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from audit.signature import sign_file, signature_path
+    from audit.signature import sign_file
+    from audit.signature import signature_path
 
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     sign_file(copy / "report.html", Ed25519PrivateKey.generate())
     assert main(["audit", "verify", str(copy)]) == 1
     err = capsys.readouterr().err
@@ -299,8 +304,7 @@ def test_a_report_signed_by_another_key_or_unsigned_fails_verify(run_dir, tmp_pa
 
 
 def test_a_report_written_without_the_coordinator_key_is_unsigned(run_dir, tmp_path, capsys):
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     keys = run_dir.parent / "keys"
     roster = tmp_path / "roster.toml"  # the roster alone, as a privacy officer's host holds it
     shutil.copy(keys / "roster.toml", roster)
@@ -322,8 +326,7 @@ def test_audit_verify_of_a_run_directory_does_not_import_torch(run_dir):
 
 
 def test_a_deleted_ledger_with_heads_on_file_is_a_failed_verification(run_dir, tmp_path, capsys):
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
+    copy = copy_of(run_dir, tmp_path)
     ledger_path(copy, "comedies").unlink()  # its head is on file: it released something
     assert main(["audit", "report", str(copy)]) == 0
     report = json.loads((copy / "report.json").read_text())

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from secagg.ckks import (
-    DEFAULT_ABS_ERROR_PER_SUMMAND,
-    SCALING_ERROR_FLOOR,
-    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
-    CkksAggregator,
-    CkksEvaluator,
-    CkksKeyHolder,
-    CkksParams,
-    EncryptedBatch,
-)
-from secagg.errors import ConfigError, MalformedMessage, ProtocolError
+from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND
+from secagg.ckks import SCALING_ERROR_FLOOR
+from secagg.ckks import SCALING_ERROR_PER_FACTOR_AND_SUMMAND
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksEvaluator
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import CkksParams
+from secagg.ckks import EncryptedBatch
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
+from secagg.errors import ProtocolError
 
 SLOTS = CkksParams().slot_count
 # A scalar, an empty tensor, a tensor spanning several ciphertexts, and odd small shapes.

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, settings
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.ciphers import modes
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
-from secagg import ConfigError, FixedPointCodec, MalformedMessage
-from secagg.prg import add_keystream, expand, random_seed
+from secagg import ConfigError
+from secagg import FixedPointCodec
+from secagg import MalformedMessage
+from secagg.prg import add_keystream
+from secagg.prg import expand
+from secagg.prg import random_seed
 
 
 @pytest.mark.parametrize("modulus_bits", [32, 64])

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.contract.config import ConfigFileError, FederationConfig, load_config, parse_config
+from clients.contract.config import ConfigFileError
+from clients.contract.config import FederationConfig
+from clients.contract.config import load_config
+from clients.contract.config import parse_config
 from clients.models.build import moe_lora_config
 
 if sys.version_info >= (3, 11):

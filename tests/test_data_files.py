@@ -14,15 +14,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from clients.contract.config import ConfigFileError, load_config, missing_data_files
+from clients.contract.config import ConfigFileError
+from clients.contract.config import load_config
+from clients.contract.config import missing_data_files
 from clients.contract.records import PAD_ID
-from clients.data.files import DataFileError, read_records
-from clients.data.records import encode_records, seeded_split
+from clients.data.files import DataFileError
+from clients.data.files import read_records
+from clients.data.records import encode_records
+from clients.data.records import seeded_split
 from clients.data.sources import institution_data
 from clients.models.build import ByteTokenizer
 from clients.models.loaders import tiny_dense_model
-from clients.models.moe_lora import MoELoRAConfig, attach
-from clients.training.trainer import evaluate, per_sample_loss
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import attach
+from clients.training.trainer import evaluate
+from clients.training.trainer import per_sample_loss
 from coordinator.app.cli import main
 from coordinator.simulation import simulate
 from privacy import assert_per_sample_gradients

@@ -8,44 +8,47 @@ import pytest
 import torch
 
 from clients.contract.config import DDOMESection
-from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
-from clients.models.ddome_lora import (
-    GATE,
-    DDOMEAdapterConfig,
-    attach_ddome,
-    common_embedding,
-    ddome_gate,
-    ddome_layers,
-    ddome_parameters,
-    ddome_state,
-    expert_of,
-    gate_logits,
-    load_ddome_state,
-    per_sample_loss,
-    set_trainable,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.models.ddome_lora import GATE
+from clients.models.ddome_lora import DDOMEAdapterConfig
+from clients.models.ddome_lora import attach_ddome
+from clients.models.ddome_lora import common_embedding
+from clients.models.ddome_lora import ddome_gate
+from clients.models.ddome_lora import ddome_layers
+from clients.models.ddome_lora import ddome_parameters
+from clients.models.ddome_lora import ddome_state
+from clients.models.ddome_lora import expert_of
+from clients.models.ddome_lora import gate_logits
+from clients.models.ddome_lora import load_ddome_state
+from clients.models.ddome_lora import per_sample_loss
+from clients.models.ddome_lora import set_trainable
 from clients.models.loaders import tiny_dense_model
 from clients.strategies.base import RecordedCharges
-from clients.strategies.ddome import (
-    CHOICE_SENSITIVITY,
-    EXPERT_COUNTS,
-    DDOMEClient,
-    DDOMEConfig,
-    DDOMEState,
-    choice_mechanism,
-    evaluate_choice,
-    gate_probability_sum,
-    zero_shot,
-    zero_shot_loss,
-)
+from clients.strategies.ddome import CHOICE_SENSITIVITY
+from clients.strategies.ddome import EXPERT_COUNTS
+from clients.strategies.ddome import DDOMEClient
+from clients.strategies.ddome import DDOMEConfig
+from clients.strategies.ddome import DDOMEState
+from clients.strategies.ddome import choice_mechanism
+from clients.strategies.ddome import evaluate_choice
+from clients.strategies.ddome import gate_probability_sum
+from clients.strategies.ddome import zero_shot
+from clients.strategies.ddome import zero_shot_loss
 from clients.training.release import noise_generator
 from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
-from coordinator.strategies.ddome import DDOMEStrategy, next_state
-from privacy import assert_per_sample_gradients, dp_sgd_event
+from coordinator.strategies.ddome import DDOMEStrategy
+from coordinator.strategies.ddome import next_state
+from privacy import assert_per_sample_gradients
+from privacy import dp_sgd_event
 from secagg import FixedPointCodec
 from tests import adapter_fixtures
-from tests.adapter_fixtures import BITS, DP, seeded_model
+from tests.adapter_fixtures import BITS
+from tests.adapter_fixtures import DP
+from tests.adapter_fixtures import clipped_mean
+from tests.adapter_fixtures import seeded_model
 from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = DDOMEAdapterConfig(num_experts=4, top_k=2, rank=4, gate_hidden=16)
@@ -198,15 +201,8 @@ def plaintext(fed, state, updates, included):
         if len(who) < cfg.params.min_count:
             out[name] = base
             continue
-        clipped = [
-            np.clip(
-                updates[i].delta[name].double().numpy(),
-                -cfg.params.delta_bound,
-                cfg.params.delta_bound,
-            )
-            for i in who
-        ]
-        out[name] = base + sum(w[i] * d for i, d in zip(who, clipped)) / sum(w[i] for i in who)
+        deltas = [updates[i].delta[name].double().numpy() for i in who]
+        out[name] = base + clipped_mean(deltas, [w[i] for i in who], cfg.params.delta_bound)
     return out, w
 
 

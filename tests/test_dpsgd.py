@@ -8,25 +8,25 @@ import dp_accounting
 import pytest
 import torch
 import torch.nn.functional as F
-from dp_accounting import pld, rdp
+from dp_accounting import pld
+from dp_accounting import rdp
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from scipy import stats
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
-from privacy import (
-    CalibrationError,
-    DPConfig,
-    DPTrainingFacts,
-    PrivacyConfigError,
-    PrivacyError,
-    calibrate_noise,
-    check_per_sample_gradients,
-    epsilon,
-    make_private,
-    reduce_per_sample_loss,
-)
+from privacy import CalibrationError
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import PrivacyConfigError
+from privacy import PrivacyError
+from privacy import calibrate_noise
+from privacy import check_per_sample_gradients
+from privacy import epsilon
+from privacy import make_private
+from privacy import reduce_per_sample_loss
 from privacy.gradcheck import brute_force_per_sample_gradients
 
 VOCAB, DIM, LEN = 12, 16, 10

@@ -10,31 +10,27 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from clients.contract.enroll import (
-    CardError,
-    SealedShare,
-    ShareError,
-    accept_ckks_share,
-    build_roster,
-    card_path,
-    create_ckks_shares,
-    enroll_institution,
-    open_share,
-    seal_share,
-    share_path,
-)
-from clients.contract.keys import (
-    CKKS_SECRET_FILE,
-    CURVE_SECRET_FILE,
-    IDENTITY_FILE,
-    ROSTER_FILE,
-    institution_dir,
-    load_ckks_key_holder,
-    load_ckks_public_context,
-    load_coordinator_keys,
-    load_institution_keys,
-    load_roster,
-)
+from clients.contract.enroll import CardError
+from clients.contract.enroll import SealedShare
+from clients.contract.enroll import ShareError
+from clients.contract.enroll import accept_ckks_share
+from clients.contract.enroll import build_roster
+from clients.contract.enroll import card_path
+from clients.contract.enroll import create_ckks_shares
+from clients.contract.enroll import enroll_institution
+from clients.contract.enroll import open_share
+from clients.contract.enroll import seal_share
+from clients.contract.enroll import share_path
+from clients.contract.keys import CKKS_SECRET_FILE
+from clients.contract.keys import CURVE_SECRET_FILE
+from clients.contract.keys import IDENTITY_FILE
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import institution_dir
+from clients.contract.keys import load_ckks_key_holder
+from clients.contract.keys import load_ckks_public_context
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
 from coordinator.app.cli import main
 
 NAMES = ["alpha", "beta", "gamma"]

@@ -9,20 +9,23 @@ import pytest
 import torch
 
 from clients.contract.layout import GlobalState
-from clients.models.loaders import tiny_dense_model, tiny_moe_model
-from clients.models.moe_lora import (
-    MoELoRAConfig,
-    adapter_state,
-    attach,
-    load_adapter_state,
-    reset_routing_statistics,
-    router_probabilities,
-    routing_statistics,
-)
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import load_adapter_state
+from clients.models.moe_lora import reset_routing_statistics
+from clients.models.moe_lora import router_probabilities
+from clients.models.moe_lora import routing_statistics
 from clients.models.routing_hooks import restrict_routing
-from clients.strategies.experts import DENSE, ExpertPartition
-from clients.training.trainer import TrainerError, per_sample_loss, train_local
-from privacy import DPConfig, assert_per_sample_gradients
+from clients.strategies.experts import DENSE
+from clients.strategies.experts import ExpertPartition
+from clients.training.trainer import TrainerError
+from clients.training.trainer import per_sample_loss
+from clients.training.trainer import train_local
+from privacy import DPConfig
+from privacy import assert_per_sample_gradients
 
 DP = DPConfig(8.0, 1e-5, 1.0, noise_multiplier=0.8)
 

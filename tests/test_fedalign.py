@@ -9,39 +9,42 @@ import pytest
 import torch
 
 from clients.contract.config import FedAlignSection
-from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
 from clients.contract.routing import RoutingStats
 from clients.models.loaders import tiny_dense_model
-from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
-from clients.strategies.fedalign import (
-    ALIGN_MEAN,
-    ALIGN_N,
-    ALIGN_STD,
-    FedAlignClient,
-    FedAlignConfig,
-    consistency_scores,
-    distribution,
-    routing_regularizer,
-    soft_target,
-)
-from clients.training.trainer import LocalTrainingResult, train_local
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import routing_statistics
+from clients.strategies.fedalign import ALIGN_MEAN
+from clients.strategies.fedalign import ALIGN_N
+from clients.strategies.fedalign import ALIGN_STD
+from clients.strategies.fedalign import FedAlignClient
+from clients.strategies.fedalign import FedAlignConfig
+from clients.strategies.fedalign import consistency_scores
+from clients.strategies.fedalign import distribution
+from clients.strategies.fedalign import routing_regularizer
+from clients.strategies.fedalign import soft_target
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import train_local
 from coordinator.strategies.base import aggregate_locally
-from coordinator.strategies.fedalign import FedAlignCoordinator, alignment_statistics
+from coordinator.strategies.fedalign import FedAlignCoordinator
+from coordinator.strategies.fedalign import alignment_statistics
 from privacy import DPConfig
 from secagg import FixedPointCodec
 from secagg.ckks import CkksKeyHolder
-from tests.expert_fixtures import (
-    BITS,
-    BOUND,
-    EXPERTS,
-    LAYERS,
-    expert_entries,
-    layer_of,
-    make_result,
-    make_routing,
-    make_state,
-    synthetic_config,
-)
+from tests.expert_fixtures import BITS
+from tests.expert_fixtures import BOUND
+from tests.expert_fixtures import EXPERTS
+from tests.expert_fixtures import LAYERS
+from tests.expert_fixtures import expert_entries
+from tests.expert_fixtures import layer_of
+from tests.expert_fixtures import make_result
+from tests.expert_fixtures import make_routing
+from tests.expert_fixtures import make_state
+from tests.expert_fixtures import synthetic_config
 
 WEIGHTS = [0.4, 1.0, 0.7, 1.0]  # public, declared in the config
 PROBS = [(0.5, 0.3, 0.2), (0.2, 0.3, 0.5), (0.34, 0.33, 0.33), (0.8, 0.1, 0.1)]

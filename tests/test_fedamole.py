@@ -10,54 +10,55 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from clients.contract.config import FedAMoLESection
-from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
-from clients.models.fedamole_lora import (
-    AMoLEConfig,
-    amole_layers,
-    amole_parameters,
-    amole_state,
-    attach_amole,
-    load_amole_state,
-    per_sample_loss,
-    projections,
-    set_held,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.models.fedamole_lora import AMoLEConfig
+from clients.models.fedamole_lora import amole_layers
+from clients.models.fedamole_lora import amole_parameters
+from clients.models.fedamole_lora import amole_state
+from clients.models.fedamole_lora import attach_amole
+from clients.models.fedamole_lora import load_amole_state
+from clients.models.fedamole_lora import per_sample_loss
+from clients.models.fedamole_lora import projections
+from clients.models.fedamole_lora import set_held
 from clients.models.loaders import tiny_dense_model
-from clients.strategies.fedamole import (
-    ASSIGNMENT,
-    KEY_SUM,
-    KEYS,
-    FedAMoLEClient,
-    FedAMoLEConfig,
-    FedAMoLEState,
-    FedAMoLEUpdate,
-    amole_modules,
-    decode_assignment,
-    decode_embedding,
-    encode_assignment,
-    score_embedding,
-    state_from_global,
-)
-from clients.training.release import gaussian_release, noise_generator
+from clients.strategies.fedamole import ASSIGNMENT
+from clients.strategies.fedamole import KEY_SUM
+from clients.strategies.fedamole import KEYS
+from clients.strategies.fedamole import FedAMoLEClient
+from clients.strategies.fedamole import FedAMoLEConfig
+from clients.strategies.fedamole import FedAMoLEState
+from clients.strategies.fedamole import FedAMoLEUpdate
+from clients.strategies.fedamole import amole_modules
+from clients.strategies.fedamole import decode_assignment
+from clients.strategies.fedamole import decode_embedding
+from clients.strategies.fedamole import encode_assignment
+from clients.strategies.fedamole import score_embedding
+from clients.strategies.fedamole import state_from_global
+from clients.training.release import gaussian_release
+from clients.training.release import noise_generator
 from clients.training.trainer import StepSettings
 from coordinator.strategies.base import aggregate_locally
-from coordinator.strategies.fedamole import (
-    FedAMoLEStrategy,
-    assign,
-    client_affinity,
-    next_state,
-    public_state,
-    solve_assignment,
-)
+from coordinator.strategies.fedamole import FedAMoLEStrategy
+from coordinator.strategies.fedamole import assign
+from coordinator.strategies.fedamole import client_affinity
+from coordinator.strategies.fedamole import next_state
+from coordinator.strategies.fedamole import public_state
+from coordinator.strategies.fedamole import solve_assignment
 from privacy import assert_per_sample_gradients
 from secagg import FixedPointCodec
 from tests import adapter_fixtures
-from tests.adapter_fixtures import BITS, DP, seeded_model
+from tests.adapter_fixtures import BITS
+from tests.adapter_fixtures import DP
+from tests.adapter_fixtures import clipped_mean
+from tests.adapter_fixtures import seeded_model
 from tests.adapter_fixtures import token_ids as ids
 
 ADAPTER = AMoLEConfig(num_experts=4, top_k=2, rank=4, load_balance_coef=0.01)
@@ -243,16 +244,9 @@ def plaintext_round(fed, state, updates, submissions, included):
         if not who:
             out[name] = current.double().numpy()
             continue
-        clip = [
-            np.clip(
-                updates[i].delta[name].double().numpy(),
-                -cfg.params.delta_bound,
-                cfg.params.delta_bound,
-            )
-            for i in who
-        ]
-        total = sum(w[i] for i in who)
-        out[name] = current.double().numpy() + sum(w[i] * d for i, d in zip(who, clip)) / total
+        deltas = [updates[i].delta[name].double().numpy() for i in who]
+        step = clipped_mean(deltas, [w[i] for i in who], cfg.params.delta_bound)
+        out[name] = current.double().numpy() + step
     keys = state.keys.copy()
     for m, e in itertools.product(*map(range, state.key_counts.shape)):
         holders = [i for i in included if updates[i].held[m, e]]

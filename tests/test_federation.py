@@ -19,31 +19,43 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audit import Ledger, head_path, ledger_path, read_head, read_heads, verify_ledger
+from audit import Ledger
+from audit import head_path
+from audit import ledger_path
+from audit import read_head
+from audit import read_heads
+from audit import verify_ledger
+from clients.contract.config import FederationConfig
 from clients.contract.config import load_config
-from clients.contract.keys import generate_keys, load_ckks_key_holder, load_institution_keys
-from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT
+from clients.contract.keys import generate_keys
+from clients.contract.keys import load_ckks_key_holder
+from clients.contract.keys import load_institution_keys
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import WEIGHT
 from clients.models.moe_lora import adapter_state
-from clients.runtime.trained_model import MODEL_DIR, from_pretrained
-from clients.strategies.fedavg import FedAvgClient, fedavg_config
-from coordinator.app.wiring import make_institution, open_ledger
+from clients.runtime.trained_model import MODEL_DIR
+from clients.runtime.trained_model import from_pretrained
+from clients.strategies.fedavg import FedAvgClient
+from clients.strategies.fedavg import fedavg_config
+from coordinator.app.wiring import make_institution
+from coordinator.app.wiring import open_ledger
 from coordinator.service import Coordinator
-from coordinator.store import JOURNAL, RoutingRelay, RunStore, StoreError
+from coordinator.store import JOURNAL
+from coordinator.store import RoutingRelay
+from coordinator.store import RunStore
+from coordinator.store import StoreError
 from privacy import DPTrainingFacts
 from secagg import FixedPointCodec
-from secagg.ckks import (
-    DEFAULT_ABS_ERROR_PER_SUMMAND,
-    SCALING_ERROR_FLOOR,
-    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
-    CkksKeyHolder,
-    EncryptedBatch,
-)
-from tests.federation_harness import (
-    assert_caps_admit,
-    record_frames,
-    record_submissions,
-    run_in_threads,
-)
+from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND
+from secagg.ckks import SCALING_ERROR_FLOOR
+from secagg.ckks import SCALING_ERROR_PER_FACTOR_AND_SUMMAND
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import EncryptedBatch
+from tests.federation_harness import assert_caps_admit
+from tests.federation_harness import record_frames
+from tests.federation_harness import record_submissions
+from tests.federation_harness import run_in_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]
@@ -255,16 +267,21 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def _start_parties(path: Path, logs: Path) -> tuple[subprocess.Popen, dict[str, subprocess.Popen]]:
-    """The coordinator and every institution of the config, each its own process."""
+def _started(
+    path: Path, processes: list[subprocess.Popen]
+) -> tuple[FederationConfig, Path, subprocess.Popen, dict[str, subprocess.Popen]]:
+    """The coordinator and every institution of the config at ``path``, each its own process
+    (logging to ``logs/`` beside it, stopped by the ``processes`` fixture)."""
+    config = load_config(path)
+    logs = path.parent / "logs"
     logs.mkdir(exist_ok=True)
-    names = load_config(path).institution_names
     coordinator = _start(["coordinator", "--config", str(path)], logs / "coordinator.log")
     clients = {
         name: _start(["client", "--config", str(path), "--institution", name], logs / f"{name}.log")
-        for name in names
+        for name in config.institution_names
     }
-    return coordinator, clients
+    processes.extend([coordinator, *clients.values()])
+    return config, logs, coordinator, clients
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -288,10 +305,7 @@ def processes():
 @pytest.mark.parametrize("expert_updates", ["mask", "ckks"])
 def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes, expert_updates):
     path = write_config(tmp_path, rounds=3, stage_timeout_s=45.0, expert_updates=expert_updates)
-    config = load_config(path)
-    logs = tmp_path / "logs"
-    coordinator, clients = _start_parties(path, logs)
-    processes.extend([coordinator, *clients.values()])
+    config, logs, coordinator, clients = _started(path, processes)
     _wait_for(
         lambda: any(e["event"] == "started" and e["round"] == 2 for e in journal(config.run_dir)),
         timeout=180,
@@ -335,11 +349,9 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(tmp_path, processes, 
 
 
 def test_an_institution_killed_mid_round_is_left_out(tmp_path, processes):
-    path = write_config(tmp_path, rounds=1, stage_timeout_s=10.0, romances=True)
-    config = load_config(path)
-    logs = tmp_path / "logs"
-    coordinator, clients = _start_parties(path, logs)
-    processes.extend([coordinator, *clients.values()])
+    # long enough for four institutions to start on a loaded 2-core machine
+    path = write_config(tmp_path, rounds=1, stage_timeout_s=30.0, romances=True)
+    config, logs, coordinator, clients = _started(path, processes)
     _wait_for(
         lambda: any(e["event"] == "started" for e in journal(config.run_dir)),
         timeout=180,

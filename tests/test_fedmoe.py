@@ -10,38 +10,40 @@ import pytest
 import torch
 
 from clients.contract.config import FedMoESection
-from clients.contract.layout import CHANNEL_BOUND, GlobalState, StrategyError
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
 from clients.models.loaders import tiny_dense_model
-from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach, routing_statistics
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import routing_statistics
 from clients.strategies.experts import ExpertPartition
-from clients.strategies.fedmoe import (
-    FedMoEClient,
-    FedMoEConfig,
-    clipped_mean_loss,
-    expert_sizes,
-    fedmoe_client,
-    search_sub_moe,
-    smallest_cover,
-    sub_moe_memory,
-    validation_mechanism,
-)
-from clients.training.trainer import LocalTrainingResult, train_local
+from clients.strategies.fedmoe import FedMoEClient
+from clients.strategies.fedmoe import FedMoEConfig
+from clients.strategies.fedmoe import clipped_mean_loss
+from clients.strategies.fedmoe import expert_sizes
+from clients.strategies.fedmoe import fedmoe_client
+from clients.strategies.fedmoe import search_sub_moe
+from clients.strategies.fedmoe import smallest_cover
+from clients.strategies.fedmoe import sub_moe_memory
+from clients.strategies.fedmoe import validation_mechanism
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import train_local
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.fedmoe import FedMoECoordinator
 from privacy import DPConfig
 from secagg import FixedPointCodec
-from tests.expert_fixtures import (
-    BITS,
-    BOUND,
-    EXPERTS,
-    LAYERS,
-    expert_entries,
-    layer_of,
-    make_result,
-    make_routing,
-    make_state,
-    synthetic_config,
-)
+from tests.expert_fixtures import BITS
+from tests.expert_fixtures import BOUND
+from tests.expert_fixtures import EXPERTS
+from tests.expert_fixtures import LAYERS
+from tests.expert_fixtures import expert_entries
+from tests.expert_fixtures import layer_of
+from tests.expert_fixtures import make_result
+from tests.expert_fixtures import make_routing
+from tests.expert_fixtures import make_state
+from tests.expert_fixtures import synthetic_config
 
 
 def test_search_finds_the_largest_coverage_within_budget():

@@ -10,20 +10,17 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleHooks
 from torch import nn
 
-from clients.models.loaders import tiny_dense_model, tiny_moe_model
-from clients.models.moe_lora import (
-    MoELoRAConfig,
-    RoutedLinear,
-    attach,
-    load_balance_loss,
-    routing_statistics,
-)
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import RoutedLinear
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import load_balance_loss
+from clients.models.moe_lora import routing_statistics
 from clients.training.trainer import per_sample_loss
-from privacy import (
-    PerSampleGradientError,
-    assert_per_sample_gradients,
-    check_per_sample_gradients,
-)
+from privacy import PerSampleGradientError
+from privacy import assert_per_sample_gradients
+from privacy import check_per_sample_gradients
 from tests import adapter_fixtures
 from tests.adapter_fixtures import token_ids
 

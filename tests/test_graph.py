@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from secagg.errors import ConfigError
-from secagg.graph import _shuffled, default_neighbours, neighbour_graph
+from secagg.graph import _shuffled
+from secagg.graph import default_neighbours
+from secagg.graph import neighbour_graph
 
 FAST = settings(max_examples=80, deadline=None)
 seeds = st.binary(min_size=32, max_size=32)

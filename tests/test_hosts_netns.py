@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.contract.keys import CKKS_SECRET_FILE, CURVE_SECRET_FILE, IDENTITY_FILE
+from clients.contract.keys import CKKS_SECRET_FILE
+from clients.contract.keys import CURVE_SECRET_FILE
+from clients.contract.keys import IDENTITY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["comedies", "tragedies", "histories"]

@@ -13,20 +13,19 @@ from pathlib import Path
 import pytest
 import zmq
 
-from clients.contract.keys import (
-    CURVE_SECRET_FILE,
-    IDENTITY_FILE,
-    ROSTER_FILE,
-    KeyFileError,
-    KeysExistError,
-    RosterError,
-    generate_keys,
-    institution_dir,
-    load_coordinator_keys,
-    load_institution_keys,
-    load_roster,
-)
-from coordinator.app.cli import build_parser, main
+from clients.contract.keys import CURVE_SECRET_FILE
+from clients.contract.keys import IDENTITY_FILE
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import KeyFileError
+from clients.contract.keys import KeysExistError
+from clients.contract.keys import RosterError
+from clients.contract.keys import generate_keys
+from clients.contract.keys import institution_dir
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
+from coordinator.app.cli import build_parser
+from coordinator.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["alpha", "beta", "gamma"]
@@ -298,7 +297,8 @@ def test_cli_error_via_subprocess(tmp_path):
 def test_institutions_share_a_ckks_key_the_coordinator_lacks(tmp_path):
     import numpy as np
 
-    from clients.contract.keys import load_ckks_key_holder, load_ckks_public_context
+    from clients.contract.keys import load_ckks_key_holder
+    from clients.contract.keys import load_ckks_public_context
     from secagg.ckks import CkksAggregator
 
     keys_dir = tmp_path / "keys"

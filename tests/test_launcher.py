@@ -15,17 +15,19 @@ import pytest
 from rich.console import Console
 
 from clients.contract.config import load_config
-from clients.runtime.institution import METRICS_FILE, PROGRESS_FILE
-from clients.runtime.progress import StepProgressFile, read_step_progress
-from coordinator.app.launcher import (
-    StepBars,
-    _last_words,
-    _rounds_progress,
-    _waiting,
-    round_table,
-    step_progress,
-)
-from tests.test_federation import NAMES, ROOT, write_config
+from clients.runtime.institution import METRICS_FILE
+from clients.runtime.institution import PROGRESS_FILE
+from clients.runtime.progress import StepProgressFile
+from clients.runtime.progress import read_step_progress
+from coordinator.app.launcher import StepBars
+from coordinator.app.launcher import _last_words
+from coordinator.app.launcher import _rounds_progress
+from coordinator.app.launcher import _waiting
+from coordinator.app.launcher import round_table
+from coordinator.app.launcher import step_progress
+from tests.test_federation import NAMES
+from tests.test_federation import ROOT
+from tests.test_federation import write_config
 
 
 def _children(pid: int) -> list[int]:

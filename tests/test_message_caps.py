@@ -22,16 +22,15 @@ import zmq
 from safetensors.torch import save
 
 import clients.runtime.institution as institution_module
-from clients.contract.caps import (
-    MARGIN_BYTES,
-    MIN_CAP_BYTES,
-    QUEUED_MESSAGES,
-    ckks_ciphertext_bytes,
-    coordinator_caps,
-)
+from clients.contract.caps import MARGIN_BYTES
+from clients.contract.caps import MIN_CAP_BYTES
+from clients.contract.caps import QUEUED_MESSAGES
+from clients.contract.caps import ckks_ciphertext_bytes
+from clients.contract.caps import coordinator_caps
 from clients.contract.config import load_config
 from clients.contract.framing import receive_queue_depth
-from clients.contract.layout import Segment, SubmissionLayout
+from clients.contract.layout import Segment
+from clients.contract.layout import SubmissionLayout
 from clients.contract.messages import Hello
 from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator

@@ -9,22 +9,20 @@ import torch
 
 import clients.models.loaders as models
 import clients.models.locate as locate
-from clients.models.loaders import (
-    default_cache_dir,
-    load_model,
-    load_smollm2,
-    load_tokenizer,
-    tiny_dense_model,
-    tiny_moe_model,
-)
-from clients.models.locate import (
-    SMOLLM2_INSTALL,
-    AssetMissingError,
-    ModelNotFoundError,
-    locate_model,
-    smollm2_gguf_path,
-)
-from clients.models.moe_lora import MoELoRAConfig, adapter_parameters, attach
+from clients.models.loaders import default_cache_dir
+from clients.models.loaders import load_model
+from clients.models.loaders import load_smollm2
+from clients.models.loaders import load_tokenizer
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.locate import SMOLLM2_INSTALL
+from clients.models.locate import AssetMissingError
+from clients.models.locate import ModelNotFoundError
+from clients.models.locate import locate_model
+from clients.models.locate import smollm2_gguf_path
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import adapter_parameters
+from clients.models.moe_lora import attach
 
 BLOCKS = {
     "mixtral": "MixtralSparseMoeBlock",
@@ -160,7 +158,9 @@ def test_a_local_model_folder_loads_with_its_own_tokenizer_and_dtype(tmp_path):
 def save_word_tokenizer(folder, vocab_size: int) -> None:
     """A whitespace word-level tokenizer over ``vocab_size`` ids, saved as a transformers
     tokenizer in ``folder`` (built offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer
+    from tokenizers import models
+    from tokenizers import pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0, **{chr(ord("a") + i): i + 1 for i in range(26)}}

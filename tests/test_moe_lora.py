@@ -12,26 +12,25 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 
 from clients.contract.routing import RoutingStats
-from clients.models.loaders import tiny_dense_model, tiny_moe_model
-from clients.models.moe_lora import (
-    AdapterStateError,
-    MoELoRAConfig,
-    MoELoRAConfigError,
-    MoELoRALinear,
-    NativeMoELoRA,
-    NotAttachedError,
-    UnsupportedModelError,
-    adapter_parameters,
-    adapter_state,
-    attach,
-    get_config,
-    load_adapter_file,
-    load_adapter_state,
-    load_balance_loss,
-    reset_routing_statistics,
-    routing_statistics,
-    save_adapter_state,
-)
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import AdapterStateError
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import MoELoRAConfigError
+from clients.models.moe_lora import MoELoRALinear
+from clients.models.moe_lora import NativeMoELoRA
+from clients.models.moe_lora import NotAttachedError
+from clients.models.moe_lora import UnsupportedModelError
+from clients.models.moe_lora import adapter_parameters
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import get_config
+from clients.models.moe_lora import load_adapter_file
+from clients.models.moe_lora import load_adapter_state
+from clients.models.moe_lora import load_balance_loss
+from clients.models.moe_lora import reset_routing_statistics
+from clients.models.moe_lora import routing_statistics
+from clients.models.moe_lora import save_adapter_state
 
 VOCAB = 256
 KINDS = ["mixtral", "qwen2_moe", "olmoe"]

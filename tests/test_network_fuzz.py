@@ -21,46 +21,43 @@ import pytest
 import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from clients.contract.framing import SEND_HWM, receive_queue_depth
-from clients.contract.keys import (
-    ROSTER_FILE,
-    generate_keys,
-    identity_keys,
-    load_coordinator_keys,
-    load_roster,
-)
-from clients.contract.messages import (
-    Assignment,
-    Decline,
-    Hello,
-    RoundEnd,
-    RoundStart,
-    Shutdown,
-    decode_from_client,
-    decode_from_server,
-)
+from clients.contract.framing import SEND_HWM
+from clients.contract.framing import receive_queue_depth
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import generate_keys
+from clients.contract.keys import identity_keys
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_roster
+from clients.contract.messages import Assignment
+from clients.contract.messages import Decline
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
+from clients.contract.messages import Shutdown
+from clients.contract.messages import decode_from_client
+from clients.contract.messages import decode_from_server
 from clients.runtime.transport import InstitutionEndpoint
 from coordinator.app.wiring import make_institution
-from coordinator.transport import CoordinatorEndpoint, run_secagg_round
+from coordinator.transport import CoordinatorEndpoint
+from coordinator.transport import run_secagg_round
 from privacy.head import LedgerHead
 from secagg.errors import MalformedMessage
-from secagg.messages import (
-    AdvertiseKeys,
-    EncryptedShare,
-    KeyRoster,
-    MaskedInput,
-    RelayedShares,
-    RoundParams,
-    ShareKeys,
-    SurvivorSetRequest,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskShares,
-    decode,
-    encode,
-)
+from secagg.messages import AdvertiseKeys
+from secagg.messages import EncryptedShare
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RelayedShares
+from secagg.messages import RoundParams
+from secagg.messages import ShareKeys
+from secagg.messages import SurvivorSetRequest
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskRequest
+from secagg.messages import UnmaskShares
+from secagg.messages import decode
+from secagg.messages import encode
 from secagg.server import SecAggServer
-from tests.frame_fuzzer import mutated_frames, nesting_bomb
+from tests.frame_fuzzer import mutated_frames
+from tests.frame_fuzzer import nesting_bomb
 from tests.test_runtime import NAMES as RUNTIME_NAMES
 from tests.test_runtime import write_config
 from tests.test_transport import institution  # an honest one (its spoofed copies are refused)

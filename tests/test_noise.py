@@ -12,9 +12,17 @@ import clients.training.release
 import privacy.dpsgd
 import privacy.gaussian
 from clients.training.release import gaussian_release
-from privacy import DPConfig, GaussianMechanism, make_private
-from privacy.noise import gaussian_array, gaussian_like, standard_normal
-from tests.test_dpsgd import TinyAdapterLM, lm_loss, loader, pattern_blocks, trainable
+from privacy import DPConfig
+from privacy import GaussianMechanism
+from privacy import make_private
+from privacy.noise import gaussian_array
+from privacy.noise import gaussian_like
+from privacy.noise import standard_normal
+from tests.test_dpsgd import TinyAdapterLM
+from tests.test_dpsgd import lm_loss
+from tests.test_dpsgd import loader
+from tests.test_dpsgd import pattern_blocks
+from tests.test_dpsgd import trainable
 
 FALSE_ALARM = 1e-6
 """The statistical checks below fail a correct sampler with at most this probability."""

@@ -20,39 +20,45 @@ import pytest
 from safetensors.torch import load_file
 
 from audit.verify import verify_ledger
-from clients.contract.config import FederationConfig, load_config
+from clients.contract.config import FederationConfig
+from clients.contract.config import load_config
 from clients.contract.keys import load_roster
-from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, GlobalState
-from clients.contract.messages import (
-    AffinityScores,
-    Assignment,
-    decode_from_client,
-    decode_from_server,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import GlobalState
+from clients.contract.messages import AffinityScores
+from clients.contract.messages import Assignment
+from clients.contract.messages import decode_from_client
+from clients.contract.messages import decode_from_server
 from clients.runtime.rounds import InstitutionRounds
-from clients.strategies.ddome import CHOICE_SENSITIVITY, EXPERT_COUNTS, DDOMEClient
-from clients.strategies.fedamole import (
-    ASSIGNMENT,
-    KEY_COUNTS,
-    KEYS,
-    FedAMoLEClient,
-    FedAMoLELearner,
-    amole_modules,
-    decode_assignment,
-    decode_embedding,
-    fedamole_config,
-    score_embedding,
-    state_from_global,
-)
+from clients.strategies.ddome import CHOICE_SENSITIVITY
+from clients.strategies.ddome import EXPERT_COUNTS
+from clients.strategies.ddome import DDOMEClient
+from clients.strategies.fedamole import ASSIGNMENT
+from clients.strategies.fedamole import KEY_COUNTS
+from clients.strategies.fedamole import KEYS
+from clients.strategies.fedamole import FedAMoLEClient
+from clients.strategies.fedamole import FedAMoLELearner
+from clients.strategies.fedamole import amole_modules
+from clients.strategies.fedamole import decode_assignment
+from clients.strategies.fedamole import decode_embedding
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedamole import score_embedding
+from clients.strategies.fedamole import state_from_global
 from coordinator.service import Coordinator
-from coordinator.strategies.fedamole import FedAMoLEStrategy, assign, public_state
+from coordinator.strategies.fedamole import FedAMoLEStrategy
+from coordinator.strategies.fedamole import assign
+from coordinator.strategies.fedamole import public_state
 from coordinator.strategies.registry import coordinator_strategy
 from privacy import BudgetExceeded
 from secagg import FixedPointCodec
 from secagg.errors import MalformedMessage
 from secagg.messages import encode
-from tests.federation_harness import assert_caps_admit, record_frames, run_in_threads
-from tests.test_federation import NAMES, write_config
+from tests.federation_harness import assert_caps_admit
+from tests.federation_harness import record_frames
+from tests.federation_harness import run_in_threads
+from tests.test_federation import NAMES
+from tests.test_federation import write_config
 
 Recorded = dict[tuple[int, str], dict[str, np.ndarray]]
 

@@ -20,21 +20,24 @@ import pytest
 import zmq
 
 from clients.contract.config import FederationConfig
-from clients.contract.keys import generate_keys, load_coordinator_keys
-from clients.contract.messages import (
-    Decline,
-    Hello,
-    RoundStart,
-    Shutdown,
-    decode_from_client,
-    round_id,
-)
-from clients.runtime.pinned import pinned_settings, round_differences
+from clients.contract.keys import generate_keys
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.messages import Decline
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundStart
+from clients.contract.messages import Shutdown
+from clients.contract.messages import decode_from_client
+from clients.contract.messages import round_id
+from clients.runtime.pinned import pinned_settings
+from clients.runtime.pinned import round_differences
 from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator
 from coordinator.store import RoutingRelay
-from secagg.messages import AdvertiseKeys, RoundParams, encode
-from tests.test_runtime import NAMES, write_config
+from secagg.messages import AdvertiseKeys
+from secagg.messages import RoundParams
+from secagg.messages import encode
+from tests.test_runtime import NAMES
+from tests.test_runtime import write_config
 
 WAIT = 60.0  # upper bound for things that should happen at once; reached only if broken
 

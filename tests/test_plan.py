@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clients.contract.config import load_config
-from clients.runtime.plan import CANNOT_LEARN, privacy_plan
+from clients.runtime.plan import CANNOT_LEARN
+from clients.runtime.plan import privacy_plan
 from coordinator.app.cli import main
 from coordinator.app.wiring import make_institution
 from tests.test_federation import write_config

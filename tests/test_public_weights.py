@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from clients.contract.config import FederationConfig, load_config
+from clients.contract.config import FederationConfig
+from clients.contract.config import load_config
 from clients.contract.keys import generate_keys
 from clients.contract.layout import WEIGHT
 from clients.contract.messages import round_id
 from coordinator.app.wiring import make_institution
-from tests.test_runtime import NAMES, TOML
+from tests.test_runtime import NAMES
+from tests.test_runtime import TOML
 
 
 def federation(folder, *, train_blocks: int, strategy: str) -> FederationConfig:

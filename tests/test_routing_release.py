@@ -10,22 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from clients.models.loaders import tiny_dense_model, tiny_moe_model
-from clients.models.moe_lora import MoELoRAConfig, attach
-from clients.training.routing_release import (
-    block_normalised_statistics,
-    private_routing_statistics,
-    routing_mechanism,
-    routing_sensitivity,
-)
-from privacy import (
-    CalibrationError,
-    PrivacyConfigError,
-    calibrate_noise,
-    dp_sgd_event,
-    epsilon,
-    poisson_sample,
-)
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import attach
+from clients.training.routing_release import block_normalised_statistics
+from clients.training.routing_release import private_routing_statistics
+from clients.training.routing_release import routing_mechanism
+from clients.training.routing_release import routing_sensitivity
+from privacy import CalibrationError
+from privacy import PrivacyConfigError
+from privacy import calibrate_noise
+from privacy import dp_sgd_event
+from privacy import epsilon
+from privacy import poisson_sample
 
 
 @pytest.fixture(autouse=True)

@@ -20,42 +20,53 @@ import pytest
 import safetensors.torch
 import torch
 
-from audit import Ledger, head_path, ledger_path, read_heads, verify_ledger
-from clients.contract.config import FederationConfig, load_config
-from clients.contract.keys import (
-    ROSTER_FILE,
-    client_id,
-    generate_keys,
-    identity_keys,
-    load_ckks_key_holder,
-    load_ckks_public_context,
-    load_coordinator_keys,
-    load_institution_keys,
-    load_roster,
-)
-from clients.contract.layout import ROUTING, WEIGHT, GlobalState
-from clients.contract.messages import (
-    CkksInput,
-    Decline,
-    Hello,
-    RoundEnd,
-    RoundStart,
-    Shutdown,
-    round_id,
-)
+from audit import Ledger
+from audit import head_path
+from audit import ledger_path
+from audit import read_heads
+from audit import verify_ledger
+from clients.contract.config import FederationConfig
+from clients.contract.config import load_config
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import client_id
+from clients.contract.keys import generate_keys
+from clients.contract.keys import identity_keys
+from clients.contract.keys import load_ckks_key_holder
+from clients.contract.keys import load_ckks_public_context
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
+from clients.contract.layout import ROUTING
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import GlobalState
+from clients.contract.messages import CkksInput
+from clients.contract.messages import Decline
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
+from clients.contract.messages import Shutdown
+from clients.contract.messages import round_id
 from clients.data.sources import institution_data
-from clients.models.build import ByteTokenizer, build_model
-from clients.models.moe_lora import adapter_state, routing_statistics
-from clients.runtime.institution import METRICS_FILE, Institution, routing_from_channel
-from clients.strategies.fedavg import FedAvgConfig, fedavg_config
+from clients.models.build import ByteTokenizer
+from clients.models.build import build_model
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import routing_statistics
+from clients.runtime.institution import METRICS_FILE
+from clients.runtime.institution import Institution
+from clients.runtime.institution import routing_from_channel
+from clients.strategies.fedavg import FedAvgConfig
+from clients.strategies.fedavg import fedavg_config
 from coordinator.app.wiring import make_institution
 from coordinator.store import RunStore
 from coordinator.strategies.fedavg import FedAvgCoordinator
 from coordinator.transport import CoordinatorEndpoint
 from privacy import DPTrainingFacts
 from privacy.head import LedgerHead
-from secagg.ckks import CkksAggregator, CkksKeyHolder, EncryptedBatch
-from secagg.errors import SecAggError, TooFewSurvivors
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import EncryptedBatch
+from secagg.errors import SecAggError
+from secagg.errors import TooFewSurvivors
 from secagg.server import SecAggServer
 
 NAMES = ["comedies", "tragedies", "histories", "romances"]  # t = 3 of 4: one may decline

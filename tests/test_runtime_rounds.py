@@ -21,46 +21,50 @@ import pytest
 from safetensors.numpy import load as load_numpy
 from safetensors.torch import save as save_torch
 
-from audit import Ledger, ledger_path
+from audit import Ledger
+from audit import ledger_path
 from clients.contract.config import FederationConfig
 from clients.contract.extras import encode_extras
-from clients.contract.keys import (
-    ROSTER_FILE,
-    generate_keys,
-    identity_keys,
-    load_institution_keys,
-    load_roster,
-)
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import generate_keys
+from clients.contract.keys import identity_keys
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
 from clients.contract.layout import WEIGHT
-from clients.contract.messages import (
-    AffinityScores,
-    Assignment,
-    CkksInput,
-    Decline,
-    RoundEnd,
-    RoundStart,
-    round_id,
-)
+from clients.contract.messages import AffinityScores
+from clients.contract.messages import Assignment
+from clients.contract.messages import CkksInput
+from clients.contract.messages import Decline
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
+from clients.contract.messages import round_id
 from clients.runtime.institution import Institution
-from clients.runtime.outputs import AppendMetrics, Output, PersistMemory, Send
-from clients.strategies.fedamole import encode_assignment, fedamole_config, state_from_global
+from clients.runtime.outputs import AppendMetrics
+from clients.runtime.outputs import Output
+from clients.runtime.outputs import PersistMemory
+from clients.runtime.outputs import Send
+from clients.strategies.fedamole import encode_assignment
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedamole import state_from_global
 from coordinator.app.wiring import make_institution
 from coordinator.service import Coordinator
-from privacy import DPTrainingFacts, ReleaseRefused
+from privacy import DPTrainingFacts
+from privacy import ReleaseRefused
 from secagg.client import SecAggClient
 from secagg.errors import TooFewSurvivors
-from secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    RoundParams,
-    ShareKeys,
-    SurvivorSignature,
-    UnmaskShares,
-)
+from secagg.messages import AdvertiseKeys
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RoundParams
+from secagg.messages import ShareKeys
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskShares
 from secagg.server import SecAggServer
 from tests.test_own_adapter_federation import own_config
-from tests.test_runtime import DELTA, NAMES, ledger_lines, write_config
+from tests.test_runtime import DELTA
+from tests.test_runtime import NAMES
+from tests.test_runtime import ledger_lines
+from tests.test_runtime import write_config
 from tests.test_strategy_federation import strategy_config
 
 TO_SERVER = (AdvertiseKeys, ShareKeys, MaskedInput, SurvivorSignature, UnmaskShares)

@@ -14,22 +14,22 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import secagg
-from secagg import kex, shamir
-from secagg.client import SecAggClient, pairwise_mask_sign
+from secagg import kex
+from secagg import shamir
+from secagg.client import SecAggClient
+from secagg.client import pairwise_mask_sign
 from secagg.graph import neighbour_graph
-from secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    RelayedShares,
-    ShareKeys,
-    SurvivorSetRequest,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskShares,
-    decode,
-    encode,
-)
+from secagg.messages import AdvertiseKeys
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RelayedShares
+from secagg.messages import ShareKeys
+from secagg.messages import SurvivorSetRequest
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskRequest
+from secagg.messages import UnmaskShares
+from secagg.messages import decode
+from secagg.messages import encode
 from secagg.prg import add_keystream
 from tests.secagg_harness import ManualRound
 

@@ -6,24 +6,24 @@ import logging
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import secagg
 from secagg import kex
 from secagg.graph import neighbour_graph
 from secagg.local import local_graph_seed
-from secagg.messages import (
-    AdvertiseKeys,
-    KeyRoster,
-    MaskedInput,
-    RelayedShares,
-    ShareKeys,
-    Stage,
-    UnmaskRequest,
-    decode,
-    encode,
-)
+from secagg.messages import AdvertiseKeys
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RelayedShares
+from secagg.messages import ShareKeys
+from secagg.messages import Stage
+from secagg.messages import UnmaskRequest
+from secagg.messages import decode
+from secagg.messages import encode
 from tests.secagg_harness import ManualRound
 
 STAGES = [s.value for s in Stage]

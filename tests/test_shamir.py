@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
-from secagg.errors import ConfigError, MalformedMessage, SecAggError
-from secagg.shamir import (
-    SECRET_BYTES,
-    SHARE_BYTES,
-    X_MAX,
-    P,
-    ShamirError,
-    Share,
-    combine,
-    decode_share,
-    encode_share,
-    robust_combine,
-    split,
-)
+from secagg.errors import ConfigError
+from secagg.errors import MalformedMessage
+from secagg.errors import SecAggError
+from secagg.shamir import SECRET_BYTES
+from secagg.shamir import SHARE_BYTES
+from secagg.shamir import X_MAX
+from secagg.shamir import P
+from secagg.shamir import ShamirError
+from secagg.shamir import Share
+from secagg.shamir import combine
+from secagg.shamir import decode_share
+from secagg.shamir import encode_share
+from secagg.shamir import robust_combine
+from secagg.shamir import split
 
 FAST = settings(max_examples=60, deadline=None)
 secrets_ = st.binary(min_size=SECRET_BYTES, max_size=SECRET_BYTES)

@@ -16,19 +16,28 @@ import torch
 
 import coordinator.simulation
 from clients.contract.config import parse_config
-from clients.models.build import build_model, build_model_with
-from clients.models.ddome_lora import attach_ddome, ddome_state
-from clients.models.fedamole_lora import amole_state, attach_amole
+from clients.models.build import build_model
+from clients.models.build import build_model_with
+from clients.models.ddome_lora import attach_ddome
+from clients.models.ddome_lora import ddome_state
+from clients.models.fedamole_lora import amole_state
+from clients.models.fedamole_lora import attach_amole
 from clients.models.moe_lora import adapter_state
-from clients.strategies.ddome import EXPERT_COUNTS, ddome_config
-from clients.strategies.fedamole import KEY_COUNTS, fedamole_config
-from clients.strategies.fedavg import FedAvgClient, fedavg_config, moe_lora_half
+from clients.strategies.ddome import EXPERT_COUNTS
+from clients.strategies.ddome import ddome_config
+from clients.strategies.fedamole import KEY_COUNTS
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedavg import FedAvgClient
+from clients.strategies.fedavg import fedavg_config
+from clients.strategies.fedavg import moe_lora_half
 from clients.strategies.registry import CLIENT_HALVES
-from coordinator.simulation import simulate, strategy_names
+from coordinator.simulation import simulate
+from coordinator.simulation import strategy_names
 from coordinator.strategies.base import ServerHalf
 from coordinator.strategies.fedavg import FedAvgCoordinator
 from coordinator.strategies.registry import SERVER_HALVES
-from privacy import BudgetExceeded, Release
+from privacy import BudgetExceeded
+from privacy import Release
 from privacy import epsilon as composed_epsilon
 
 if sys.version_info >= (3, 11):

@@ -4,22 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from clients.contract.layout import (
-    CHANNEL_BOUND,
-    GlobalState,
-    LayoutError,
-    NoContribution,
-    Segment,
-    StrategyError,
-    SubmissionLayout,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import GlobalState
+from clients.contract.layout import LayoutError
+from clients.contract.layout import NoContribution
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
+from clients.contract.layout import SubmissionLayout
 from clients.contract.routing import RoutingStats
-from clients.strategies.fedavg import FedAvgClient, FedAvgConfig
-from clients.training.trainer import LocalTrainingResult, Metrics
+from clients.strategies.fedavg import FedAvgClient
+from clients.strategies.fedavg import FedAvgConfig
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import Metrics
 from coordinator.strategies.base import aggregate_locally
 from coordinator.strategies.fedavg import FedAvgCoordinator
-from secagg import FixedPointCodec, TooFewSurvivors
-from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND, CkksKeyHolder
+from secagg import FixedPointCodec
+from secagg import TooFewSurvivors
+from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND
+from secagg.ckks import CkksKeyHolder
 
 LAYERS = ("model.layers.0.mlp", "model.layers.1.mlp")
 EXPERTS = 3

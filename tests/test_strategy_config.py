@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.contract.config import ConfigFileError, parse_config
-from clients.strategies.ddome import ddome_anchor, ddome_config
+from clients.contract.config import ConfigFileError
+from clients.contract.config import parse_config
+from clients.strategies.ddome import ddome_anchor
+from clients.strategies.ddome import ddome_config
 from clients.strategies.fedalign import FedAlignClient
 from clients.strategies.fedamole import fedamole_config
 from clients.strategies.fedmoe import FedMoEClient

@@ -22,43 +22,53 @@ from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save
 from safetensors.torch import load_file
 
-from clients.contract.config import FederationConfig, load_config
-from clients.contract.extras import ExtrasError, decode_extras, encode_extras
+from clients.contract.config import FederationConfig
+from clients.contract.config import load_config
+from clients.contract.extras import ExtrasError
+from clients.contract.extras import decode_extras
+from clients.contract.extras import encode_extras
 from clients.contract.keys import load_ckks_key_holder
-from clients.contract.layout import CHANNEL_BOUND, DELTA_PREFIX, WEIGHT, GlobalState
-from clients.contract.messages import CkksInput, Decline, RoundStart
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import GlobalState
+from clients.contract.messages import CkksInput
+from clients.contract.messages import Decline
+from clients.contract.messages import RoundStart
 from clients.models.moe_lora import adapter_state
-from clients.runtime.institution import (
-    MEMORY_FILE,
-    InstitutionError,
-    routing_from_channel,
-)
+from clients.runtime.institution import MEMORY_FILE
+from clients.runtime.institution import InstitutionError
+from clients.runtime.institution import routing_from_channel
 from clients.runtime.transport import InstitutionEndpoint
-from clients.strategies.experts import EXPERT_WEIGHT, ExpertPartition
-from clients.strategies.fedalign import ALIGN_MEAN, ALIGN_N, ALIGN_STD, FedAlignClient
+from clients.strategies.experts import EXPERT_WEIGHT
+from clients.strategies.experts import ExpertPartition
+from clients.strategies.fedalign import ALIGN_MEAN
+from clients.strategies.fedalign import ALIGN_N
+from clients.strategies.fedalign import ALIGN_STD
+from clients.strategies.fedalign import FedAlignClient
 from clients.strategies.fedmoe import FedMoEClient
 from coordinator.app.wiring import make_institution
-from coordinator.service import Coordinator, CoordinatorError
-from coordinator.store import RoutingRelay, RunStore, StoreError
+from coordinator.service import Coordinator
+from coordinator.service import CoordinatorError
+from coordinator.store import RoutingRelay
+from coordinator.store import RunStore
+from coordinator.store import StoreError
 from coordinator.strategies import registry
 from coordinator.strategies.base import ServerHalf
 from coordinator.strategies.registry import coordinator_strategy
 from secagg import FixedPointCodec
-from secagg.ckks import (
-    DEFAULT_ABS_ERROR_PER_SUMMAND,
-    SCALING_ERROR_FLOOR,
-    SCALING_ERROR_PER_FACTOR_AND_SUMMAND,
-    EncryptedBatch,
-)
+from secagg.ckks import DEFAULT_ABS_ERROR_PER_SUMMAND
+from secagg.ckks import SCALING_ERROR_FLOOR
+from secagg.ckks import SCALING_ERROR_PER_FACTOR_AND_SUMMAND
+from secagg.ckks import EncryptedBatch
 from secagg.messages import AdvertiseKeys
-from tests.federation_harness import (
-    Recorded,
-    assert_caps_admit,
-    record_frames,
-    record_submissions,
-    run_in_threads,
-)
-from tests.test_federation import NAMES, write_config
+from tests.federation_harness import Recorded
+from tests.federation_harness import assert_caps_admit
+from tests.federation_harness import record_frames
+from tests.federation_harness import record_submissions
+from tests.federation_harness import run_in_threads
+from tests.test_federation import NAMES
+from tests.test_federation import write_config
 
 
 def strategy_config(

@@ -8,22 +8,23 @@ import json
 import msgspec
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
+from peft import PeftModel
+from peft import get_peft_model
 
 from clients.contract.config import load_config
 from clients.models.build import build_model_with
 from clients.models.moe_lora import adapter_state
-from clients.models.peft_bridge import PeftBridgeError, init_from_peft
-from clients.runtime.trained_model import (
-    ADAPTER_CARD,
-    MODEL_DIR,
-    TrainedModelError,
-    export_model,
-    from_pretrained,
-    generate,
-    keep_trained_model,
-    personal_parts,
-)
+from clients.models.peft_bridge import PeftBridgeError
+from clients.models.peft_bridge import init_from_peft
+from clients.runtime.trained_model import ADAPTER_CARD
+from clients.runtime.trained_model import MODEL_DIR
+from clients.runtime.trained_model import TrainedModelError
+from clients.runtime.trained_model import export_model
+from clients.runtime.trained_model import from_pretrained
+from clients.runtime.trained_model import generate
+from clients.runtime.trained_model import keep_trained_model
+from clients.runtime.trained_model import personal_parts
 from clients.strategies.fedavg import moe_lora_initial_state
 from clients.strategies.registry import client_half
 from coordinator.app.cli import main

@@ -11,17 +11,19 @@ import pytest
 import torch
 
 from clients.data import shakespeare
-from clients.models.loaders import tiny_dense_model, tiny_moe_model
-from clients.models.moe_lora import MoELoRAConfig, adapter_state, attach
-from clients.training.trainer import (
-    LocalTrainingResult,
-    TrainerError,
-    evaluate,
-    report_steps,
-    select_device,
-    train_local,
-)
-from privacy import DPConfig, DPTrainingFacts
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import TrainerError
+from clients.training.trainer import evaluate
+from clients.training.trainer import report_steps
+from clients.training.trainer import select_device
+from clients.training.trainer import train_local
+from privacy import DPConfig
+from privacy import DPTrainingFacts
 
 SIGMA = 0.6
 

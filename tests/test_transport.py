@@ -14,12 +14,22 @@ import zmq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clients.contract.framing import PeerUnreachable
-from clients.contract.messages import Hello, RoundEnd, RoundStart
+from clients.contract.messages import Hello
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
 from clients.runtime.transport import InstitutionEndpoint
-from coordinator.transport import CoordinatorEndpoint, key_fingerprint, run_secagg_round
+from coordinator.transport import CoordinatorEndpoint
+from coordinator.transport import key_fingerprint
+from coordinator.transport import run_secagg_round
 from secagg.client import SecAggClient
-from secagg.errors import ConfigError, TooFewSurvivors, WrongRound
-from secagg.messages import AdvertiseKeys, MaskedInput, RoundParams, SurvivorSignature, encode
+from secagg.errors import ConfigError
+from secagg.errors import TooFewSurvivors
+from secagg.errors import WrongRound
+from secagg.messages import AdvertiseKeys
+from secagg.messages import MaskedInput
+from secagg.messages import RoundParams
+from secagg.messages import SurvivorSignature
+from secagg.messages import encode
 from secagg.server import SecAggServer
 
 LIMIT = 1 << 16  # max_message_bytes of every endpoint here

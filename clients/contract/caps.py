@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.contract.config import FederationConfig
-from clients.contract.layout import ROUTING, GlobalState, SubmissionLayout
+from clients.contract.layout import ROUTING
+from clients.contract.layout import GlobalState
+from clients.contract.layout import SubmissionLayout
 from secagg.ckks import CkksParams
 
 MARGIN_FACTOR = 1.25

@@ -17,12 +17,19 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING
+from typing import Annotated
+from typing import Any
+from typing import ClassVar
+from typing import Literal
+from typing import get_args
 
 import msgspec
 
 from privacy.errors import UserError
-from secagg import ConfigError, FixedPointCodec, RoundParams
+from secagg import ConfigError
+from secagg import FixedPointCodec
+from secagg import RoundParams
 from secagg.ckks import CkksParams
 from secagg.graph import active_threshold
 from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES

@@ -20,39 +20,41 @@ import os
 from pathlib import Path
 
 import msgspec
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zmq.utils import z85
 
 from clients.contract.durable import atomic_write
-from clients.contract.keys import (
-    CKKS_PUBLIC_FILE,
-    CKKS_SECRET_FILE,
-    CURVE_PUBLIC_FILE,
-    CURVE_SECRET_FILE,
-    IDENTITY_FILE,
-    IDENTITY_PUBLIC_FILE,
-    ROSTER_FILE,
-    ROSTER_VERSION,
-    KeyMaterialError,
-    KeysExistError,
-    PartyKeys,
-    PartyPublicKeys,
-    Roster,
-    _check_names,
-    _new_party,
-    _roster_toml,
-    _write_party,
-    coordinator_dir,
-    institution_dir,
-    load_coordinator_keys,
-    load_institution_keys,
-    load_roster,
-)
-from secagg.ckks import CkksKeyHolder, CkksParams
+from clients.contract.keys import CKKS_PUBLIC_FILE
+from clients.contract.keys import CKKS_SECRET_FILE
+from clients.contract.keys import CURVE_PUBLIC_FILE
+from clients.contract.keys import CURVE_SECRET_FILE
+from clients.contract.keys import IDENTITY_FILE
+from clients.contract.keys import IDENTITY_PUBLIC_FILE
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import ROSTER_VERSION
+from clients.contract.keys import KeyMaterialError
+from clients.contract.keys import KeysExistError
+from clients.contract.keys import PartyKeys
+from clients.contract.keys import PartyPublicKeys
+from clients.contract.keys import Roster
+from clients.contract.keys import _check_names
+from clients.contract.keys import _new_party
+from clients.contract.keys import _roster_toml
+from clients.contract.keys import _write_party
+from clients.contract.keys import coordinator_dir
+from clients.contract.keys import institution_dir
+from clients.contract.keys import load_coordinator_keys
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import CkksParams
 from secagg.errors import SecAggError
 
 CARD_SUFFIX = ".card.json"

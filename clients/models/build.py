@@ -12,16 +12,16 @@ from typing import Any
 import msgspec
 import torch
 
-from clients.contract.config import FederationConfig, MoESection
-from clients.models.loaders import (
-    load_model,
-    load_smollm2,
-    load_tokenizer,
-    model_skeleton,
-    tiny_dense_model,
-    tiny_moe_model,
-)
-from clients.models.moe_lora import MoELoRAConfig, attach
+from clients.contract.config import FederationConfig
+from clients.contract.config import MoESection
+from clients.models.loaders import load_model
+from clients.models.loaders import load_smollm2
+from clients.models.loaders import load_tokenizer
+from clients.models.loaders import model_skeleton
+from clients.models.loaders import tiny_dense_model
+from clients.models.loaders import tiny_moe_model
+from clients.models.moe_lora import MoELoRAConfig
+from clients.models.moe_lora import attach
 
 TINY_MOE_KINDS = {  # with "tiny-dense", the names in clients.models.locate.TINY_MODELS
     "tiny-moe-mixtral": "mixtral",

@@ -16,7 +16,9 @@ gives exact per-sample gradients (batch on dimension 0 everywhere).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,9 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from clients.contract.records import PAD_ID
-from clients.models.adapter_state import copy_state, layer_parameters, load_state
-from clients.models.lora_experts import ExpertShape, expert_factors, wrap_targets
-from clients.models.padding import mean_token_loss, model_input
+from clients.models.adapter_state import copy_state
+from clients.models.adapter_state import layer_parameters
+from clients.models.adapter_state import load_state
+from clients.models.lora_experts import ExpertShape
+from clients.models.lora_experts import expert_factors
+from clients.models.lora_experts import wrap_targets
+from clients.models.padding import mean_token_loss
+from clients.models.padding import model_input
 
 GATE = "ddome_gate"
 

@@ -17,21 +17,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    MixtralConfig,
-    OlmoeConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen2MoeConfig,
-)
+from transformers import AutoConfig
+from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
+from transformers import LlamaConfig
+from transformers import MixtralConfig
+from transformers import OlmoeConfig
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+from transformers import Qwen2MoeConfig
 
-from clients.models.locate import (
-    smollm2_gguf_path,
-)
+from clients.models.locate import smollm2_gguf_path
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 

@@ -31,7 +31,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from clients.contract.routing import RoutingStats
-from clients.models.adapter_state import copy_state, layer_parameters, load_state
-from clients.models.lora_experts import ExpertShape, replace_module, target_linears
+from clients.models.adapter_state import copy_state
+from clients.models.adapter_state import layer_parameters
+from clients.models.adapter_state import load_state
+from clients.models.lora_experts import ExpertShape
+from clients.models.lora_experts import replace_module
+from clients.models.lora_experts import target_linears
 
 Mode = Literal["auto", "dense", "native"]
 

@@ -14,13 +14,15 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
+from peft import get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from clients.contract.config import ModelSection
 from clients.models.locate import PEFT_FILES
-from clients.models.moe_lora import MoELoRALinear, adapter_layers
+from clients.models.moe_lora import MoELoRALinear
+from clients.models.moe_lora import adapter_layers
 from privacy.errors import UserError
 
 PEFT_CONFIG, PEFT_WEIGHTS = PEFT_FILES

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from clients.models.moe_lora import MoELoRALinear, NativeMoELoRA
+from clients.models.moe_lora import MoELoRALinear
+from clients.models.moe_lora import NativeMoELoRA
 
 BLOCKED_LOGIT = -1.0e4
 """Added to the logit of an expert a client does not hold: its softmax weight is exp(-1e4) = 0."""

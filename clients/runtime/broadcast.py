@@ -6,12 +6,15 @@ and these turn the arrays back into the named adapter tensors and the routing-st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from clients.contract.layout import CHANNEL_BOUND, ROUTING, SubmissionLayout
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import ROUTING
+from clients.contract.layout import SubmissionLayout
 
 
 def adapters_from_arrays(

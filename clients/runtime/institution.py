@@ -29,26 +29,33 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy
 
-from clients.contract.caps import MessageCaps, institution_caps
+from clients.contract.caps import MessageCaps
+from clients.contract.caps import institution_caps
 from clients.contract.config import FederationConfig
 from clients.contract.durable import atomic_write
 from clients.contract.framing import TransportError
-from clients.contract.keys import (
-    ROSTER_FILE,
-    identity_keys,
-    load_ckks_key_holder,
-    load_institution_keys,
-    load_roster,
-)
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import identity_keys
+from clients.contract.keys import load_ckks_key_holder
+from clients.contract.keys import load_institution_keys
+from clients.contract.keys import load_roster
 from clients.contract.layout import StrategyError
 from clients.contract.messages import Hello
-from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
+from clients.runtime.broadcast import adapters_from_arrays
+from clients.runtime.broadcast import routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
-from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
+from clients.runtime.outputs import AppendMetrics
+from clients.runtime.outputs import Finished
+from clients.runtime.outputs import Output
+from clients.runtime.outputs import PersistMemory
+from clients.runtime.outputs import Send
 from clients.runtime.pinned import pinned_settings
-from clients.runtime.progress import PROGRESS_FILE, StepProgressFile
-from clients.runtime.rounds import InstitutionRounds, RoundSettings
-from clients.runtime.trained_model import MODEL_DIR, keep_trained_model
+from clients.runtime.progress import PROGRESS_FILE
+from clients.runtime.progress import StepProgressFile
+from clients.runtime.rounds import InstitutionRounds
+from clients.runtime.rounds import RoundSettings
+from clients.runtime.trained_model import MODEL_DIR
+from clients.runtime.trained_model import keep_trained_model
 from clients.runtime.transport import InstitutionEndpoint
 from clients.strategies.registry import learner_for
 from clients.training.trainer import report_steps

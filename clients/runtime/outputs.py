@@ -9,7 +9,8 @@ before the releases it accounts for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 import msgspec

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clients.contract.config import FederationConfig, Protection, SecAggSection
+from clients.contract.config import FederationConfig
+from clients.contract.config import Protection
+from clients.contract.config import SecAggSection
 from clients.contract.messages import RoundStart
 
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 from clients.contract.config import FederationConfig
 from clients.data.sources import institution_data
-from clients.models.build import build_tokenizer, trainable_parameter_count
+from clients.models.build import build_tokenizer
+from clients.models.build import trainable_parameter_count
 from clients.strategies.registry import client_half
-from privacy import dp_sgd_event, epsilon, plan_dp_sgd
+from privacy import dp_sgd_event
+from privacy import epsilon
+from privacy import plan_dp_sgd
 
 CANNOT_LEARN = 30.0
 """Plan noise-to-signal ratio above which the plan is reported as unlikely to learn."""

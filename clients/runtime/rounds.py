@@ -36,39 +36,58 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import load as load_safetensors
 
-from clients.contract.extras import ExtrasError, decode_extras
-from clients.contract.layout import GlobalState, StrategyError
-from clients.contract.messages import (
-    AffinityScores,
-    Assignment,
-    CkksInput,
-    Decline,
-    RoundEnd,
-    RoundStart,
-    Shutdown,
-)
+from clients.contract.extras import ExtrasError
+from clients.contract.extras import decode_extras
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.messages import AffinityScores
+from clients.contract.messages import Assignment
+from clients.contract.messages import CkksInput
+from clients.contract.messages import Decline
+from clients.contract.messages import RoundEnd
+from clients.contract.messages import RoundStart
+from clients.contract.messages import Shutdown
 from clients.contract.routing import RoutingStats
-from clients.runtime.broadcast import adapters_from_arrays, routing_from_channel
+from clients.runtime.broadcast import adapters_from_arrays
+from clients.runtime.broadcast import routing_from_channel
 from clients.runtime.ledger import PrivacyLedger
-from clients.runtime.outputs import AppendMetrics, Finished, Output, PersistMemory, Send
-from clients.runtime.pinned import PinnedSettings, round_differences
-from clients.strategies.base import Learner, LocalRound, SelectsExperts
+from clients.runtime.outputs import AppendMetrics
+from clients.runtime.outputs import Finished
+from clients.runtime.outputs import Output
+from clients.runtime.outputs import PersistMemory
+from clients.runtime.outputs import Send
+from clients.runtime.pinned import PinnedSettings
+from clients.runtime.pinned import round_differences
+from clients.strategies.base import Learner
+from clients.strategies.base import LocalRound
+from clients.strategies.base import SelectsExperts
 from clients.training.trainer import Metrics
-from privacy import DPConfig, DPTrainingFacts, Release, ReleaseRefused
-from secagg.ckks import CkksKeyHolder, EncryptedBatch
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import Release
+from privacy import ReleaseRefused
+from secagg.ckks import CkksKeyHolder
+from secagg.ckks import EncryptedBatch
 from secagg.client import SecAggClient
 from secagg.errors import SecAggError
-from secagg.messages import KeyRoster, MaskedInput, RelayedShares, SurvivorSetRequest, UnmaskRequest
+from secagg.messages import KeyRoster
+from secagg.messages import MaskedInput
+from secagg.messages import RelayedShares
+from secagg.messages import SurvivorSetRequest
+from secagg.messages import UnmaskRequest
 
 log = logging.getLogger(__name__)
 

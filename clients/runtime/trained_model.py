@@ -25,13 +25,16 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
+from safetensors.torch import save
 from torch import nn
 
-from clients.contract.config import FederationConfig, ModelSection
+from clients.contract.config import FederationConfig
+from clients.contract.config import ModelSection
 from clients.contract.durable import atomic_write
 from clients.models.build import build_model_with
-from clients.models.locate import locate_model, weights_sha256
+from clients.models.locate import locate_model
+from clients.models.locate import weights_sha256
 from clients.models.peft_bridge import save_as_peft
 from clients.strategies.registry import client_half
 from privacy.errors import UserError

@@ -19,16 +19,16 @@ import time
 import msgspec
 import zmq
 
-from clients.contract.framing import (
-    Decoder,
-    FrameRejected,
-    curve_socket,
-    decode_frame,
-    poll_frames,
-    send_frames,
-)
-from clients.contract.messages import FromServer, decode_from_server
-from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES, encode
+from clients.contract.framing import Decoder
+from clients.contract.framing import FrameRejected
+from clients.contract.framing import curve_socket
+from clients.contract.framing import decode_frame
+from clients.contract.framing import poll_frames
+from clients.contract.framing import send_frames
+from clients.contract.messages import FromServer
+from clients.contract.messages import decode_from_server
+from secagg.messages import DEFAULT_MAX_MESSAGE_BYTES
+from secagg.messages import encode
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,15 @@ input leaves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+from typing import Protocol
+from typing import runtime_checkable
 
 import dp_accounting
 import numpy as np
@@ -25,12 +30,20 @@ import torch
 from torch import nn
 
 from clients.contract.config import FederationConfig
-from clients.contract.layout import GlobalState, StrategyError, Submission, SubmissionLayout
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.layout import Submission
+from clients.contract.layout import SubmissionLayout
 from clients.data.sources import institution_data
 from clients.models.build import build_model_with
 from clients.models.lora_experts import ExpertShape
-from clients.training.trainer import ExtraLoss, LocalTrainingResult, Metrics
-from privacy import DPConfig, DPTrainingFacts, GaussianMechanism, Release
+from clients.training.trainer import ExtraLoss
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import Metrics
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import GaussianMechanism
+from privacy import Release
 
 ChargeRelease = Callable[[Release], object]
 """Charges a release to the institution's ledger before it happens (raises if refused)."""

@@ -38,7 +38,8 @@ it embeds every split once; its releases are the noised choice and the DP-SGD up
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import dp_accounting
 import numpy as np
@@ -46,54 +47,54 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.contract.config import DDOMESection, FederationConfig
+from clients.contract.config import DDOMESection
+from clients.contract.config import FederationConfig
 from clients.contract.keys import client_id
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    WEIGHT,
-    GlobalState,
-    LayoutError,
-    Segment,
-    StrategyError,
-    Submission,
-    SubmissionLayout,
-)
-from clients.models.ddome_lora import (
-    DDOMEAdapterConfig,
-    attach_ddome,
-    chosen_gates,
-    common_embedding,
-    ddome_state,
-    expert_of,
-    gate_logits,
-    load_ddome_state,
-    mixture_logits,
-    per_sample_loss,
-    set_trainable,
-    top_experts,
-)
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import GlobalState
+from clients.contract.layout import LayoutError
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
+from clients.contract.layout import Submission
+from clients.contract.layout import SubmissionLayout
+from clients.models.ddome_lora import DDOMEAdapterConfig
+from clients.models.ddome_lora import attach_ddome
+from clients.models.ddome_lora import chosen_gates
+from clients.models.ddome_lora import common_embedding
+from clients.models.ddome_lora import ddome_state
+from clients.models.ddome_lora import expert_of
+from clients.models.ddome_lora import gate_logits
+from clients.models.ddome_lora import load_ddome_state
+from clients.models.ddome_lora import mixture_logits
+from clients.models.ddome_lora import per_sample_loss
+from clients.models.ddome_lora import set_trainable
+from clients.models.ddome_lora import top_experts
 from clients.models.padding import token_loss
-from clients.strategies.base import (
-    SPLITS,
-    LocalRound,
-    OwnAdapters,
-    OwnAdaptersLearner,
-    RecordedCharges,
-    checked_min_weight,
-    checked_weight,
-    device_of,
-)
-from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
-from clients.strategies.fedavg import checked_section, fedavg_config
-from clients.training.release import Charge, gaussian_release
-from clients.training.trainer import (
-    Metrics,
-    StepSettings,
-    evaluate_with,
-    select_device,
-    train_steps,
-)
-from privacy import EXPERT_CHOICE, DPConfig, DPTrainingFacts, GaussianMechanism, Release
+from clients.strategies.base import SPLITS
+from clients.strategies.base import LocalRound
+from clients.strategies.base import OwnAdapters
+from clients.strategies.base import OwnAdaptersLearner
+from clients.strategies.base import RecordedCharges
+from clients.strategies.base import checked_min_weight
+from clients.strategies.base import checked_weight
+from clients.strategies.base import device_of
+from clients.strategies.experts import EXPERT_COUNT
+from clients.strategies.experts import EXPERT_WEIGHT
+from clients.strategies.fedavg import checked_section
+from clients.strategies.fedavg import fedavg_config
+from clients.training.release import Charge
+from clients.training.release import gaussian_release
+from clients.training.trainer import Metrics
+from clients.training.trainer import StepSettings
+from clients.training.trainer import evaluate_with
+from clients.training.trainer import select_device
+from clients.training.trainer import train_steps
+from privacy import EXPERT_CHOICE
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import GaussianMechanism
+from privacy import Release
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    ROUTING,
-    WEIGHT,
-    Channel,
-    GlobalState,
-    LayoutError,
-    Segment,
-    StrategyError,
-)
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import ROUTING
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import Channel
+from clients.contract.layout import GlobalState
+from clients.contract.layout import LayoutError
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
 
 EXPERT_WEIGHT = "expert_weight"
 

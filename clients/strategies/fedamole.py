@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
 from functools import cached_property
 
 import dp_accounting
@@ -58,50 +60,48 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from clients.contract.config import FedAMoLESection, FederationConfig
+from clients.contract.config import FedAMoLESection
+from clients.contract.config import FederationConfig
 from clients.contract.keys import client_id
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    WEIGHT,
-    GlobalState,
-    LayoutError,
-    Segment,
-    StrategyError,
-    Submission,
-    SubmissionLayout,
-)
-from clients.models.fedamole_lora import (
-    AMoLEConfig,
-    amole_layers,
-    amole_state,
-    attach_amole,
-    load_amole_state,
-    per_sample_loss,
-    projections,
-    set_held,
-)
-from clients.strategies.base import (
-    ChargeRelease,
-    LocalRound,
-    OwnAdapters,
-    OwnAdaptersLearner,
-    RecordedCharges,
-    checked_min_weight,
-    checked_weight,
-    device_of,
-)
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import GlobalState
+from clients.contract.layout import LayoutError
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
+from clients.contract.layout import Submission
+from clients.contract.layout import SubmissionLayout
+from clients.models.fedamole_lora import AMoLEConfig
+from clients.models.fedamole_lora import amole_layers
+from clients.models.fedamole_lora import amole_state
+from clients.models.fedamole_lora import attach_amole
+from clients.models.fedamole_lora import load_amole_state
+from clients.models.fedamole_lora import per_sample_loss
+from clients.models.fedamole_lora import projections
+from clients.models.fedamole_lora import set_held
+from clients.strategies.base import ChargeRelease
+from clients.strategies.base import LocalRound
+from clients.strategies.base import OwnAdapters
+from clients.strategies.base import OwnAdaptersLearner
+from clients.strategies.base import RecordedCharges
+from clients.strategies.base import checked_min_weight
+from clients.strategies.base import checked_weight
+from clients.strategies.base import device_of
 from clients.strategies.experts import EXPERT_WEIGHT
-from clients.strategies.fedavg import checked_section, fedavg_config
-from clients.training.release import Charge, gaussian_release
-from clients.training.trainer import Metrics, StepSettings, evaluate, train_steps
-from privacy import (
-    AFFINITY_SCORES,
-    EXPERT_KEYS,
-    DPConfig,
-    DPTrainingFacts,
-    GaussianMechanism,
-    Release,
-)
+from clients.strategies.fedavg import checked_section
+from clients.strategies.fedavg import fedavg_config
+from clients.training.release import Charge
+from clients.training.release import gaussian_release
+from clients.training.trainer import Metrics
+from clients.training.trainer import StepSettings
+from clients.training.trainer import evaluate
+from clients.training.trainer import train_steps
+from privacy import AFFINITY_SCORES
+from privacy import EXPERT_KEYS
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import GaussianMechanism
+from privacy import Release
 
 KEY_SUM = "key_sum"
 

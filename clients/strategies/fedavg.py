@@ -22,9 +22,12 @@ Paper mechanisms (FedAvg, McMahan et al. 2017), one line each:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -34,53 +37,48 @@ import numpy as np
 import torch
 
 from clients.contract.config import FederationConfig
-from clients.contract.layout import (
-    CHANNELS,
-    DELTA_PREFIX,
-    ROUTING,
-    WEIGHT,
-    Channel,
-    GlobalState,
-    Segment,
-    StrategyError,
-    Submission,
-    SubmissionLayout,
-    check_routing_matches,
-)
+from clients.contract.layout import CHANNELS
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import ROUTING
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import Channel
+from clients.contract.layout import GlobalState
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
+from clients.contract.layout import Submission
+from clients.contract.layout import SubmissionLayout
+from clients.contract.layout import check_routing_matches
 from clients.data.sources import institution_data
-from clients.models.build import build_model, moe_lora_config
-from clients.models.moe_lora import (
-    adapter_state,
-    attach,
-    load_adapter_state,
-    routing_statistics,
-)
+from clients.models.build import build_model
+from clients.models.build import moe_lora_config
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import attach
+from clients.models.moe_lora import load_adapter_state
+from clients.models.moe_lora import routing_statistics
 from clients.models.peft_bridge import init_from_peft
-from clients.strategies.base import (
-    ClientHalf,
-    ClientStrategy,
-    LocalRound,
-    RemembersRounds,
-    StepsOnValidation,
-    TrainingPlan,
-    checked_min_weight,
-    checked_weight,
-    device_of,
-    plain_session,
-)
-from clients.training.routing_release import (
-    SENSITIVITY_BASIS,
-    private_routing_statistics,
-    routing_mechanism,
-)
-from clients.training.trainer import (
-    LocalTrainingResult,
-    Metrics,
-    block_losses,
-    evaluate,
-    train_local,
-)
-from privacy import ROUTING_STATISTICS, DPConfig, DPTrainingFacts, GaussianMechanism, Release
+from clients.strategies.base import ClientHalf
+from clients.strategies.base import ClientStrategy
+from clients.strategies.base import LocalRound
+from clients.strategies.base import RemembersRounds
+from clients.strategies.base import StepsOnValidation
+from clients.strategies.base import TrainingPlan
+from clients.strategies.base import checked_min_weight
+from clients.strategies.base import checked_weight
+from clients.strategies.base import device_of
+from clients.strategies.base import plain_session
+from clients.training.routing_release import SENSITIVITY_BASIS
+from clients.training.routing_release import private_routing_statistics
+from clients.training.routing_release import routing_mechanism
+from clients.training.trainer import LocalTrainingResult
+from clients.training.trainer import Metrics
+from clients.training.trainer import block_losses
+from clients.training.trainer import evaluate
+from clients.training.trainer import train_local
+from privacy import ROUTING_STATISTICS
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import GaussianMechanism
+from privacy import Release
 
 
 @dataclass(frozen=True)

@@ -51,36 +51,40 @@ Paper mechanisms (STRATEGIES.md), one line each:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 
 import numpy as np
 from torch import nn
 
-from clients.contract.config import FederationConfig, FedMoESection
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    ROUTING,
-    WEIGHT,
-    GlobalState,
-    StrategyError,
-    Submission,
-    SubmissionLayout,
-    check_routing_matches,
-)
+from clients.contract.config import FederationConfig
+from clients.contract.config import FedMoESection
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import ROUTING
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.layout import Submission
+from clients.contract.layout import SubmissionLayout
+from clients.contract.layout import check_routing_matches
 from clients.models.routing_hooks import restrict_routing
-from clients.strategies.base import TrainingPlan, checked_weight
-from clients.strategies.experts import (
-    EXPERT_COUNT,
-    EXPERT_WEIGHT,
-    ExpertPartition,
-    expert_segments,
-    weighted_deltas,
-)
-from clients.strategies.fedavg import FedAvgConfig, checked_section, extended_config, moe_lora_half
+from clients.strategies.base import TrainingPlan
+from clients.strategies.base import checked_weight
+from clients.strategies.experts import EXPERT_COUNT
+from clients.strategies.experts import EXPERT_WEIGHT
+from clients.strategies.experts import ExpertPartition
+from clients.strategies.experts import expert_segments
+from clients.strategies.experts import weighted_deltas
+from clients.strategies.fedavg import FedAvgConfig
+from clients.strategies.fedavg import checked_section
+from clients.strategies.fedavg import extended_config
+from clients.strategies.fedavg import moe_lora_half
 from clients.training.trainer import LocalTrainingResult
-from privacy import VALIDATION_SIGNAL, GaussianMechanism
+from privacy import VALIDATION_SIGNAL
+from privacy import GaussianMechanism
 
 
 @dataclass(frozen=True)

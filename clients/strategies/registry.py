@@ -11,9 +11,16 @@ from typing import Any
 from torch import nn
 
 from clients.contract.config import FederationConfig
-from clients.contract.layout import GlobalState, StrategyError
-from clients.strategies import ddome, fedalign, fedamole, fedavg, fedmoe
-from clients.strategies.base import ClientHalf, ClientStrategy, Learner
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.strategies import ddome
+from clients.strategies import fedalign
+from clients.strategies import fedamole
+from clients.strategies import fedavg
+from clients.strategies import fedmoe
+from clients.strategies.base import ClientHalf
+from clients.strategies.base import ClientStrategy
+from clients.strategies.base import Learner
 
 CLIENT_HALVES: dict[str, ClientHalf] = {
     "fedavg": fedavg.CLIENT_HALF,

@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from clients.contract.routing import RoutingStats
-from clients.models.moe_lora import reset_routing_statistics, routing_statistics
+from clients.models.moe_lora import reset_routing_statistics
+from clients.models.moe_lora import routing_statistics
 from clients.models.padding import model_input
-from privacy import ROUTING_STATISTICS, GaussianMechanism, poisson_sample
+from privacy import ROUTING_STATISTICS
+from privacy import GaussianMechanism
+from privacy import poisson_sample
 
 SENSITIVITY_BASIS = (
     "unit of privacy: one record, one training row of T tokens (padding included); the "

@@ -17,30 +17,37 @@ own per-block term (``extra_loss``) and hold some adapter entries fixed (``froze
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn
+from rich.progress import Progress
+from rich.progress import TextColumn
+from rich.progress import TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import TensorDataset
 
 from clients.contract.config import TrainingSection
 from clients.contract.records import PAD_ID
 from clients.contract.routing import RoutingStats
-from clients.models.moe_lora import (
-    adapter_parameters,
-    adapter_state,
-    get_config,
-    load_balance_loss,
-    reset_routing_statistics,
-    routing_statistics,
-)
-from clients.models.padding import model_input, token_loss
-from privacy import DPConfig, DPTrainingFacts, make_private
+from clients.models.moe_lora import adapter_parameters
+from clients.models.moe_lora import adapter_state
+from clients.models.moe_lora import get_config
+from clients.models.moe_lora import load_balance_loss
+from clients.models.moe_lora import reset_routing_statistics
+from clients.models.moe_lora import routing_statistics
+from clients.models.padding import model_input
+from clients.models.padding import token_loss
+from privacy import DPConfig
+from privacy import DPTrainingFacts
+from privacy import make_private
 
 ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """``(model, ids [B, T]) -> [B]``: a per-block loss term, called right after the forward pass of

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from clients.contract.config import ConfigFileError, load_config
-from clients.contract.keys import (
-    ROSTER_FILE,
-    KeyMaterialError,
-    Roster,
-    load_coordinator_identity,
-    load_roster,
-)
-from coordinator.app.commands import add_command, arg
+from clients.contract.config import ConfigFileError
+from clients.contract.config import load_config
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import KeyMaterialError
+from clients.contract.keys import Roster
+from clients.contract.keys import load_coordinator_identity
+from clients.contract.keys import load_roster
+from coordinator.app.commands import add_command
+from coordinator.app.commands import arg
 from privacy.errors import UserError
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def find_roster(args: argparse.Namespace, run_dir: Path | None = None) -> Roster
     if args.config is not None:
         return load_roster(load_config(args.config).keys_dir / ROSTER_FILE)
     if run_dir is not None:
-        from audit.context import ContextError, read_context
+        from audit.context import ContextError
+        from audit.context import read_context
 
         try:
             return load_roster(read_context(run_dir).roster)
@@ -79,7 +80,9 @@ def find_roster(args: argparse.Namespace, run_dir: Path | None = None) -> Roster
 def verify_report_signatures(run_dir: Path, roster: Roster) -> list[str]:
     """Check every report file of ``run_dir`` against the coordinator's roster key; one line
     per file that is unsigned, changed or signed by another key (empty: all good or none)."""
-    from audit.signature import SIGNED_FILES, SignatureInvalid, verify_file
+    from audit.signature import SIGNED_FILES
+    from audit.signature import SignatureInvalid
+    from audit.signature import verify_file
 
     problems = []
     for name in SIGNED_FILES:
@@ -99,7 +102,11 @@ def verify_one(
     """Verify one ledger against every head the coordinator kept for it: whose it is comes from
     ``institution`` or its folder name. A missing ledger with heads on file, or heads that do not
     read, raise :class:`audit.LedgerTampered` naming the institution."""
-    from audit import HeadFileError, LedgerTampered, head_path, read_heads, verify_ledger
+    from audit import HeadFileError
+    from audit import LedgerTampered
+    from audit import head_path
+    from audit import read_heads
+    from audit import verify_ledger
 
     name = institution or path.resolve().parent.name
     public_key = roster.institution(name).identity_key
@@ -229,7 +236,8 @@ def sign_report_files(run_dir: Path, keys_dir: Path, roster: Roster | None) -> l
     roster's coordinator key)."""
     from cryptography.hazmat.primitives import serialization
 
-    from audit.signature import remove_signatures, sign_report
+    from audit.signature import remove_signatures
+    from audit.signature import sign_report
 
     remove_signatures(run_dir)
     if roster is None:

@@ -18,29 +18,27 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from clients.contract.config import (
-    ConfigFileError,
-    FederationConfig,
-    delta_warnings,
-    load_config,
-    missing_data_files,
-)
-from clients.contract.enroll import (
-    accept_ckks_share,
-    build_roster,
-    create_ckks_shares,
-    enroll_institution,
-    read_card,
-)
-from clients.contract.keys import ROSTER_FILE, generate_keys
-from clients.models.locate import (
-    PEFT_FILES,
-    AssetMissingError,
-    ModelNotFoundError,
-    locate_model,
-)
+from clients.contract.config import ConfigFileError
+from clients.contract.config import FederationConfig
+from clients.contract.config import delta_warnings
+from clients.contract.config import load_config
+from clients.contract.config import missing_data_files
+from clients.contract.enroll import accept_ckks_share
+from clients.contract.enroll import build_roster
+from clients.contract.enroll import create_ckks_shares
+from clients.contract.enroll import enroll_institution
+from clients.contract.enroll import read_card
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import generate_keys
+from clients.models.locate import PEFT_FILES
+from clients.models.locate import AssetMissingError
+from clients.models.locate import ModelNotFoundError
+from clients.models.locate import locate_model
 from coordinator.app.audit_commands import add_audit_parser
-from coordinator.app.commands import CONFIG, add_command, arg, config_path
+from coordinator.app.commands import CONFIG
+from coordinator.app.commands import add_command
+from coordinator.app.commands import arg
+from coordinator.app.commands import config_path
 from privacy.errors import UserError
 
 USER_ERROR = 2
@@ -192,7 +190,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from clients.runtime.trained_model import MODEL_DIR, export_model
+    from clients.runtime.trained_model import MODEL_DIR
+    from clients.runtime.trained_model import export_model
 
     kept = Path(args.run_dir) / "institutions" / args.institution / MODEL_DIR
     out, kind = export_model(kept, args.out)

@@ -19,20 +19,20 @@ from pathlib import Path
 
 from rich import box
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn
+from rich.progress import MofNCompleteColumn
+from rich.progress import Progress
+from rich.progress import SpinnerColumn
+from rich.progress import TextColumn
+from rich.progress import TimeElapsedColumn
 from rich.table import Table
 
 from audit.context import ContextError
 from clients.contract.config import FederationConfig
-from clients.contract.keys import ROSTER_FILE, generate_keys
-from clients.runtime.institution import METRICS_FILE, PROGRESS_FILE
+from clients.contract.keys import ROSTER_FILE
+from clients.contract.keys import generate_keys
+from clients.runtime.institution import METRICS_FILE
+from clients.runtime.institution import PROGRESS_FILE
 from clients.runtime.plan import privacy_plan
 from clients.runtime.progress import read_step_progress
 from coordinator.app.audit_commands import produce_report

@@ -8,7 +8,9 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.contract.config import FederationConfig
-from clients.runtime.plan import CANNOT_LEARN, SLOW, InstitutionPlan
+from clients.runtime.plan import CANNOT_LEARN
+from clients.runtime.plan import SLOW
+from clients.runtime.plan import InstitutionPlan
 
 
 def plan_table(config: FederationConfig, plans: list[InstitutionPlan]) -> Table:

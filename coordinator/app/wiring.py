@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from audit import Ledger, ledger_path
+from audit import Ledger
+from audit import ledger_path
 from clients.contract.config import FederationConfig
 from clients.contract.keys import load_institution_keys
 
@@ -30,8 +31,6 @@ def open_ledger(config: FederationConfig, name: str) -> Ledger:
 def make_institution(config: FederationConfig, name: str) -> Institution:
     """Institution ``name`` of ``config``, ready to
     :meth:`~clients.runtime.institution.Institution.run`."""
-    from clients.runtime.institution import (
-        Institution,  # lazy: imports torch and the model code
-    )
+    from clients.runtime.institution import Institution  # lazy: imports torch and the model code
 
     return Institution(config, name, ledger=open_ledger(config, name))

@@ -7,31 +7,37 @@ only ratios of sums. :func:`aggregate_locally` runs the secure sums of one round
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
+from typing import Protocol
+from typing import runtime_checkable
 
 import numpy as np
 import torch
 
 from audit.context import StrategyFacts
 from clients.contract.config import FederationConfig
-from clients.contract.layout import (
-    CHANNEL_BOUND,
-    DELTA_PREFIX,
-    ROUTING,
-    WEIGHT,
-    Channel,
-    GlobalState,
-    NoContribution,
-    Segment,
-    StrategyError,
-    SubmissionLayout,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import ROUTING
+from clients.contract.layout import WEIGHT
+from clients.contract.layout import Channel
+from clients.contract.layout import GlobalState
+from clients.contract.layout import NoContribution
+from clients.contract.layout import Segment
+from clients.contract.layout import StrategyError
+from clients.contract.layout import SubmissionLayout
 from clients.contract.routing import RoutingStats
-from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT, ExpertPartition
-from secagg import TooFewSurvivors, run_local
-from secagg.ckks import CkksAggregator, CkksKeyHolder
+from clients.strategies.experts import EXPERT_COUNT
+from clients.strategies.experts import EXPERT_WEIGHT
+from clients.strategies.experts import ExpertPartition
+from secagg import TooFewSurvivors
+from secagg import run_local
+from secagg.ckks import CkksAggregator
+from secagg.ckks import CkksKeyHolder
 
 
 class CoordinatorStrategy(Protocol):

@@ -13,16 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from audit.context import ReleaseFacts, StrategyFacts
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    GlobalState,
-    SubmissionLayout,
-)
+from audit.context import ReleaseFacts
+from audit.context import StrategyFacts
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import GlobalState
+from clients.contract.layout import SubmissionLayout
 from clients.models.ddome_lora import expert_of
-from clients.strategies.ddome import DDOMEConfig, DDOMEState, ddome_config
-from clients.strategies.experts import EXPERT_COUNT, EXPERT_WEIGHT
-from coordinator.strategies.base import ServerHalf, contributed_weight
+from clients.strategies.ddome import DDOMEConfig
+from clients.strategies.ddome import DDOMEState
+from clients.strategies.ddome import ddome_config
+from clients.strategies.experts import EXPERT_COUNT
+from clients.strategies.experts import EXPERT_WEIGHT
+from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import contributed_weight
 
 
 def next_state(

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from audit.context import StrategyFacts
-from clients.contract.layout import GlobalState, StrategyError
-from clients.strategies.fedalign import (
-    ALIGN_MEAN,
-    ALIGN_N,
-    ALIGN_SCORE,
-    ALIGN_SQUARE,
-    ALIGN_STD,
-    FedAlignConfig,
-    fedalign_config,
-)
-from coordinator.strategies.base import PerExpertCoordinator, ServerHalf, summed_routing
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.strategies.fedalign import ALIGN_MEAN
+from clients.strategies.fedalign import ALIGN_N
+from clients.strategies.fedalign import ALIGN_SCORE
+from clients.strategies.fedalign import ALIGN_SQUARE
+from clients.strategies.fedalign import ALIGN_STD
+from clients.strategies.fedalign import FedAlignConfig
+from clients.strategies.fedalign import fedalign_config
+from coordinator.strategies.base import PerExpertCoordinator
+from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import summed_routing
 
 
 @dataclass(frozen=True)

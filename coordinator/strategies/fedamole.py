@@ -13,35 +13,36 @@ sum(keys) / holder count. An expert nobody held (all its holders dropped) keeps 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds
+from scipy.optimize import LinearConstraint
+from scipy.optimize import milp
 
-from audit.context import ReleaseFacts, StrategyFacts
-from clients.contract.layout import (
-    DELTA_PREFIX,
-    GlobalState,
-    StrategyError,
-    SubmissionLayout,
-)
+from audit.context import ReleaseFacts
+from audit.context import StrategyFacts
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.layout import SubmissionLayout
 from clients.strategies.experts import EXPERT_WEIGHT
-from clients.strategies.fedamole import (
-    KEY_COUNT,
-    KEY_SUM,
-    FedAMoLEConfig,
-    FedAMoLEState,
-    amole_modules,
-    check_assignment_feasible,
-    decode_embedding,
-    encode_assignment,
-    fedamole_config,
-    score_embedding,
-    state_from_global,
-)
-from coordinator.strategies.base import ServerHalf, contributed_weight
+from clients.strategies.fedamole import KEY_COUNT
+from clients.strategies.fedamole import KEY_SUM
+from clients.strategies.fedamole import FedAMoLEConfig
+from clients.strategies.fedamole import FedAMoLEState
+from clients.strategies.fedamole import amole_modules
+from clients.strategies.fedamole import check_assignment_feasible
+from clients.strategies.fedamole import decode_embedding
+from clients.strategies.fedamole import encode_assignment
+from clients.strategies.fedamole import fedamole_config
+from clients.strategies.fedamole import score_embedding
+from clients.strategies.fedamole import state_from_global
+from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import contributed_weight
 
 
 def solve_assignment(

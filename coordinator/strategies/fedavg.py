@@ -10,20 +10,17 @@ import numpy as np
 import torch
 
 from audit.context import StrategyFacts
-from clients.contract.layout import (
-    CHANNEL_BOUND,
-    DELTA_PREFIX,
-    GlobalState,
-    StrategyError,
-    SubmissionLayout,
-)
-from clients.strategies.fedavg import FedAvgConfig, fedavg_config
-from coordinator.strategies.base import (
-    ServerHalf,
-    contributed_weight,
-    leading_deltas,
-    summed_routing,
-)
+from clients.contract.layout import CHANNEL_BOUND
+from clients.contract.layout import DELTA_PREFIX
+from clients.contract.layout import GlobalState
+from clients.contract.layout import StrategyError
+from clients.contract.layout import SubmissionLayout
+from clients.strategies.fedavg import FedAvgConfig
+from clients.strategies.fedavg import fedavg_config
+from coordinator.strategies.base import ServerHalf
+from coordinator.strategies.base import contributed_weight
+from coordinator.strategies.base import leading_deltas
+from coordinator.strategies.base import summed_routing
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audit.context import ReleaseFacts, StrategyFacts
-from clients.strategies.fedmoe import FedMoEConfig, fedmoe_config
-from coordinator.strategies.base import PerExpertCoordinator, ServerHalf
+from audit.context import ReleaseFacts
+from audit.context import StrategyFacts
+from clients.strategies.fedmoe import FedMoEConfig
+from clients.strategies.fedmoe import fedmoe_config
+from coordinator.strategies.base import PerExpertCoordinator
+from coordinator.strategies.base import ServerHalf
 
 
 @dataclass(frozen=True)

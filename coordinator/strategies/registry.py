@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from audit.context import StrategyFacts
 from clients.contract.config import FederationConfig
-from coordinator.strategies import ddome, fedalign, fedamole, fedavg, fedmoe
-from coordinator.strategies.base import CoordinatorStrategy, ServerHalf
+from coordinator.strategies import ddome
+from coordinator.strategies import fedalign
+from coordinator.strategies import fedamole
+from coordinator.strategies import fedavg
+from coordinator.strategies import fedmoe
+from coordinator.strategies.base import CoordinatorStrategy
+from coordinator.strategies.base import ServerHalf
 
 SERVER_HALVES: dict[str, ServerHalf] = {
     "fedavg": fedavg.SERVER_HALF,
