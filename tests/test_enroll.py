@@ -105,6 +105,20 @@ def test_ckks_share_reaches_each_institution_and_only_it(hosts):
     assert reference not in (hosts["alpha"] / "ckks.public").read_bytes()
 
 
+def test_accepting_a_new_ckks_key_over_another_needs_force(hosts):
+    create_ckks_shares(hosts["alpha"], "alpha")
+    accept_ckks_share(hosts["beta"], "beta", share_path(hosts["alpha"], "beta"))
+    accept_ckks_share(hosts["beta"], "beta", share_path(hosts["alpha"], "beta"))  # same: fine
+    first = load_ckks_key_holder(hosts["beta"], "beta").to_bytes()
+    create_ckks_shares(hosts["alpha"], "alpha", force=True)  # a new key
+    with pytest.raises(ShareError, match="--force"):
+        accept_ckks_share(hosts["beta"], "beta", share_path(hosts["alpha"], "beta"))
+    assert load_ckks_key_holder(hosts["beta"], "beta").to_bytes() == first
+    accept_ckks_share(hosts["beta"], "beta", share_path(hosts["alpha"], "beta"), force=True)
+    replaced = load_ckks_key_holder(hosts["beta"], "beta").to_bytes()
+    assert replaced == load_ckks_key_holder(hosts["alpha"], "alpha").to_bytes() != first
+
+
 def test_share_for_one_institution_opens_for_nobody_else(hosts):
     create_ckks_shares(hosts["alpha"], "alpha")
     share = msgspec.json.decode(share_path(hosts["alpha"], "beta").read_bytes(), type=SealedShare)

@@ -216,8 +216,13 @@ def create_ckks_shares(
     return written
 
 
-def accept_ckks_share(keys_dir: str | Path, recipient: str, path: str | Path) -> Path:
-    """Verify and open a sealed share on ``recipient``'s host; write its ``ckks.secret`` (0600)."""
+def accept_ckks_share(
+    keys_dir: str | Path, recipient: str, path: str | Path, force: bool = False
+) -> Path:
+    """Verify and open a sealed share on ``recipient``'s host; write its ``ckks.secret`` (0600).
+
+    A different CKKS key already there is kept unless ``force``: replacing it silently would
+    leave this institution unable to read what the federation encrypted under the old one."""
     keys_dir = Path(keys_dir)
     roster = load_roster(keys_dir / ROSTER_FILE)
     keys = load_institution_keys(keys_dir, recipient)
@@ -234,6 +239,10 @@ def accept_ckks_share(keys_dir: str | Path, recipient: str, path: str | Path) ->
     except SecAggError as exc:
         raise ShareError(f"{path}: opened, but holds no CKKS secret context ({exc})") from None
     target = institution_dir(keys_dir, recipient) / CKKS_SECRET_FILE
+    if not force and target.exists() and target.read_bytes() != secret:
+        raise ShareError(
+            f"{target} already holds another CKKS secret key; pass --force to replace it"
+        )
     atomic_write(target, secret, mode=0o600)
     return target
 

@@ -110,7 +110,7 @@ def _cmd_ckks_share(args: argparse.Namespace) -> int:
 
 def _cmd_ckks_accept(args: argparse.Namespace) -> int:
     config = load_config(config_path(args))
-    target = accept_ckks_share(config.keys_dir, args.institution, args.share)
+    target = accept_ckks_share(config.keys_dir, args.institution, args.share, force=args.force)
     print(f"Verified the share's signature and wrote {target} (mode 0600).")
     return 0
 
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         *CONFIG,
         arg("--institution", required=True, metavar="NAME", help="this host's institution"),
         arg("--share", required=True, metavar="FILE", help="ckks-share-NAME.json sent to you"),
+        arg("--force", action="store_true", help="replace a different CKKS key already here"),
     )
 
     add_command(
