@@ -61,7 +61,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
             "max_blocks": {"train": 512, "validation": 32, "test": 32},
         },
         "training": {"local_steps": 8, "batch_size": 64, "lr": 1e-2, "device": "cpu"},
-        "fedamole": {"affinity_blocks": 32},
+        "fedamole": {"affinity_blocks": 24},  # the smallest validation split has 27 records
     },
     "smollm2": {
         "federation": {"name": "strategies-smollm2", "rounds": 5},
