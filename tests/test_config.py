@@ -57,7 +57,8 @@ def test_shakespeare_example_loads():
     assert config.federation.rounds == 3
     assert config.aggregation.expert_updates == "mask"
     assert config.aggregation.routing_statistics == "ckks"
-    assert config.data.max_blocks.as_dict() == {"train": 4096, "validation": 32, "test": 32}
+    assert config.data.max_blocks.as_dict() == {"train": 4096, "validation": 32, "test": 64}
+    assert config.privacy.routing_sample_rate == 0.02
     assert config.aggregation.ckks.params().slot_count == 4096
 
 
@@ -277,8 +278,9 @@ def test_unknown_institution_lookup():
 def test_conversions_to_runtime_configs():
     config = load_config(EXAMPLES / "shakespeare.toml")
     lora = moe_lora_config(config.model.moe)
-    assert (lora.num_experts, lora.top_k, lora.rank) == (4, 2, 8)
-    assert lora.target_modules == ("q_proj", "v_proj", "up_proj", "down_proj")
+    assert (lora.num_experts, lora.top_k, lora.rank) == (4, 2, 4)
+    assert lora.target_modules == ("q_proj", "v_proj")
+    assert lora.layers == (-4, -3, -2, -1)
     dp = config.dp_config("romances")
     assert (dp.target_epsilon, dp.target_delta, dp.accountant) == (8.0, 1e-5, "pld")
     assert dp.noise_multiplier is None
