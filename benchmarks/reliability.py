@@ -4,8 +4,9 @@ Every institution is its own process that never imports torch: a synthetic insti
 runs the real protocol pieces (CurveZMQ :class:`~clients.runtime.transport.InstitutionEndpoint`,
 the contract messages, :class:`~secagg.client.SecAggClient`, the signed write-ahead
 :class:`audit.Ledger`, charged before the masked input leaves and its signed head sent first).
-Its update is a synthetic vector of the size of the MoE-LoRA adapters of
-``examples/shakespeare.toml`` (see :func:`shakespeare_adapter_values`), on the fixed-point grid,
+Its update is a synthetic vector of the size of SmolLM2-135M MoE-LoRA adapters on every layer
+(see :func:`shakespeare_adapter_values`; larger than ``examples/shakespeare.toml``'s, which adapt
+only the top four layers), on the fixed-point grid,
 so the coordinator can check the secure sum EXACTLY against the plaintext sum of the included
 institutions' inputs (regenerated from public seeds; only the benchmark knows them).
 
@@ -67,17 +68,19 @@ def shakespeare_adapter_values(
     experts: int = 4,
     rank: int = 8,
 ) -> int:
-    """Values in the MoE-LoRA adapters of examples/shakespeare.toml (SmolLM2-135M, 30 layers,
-    4 experts of rank 8): per adapted linear layer, E LoRA experts (A: r x in, B: out x r) and
-    a router (E x in). All four modules: 6,289,920 values; q_proj and v_proj: 1,981,440."""
+    """Values in MoE-LoRA adapters on every layer of SmolLM2-135M (30 layers, 4 experts of
+    rank 8; the earlier examples/shakespeare.toml): per adapted linear layer, E LoRA experts
+    (A: r x in, B: out x r) and a router (E x in). All four modules: 6,289,920 values; q_proj
+    and v_proj: 1,981,440."""
     shapes = [SMOLLM2_LINEAR[m] for m in modules]
     return layers * sum(experts * rank * (i + o) + experts * i for i, o in shapes)
 
 
 SIZES = {
-    shakespeare_adapter_values(): "the MoE-LoRA adapters of examples/shakespeare.toml",
-    shakespeare_adapter_values(("q_proj", "v_proj")): "the MoE-LoRA adapters of "
-    "examples/shakespeare.toml on q_proj and v_proj only (all four modules: 6.3 M values)",
+    shakespeare_adapter_values(): "SmolLM2-135M MoE-LoRA adapters (4 experts, rank 8) on "
+    "q_proj, v_proj, up_proj and down_proj of every layer",
+    shakespeare_adapter_values(("q_proj", "v_proj")): "SmolLM2-135M MoE-LoRA adapters "
+    "(4 experts, rank 8) on q_proj and v_proj of every layer (all four modules: 6.3 M values)",
 }
 
 
@@ -519,7 +522,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
         "--length", type=int, default=shakespeare_adapter_values(("q_proj", "v_proj")),
-        help="values per update (default: the shakespeare.toml adapters on q_proj and v_proj; "
+        help="values per update (default: rank-8 adapters on q_proj and v_proj of every layer; "
         "all four target modules are 6,289,920 and need a longer --timeout on 2 cores)",
     )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=10.0, help="stage timeout (s)")
