@@ -78,12 +78,14 @@ LOCAL_HALF = fedavg.CLIENT_HALF
 @dataclasses.dataclass(frozen=True)
 class RoundRecord:
     """One round: per institution its mean training loss; whether the aggregate was applied;
-    public diagnostics of the new state (e.g. the global routing entropy)."""
+    public diagnostics of the new state (e.g. the global routing entropy); per institution its
+    test metrics after the round, when asked for (a per-round test curve)."""
 
     round: int
     train_loss: dict[str, float]
     applied: bool
     diagnostics: dict[str, float] = dataclasses.field(default_factory=dict)
+    test: dict[str, Metrics] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,20 +115,33 @@ def simulate(
     *,
     private: bool = True,
     client_half: ClientHalf | None = None,
+    test_every_round: bool = False,
 ) -> SimulationResult:
     """Run ``config.federation.rounds`` rounds of ``strategy`` and evaluate on every test split.
 
     ``private=False`` trains without DP-SGD and releases without noise worth the name (same
     steps). ``client_half`` replaces the strategy's registered client half (e.g. to give
-    institutions different FedMoE memory budgets).
+    institutions different FedMoE memory budgets). ``test_every_round`` also evaluates every
+    institution's test split after each round (:attr:`RoundRecord.test`; evaluation changes no
+    state).
     """
     if strategy not in strategy_names():
         raise KeyError(f"unknown strategy {strategy!r}; known: {strategy_names()}")
     federation = Federation(_run_config(config, strategy, private), strategy, private, client_half)
     names = config.institution_names
     initial = {name: federation.evaluate(name) for name in names}
-    rounds = [federation.round(index) for index in range(config.federation.rounds)]
-    final = {name: federation.evaluate(name) for name in names}
+    rounds = []
+    for index in range(config.federation.rounds):
+        record = federation.round(index)
+        if test_every_round:
+            tested = {name: federation.evaluate(name) for name in names}
+            record = dataclasses.replace(record, test=tested)
+        rounds.append(record)
+    final = (
+        rounds[-1].test
+        if test_every_round and rounds
+        else {name: federation.evaluate(name) for name in names}
+    )
     return SimulationResult(
         strategy,
         private,

@@ -173,6 +173,19 @@ def test_without_dp_nothing_is_charged(config, strategy):
     assert all(r.applied for r in result.rounds)
 
 
+def test_a_test_curve_has_one_point_per_round_and_ends_at_the_final_metrics(config):
+    result = simulate(config, "fedavg", private=False, test_every_round=True)
+    names = config.institution_names
+    assert [sorted(r.test) for r in result.rounds] == [sorted(names)] * len(result.rounds)
+    assert all(result.rounds[-1].test[n] == result.final[n] for n in names)
+    first = [result.rounds[0].test[n].loss for n in names]
+    assert first != [result.initial[n].loss for n in names]  # the curve moves with training
+    for n in names:  # per-record losses for paired comparisons
+        final = result.final[n]
+        assert sum(final.record_tokens) == final.tokens > 0
+        assert sum(final.record_loss) == pytest.approx(final.loss * final.tokens)
+
+
 class Overspending:
     """A learner whose round also makes a release it never planned, far beyond any budget."""
 

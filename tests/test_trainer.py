@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from clients.contract.records import PAD_ID
 from clients.data import shakespeare
 from clients.models.loaders import tiny_dense_model
 from clients.models.loaders import tiny_moe_model
@@ -175,6 +176,22 @@ def test_evaluate_reports_token_metrics_and_restores_mode():
     assert metrics.perplexity == pytest.approx(math.exp(metrics.loss))
     assert 0 <= metrics.accuracy <= 1
     assert metrics.loss == pytest.approx(math.log(256), rel=0.2)  # random model, 256 tokens
+
+
+def test_evaluate_scores_each_record_as_if_alone():
+    blocks = pattern_blocks(6, length=9)
+    blocks[1, 5:] = PAD_ID  # a short record: its padding is no target
+    model = dense()
+    metrics = evaluate(model, blocks, batch_size=4)
+    assert metrics.record_tokens == (8, 4, 8, 8, 8, 8)
+    assert sum(metrics.record_tokens) == metrics.tokens
+    assert sum(metrics.record_loss) == pytest.approx(metrics.loss * metrics.tokens)
+    assert sum(metrics.record_correct) == round(metrics.accuracy * metrics.tokens)
+    for row in range(len(blocks)):
+        alone = evaluate(model, blocks[row : row + 1, : 5 if row == 1 else 9])
+        assert metrics.record_loss[row] == pytest.approx(alone.loss * alone.tokens, rel=1e-5)
+        assert metrics.record_correct[row] == round(alone.accuracy * alone.tokens)
+    assert set(metrics.summary()) == {"loss", "perplexity", "accuracy", "tokens"}
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,6 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
-from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -573,5 +572,5 @@ class InstitutionRounds:
         )  # fmt: skip
 
 
-def _metrics(metrics: Metrics | None) -> dict[str, float] | None:
-    return None if metrics is None else asdict(metrics)
+def _metrics(metrics: Metrics | None) -> dict[str, float | int] | None:
+    return None if metrics is None else metrics.summary()

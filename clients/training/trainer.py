@@ -16,6 +16,7 @@ own per-block term (``extra_loss``) and hold some adapter entries fixed (``froze
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -60,12 +61,26 @@ class TrainerError(ValueError):
 
 @dataclass(frozen=True)
 class Metrics:
-    """Token-level language-model metrics: mean cross-entropy, its exp, argmax accuracy."""
+    """Token-level language-model metrics: mean cross-entropy, its exp, argmax accuracy; per
+    evaluated record (when known) its summed cross-entropy, correct predictions and targets,
+    for paired comparisons of two models on the same records (e.g. bootstrap intervals)."""
 
     loss: float
     perplexity: float
     accuracy: float
     tokens: int
+    record_loss: tuple[float, ...] = ()
+    record_correct: tuple[int, ...] = ()
+    record_tokens: tuple[int, ...] = ()
+
+    def summary(self) -> dict[str, float | int]:
+        """The four token-level metrics, without the per-record ones (for metrics lines)."""
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "accuracy": self.accuracy,
+            "tokens": self.tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -410,15 +425,25 @@ def evaluate_with(
         raise TrainerError(f"batch_size must be an int >= 1, got {batch_size!r}")
     was_training = model.training
     model.eval()
-    ce_sum, correct = 0.0, 0
+    record_loss: list[float] = []
+    record_correct: list[int] = []
     try:
         for start in range(0, blocks.shape[0], batch_size):
-            ce, hits = score(slice(start, start + batch_size))
-            ce_sum += float(ce.sum())
-            correct += int(hits.sum())
+            rows = slice(start, start + batch_size)
+            ce, hits = score(rows)
+            n = blocks[rows].shape[0]
+            record_loss.extend(ce.double().reshape(n, -1).sum(dim=1).tolist())
+            record_correct.extend(hits.long().reshape(n, -1).sum(dim=1).tolist())
     finally:
         model.train(was_training)
-    return _metrics(ce_sum, correct, _targets(blocks))
+    summary = _metrics(sum(record_loss), sum(record_correct), _targets(blocks))
+    record_tokens = (blocks[:, 1:] != PAD_ID).sum(dim=1).tolist()
+    return dataclasses.replace(
+        summary,
+        record_loss=tuple(record_loss),
+        record_correct=tuple(record_correct),
+        record_tokens=tuple(record_tokens),
+    )
 
 
 @torch.no_grad()
