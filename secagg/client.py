@@ -41,6 +41,7 @@ from secagg.messages import KeyRoster
 from secagg.messages import MaskedInput
 from secagg.messages import Message
 from secagg.messages import RelayedShares
+from secagg.messages import RevealedSeed
 from secagg.messages import RoundParams
 from secagg.messages import ShareKeys
 from secagg.messages import Stage
@@ -234,11 +235,7 @@ class SecAggClient:
         masked, self._encoded = self._encoded, None  # the input is masked in place, once
         add_keystream(masked, self._self_seed)
         for peer in sorted(self._masked_with):
-            seed = kex.agree(
-                self._mask_key, self._roster[peer].mask_pk, purpose=kex.MASK_PURPOSE,
-                round_id=self.params.round_id, me=self.client_id, peer=peer,
-            )  # fmt: skip
-            add_keystream(masked, seed, pairwise_mask_sign(self.client_id, peer))
+            add_keystream(masked, self._pair_seed(peer), pairwise_mask_sign(self.client_id, peer))
         return MaskedInput(
             round_id=self.params.round_id, client_id=self.client_id, vector=memoryview(masked),
             accused=sorted(self.accused),
@@ -283,11 +280,19 @@ class SecAggClient:
         mask_key_shares = {
             owner: pair[1] for owner, pair in self._shares_from.items() if owner in dropped
         }
+        # Our own seed with each dropped partner: derivable from that partner's mask key, which
+        # the same checked request already asks for, so it reveals nothing more; it lets the
+        # server cancel the mask without t valid shares of that key (docs/security.md, 2.7).
+        mask_seeds = [
+            RevealedSeed(peer=peer, seed=self._pair_seed(peer))
+            for peer in sorted(dropped & self._masked_with)
+        ]
         return UnmaskShares(
             round_id=self.params.round_id,
             client_id=self.client_id,
             self_mask_shares=self_mask_shares,
             mask_key_shares=mask_key_shares,
+            mask_seeds=mask_seeds,
         )
 
     # ------------------------------------------------------------------------------ checks
@@ -401,6 +406,13 @@ class SecAggClient:
             if share.x != self.client_id + 1:
                 raise InvalidShare(f"client {sender} sent a share of another holder", sender=sender)
         return body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :]
+
+    def _pair_seed(self, peer: int) -> bytes:
+        """The pairwise mask seed with ``peer`` (X25519 of our mask key and its signed key)."""
+        return kex.agree(
+            self._mask_key, self._roster[peer].mask_pk, purpose=kex.MASK_PURPOSE,
+            round_id=self.params.round_id, me=self.client_id, peer=peer,
+        )  # fmt: skip
 
     def _share_key(self, peer: int) -> bytes:
         return kex.agree(

@@ -26,6 +26,7 @@ Blob = Annotated[bytes, msgspec.Meta(max_length=1 << 12)]
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_ACCUSED = 1 << 10  # wire bound; the server also holds it to the sender's neighbours
+MAX_SEEDS = 1 << 10  # wire bound on revealed seeds; the server holds them to the dropped neighbours
 
 
 class Stage(str, Enum):
@@ -116,8 +117,8 @@ class MaskedInput(_Message):
 
     A memoryview so that decoding does not copy a vector that may be gigabytes long.
     ``accused`` names the neighbours whose relayed share did not decrypt or parse: the server
-    excludes each of them (drops it and cancels its pairwise masks from its mask key), while
-    the sender still masked with them, so its vector matches the server's view either way.
+    excludes each of them (drops it and cancels its pairwise masks at unmasking), while the
+    sender still masked with them, so its vector matches the server's view either way.
     """
 
     client_id: ClientId
@@ -132,12 +133,31 @@ class SurvivorSignature(_Message):
     signature: Signature
 
 
+class RevealedSeed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A survivor's pairwise mask seed with ``peer``, a neighbour listed as dropped."""
+
+    peer: ClientId
+    seed: Key32
+
+
 class UnmaskShares(_Message):
-    """Stage 4: decrypted shares, keyed by the client the secret belongs to."""
+    """Stage 4: decrypted shares, keyed by the client the secret belongs to.
+
+    ``mask_seeds`` are the sender's own pairwise mask seeds with its dropped neighbours, so the
+    server can cancel those masks even when too few valid shares of a dropped mask key exist
+    (an accused party's victims hold none). At most one per peer; the server accepts them only
+    for the sender's neighbours in the dropped set (docs/security.md, 2.7).
+    """
 
     client_id: ClientId
     self_mask_shares: dict[ClientId, Blob]
     mask_key_shares: dict[ClientId, Blob]
+    mask_seeds: Annotated[list[RevealedSeed], msgspec.Meta(max_length=MAX_SEEDS)] = []
+
+    def __post_init__(self) -> None:
+        peers = [item.peer for item in self.mask_seeds]
+        if len(set(peers)) != len(peers):
+            raise MalformedMessage(f"client {self.client_id} reveals two seeds with one peer")
 
 
 # ----------------------------------------------------------------------------- server -> client

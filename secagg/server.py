@@ -190,6 +190,22 @@ class SecAggServer:
             share = shamir.decode_share(blob)
             if share.x != sender + 1:
                 raise MalformedMessage(f"client {sender} sent a share of another holder")
+        self._check_seeds(sender, [item.peer for item in msg.mask_seeds])
+
+    def _check_seeds(self, sender: int, peers: list[int]) -> None:
+        """A survivor reveals at most one seed per dropped neighbour, and no other seed."""
+        try:
+            if len(set(peers)) != len(peers):
+                raise MalformedMessage(f"client {sender} reveals seeds with {peers}: repeated ids")
+            unasked = set(peers) - (self._graph[sender] & set(self.dropped))
+            if unasked:
+                raise MalformedMessage(
+                    f"client {sender} reveals seeds with {sorted(unasked)}, who are not its "
+                    f"dropped neighbours"
+                )
+        except MalformedMessage as exc:
+            log.warning("round %d: refused unmask message: %s", self.params.round_id, exc)
+            raise
 
     # ------------------------------------------------------------------------------ stages
 
@@ -244,8 +260,8 @@ class SecAggServer:
 
     def _close_masked_input(self, inbox: dict[int, m.MaskedInput]) -> dict[int, m.Message]:
         # An accused party is excluded like one that dropped after sharing: its masked input
-        # (if any) leaves the sum, and its mask key is rebuilt at unmasking to cancel the
-        # pairwise masks its neighbours added. Its self-mask is never asked for.
+        # (if any) leaves the sum, and the pairwise masks its neighbours added are cancelled at
+        # unmasking (their revealed seeds, or its mask key). Its self-mask is never asked for.
         for v in sorted(self.accused.keys() & inbox.keys()):
             self._masked_sum -= np.frombuffer(inbox[v].vector, dtype=self._masked_sum.dtype)
         self.masked = sorted(inbox.keys() - self.accused.keys())
@@ -284,23 +300,55 @@ class SecAggServer:
         t = self.params.threshold
         # Rebuild every secret before touching the sum, so a failure leaves nothing half-done.
         self_seeds = [self._reconstruct(u, "self_mask_shares", t) for u in self.masked]
-        mask_keys = {
-            v: X25519PrivateKey.from_private_bytes(self._reconstruct(v, "mask_key_shares", t))
-            for v in self.dropped
-        }
+        pair_seeds = self._dropped_pair_seeds()
         total = self._masked_sum
         for seed in self_seeds:
             add_keystream(total, seed, -1)
-        for v, mask_key in mask_keys.items():
-            for u in sorted(self._graph[v] & set(self.masked)):
-                seed = kex.agree(
-                    mask_key, self.advertised[u].mask_pk, purpose=kex.MASK_PURPOSE,
-                    round_id=self.params.round_id, me=v, peer=u,
-                )  # fmt: skip
-                add_keystream(total, seed, -pairwise_mask_sign(u, v))
+        for (u, v), seed in pair_seeds.items():
+            add_keystream(total, seed, -pairwise_mask_sign(u, v))
         self.result = total
         self.stage = None
         return {}
+
+    def _dropped_pair_seeds(self) -> dict[tuple[int, int], bytes]:
+        """The seed of every mask between a survivor u and a dropped neighbour v, by (u, v).
+
+        u's own revealed seed where it sent one; otherwise the seed from v's mask key rebuilt
+        from t shares. So a dropped or accused v needs no t valid shares of its key when each
+        surviving neighbour answered; a survivor lost during unmasking still needs them, and
+        without them the round ends with :class:`TooFewSurvivors` (never a wrong sum).
+        """
+        revealed = {
+            (u, item.peer): item.seed
+            for u, msg in self.unmasking.items()
+            for item in msg.mask_seeds
+        }
+        seeds: dict[tuple[int, int], bytes] = {}
+        for v in self.dropped:
+            partners = sorted(self._graph[v] & set(self.masked))
+            silent = [u for u in partners if (u, v) not in revealed]
+            mask_key = self._dropped_mask_key(v, silent) if silent else None
+            for u in partners:
+                if (u, v) in revealed:
+                    seeds[u, v] = revealed[u, v]
+                else:
+                    seeds[u, v] = kex.agree(
+                        mask_key, self.advertised[u].mask_pk, purpose=kex.MASK_PURPOSE,
+                        round_id=self.params.round_id, me=v, peer=u,
+                    )  # fmt: skip
+        return seeds
+
+    def _dropped_mask_key(self, v: int, silent: list[int]) -> X25519PrivateKey:
+        """Dropped v's mask key, needed because survivors ``silent`` revealed no seed with v."""
+        t = self.params.threshold
+        count = sum(v in msg.mask_key_shares for msg in self.unmasking.values())
+        if count < t:
+            raise TooFewSurvivors(
+                f"round {self.params.round_id}: survivors {silent} revealed no seed with dropped "
+                f"client {v} and only {count} of the {t} shares of client {v}'s mask key "
+                f"arrived; its pairwise masks cannot be removed; no sum is released"
+            )
+        return X25519PrivateKey.from_private_bytes(self._reconstruct(v, "mask_key_shares", t))
 
     def _reconstruct(self, owner: int, field: str, threshold: int) -> bytes:
         shares = [

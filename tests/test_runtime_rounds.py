@@ -209,7 +209,9 @@ def test_a_round_charges_then_sends_the_head_before_the_ckks_and_masked_inputs(c
 
 def test_an_invalid_share_is_reported_and_the_institution_goes_on(config, caplog):
     """Another institution sends this one garbage instead of its share: this one names it to
-    the server with its masked input (released as usual) instead of abandoning the round."""
+    the server with its masked input (released as usual) instead of abandoning the round.
+    Four institutions at their active bound t = 3: only 2 valid holders of the accused's mask
+    key remain, so the round ends on the survivors' revealed seeds with it."""
     inst = make_institution(config, NAMES[0])
     start = round_start(config, inst)
     secagg = SecAggRound(config, inst, start.params)
@@ -239,8 +241,24 @@ def test_an_invalid_share_is_reported_and_the_institution_goes_on(config, caplog
     secagg.deliver(released)
     for cid, client in secagg.others.items():
         secagg.server.receive(cid, client.handle(relayed[cid]))
-    secagg.server.advance()
+    outgoing = secagg.server.advance()
     assert secagg.server.masked == [0, 2, 3] and secagg.server.dropped == [bad]
+    assert start.params.threshold == 3  # the active bound for 4 holders
+    while secagg.server.stage is not None:  # consistency, then unmasking, without the accused
+        for cid, message in outgoing.items():
+            if cid == secagg.me:
+                replies = inst.rounds.handle(message)
+                secagg.deliver(replies)
+            else:
+                secagg.server.receive(cid, secagg.others[cid].handle(message))
+        outgoing = secagg.server.advance()
+    unmask = messages(replies)[-1]
+    assert [item.peer for item in unmask.mask_seeds] == [bad] and bad not in unmask.mask_key_shares
+    assert secagg.server.included == [0, 2, 3]
+    layout = inst.learner.layout(inst.learner.local_state())
+    total = start.params.codec.decode(secagg.server.result)  # the others sent zeros
+    sums = layout.unpack({"mask": total, "ckks": np.zeros(layout.length("ckks"))})
+    assert sums[WEIGHT][0] == pytest.approx(1.0, abs=1e-3)  # exactly this institution's weight
 
 
 def test_a_charge_refused_at_release_sends_the_head_then_a_decline_and_no_input(config):

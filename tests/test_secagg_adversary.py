@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -19,10 +20,12 @@ from secagg import shamir
 from secagg.client import SecAggClient
 from secagg.client import pairwise_mask_sign
 from secagg.graph import neighbour_graph
+from secagg.messages import MAX_SEEDS
 from secagg.messages import AdvertiseKeys
 from secagg.messages import KeyRoster
 from secagg.messages import MaskedInput
 from secagg.messages import RelayedShares
+from secagg.messages import RevealedSeed
 from secagg.messages import ShareKeys
 from secagg.messages import SurvivorSetRequest
 from secagg.messages import SurvivorSignature
@@ -48,6 +51,7 @@ class Coordinator:
         self.signatures: dict[frozenset[int], list[SurvivorSignature]] = {}
         self.self_mask_shares: dict[int, dict[int, shamir.Share]] = {}
         self.mask_key_shares: dict[int, dict[int, shamir.Share]] = {}
+        self.pair_seeds: dict[tuple[int, int], bytes] = {}  # (revealer, peer) -> their seed
         self.refusals: dict[int, secagg.SecAggError] = {}
 
     def ask(self, who: int, message) -> object | None:
@@ -103,6 +107,8 @@ class Coordinator:
                     self.self_mask_shares.setdefault(owner, {})[u] = shamir.decode_share(blob)
                 for owner, blob in reply.mask_key_shares.items():
                     self.mask_key_shares.setdefault(owner, {})[u] = shamir.decode_share(blob)
+                for item in reply.mask_seeds:
+                    self.pair_seeds[u, item.peer] = item.seed
 
     def _secret(self, table: dict[int, dict[int, shamir.Share]], owner: int) -> bytes | None:
         shares = list(table.get(owner, {}).values())
@@ -112,28 +118,41 @@ class Coordinator:
         """The victim's encoded input from its masked input alone, or None if a secret is missing.
 
         ``partners`` are the peers the victim masked with (the adversary chose them by what it
-        relayed). Each pairwise mask goes with the partner's mask key or the victim's own.
+        relayed). Each pairwise mask goes with a seed either side revealed, the partner's mask
+        key or the victim's own.
         """
         if victim not in self.masked:
             return None
         seed = self._secret(self.self_mask_shares, victim)
         if seed is None:
             return None
-        y = self.masked[victim].copy()
+        y = self.strip_pairwise(victim, partners)
+        if y is None:
+            return None
         add_keystream(y, seed, -1)
-        own = self._secret(self.mask_key_shares, victim)
-        for w in sorted(partners):
-            key = self._secret(self.mask_key_shares, w)
+        return y
+
+    def pair_seed(self, victim: int, w: int) -> bytes | None:
+        """The victim's pairwise seed with ``w`` from anything revealed, or None."""
+        for revealer, peer in ((w, victim), (victim, w)):
+            if (revealer, peer) in self.pair_seeds:
+                return self.pair_seeds[revealer, peer]
+        for owner, other in ((w, victim), (victim, w)):
+            key = self._secret(self.mask_key_shares, owner)
             if key is not None:
-                private, me, public = key, w, self.adverts[victim].mask_pk
-            elif own is not None:
-                private, me, public = own, victim, self.adverts[w].mask_pk
-            else:
+                return kex.agree(
+                    X25519PrivateKey.from_private_bytes(key), self.adverts[other].mask_pk,
+                    purpose=kex.MASK_PURPOSE, round_id=self.params.round_id, me=owner, peer=other,
+                )  # fmt: skip
+        return None
+
+    def strip_pairwise(self, victim: int, partners: set[int]) -> np.ndarray | None:
+        """The victim's masked input less every pairwise mask, or None if a seed is missing."""
+        y = self.masked[victim].copy()
+        for w in sorted(partners):
+            pair = self.pair_seed(victim, w)
+            if pair is None:
                 return None
-            pair = kex.agree(
-                X25519PrivateKey.from_private_bytes(private), public, purpose=kex.MASK_PURPOSE,
-                round_id=self.params.round_id, me=me, peer=victim if me == w else w,
-            )  # fmt: skip
             add_keystream(y, pair, -pairwise_mask_sign(victim, w))
         return y
 
@@ -207,6 +226,55 @@ def test_inconsistent_survivor_sets_recover_nothing(n, k, t):
         and len(adv.mask_key_shares.get(victim, {})) >= t
     )
     assert not both
+
+
+SPLITS = [
+    # (n, k, t, active_bound, shown the victim alive; the rest are shown it dropped)
+    (5, 4, 4, True, [0]),  # every other client reveals its seed with the victim, and s_0
+    (5, 4, 4, True, [0, 1, 2]),
+    (5, 4, 3, False, [0, 1, 2]),  # below the bound: b_0 comes out, the seeds of 3, 4 do not
+    (7, 6, 5, True, [0, 1]),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "t", "bound", "alive_to"), SPLITS)
+def test_split_view_with_seed_reveal_recovers_nothing(n, k, t, bound, alive_to):
+    """Fork with seeds: clients shown the victim dropped reveal their seed with it (and their
+    share of s_0); the others are shown it alive and asked for b_0. The adversary then tries
+    every seed, key and self-mask it obtained on the victim's masked input."""
+    r = ManualRound(n=n, threshold=t, neighbours=k, d=16, active_bound=bound)
+    encoded = _encoded(r)
+    adv = Coordinator(r)
+    adv.share_stage()
+    adv.masked_stage()
+    victim, everyone = 0, list(range(n))
+    without = everyone[1:]
+    dropped_to = [u for u in everyone if u not in alive_to]
+    adv.sign_stage(dict.fromkeys(alive_to, everyone) | dict.fromkeys(dropped_to, without))
+    adv.unmask_stage(
+        dict.fromkeys(alive_to, (everyone, [])) | dict.fromkeys(dropped_to, (without, [victim]))
+    )
+    # as before: each side whose set lacks t signatures refuses, and at least one side does
+    short = [side for side in (alive_to, dropped_to) if len(side) < t]
+    assert short and set(adv.refusals) == {u for side in short for u in side}
+    assert all(isinstance(e, secagg.TooFewSurvivors) for e in adv.refusals.values())
+    revealed = {u for (u, peer) in adv.pair_seeds if peer == victim}
+    signed = len(dropped_to) >= t
+    assert revealed == (set(dropped_to) if signed else set())  # seeds only under a signed set
+    assert adv.unmask_alone(victim, set(adv.graph[victim])) is None
+    # everything it has, applied: still not the victim's input
+    y = adv.masked[victim].copy()
+    for w in sorted(adv.graph[victim]):
+        pair = adv.pair_seed(victim, w)
+        if pair is not None:
+            add_keystream(y, pair, -pairwise_mask_sign(victim, w))
+    b_seed = adv._secret(adv.self_mask_shares, victim)
+    if b_seed is not None:
+        add_keystream(y, b_seed, -1)
+    assert not np.array_equal(y, encoded[victim])
+    # never both every pairwise seed of the victim and its self-mask
+    all_pairs = all(adv.pair_seed(victim, w) is not None for w in adv.graph[victim])
+    assert not (all_pairs and b_seed is not None)
 
 
 def test_request_for_both_shares_of_one_client_recovers_nothing():
@@ -394,10 +462,10 @@ def test_survivor_quorum_is_t_on_the_complete_graph_and_two_thirds_of_the_round_
 # ------------------------------------------------------------- invalid shares and accusations
 
 BAD_SHARES = ["garbage", "short", "wrong_header", "wrong_x"]
-# (n, k, t, active_bound): five institutions need t <= (k + 1) - 2 = 3 so that the accused's
-# mask key can be rebuilt without both the victim and the accused; at the active bound that
-# takes seven holders (t = 5).
-FIVE_WEAK, SEVEN_AT_BOUND = (5, 4, 3, False), (7, 6, 5, True)
+# (n, k, t, active_bound). At five institutions and the active bound (t = 4) only three valid
+# holders of the accused's mask key remain, so its masks are cancelled with the survivors'
+# revealed seeds; at t = 3 and at seven holders (t = 5) its key could be rebuilt too.
+FIVE_WEAK, FIVE_AT_BOUND, SEVEN_AT_BOUND = (5, 4, 3, False), (5, 4, 4, True), (7, 6, 5, True)
 
 
 def _bad_share(r: ManualRound, bad: int, victim: int, blob: bytes, attack: str) -> bytes:
@@ -424,15 +492,19 @@ def _bad_share(r: ManualRound, bad: int, victim: int, blob: bytes, attack: str) 
     return kex.encrypt_share(key, plain, round_id=rid, sender=bad, recipient=victim)
 
 
-def _share_stage_with(r: ManualRound, bad: int, victim: int, attack: str) -> None:
-    """Advertise, then every client shares keys; ``bad`` corrupts its share for ``victim``."""
+def _share_stage_with(
+    r: ManualRound, bad: int, victim: int, attack: str, also: tuple[int, ...] = ()
+) -> None:
+    """Advertise, then every client shares keys; ``bad`` corrupts its share for ``victim``
+    (and for the clients in ``also``)."""
     r.advertise()
+    victims = {victim, *also}
     for i, client in enumerate(r.clients):
         reply = client.handle(decode(encode(r.outgoing[i])))
         if i == bad:
             shares = [
-                type(s)(peer=s.peer, ciphertext=_bad_share(r, bad, victim, s.ciphertext, attack))
-                if s.peer == victim else s
+                type(s)(peer=s.peer, ciphertext=_bad_share(r, bad, s.peer, s.ciphertext, attack))
+                if s.peer in victims else s
                 for s in reply.shares
             ]  # fmt: skip
             reply = ShareKeys(round_id=reply.round_id, client_id=bad, shares=shares)
@@ -458,7 +530,7 @@ def _revealed(r: ManualRound, owner: int, field: str) -> int:
 
 
 @pytest.mark.parametrize("attack", BAD_SHARES)
-@pytest.mark.parametrize(("n", "k", "t", "bound"), [FIVE_WEAK, SEVEN_AT_BOUND])
+@pytest.mark.parametrize(("n", "k", "t", "bound"), [FIVE_WEAK, FIVE_AT_BOUND, SEVEN_AT_BOUND])
 def test_one_institution_sending_an_invalid_share_is_excluded_and_the_others_sum(
     n, k, t, bound, attack, caplog
 ):
@@ -482,10 +554,85 @@ def test_one_institution_sending_an_invalid_share_is_excluded_and_the_others_sum
     assert r.server.stage is None and r.server.included == live
     # exactly the other institutions' encoded inputs, in the ring
     np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
-    # (2) the server rebuilt the accused's mask key, and got no share of its self-mask
-    assert _revealed(r, bad, "mask_key_shares") >= t
+    # (2) every survivor revealed its seed with the accused, the victim no share of its mask
+    # key (it holds no valid one), and nobody a share of its self-mask
+    assert all(_seed_peers(msg) == [bad] for msg in r.server.unmasking.values())
+    assert _revealed(r, bad, "mask_key_shares") == n - 2
+    assert bad not in r.server.unmasking[victim].mask_key_shares
     assert _revealed(r, bad, "self_mask_shares") == 0
-    assert bad not in r.server.unmasking[victim].mask_key_shares  # it holds no valid share
+
+
+def _seed_peers(msg: UnmaskShares) -> list[int]:
+    return [item.peer for item in msg.mask_seeds]
+
+
+def test_one_malicious_institution_among_five_at_the_active_bound_leaves_the_four_exact_sum():
+    """Issue 12: five institutions, complete graph, t = 4 (the active bound), institution 4
+    sends client 0 garbage instead of its share. Only 3 valid holders of s_4 remain, fewer than
+    t, so s_4 stays hidden; the four survivors' seeds with 4 cancel its masks instead."""
+    r = ManualRound(n=5, threshold=4, d=16)
+    bad, victim, live = 4, 0, [0, 1, 2, 3]
+    encoded = _encoded(r)
+    _share_stage_with(r, bad, victim, "garbage")
+    r.respond()  # every client, the malicious one included, sends its masked input
+    assert r.server.masked == live and r.server.dropped == [bad]
+    assert r.server.accused == {bad: {victim}}
+    r.respond(live)
+    r.respond(live)
+    assert r.server.stage is None and r.server.included == live
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
+    assert _revealed(r, bad, "mask_key_shares") == 3 < r.params.threshold  # s_4 not rebuildable
+    assert _revealed(r, bad, "self_mask_shares") == 0
+    seeds = {u: msg.mask_seeds[0].seed for u, msg in r.server.unmasking.items()}
+    assert seeds[victim] == r.clients[victim]._pair_seed(bad) == r.clients[bad]._pair_seed(victim)
+
+
+def test_invalid_shares_to_two_victims_of_seven_are_excluded_and_the_others_sum():
+    """Before seed reveal, j victims needed k + 1 - 1 - j >= t valid holders: 7 - 3 < 5 here."""
+    r = ManualRound(n=7, threshold=5, d=16)
+    bad, live = 6, [0, 1, 2, 3, 4, 5]
+    encoded = _encoded(r)
+    _share_stage_with(r, bad, 0, "garbage", also=(1,))
+    r.respond()
+    assert r.server.dropped == [bad] and r.server.accused == {bad: {0, 1}}
+    r.respond(live)
+    r.respond(live)
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
+
+
+def test_a_survivor_lost_at_unmasking_without_t_shares_of_the_accused_key_releases_no_sum(caplog):
+    """7 institutions, t = 5; 6 sends invalid shares to 0 and 1, so 2..5 hold s_6 validly.
+    Survivor 5 masked with 6 and is lost during unmasking: its seed with 6 never comes, and
+    the 3 shares of s_6 that arrive are fewer than t, so u5's mask with 6 cannot be removed."""
+    r = ManualRound(n=7, threshold=5, d=16)
+    bad, lost = 6, 5
+    _share_stage_with(r, bad, 0, "garbage", also=(1,))
+    r.respond()
+    r.respond([0, 1, 2, 3, 4, 5])
+    assert r.server.masked == [0, 1, 2, 3, 4, 5]
+    refused = pytest.raises(secagg.TooFewSurvivors, match=r"survivors \[5\] revealed no seed")
+    with caplog.at_level(logging.WARNING, logger="secagg.server"), refused:
+        r.respond([0, 1, 2, 3, 4])  # 5 unmask messages: t of them, but not 5's
+    assert lost not in r.server.unmasking and _revealed(r, bad, "mask_key_shares") == 3
+    assert r.server.result is None and r.server.stage is None
+    assert isinstance(r.server.error, secagg.TooFewSurvivors)
+    assert "no sum is released" in caplog.text
+
+
+def test_a_survivor_lost_at_unmasking_is_covered_by_t_shares_of_a_dropped_key():
+    """The share path still works beside seeds: 6 drops before masking, survivor 5 is lost at
+    unmasking; 0..4 reveal their seeds with 6, and 5's mask with 6 comes from s_6 (5 shares)."""
+    r = ManualRound(n=7, threshold=5, d=16)
+    live, answering = [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4]
+    encoded = _encoded(r)
+    r.advertise()
+    r.respond()
+    r.respond(live)  # 6 sends no masked input
+    r.respond(live)
+    r.respond(answering)
+    assert r.server.stage is None and r.server.included == live
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))
+    assert all(_seed_peers(r.server.unmasking[u]) == [6] for u in answering)
 
 
 @pytest.mark.parametrize(("n", "k", "t", "bound"), [FIVE_WEAK, SEVEN_AT_BOUND])
@@ -579,19 +726,6 @@ def test_accusations_that_leave_fewer_than_threshold_release_no_sum():
     assert isinstance(r.server.error, secagg.TooFewSurvivors)
 
 
-def test_at_the_bound_five_holders_cannot_exclude_a_bad_sharer_and_release_no_sum():
-    """n = 5, t = 4: the accused's mask key has only 3 honest holders besides the victim, so
-    its pairwise masks cannot be removed; the round ends with a typed error, not a wrong sum."""
-    r = ManualRound(n=5, threshold=4, d=8)
-    _share_stage_with(r, 4, 0, "garbage")
-    r.respond()
-    assert r.server.masked == [0, 1, 2, 3]
-    r.respond([0, 1, 2, 3])
-    with pytest.raises(secagg.TooFewSurvivors, match="client 4"):
-        r.respond([0, 1, 2, 3])
-    assert r.server.result is None
-
-
 @pytest.mark.parametrize(
     ("accused", "match"),
     [([9], "sent it no share"), ([0], "itself"), ([1, 1], "repeated"),
@@ -633,3 +767,101 @@ def test_an_accusation_of_a_non_neighbour_is_refused():
     reply = r.clients[0].handle(decode(encode(r.outgoing[0])))
     with pytest.raises(secagg.InvalidAccusation, match="sent it no share"):
         r.send(0, _accusing(reply, [stranger]))
+
+
+# ------------------------------------------------------------------------------- revealed seeds
+
+
+def _round_at_unmask_with_an_accused() -> tuple[ManualRound, dict[int, np.ndarray], dict]:
+    """n = 5, t = 4: 4 sent 0 garbage and is dropped; every survivor's unmask reply, unsent."""
+    r = ManualRound(n=5, threshold=4, d=8)
+    encoded = _encoded(r)
+    _share_stage_with(r, 4, 0, "garbage")
+    r.respond()
+    r.respond([0, 1, 2, 3])
+    replies = {u: r.clients[u].handle(decode(encode(r.outgoing[u]))) for u in range(4)}
+    return r, encoded, replies
+
+
+def _with_seeds(msg: UnmaskShares, seeds: list[RevealedSeed]) -> UnmaskShares:
+    return UnmaskShares(
+        round_id=msg.round_id, client_id=msg.client_id, self_mask_shares=msg.self_mask_shares,
+        mask_key_shares=msg.mask_key_shares, mask_seeds=seeds,
+    )  # fmt: skip
+
+
+def _wire_with_seeds(msg: UnmaskShares, seeds: list[dict]) -> bytes:
+    """``msg`` on the wire with raw ``mask_seeds`` entries (which the constructor would refuse)."""
+    raw = msgspec.msgpack.decode(encode(msg))
+    raw["mask_seeds"] = seeds
+    return msgspec.msgpack.encode(raw)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda s: [{"peer": 4, "seed": s[:31]}], "mask_seeds"),  # wrong length
+        (lambda s: [{"peer": 4, "seed": s + b"x"}], "mask_seeds"),
+        (lambda s: [{"peer": 4, "seed": s}, {"peer": 4, "seed": s}], "two seeds"),
+        (lambda s: [{"peer": 4, "seed": s}] * (MAX_SEEDS + 1), "mask_seeds"),
+        (lambda s: [{"peer": 4, "seed": s, "extra": 1}], "mask_seeds"),
+    ],
+)
+def test_malformed_seed_reveals_are_refused_on_the_wire(mutate, match):
+    r, encoded, replies = _round_at_unmask_with_an_accused()
+    seed = replies[1].mask_seeds[0].seed
+    with pytest.raises(secagg.MalformedMessage, match=match):
+        decode(_wire_with_seeds(replies[1], mutate(seed)))
+    for u, reply in replies.items():  # the round goes on with the honest messages
+        r.send(u, reply)
+    r.advance()
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, [0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize(
+    ("peers", "match"),
+    [([2], "not its dropped neighbours"), ([4, 3], "not its dropped neighbours"),
+     ([1], "not its dropped neighbours"), ([99], "not its dropped neighbours")],
+)  # fmt: skip
+def test_seeds_for_parties_not_dropped_are_refused_and_the_server_keeps_serving(
+    peers, match, caplog
+):
+    """A seed with a survivor would be half of that survivor's live pairwise mask: the server
+    takes seeds only for the sender's neighbours in the dropped set."""
+    r, encoded, replies = _round_at_unmask_with_an_accused()
+    seeds = [RevealedSeed(peer=p, seed=bytes(32)) for p in peers]
+    refused = pytest.raises(secagg.MalformedMessage, match=match)
+    with caplog.at_level(logging.WARNING, logger="secagg.server"), refused:
+        r.send(1, _with_seeds(replies[1], seeds))
+    assert "refused unmask message" in caplog.text
+    assert r.server.expected == {0, 1, 2, 3}  # nothing was accepted from 1
+    for u, reply in replies.items():
+        r.send(u, reply)
+    r.advance()
+    assert r.server.stage is None and r.server.included == [0, 1, 2, 3]
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, [0, 1, 2, 3]))
+
+
+def test_a_duplicate_seed_is_refused_by_the_message_itself():
+    with pytest.raises(secagg.MalformedMessage, match="two seeds"):
+        UnmaskShares(
+            round_id=1, client_id=0, self_mask_shares={}, mask_key_shares={},
+            mask_seeds=[RevealedSeed(peer=4, seed=bytes(32))] * 2,
+        )  # fmt: skip
+
+
+def test_honest_clients_reveal_seeds_only_with_dropped_neighbours():
+    """No dropout: nothing to reveal. One dropout: each survivor's seed with it, nothing else."""
+    r = ManualRound(n=9, threshold=5, neighbours=6, d=8)  # sparse: not every client meets 8
+    live = list(range(8))
+    encoded = _encoded(r)
+    r.advertise()
+    r.respond()
+    r.respond(live)
+    assert r.server.dropped == [8]
+    r.respond(live)
+    r.respond(live)
+    for u, msg in r.server.unmasking.items():
+        assert _seed_peers(msg) == sorted(r.server._graph[u] & {8})
+    assert {u for u, msg in r.server.unmasking.items() if msg.mask_seeds} == r.server._graph[8]
+    np.testing.assert_array_equal(r.server.result, _exact_sum(r, encoded, live))

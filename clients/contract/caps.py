@@ -50,7 +50,7 @@ SHARE_BYTES = (1 << 12) + 16
 """Wire bound of one encrypted share or unmask share (``secagg.messages.Blob`` + framing)."""
 
 SMALL_ITEM_BYTES = 256
-"""Upper bound of one advertisement, survivor signature or client id entry on the wire."""
+"""Upper bound of one advertisement, survivor signature, revealed seed or client id entry."""
 
 TENSOR_HEADER_BYTES = 256
 """Upper bound of one safetensors header entry besides its name (dtype, shape, offsets)."""
@@ -121,7 +121,8 @@ def coordinator_caps(config: FederationConfig, layout: SubmissionLayout) -> Mess
         "masked input": layout.length("mask") * config.secagg.modulus_bits // 8
         + k * SMALL_ITEM_BYTES,
         "encrypted shares": k * SHARE_BYTES,
-        "unmask shares": 2 * n * SHARE_BYTES,
+        # shares of b_v or s_v for the roster, and a 32-byte seed per dropped neighbour
+        "unmask shares": 2 * n * SHARE_BYTES + k * SMALL_ITEM_BYTES,
     }
     if layout.length("ckks"):
         params = config.aggregation.ckks.params()
