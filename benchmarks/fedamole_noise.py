@@ -7,7 +7,7 @@ institution releases the scores themselves and when it releases its embedding an
 coordinator scores it against keys at the clip (the worst case). Both use the same noise
 multiplier, hence the same ε. The signal is bounded by key_clip * embedding_clip / sqrt(rank).
 
-    python benchmarks/fedamole_noise.py                 # the quick setting (tiny model)
+    python benchmarks/fedamole_noise.py                 # the CPU setting (byte-level base)
     python benchmarks/fedamole_noise.py --draws 20000
 """
 
@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from corpora import write_institutions  # noqa: E402
+from pretrain_base import ensure_base  # noqa: E402
+from strategies import CACHE  # noqa: E402
+from strategies import HEADLINE_EPSILON  # noqa: E402
 from strategies import SETTINGS  # noqa: E402
 from strategies import federation  # noqa: E402
 
@@ -35,10 +39,11 @@ from privacy.noise import gaussian_array  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="quick")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--draws", type=int, default=5000)
     args = parser.parse_args()
-    config = federation(args.setting, 0, "fedamole")
+    files = write_institutions(CACHE / "institutions")
+    config = federation(args.setting, 0, HEADLINE_EPSILON, files, ensure_base(), "fedamole")
     fed = fedamole_config(config)
     model, _ = FEDAMOLE_ADAPTERS.build(config)
     modules = len(amole_modules(FEDAMOLE_ADAPTERS.state(model)))

@@ -65,6 +65,7 @@ from clients.training.trainer import Metrics  # noqa: E402
 from coordinator.simulation import SimulationResult  # noqa: E402
 from coordinator.simulation import simulate  # noqa: E402
 from coordinator.simulation import strategy_names  # noqa: E402
+from privacy.errors import CalibrationError  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / "cache"
 STRATEGIES = ("local", "fedavg", "fedalign", "fedmoe", "fedamole", "ddome")
@@ -74,12 +75,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": {
         "federation": {"rounds": 4},
         "moe": {"num_experts": 4, "top_k": 2, "rank": 4, "alpha": 8.0},
-        "data": {"block_len": 64, "max_blocks": {"train": 2048, "validation": 64, "test": 384}},
+        "data": {"block_len": 64, "max_blocks": {"train": 2048, "validation": 64, "test": 256}},
         "training": {"local_steps": 10, "batch_size": 64, "lr": 1e-2, "device": "auto"},
         "seeds": [0, 1, 2],
     },
     "gpu": {
-        "federation": {"rounds": 20},
+        "federation": {"rounds": 10},
         "moe": {"num_experts": 4, "top_k": 2, "rank": 8, "alpha": 16.0},
         "data": {"block_len": 128, "max_blocks": {"train": 4096, "validation": 128, "test": 512}},
         "training": {"local_steps": 10, "batch_size": 256, "lr": 1e-2, "device": "auto"},
@@ -262,15 +263,20 @@ class Job:
 
 def run_job(job: Job) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(summary, per-record test losses, what it adds to the unseen institution's row) of one
-    run; called in a worker process."""
+    run, called in a worker process; a plan that cannot fit ``job.epsilon`` gives a summary
+    that says why and nothing else."""
     torch.set_num_threads(job.threads)
     logging.disable(logging.WARNING)  # dp-accounting's convergence warnings
     config = federation(job.setting, job.seed, job.epsilon, job.files, job.base, job.strategy)
     begin = time.perf_counter()
     curve = job.epsilon == HEADLINE_EPSILON  # the plot's curves; elsewhere the last round only
-    result = simulate(
-        config, job.strategy, private=math.isfinite(job.epsilon), test_every_round=curve
-    )
+    try:
+        result = simulate(
+            config, job.strategy, private=math.isfinite(job.epsilon), test_every_round=curve
+        )
+    except CalibrationError as error:  # e.g. FedAMoLE's fixed releases alone exceed ε = 1
+        infeasible = {"strategy": job.strategy, "epsilon": job.epsilon, "seed": job.seed}
+        return {**infeasible, "infeasible": str(error)}, {}, {}
     summary, per_record = run_record(result, job.seed, job.epsilon, time.perf_counter() - begin)
     unseen: dict[str, Any] = {}
     if job.strategy in ("ddome", BASELINE):
@@ -459,8 +465,9 @@ def plot(
         title=f"DP-SGD, ε = {HEADLINE_EPSILON:g} per institution",
     )
     curves.legend(fontsize=8)
-    finite = [e for e in EPSILONS if math.isfinite(e)]
-    xs = {e: (e if math.isfinite(e) else 2 * max(finite)) for e in EPSILONS}
+    ran = sorted({r["epsilon"] for r in rows if not math.isnan(r["epsilon"])})
+    finite = [e for e in ran if math.isfinite(e)] or [HEADLINE_EPSILON]
+    xs = {e: (e if math.isfinite(e) else 2 * max(finite)) for e in ran}
     for strategy in dict.fromkeys([BASELINE, best]):
         if strategy is None:
             continue
@@ -471,7 +478,7 @@ def plot(
         )
         tradeoff.plot(*zip(*points, strict=True), marker="o", label=strategy)
     tradeoff.set_xscale("log", base=2)
-    tradeoff.set_xticks([xs[e] for e in EPSILONS], [_eps(e) for e in EPSILONS])
+    tradeoff.set_xticks([xs[e] for e in ran], [_eps(e) for e in ran])
     tradeoff.set(
         xlabel="ε per institution (δ = 1e-5)",
         ylabel="mean test loss (nats/byte)",
@@ -520,12 +527,26 @@ def main() -> None:
         print_heterogeneity(seed, hetero, summary)
 
     unseen: dict[tuple[int, float], dict[str, Any]] = {}
+    infeasible: list[dict[str, Any]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"strategies_{args.setting}.partial.jsonl"
+    partial.unlink(missing_ok=True)
 
     def run(jobs: list[Job]) -> None:
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
             for job, (summary, per_record, extra) in zip(
                 jobs, pool.map(run_job, jobs), strict=True
             ):
+                with partial.open("a") as out:  # nothing is lost if a later run fails
+                    out.write(json.dumps(_strict([summary, per_record, extra])) + "\n")
+                if "infeasible" in summary:
+                    infeasible.append(summary)
+                    print(
+                        f"seed {job.seed} ε {_eps(job.epsilon)} {job.strategy}: "
+                        f"{summary['infeasible']}",
+                        flush=True,
+                    )
+                    continue
                 runs.append(summary)
                 records[_key(job.strategy, job.epsilon, job.seed)] = per_record
                 if extra:
@@ -583,6 +604,7 @@ def main() -> None:
         differences,
         zero_shots,
         records,
+        infeasible,
     )
 
 
@@ -622,6 +644,7 @@ def write_results(
     differences: list,
     zero_shots: list,
     records: dict,
+    infeasible: list,
 ) -> None:
     """JSON (settings, summary, runs), per-record losses (gzip JSON), Markdown and the plot."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -647,6 +670,7 @@ def write_results(
         "zero_shot": zero_shots,
         "baselines": baselines,
         "runs": runs,
+        "infeasible": infeasible,
     }
     Path(f"{stem}.json").write_text(json.dumps(_strict(document), indent=1) + "\n")
     with gzip.open(f"{stem}.records.json.gz", "wt") as out:
@@ -656,6 +680,11 @@ def write_results(
         f"Test loss (nats per byte) after the last round, mean over seeds {seeds}; "
         f"{settings['machine']}, {seconds / 60:.0f} min in all.\n\n{table}\n\n"
         f"{zero_shot_markdown(zero_shots)}\n"
+        + "".join(
+            f"\nNot run: {r['strategy']} at ε = {_eps(r['epsilon'])}, seed {r['seed']}: "
+            f"{r['infeasible']}\n"
+            for r in infeasible
+        )
     )
     plot(runs, rows, best, Path(f"{stem}.png"))
     print(table)

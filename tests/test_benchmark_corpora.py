@@ -210,3 +210,20 @@ def test_pretraining_text_is_bounded_mixed_and_shares_no_record():
     assert not held & set(records)
     assert any("def " in r or "import " in r for r in records[:10])  # Python early on
     assert any("#define" in r or "struct " in r for r in records[:10])  # and C headers
+
+
+def test_a_cache_built_elsewhere_stands_in_for_missing_sources_only_when_intact(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(corpora, "institution_records", lambda name: [f"{name} record " * 8])
+    paths = write_institutions(tmp_path)
+
+    def missing(name):
+        raise corpora.CorpusSourceError(f"{name}: install its package")
+
+    monkeypatch.setattr(corpora, "institution_records", missing)
+    assert write_institutions(tmp_path) == paths  # intact copies are used as they are
+    tampered = paths[corpora.TRAINING_INSTITUTIONS[0]]
+    tampered.write_text(tampered.read_text().replace("record", "r3cord"))
+    with pytest.raises(corpora.CorpusSourceError, match="install its package"):
+        write_institutions(tmp_path)
