@@ -220,7 +220,7 @@ def test_a_refused_charge_records_nothing(config):
     federation = coordinator.simulation.Federation(config, "local", private=True)
     name = config.institution_names[0]
     small, too_much = (
-        Release(0, 0, "routing-statistics", dp_accounting.GaussianDpEvent(s)) for s in (50.0, 0.01)
+        Release(0, 0, "routing-statistics", dp_accounting.GaussianDpEvent(s)) for s in (50.0, 0.2)
     )
     federation.charge(name, [small])
     with pytest.raises(BudgetExceeded):
