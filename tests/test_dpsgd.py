@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import dp_accounting
 import pytest
@@ -22,11 +23,13 @@ from privacy import DPConfig
 from privacy import DPTrainingFacts
 from privacy import PrivacyConfigError
 from privacy import PrivacyError
+from privacy import accountant
 from privacy import calibrate_noise
 from privacy import check_per_sample_gradients
 from privacy import epsilon
 from privacy import make_private
 from privacy import reduce_per_sample_loss
+from privacy.accountant import make_accountant
 from privacy.gradcheck import brute_force_per_sample_gradients
 
 VOCAB, DIM, LEN = 12, 16, 10
@@ -391,3 +394,63 @@ def test_a_batch_in_physical_parts_is_one_step_equal_to_the_whole_batch(mode):
     assert one == counted == 1
     assert whole.abs().max() > 1e-3  # a real update
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-7)
+
+
+# --- the PLD accountant that remembers each event's PLD -------------------------------------
+
+
+def remembering_and_plain_epsilons(
+    events: list[dp_accounting.DpEvent],
+) -> list[tuple[float, float]]:
+    remembering, plain = make_accountant("pld"), pld.PLDAccountant()
+    pairs = []
+    for event in events:
+        remembering.compose(event)
+        plain.compose(event)
+        pairs.append((remembering.get_epsilon(1e-5), plain.get_epsilon(1e-5)))
+    return pairs
+
+
+def test_remembering_pld_accountant_prices_as_dp_accounting_does():
+    run = accountant.dp_sgd_event(1.37, 0.03, 12)
+    routing = dp_accounting.GaussianDpEvent(9.1)
+    both = dp_accounting.ComposedDpEvent([run, routing])
+    events = [run, routing, run, dp_accounting.NoOpDpEvent(), both, run, routing]
+    for remembering, plain in remembering_and_plain_epsilons(events):
+        assert remembering == pytest.approx(plain, rel=1e-9)
+    assert remembering_and_plain_epsilons([run, dp_accounting.NonPrivateDpEvent()])[-1] == (
+        math.inf,
+        math.inf,
+    )
+
+
+def test_remembering_pld_accountant_refuses_what_dp_accounting_refuses():
+    remembering = make_accountant("pld")
+    remembering.compose(dp_accounting.GaussianDpEvent(2.3))
+    before = remembering.get_epsilon(1e-5)
+    unsupported = dp_accounting.RandomizedResponseDpEvent(0.5, 4)  # replace-one only
+    with pytest.raises(dp_accounting.UnsupportedEventError):
+        pld.PLDAccountant().compose(unsupported)
+    with pytest.raises(dp_accounting.UnsupportedEventError):
+        remembering.compose(unsupported)
+    assert remembering.get_epsilon(1e-5) == before  # nothing was composed
+
+
+def test_remembering_pld_accountant_builds_each_event_once(monkeypatch):
+    built: list[float] = []
+    module = pld.privacy_loss_distribution
+    real = module.from_gaussian_mechanism
+
+    def counting(*args, **kwargs):  # the real construction, counted
+        built.append(kwargs["standard_deviation"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "from_gaussian_mechanism", counting)
+    run = accountant.dp_sgd_event(1.4142, 0.021, 7)  # values no other test uses
+    first, second = make_accountant("pld"), make_accountant("pld")
+    for acc in (first, second, second):
+        acc.compose(run)
+    assert len(built) == 1
+    assert second.get_epsilon(1e-5) > first.get_epsilon(1e-5)  # composed twice all the same
+    make_accountant("pld").compose(accountant.dp_sgd_event(1.4142, 0.021, 8))
+    assert len(built) == 2  # another event is built
