@@ -13,7 +13,8 @@ difference from FedAvg-LoRA with paired bootstrap 95 % intervals (test records r
 seed and institution); a privacy-utility curve over ε ∈ {1, 2, 4, 8, ∞} for FedAvg-LoRA and
 the best strategy at ε = 8.
 
-    python benchmarks/strategies.py                  # the CPU grid (about 50 minutes, 2 cores)
+    python benchmarks/strategies.py                  # the CPU grid (54 min measured, 2 cores)
+    python benchmarks/strategies.py --redraw         # tables and plot again from saved results
     python benchmarks/strategies.py --setting gpu    # larger: see benchmarks/strategies_gpu.sh
     python benchmarks/strategies.py --seeds 0 --strategies fedavg,fedmoe --epsilons 8
 """
@@ -311,7 +312,7 @@ def paired_difference(
     names = list(TRAINING_INSTITUTIONS)
     mean_diffs = np.zeros(BOOTSTRAP_RESAMPLES)
     worst_diffs = np.zeros(BOOTSTRAP_RESAMPLES)
-    point_mean, point_worst = [], []
+    point_mean, point_worst, per_seed = [], [], []
     for seed in seeds:
         ours, theirs = (records[_key(s, epsilon, seed)] for s in (strategy, BASELINE))
         per_name_ours, per_name_theirs = [], []
@@ -329,6 +330,7 @@ def paired_difference(
         full_o = [np.sum(ours[n]["loss"]) / np.sum(ours[n]["tokens"]) for n in names]
         full_t = [np.sum(theirs[n]["loss"]) / np.sum(theirs[n]["tokens"]) for n in names]
         point_worst.append(max(full_o) - max(full_t))
+        per_seed.append(float(np.mean(full_o) - np.mean(full_t)))
     return {
         "strategy": strategy,
         "epsilon": epsilon,
@@ -337,6 +339,7 @@ def paired_difference(
         "mean_interval": [float(x) for x in np.percentile(mean_diffs, [2.5, 97.5])],
         "worst_difference": float(np.mean(point_worst)),
         "worst_interval": [float(x) for x in np.percentile(worst_diffs, [2.5, 97.5])],
+        "per_seed_mean_difference": per_seed,
     }
 
 
@@ -403,8 +406,9 @@ def markdown(rows: list[dict[str, Any]], differences: list[dict[str, Any]]) -> s
         )
     lines += [
         "",
-        "| strategy minus FedAvg-LoRA | ε | mean Δ loss [95 % CI] | worst Δ loss [95 % CI] |",
-        "|---|---:|---:|---:|",
+        "| strategy minus FedAvg-LoRA | ε | mean Δ loss [95 % CI] | worst Δ loss [95 % CI] "
+        "| mean Δ per seed |",
+        "|---|---:|---:|---:|---:|",
     ]
     for d in differences:
         lo, hi = d["mean_interval"]
@@ -412,7 +416,9 @@ def markdown(rows: list[dict[str, Any]], differences: list[dict[str, Any]]) -> s
         lines.append(
             f"| {d['strategy']} | {_eps(d['epsilon'])} | {d['mean_difference']:+.4f} "
             f"[{lo:+.4f}, {hi:+.4f}] | {d['worst_difference']:+.4f} "
-            f"[{wlo:+.4f}, {whi:+.4f}] |"
+            f"[{wlo:+.4f}, {whi:+.4f}] | "
+            + ", ".join(f"{x:+.4f}" for x in d["per_seed_mean_difference"])
+            + " |"
         )
     return "\n".join(lines)
 
@@ -504,7 +510,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="rewrite the tables, intervals and plot from the saved results; no training",
+    )
     args = parser.parse_args()
+    if args.redraw:
+        redraw(args)
+        return
     strategies = args.strategies.split(",")
     unknown = sorted(set(strategies) - set(strategy_names()))
     if unknown:
@@ -581,6 +595,24 @@ def main() -> None:
     zero_shots = [
         {**row, "seed": seed, "epsilon": eps} for (seed, eps), row in sorted(unseen.items())
     ]
+    seconds = time.perf_counter() - started
+    summarise(args, seeds, strategies, best, seconds, baselines, runs, records, zero_shots,
+              infeasible)  # fmt: skip
+
+
+def summarise(
+    args: argparse.Namespace,
+    seeds: list[int],
+    strategies: list[str],
+    best: str | None,
+    seconds: float,
+    baselines: list,
+    runs: list,
+    records: dict,
+    zero_shots: list,
+    infeasible: list,
+) -> None:
+    """Tables, paired differences and the plot of a finished grid, written to ``args.out``."""
     rows = table_rows(runs, baselines)
     rng = np.random.default_rng(0)  # resampling for the intervals; nothing secret
     differences = [
@@ -591,21 +623,20 @@ def main() -> None:
         for d in [paired_difference(records, runs, s, epsilon, rng)]
         if d
     ]
-    seconds = time.perf_counter() - started
-    write_results(
-        args,
-        seeds,
-        strategies,
-        best,
-        seconds,
-        baselines,
-        runs,
-        rows,
-        differences,
-        zero_shots,
-        records,
-        infeasible,
-    )
+    write_results(args, seeds, strategies, best, seconds, baselines, runs, rows, differences,
+                  zero_shots, records, infeasible)  # fmt: skip
+
+
+def redraw(args: argparse.Namespace) -> None:
+    """Rewrite the tables, intervals and plot of ``args.out``'s saved grid without training."""
+    stem = args.out / f"strategies_{args.setting}"
+    saved = _loose(json.loads(Path(f"{stem}.json").read_text()))
+    with gzip.open(f"{stem}.records.json.gz", "rt") as source:
+        records = json.load(source)
+    settings = saved["settings"]
+    summarise(args, settings["seeds"], settings["strategies"],
+              settings["best_at_headline_epsilon"], settings["seconds"], saved["baselines"],
+              saved["runs"], records, saved["zero_shot"], saved["infeasible"])  # fmt: skip
 
 
 def print_heterogeneity(seed: int, hetero: dict[str, Any], ngrams: dict[str, Any]) -> None:
@@ -625,7 +656,9 @@ def print_heterogeneity(seed: int, hetero: dict[str, Any], ngrams: dict[str, Any
     print(
         "own bigram vs pooled (bits/byte saved): " + ", ".join(f"{n} {gain[n]:+.3f}" for n in names)
     )
-    for order in NGRAMS:
+    majority = ngrams["majority"]  # a prediction, not a distribution: accuracy only
+    print("majority accuracy: " + ", ".join(f"{n} {majority[n]['accuracy']:.1%}" for n in names))
+    for order in NGRAMS[1:]:
         print(
             f"{order:8s} test loss: "
             + ", ".join(f"{n} {ngrams[order][n]['loss']:.3f}" for n in names)
@@ -711,6 +744,20 @@ def zero_shot_markdown(rows: list[dict[str, Any]]) -> str:
 
 def _loss(row: dict[str, Any], key: str) -> str:
     return f"{row[key]['loss']:.3f}" if key in row else "—"
+
+
+def _loose(value: Any) -> Any:
+    """The inverse of :func:`_strict` for every ``epsilon`` field of a saved document."""
+    if isinstance(value, dict):
+        return {
+            k: (math.inf if v == "inf" else math.nan if v is None else v)
+            if k == "epsilon"
+            else _loose(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_loose(v) for v in value]
+    return value
 
 
 def _strict(value: Any) -> Any:

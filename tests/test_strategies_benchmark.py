@@ -5,6 +5,7 @@ global adapters."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -103,3 +104,18 @@ def test_paired_bootstrap_finds_a_shift_and_no_difference_where_there_is_none():
     same = bench.paired_difference(records, runs, "fedmoe", 8.0, rng)
     assert same["mean_difference"] == 0 and same["mean_interval"] == [0.0, 0.0]
     assert bench.paired_difference(records, runs, "ddome", 8.0, rng) == {}  # never ran
+
+
+def test_saved_results_read_back_with_their_epsilons():
+    """--redraw rebuilds the tables from the JSON file: ε = ∞ and the n-gram rows' missing ε
+    must come back as the floats the tables sort and label by."""
+    bench = load_benchmark()
+    document = {
+        "runs": [{"epsilon": math.inf, "loss": 1.5}, {"epsilon": 8.0, "loss": 2.0}],
+        "rows": [{"epsilon": math.nan, "model": "bigram"}],
+        "settings": {"seeds": [0, 1]},
+    }
+    back = bench._loose(json.loads(json.dumps(bench._strict(document), allow_nan=False)))
+    assert back["runs"] == document["runs"]
+    assert math.isnan(back["rows"][0]["epsilon"]) and back["rows"][0]["model"] == "bigram"
+    assert back["settings"] == {"seeds": [0, 1]}
