@@ -600,33 +600,6 @@ def main() -> None:
               infeasible)  # fmt: skip
 
 
-def summarise(
-    args: argparse.Namespace,
-    seeds: list[int],
-    strategies: list[str],
-    best: str | None,
-    seconds: float,
-    baselines: list,
-    runs: list,
-    records: dict,
-    zero_shots: list,
-    infeasible: list,
-) -> None:
-    """Tables, paired differences and the plot of a finished grid, written to ``args.out``."""
-    rows = table_rows(runs, baselines)
-    rng = np.random.default_rng(0)  # resampling for the intervals; nothing secret
-    differences = [
-        d
-        for epsilon in sorted({r["epsilon"] for r in runs}, key=_eps_sort)
-        for s in strategies
-        if s != BASELINE
-        for d in [paired_difference(records, runs, s, epsilon, rng)]
-        if d
-    ]
-    write_results(args, seeds, strategies, best, seconds, baselines, runs, rows, differences,
-                  zero_shots, records, infeasible)  # fmt: skip
-
-
 def redraw(args: argparse.Namespace) -> None:
     """Rewrite the tables, intervals and plot of ``args.out``'s saved grid without training."""
     stem = args.out / f"strategies_{args.setting}"
@@ -665,7 +638,7 @@ def print_heterogeneity(seed: int, hetero: dict[str, Any], ngrams: dict[str, Any
         )
 
 
-def write_results(
+def summarise(
     args: argparse.Namespace,
     seeds: list[int],
     strategies: list[str],
@@ -673,13 +646,22 @@ def write_results(
     seconds: float,
     baselines: list,
     runs: list,
-    rows: list,
-    differences: list,
-    zero_shots: list,
     records: dict,
+    zero_shots: list,
     infeasible: list,
 ) -> None:
-    """JSON (settings, summary, runs), per-record losses (gzip JSON), Markdown and the plot."""
+    """A finished grid's tables and paired differences, written to ``args.out``: JSON
+    (settings, summary, runs), per-record losses (gzip JSON), Markdown and the plot."""
+    rows = table_rows(runs, baselines)
+    rng = np.random.default_rng(0)  # resampling for the intervals; nothing secret
+    differences = [
+        d
+        for epsilon in sorted({r["epsilon"] for r in runs}, key=_eps_sort)
+        for s in strategies
+        if s != BASELINE
+        for d in [paired_difference(records, runs, s, epsilon, rng)]
+        if d
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"strategies_{args.setting}"
     settings = {
