@@ -36,10 +36,8 @@ import strategies as grid  # noqa: E402
 from corpora import write_institutions  # noqa: E402
 from pretrain_base import ensure_base  # noqa: E402
 
-from clients.contract.config import FederationConfig  # noqa: E402
-from clients.strategies.fedamole import fedamole_round_releases  # noqa: E402
+from clients.runtime.plan import privacy_plan  # noqa: E402
 from coordinator.simulation import simulate  # noqa: E402
-from privacy.budget import plan_dp_sgd  # noqa: E402
 
 UNINFORMED = "fedamole, random selection"
 SCORE_NOISE = 1e4
@@ -49,26 +47,13 @@ def fedamole_config(seed: int, files: dict[str, Path], base: Path, score_noise: 
     """The grid's FedAMoLE federation at ε = 8 (``score_noise``: the score release's noise
     multiplier instead of the grid's)."""
     config = grid.federation("cpu", seed, grid.HEADLINE_EPSILON, files, base, "fedamole")
-    if score_noise is None:
-        return config
-    fedamole = msgspec.structs.replace(
-        config.aggregation.fedamole, score_noise_multiplier=score_noise
-    )
-    aggregation = msgspec.structs.replace(config.aggregation, fedamole=fedamole)
+    fedamole = config.aggregation.fedamole
+    if score_noise is not None:
+        fedamole = msgspec.structs.replace(fedamole, score_noise_multiplier=score_noise)
+    aggregation = msgspec.structs.replace(
+        config.aggregation, strategy="fedamole", fedamole=fedamole
+    )  # the strategy named in the config too, so that the privacy plan is FedAMoLE's
     return msgspec.structs.replace(config, aggregation=aggregation)
-
-
-def planned_noise(config: FederationConfig) -> float:
-    """DP-SGD's noise multiplier in ``config``'s plan (every institution holds 2,048 records)."""
-    train = config.training
-    plan = plan_dp_sgd(
-        config.dp_config(config.institution_names[0]),
-        sample_rate=train.batch_size / grid.SETTINGS["cpu"]["data"]["max_blocks"]["train"],
-        steps_per_round=train.local_steps,
-        rounds=config.federation.rounds + config.privacy.spare_rounds,
-        per_round=fedamole_round_releases(config),
-    )
-    return plan.require_noise_multiplier()
 
 
 def run_uninformed(seed: int, files: dict[str, Path], base: Path) -> tuple[dict, dict]:
@@ -104,7 +89,7 @@ def main() -> None:
         runs.append(summary)
         records[grid._key(UNINFORMED, grid.HEADLINE_EPSILON, seed)] = per_record
     sigmas = {
-        name: planned_noise(fedamole_config(seeds[0], files, base, noise))
+        name: privacy_plan(fedamole_config(seeds[0], files, base, noise))[0].noise_multiplier
         for name, noise in (("as in the grid", None), ("random selection", SCORE_NOISE))
     }
     rng = np.random.default_rng(0)
